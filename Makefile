@@ -1,0 +1,45 @@
+# dsreceiver: run it, test it.  dsreceiver.py itself needs nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PYTHON := $(VENV)/bin/python
+HOSTNAME ?= $(shell $(PYTHON) -c 'import socket; print(socket.getfqdn())')
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast run certs readme-help clean
+
+$(VENV)/.installed: requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+## test: the full suite (what CI runs)
+test: $(VENV)/.installed
+	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+## test-fast: the suite without tests marked slow
+test-fast: $(VENV)/.installed
+	$(VENV_PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## run: serve with the defaults (https://0.0.0.0:8443, ./certs, ./data)
+run:
+	$(PYTHON) dsreceiver.py
+
+## certs: create a self-signed certificate for HOSTNAME in certs/ (keeps an existing one)
+certs:
+	@if [ -e certs/fullchain.pem ] || [ -e certs/privkey.pem ]; then \
+		echo "certs/ already holds a certificate or key; remove them first"; \
+	else \
+		$(PYTHON) -c 'import sys; from pathlib import Path; import dsreceiver as d; d.create_self_signed(Path("certs/fullchain.pem"), Path("certs/privkey.pem"), sys.argv[1])' "$(HOSTNAME)" \
+		&& echo "created certs/fullchain.pem for $(HOSTNAME): upload it as the stream's CA certificate"; \
+	fi
+
+## readme-help: refresh the --help block in README.md
+readme-help:
+	COLUMNS=100 $(PYTHON) dsreceiver.py --help > .help.txt
+	$(PYTHON) -c 'import re; h = open(".help.txt").read(); t = open("README.md").read(); \
+	b = "<!-- help:begin -->\n```text\n" + h + "```\n<!-- help:end -->"; \
+	open("README.md", "w").write(re.sub(r"<!-- help:begin -->.*?<!-- help:end -->", lambda m: b, t, flags=re.S))'
+	rm -f .help.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__

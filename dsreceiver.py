@@ -1,0 +1,1732 @@
+#!/usr/bin/env python3
+"""dsreceiver: a durable HTTPS endpoint for Akamai DataStream log pushes.
+
+Akamai DataStream 2 POSTs batches of CDN request logs (JSON lines or
+space-delimited lines, often gzip'd) to a custom HTTPS endpoint every 30-60 s
+from many uploader machines.  This file, standard library only (CPython 3.8+),
+receives them and appends every record, one per line, to files named by UTC
+receipt hour under --output-dir.  A push is answered 200 only once its records
+are on disk (fdatasync'd); a push that cannot be stored now is answered 503
+with Retry-After, which DataStream retries.
+
+Usage:
+    python3 dsreceiver.py              # https://0.0.0.0:8443, ./certs, ./data
+    python3 dsreceiver.py --certs-dir /etc/letsencrypt/live/logs.example.com \\
+        --output-dir /var/lib/dsreceiver --basic-auth-file /etc/dsreceiver/basic
+    python3 dsreceiver.py --help
+
+Security: the endpoint is meant for the public internet.  Configure at least
+one authentication method (Basic, custom header, URL token or mTLS); secrets
+come from files or the environment, never from the command line, and are
+compared in constant time.  TLS 1.2 is the minimum, every read has a deadline,
+bodies have hard size limits, clients never see internal errors, and folder
+names derived from URL paths are sanitised so nothing is written outside
+--output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import email.utils
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import zlib
+from http import HTTPStatus
+from pathlib import Path
+from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple, Union
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("dsreceiver")
+
+Buffer = Union[bytes, bytearray, memoryview]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+DEFAULT_PORT = 8443
+DEFAULT_CERTS_DIR = "certs"
+CERT_FILE_NAME = "fullchain.pem"
+KEY_FILE_NAME = "privkey.pem"
+# Everything the server keeps besides records lives under this dot-path, so a
+# consumer that reads every non-dot file of --output-dir sees only records.
+STATE_DIR_NAME = ".dsreceiver"
+DATA_FILE_SUFFIX = ".log"
+MAX_FOLDER_NAME = 100
+
+HEALTH_PATH = "/healthz"
+PUSH_METHODS = ("POST", "PUT")
+VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
+RETRY_AFTER_SECONDS = 10
+GZIP_MAGIC = b"\x1f\x8b"
+
+MAX_REQUEST_LINE = 8190
+MAX_HEADER_LINE = 8190
+MAX_HEADER_COUNT = 100
+MAX_HEAD_SIZE = 65536
+MAX_CHUNK_SIZE_LINE = 4096
+RECV_SIZE = 262144
+INFLATE_INPUT_CHUNK = 65536
+INFLATE_OUTPUT_CHUNK = 1 << 20
+# Decoded bodies larger than this go to an unlinked temporary file, so memory
+# per request stays bounded whatever --max-decompressed-size allows.
+SPOOL_THRESHOLD = 8 << 20
+COPY_CHUNK = 1 << 20
+# Threads mostly wait in recv(); a small stack keeps thousands of idle
+# keep-alive connections cheap.
+THREAD_STACK_SIZE = 512 * 1024
+LISTEN_BACKLOG = 1024
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1 << 20
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+# Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES"
+
+ENV_BASIC_AUTH = "DSRECEIVER_BASIC_AUTH"
+ENV_AUTH_HEADER_VALUE = "DSRECEIVER_AUTH_HEADER_VALUE"
+ENV_AUTH_QUERY_VALUE = "DSRECEIVER_AUTH_QUERY_VALUE"
+
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEADER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+TARGET_RE = re.compile(rb"[\x21-\x7e]+")
+SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,%d}" % (MAX_FOLDER_NAME - 1))
+
+
+# ---------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """Bad configuration: reported as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def parse_size(text: str) -> int:
+    """Parses a byte count: 4096, 64K, 64M, 1G (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError("invalid size %r (bytes, or with a K, M or G suffix)" % text)
+    size = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be greater than 0: %r" % text)
+    return size
+
+
+def positive_seconds(text: str) -> float:
+    """Parses a strictly positive number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number of seconds %r" % text) from None
+    if not 0 < seconds < 1e6:
+        raise argparse.ArgumentTypeError("seconds must be between 0 and 1000000: %r" % text)
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    """Parses a strictly positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number %r" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0: %r" % text)
+    return value
+
+
+def port_number(text: str) -> int:
+    """Parses a TCP port; 0 asks the kernel for a free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid port %r" % text) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("port out of range: %r" % text)
+    return port
+
+
+def ip_network(text: str) -> IPNetwork:
+    """Parses an address or CIDR block such as 10.0.0.0/8."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid address or CIDR %r" % text) from None
+
+
+def url_path(text: str) -> str:
+    """Parses an exact URL path for --path."""
+    if not text.startswith("/") or "?" in text or not TARGET_RE.fullmatch(text.encode("utf-8", "replace")):
+        raise argparse.ArgumentTypeError("a path starts with / and has no spaces or query: %r" % text)
+    return text
+
+
+ENVIRONMENT_HELP = """\
+environment:
+  %-29s user:password[,user:password...] accepted by Basic auth
+  %-29s accepted values of --auth-header, comma-separated
+  %-29s accepted values of --auth-query-param, comma-separated
+
+Secrets are never taken from the command line, where `ps` would show them.
+Records land in OUTPUT_DIR/YYYY-MM-DDTHHZ.log (UTC hour of receipt), one per
+line; with --route-by-path, in OUTPUT_DIR/<folder named after the URL path>/.
+""" % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
+
+
+def build_parser() -> ArgumentParser:
+    """Returns the command-line parser; every option's help states its default."""
+    parser = ArgumentParser(
+        prog="dsreceiver.py",
+        description="Durable HTTPS endpoint for Akamai DataStream log pushes.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version="dsreceiver " + __version__)
+
+    listen = parser.add_argument_group("listening")
+    listen.add_argument("--host", help="address to listen on; '::' listens on IPv6 and IPv4 "
+                        "(default: 0.0.0.0, or 127.0.0.1 with --http)")
+    listen.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="TCP port; 0 picks a free one (default: %(default)s)")
+    listen.add_argument("--http", action="store_true",
+                        help="serve plain HTTP, for use behind a TLS-terminating proxy (default: off)")
+    listen.add_argument("--trusted-proxy", action="append", type=ip_network, default=[], metavar="CIDR",
+                        help="requests from this proxy name their client in X-Forwarded-For; "
+                        "repeatable (default: none)")
+
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--cert", type=Path, metavar="FILE",
+                     help="certificate chain, PEM (default: CERTS_DIR/" + CERT_FILE_NAME + ")")
+    tls.add_argument("--key", type=Path, metavar="FILE",
+                     help="private key, PEM (default: CERTS_DIR/" + KEY_FILE_NAME + ")")
+    tls.add_argument("--certs-dir", type=Path, default=Path(DEFAULT_CERTS_DIR), metavar="DIR",
+                     help="folder with %s and %s, as certbot names them; when the default "
+                     "folder has neither, a self-signed pair is created there (default: %%(default)s)"
+                     % (CERT_FILE_NAME, KEY_FILE_NAME))
+    tls.add_argument("--hostname", default=None,
+                     help="DNS name put in a self-signed certificate (default: this machine's FQDN)")
+    tls.add_argument("--client-ca", type=Path, metavar="FILE",
+                     help="require a client certificate signed by this CA: mTLS (default: off)")
+
+    auth = parser.add_argument_group("authentication (all configured methods must pass)")
+    auth.add_argument("--basic-auth-file", type=Path, metavar="FILE",
+                      help="accepted user:password lines for Basic auth; adds to $%s (default: none)"
+                      % ENV_BASIC_AUTH)
+    auth.add_argument("--auth-header", metavar="NAME",
+                      help="require this request header (DataStream's custom header) to hold an "
+                      "accepted value (default: off)")
+    auth.add_argument("--auth-header-file", type=Path, metavar="FILE",
+                      help="accepted --auth-header values, one per line; adds to $%s (default: none)"
+                      % ENV_AUTH_HEADER_VALUE)
+    auth.add_argument("--auth-query-param", metavar="NAME",
+                      help="require this URL query parameter to hold an accepted token; it is "
+                      "redacted in logs (default: off)")
+    auth.add_argument("--auth-query-file", type=Path, metavar="FILE",
+                      help="accepted --auth-query-param tokens, one per line; adds to $%s (default: none)"
+                      % ENV_AUTH_QUERY_VALUE)
+    auth.add_argument("--path", action="append", type=url_path, default=[], dest="paths", metavar="PATH",
+                      help="accept pushes only on this exact URL path, others get 404; repeatable "
+                      "(default: any path)")
+
+    storage = parser.add_argument_group("storage")
+    storage.add_argument("--output-dir", type=Path, default=Path("data"), metavar="DIR",
+                         help="where records are stored (default: %(default)s)")
+    storage.add_argument("--route-by-path", action="store_true",
+                         help="store each URL path's pushes in its own subfolder (default: off)")
+    storage.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
+                         help="always: answer 200 only after fdatasync; interval: fdatasync every "
+                         "second; never: leave it to the OS (default: %(default)s)")
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="deadline for the TLS handshake, for a request head, and for a body "
+                        "(default: %(default)s)")
+    limits.add_argument("--keepalive-timeout", type=positive_seconds, default=75.0, metavar="SECONDS",
+                        help="how long an idle keep-alive connection may wait for its next request "
+                        "(default: %(default)s)")
+    limits.add_argument("--max-body-size", type=parse_size, default=64 << 20, metavar="SIZE",
+                        help="largest body on the wire, else 413 (default: 64M)")
+    limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20, metavar="SIZE",
+                        help="largest body after gunzip, else 413 (default: 512M)")
+    limits.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
+                        help="connections beyond this are closed at once (default: %(default)s)")
+    limits.add_argument("--max-inflight-bytes", type=parse_size, default=256 << 20, metavar="SIZE",
+                        help="bodies being received or stored at once; beyond it pushes get 503 "
+                        "(default: 256M)")
+
+    process = parser.add_argument_group("process")
+    process.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish "
+                         "(default: %(default)s)")
+    process.add_argument("--user", help="switch to this user after binding the port and reading "
+                         "certificates (default: stay)")
+    process.add_argument("--group", help="switch to this group, with --user (default: the user's group)")
+    process.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                         help="least severe log level shown (default: %(default)s)")
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parses and cross-checks the command line; raises ConfigError for bad combinations."""
+    config = build_parser().parse_args(argv)
+    if (config.cert is None) != (config.key is None):
+        raise ConfigError("--cert and --key go together")
+    if config.http and (config.cert or config.key or config.client_ca):
+        raise ConfigError("--http serves plain HTTP: drop --cert, --key and --client-ca")
+    if config.auth_header is not None and not HEADER_NAME_RE.fullmatch(config.auth_header):
+        raise ConfigError("--auth-header must be letters, digits, '-' or '_': %r" % config.auth_header)
+    if config.auth_header is not None and config.auth_header.lower() in ("authorization", "host",
+                                                                       "content-length",
+                                                                       "transfer-encoding"):
+        raise ConfigError("--auth-header cannot be %r" % config.auth_header)
+    if config.group and not config.user:
+        raise ConfigError("--group goes with --user")
+    if config.host is None:
+        config.host = "127.0.0.1" if config.http else "0.0.0.0"
+    return config
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
+
+def describe_os_error(exc: BaseException) -> str:
+    """Returns an OSError's reason without Python's '[Errno N]' noise."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+def read_pem(path: Path, marker: str, what: str) -> None:
+    """Checks that a PEM file is readable and holds `marker`, naming the file if not."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("cannot read %s %s: %s" % (what, path, describe_os_error(exc))) from None
+    if marker.encode() not in text:
+        raise ConfigError("%s %s holds no PEM %s" % (what, path, marker.strip("-").lower()))
+
+
+def make_server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl.SSLContext:
+    """Builds the server TLS context: TLS 1.2+, forward-secret ciphers, optional client certificates."""
+    read_pem(cert, "-----BEGIN CERTIFICATE-----", "certificate")
+    read_pem(key, "PRIVATE KEY-----", "private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError("certificate %s and private key %s do not match" % (cert, key)) from None
+        raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, exc.reason or exc)) from None
+    except OSError as exc:
+        raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, describe_os_error(exc))) from None
+    if client_ca is not None:
+        read_pem(client_ca, "-----BEGIN CERTIFICATE-----", "client CA")
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("cannot load client CA %s: %s" % (client_ca, describe_os_error(exc))) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
+    """Creates a self-signed certificate and key for `hostname` with the openssl command."""
+    try:
+        is_ip = bool(ipaddress.ip_address(hostname))
+    except ValueError:
+        is_ip = False
+    alt_name = ("IP:" if is_ip else "DNS:") + hostname
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    temp_cert, temp_key = cert.with_name(".new-" + cert.name), key.with_name(".new-" + key.name)
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-nodes", "-days", "825",
+               "-subj", "/CN=" + hostname[:64], "-addext", "subjectAltName=" + alt_name,
+               "-keyout", str(temp_key), "-out", str(temp_cert)]
+    old_umask = os.umask(0o077)
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError("no certificate in %s and no openssl command to create one: "
+                          "install openssl or pass --cert/--key" % cert.parent) from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError("cannot run openssl to create a certificate: %s" % describe_os_error(exc)) from None
+    finally:
+        os.umask(old_umask)
+    if result.returncode != 0:
+        last_line = (result.stdout.decode("utf-8", "replace").strip().splitlines() or ["failed"])[-1]
+        raise ConfigError("openssl could not create a certificate in %s: %s" % (cert.parent, last_line))
+    os.replace(temp_key, key)
+    os.replace(temp_cert, cert)
+
+
+def resolve_certificate(config: argparse.Namespace) -> Tuple[Path, Path]:
+    """Returns the (certificate, key) paths, creating a self-signed pair in the default folder when it is empty."""
+    if config.cert is not None:
+        return config.cert, config.key
+    cert, key = config.certs_dir / CERT_FILE_NAME, config.certs_dir / KEY_FILE_NAME
+    is_default_dir = config.certs_dir == Path(DEFAULT_CERTS_DIR)
+    if is_default_dir and not cert.exists() and not key.exists():
+        hostname = config.hostname or socket.getfqdn()
+        create_self_signed(cert, key, hostname)
+        log.warning("created a self-signed certificate for %s in %s: DataStream accepts it only when "
+                    "%s is uploaded as the stream's CA certificate (or use a certificate from a public CA)",
+                    hostname, config.certs_dir, cert)
+    return cert, key
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+
+def read_secret_file(path: Path) -> List[str]:
+    """Returns the non-blank, non-comment lines of a secrets file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("cannot read %s: %s" % (path, describe_os_error(exc))) from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def split_secret_list(value: Optional[str]) -> List[str]:
+    """Splits a comma-separated secret list from the environment."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def matches_any(supplied: bytes, accepted: Sequence[bytes]) -> bool:
+    """Compares against every accepted secret in constant time, without stopping at a match."""
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(supplied, candidate)
+    return found
+
+
+class Authenticator:
+    """Checks the credentials of a request; every configured method must pass."""
+
+    def __init__(self, basic: Sequence[bytes] = (), header_name: Optional[str] = None,
+                 header_values: Sequence[bytes] = (), query_param: Optional[str] = None,
+                 query_values: Sequence[bytes] = (), client_certificates: bool = False) -> None:
+        self.basic = list(basic)
+        self.header_name = header_name
+        self.header_values = list(header_values)
+        self.query_param = query_param
+        self.query_values = list(query_values)
+        self.client_certificates = client_certificates
+
+    @classmethod
+    def from_config(cls, config: argparse.Namespace, environ: Dict[str, str]) -> "Authenticator":
+        """Loads the accepted secrets from the environment and the configured files."""
+        basic = split_secret_list(environ.get(ENV_BASIC_AUTH))
+        if config.basic_auth_file:
+            basic += read_secret_file(config.basic_auth_file)
+        for credential in basic:
+            if ":" not in credential or credential.startswith(":"):
+                raise ConfigError("Basic credentials must be user:password (check $%s and --basic-auth-file)"
+                                  % ENV_BASIC_AUTH)
+        header_values = cls._values(config.auth_header, "--auth-header", environ.get(ENV_AUTH_HEADER_VALUE),
+                                    config.auth_header_file)
+        query_values = cls._values(config.auth_query_param, "--auth-query-param",
+                                   environ.get(ENV_AUTH_QUERY_VALUE), config.auth_query_file)
+        return cls(basic=[item.encode("utf-8") for item in basic],
+                   header_name=config.auth_header, header_values=header_values,
+                   query_param=config.auth_query_param, query_values=query_values,
+                   client_certificates=config.client_ca is not None)
+
+    @staticmethod
+    def _values(name: Optional[str], option: str, env_value: Optional[str], path: Optional[Path]) -> List[bytes]:
+        """Loads the accepted values of a header or query secret and checks they go with their option."""
+        values = split_secret_list(env_value) + (read_secret_file(path) if path else [])
+        if name is None and values:
+            raise ConfigError("accepted values are set but %s is not" % option)
+        if name is not None and not values:
+            raise ConfigError("%s is set but no accepted values are (environment or %s-file)" % (option, option))
+        return [value.encode("utf-8") for value in values]
+
+    def methods(self) -> List[str]:
+        """Names the configured methods, for the start-up log line."""
+        return [name for name, active in (("basic", self.basic), ("header", self.header_name),
+                                          ("query-token", self.query_param),
+                                          ("mtls", self.client_certificates)) if active]
+
+    def check(self, authorization: Optional[str], header_value: Optional[str], query: str) -> Optional[str]:
+        """Returns why the request is refused, or None when every configured method passes."""
+        if self.basic and not self._basic_ok(authorization):
+            return "bad or missing Basic credentials"
+        if self.header_name and not matches_any((header_value or "").encode("latin-1"), self.header_values):
+            return "bad or missing %s header" % self.header_name
+        if self.query_param:
+            tokens = [value for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True)
+                      if name == self.query_param]
+            if len(tokens) != 1 or not matches_any(tokens[0].encode("utf-8"), self.query_values):
+                return "bad or missing %s query token" % self.query_param
+        return None
+
+    def _basic_ok(self, authorization: Optional[str]) -> bool:
+        """Checks an Authorization: Basic header against the accepted credentials."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            supplied = base64.b64decode(token.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return matches_any(supplied, self.basic)
+
+    def redact(self, query: str) -> str:
+        """Returns the query string with the token parameter's value hidden, for logs."""
+        if not self.query_param or not query:
+            return query
+        items = []
+        for item in query.split("&"):
+            name = urllib.parse.unquote_plus(item.partition("=")[0])
+            items.append(item.partition("=")[0] + "=REDACTED" if name == self.query_param else item)
+        return "&".join(items)
+
+
+# ---------------------------------------------------------------------------
+# Body decoding
+# ---------------------------------------------------------------------------
+
+class BodyError(Exception):
+    """The body cannot be decoded: sending the same bytes again cannot help."""
+
+
+class BodyTooLarge(BodyError):
+    """The decompressed body exceeds its limit."""
+
+
+def gunzip_chunks(data: Buffer, limit: int) -> Iterator[bytes]:
+    """Yields the decompressed bytes of every gzip member in `data`; never more than `limit` in all."""
+    view = memoryview(data)
+    offset = produced = 0
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pending: Buffer = b""
+        stalled = False
+        while not inflater.eof:
+            if not pending:
+                if offset < len(view):
+                    # Small input slices keep unconsumed_tail (a copy) small.
+                    pending = view[offset:offset + INFLATE_INPUT_CHUNK]
+                    offset += len(pending)
+                elif stalled:
+                    raise BodyError("truncated gzip body")
+            try:
+                chunk = inflater.decompress(pending, INFLATE_OUTPUT_CHUNK)
+            except zlib.error as exc:
+                raise BodyError("corrupt gzip body (%s)" % exc) from None
+            pending = inflater.unconsumed_tail
+            stalled = not chunk
+            produced += len(chunk)
+            if produced > limit:
+                raise BodyTooLarge("decompressed body exceeds %d bytes" % limit)
+            if chunk:
+                yield chunk
+        offset -= len(inflater.unused_data)
+        rest = view[offset:]
+        if rest[:2] == GZIP_MAGIC:
+            continue
+        if rest.tobytes().strip(b"\0"):
+            raise BodyError("unexpected bytes after gzip data")
+        return
+
+
+def normalize_lines(data: Buffer) -> Buffer:
+    """Turns CRLF into LF and drops blank lines; `data` holds whole lines, each ending in LF."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    if b"\n\n" in data or data[:1] == b"\n":
+        lines = [line for line in data.split(b"\n") if line]
+        data = b"\n".join(lines) + b"\n" if lines else b""
+    return data
+
+
+def is_validation_probe(data: bytes) -> bool:
+    """Tells DataStream's "Validate & Save" probe body from log data."""
+    body = data.strip()
+    if body in VALIDATION_PROBES:
+        return True
+    if body[:1] != b"{" or len(body) > 64:
+        return False
+    try:
+        return json.loads(body) == {"access_validation": True}
+    except ValueError:
+        return False
+
+
+class RecordBatch:
+    """The records of one push, one per line each ending in LF: in memory, or spooled to a temporary file."""
+
+    def __init__(self, parts: List[Buffer], spool: Optional[IO[bytes]], size: int, records: int) -> None:
+        self.parts = parts
+        self.spool = spool
+        self.size = size
+        self.records = records
+
+    def write_to(self, fd: int) -> None:
+        """Writes every record to `fd`: one writev for an in-memory batch."""
+        if self.spool is None:
+            write_all(fd, self.parts)
+            return
+        self.spool.seek(0)
+        for chunk in iter(lambda: self.spool.read(COPY_CHUNK), b""):  # type: ignore[union-attr]
+            write_all(fd, [chunk])
+
+    def is_validation_probe(self) -> bool:
+        """Tells whether this batch is only DataStream's validation probe."""
+        return self.spool is None and self.size <= 128 and is_validation_probe(b"".join(self.parts))
+
+    def close(self) -> None:
+        """Releases the spool file, if any."""
+        if self.spool is not None:
+            self.spool.close()
+
+
+class BatchBuilder:
+    """Collects decoded body chunks into a RecordBatch, normalising lines and spooling big bodies."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self.parts: List[Buffer] = []
+        self.spool: Optional[IO[bytes]] = None
+        self.carry = b""
+        self.size = 0
+        self.records = 0
+
+    def feed(self, chunk: Buffer) -> None:
+        """Adds decoded bytes; a line cut by the chunk boundary waits for the next chunk."""
+        data = self.carry + chunk if self.carry else chunk
+        cut = data.rfind(b"\n") + 1
+        self.carry = bytes(data[cut:])
+        if cut:
+            self._emit(normalize_lines(data[:cut] if cut < len(data) else data))
+
+    def finish(self) -> RecordBatch:
+        """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one record per element."""
+        last = self.carry[:-1] if self.carry.endswith(b"\r") else self.carry
+        if last:
+            self._emit(last)
+            self._emit(b"\n")
+        if self.spool is None and self.parts and self.parts[0][:64].lstrip()[:1] == b"[":
+            self._expand_json_array()
+        return RecordBatch(self.parts, self.spool, self.size, self.records)
+
+    def feed_whole(self, body: Buffer) -> RecordBatch:
+        """Builds the batch from a complete undecoded body without copying it when it is already clean."""
+        if body.endswith(b"\n"):
+            self._emit(normalize_lines(body))
+        else:
+            self.feed(body)
+        return self.finish()
+
+    def _emit(self, data: Buffer) -> None:
+        if not data:
+            return
+        if self.spool is None and self.size + len(data) > SPOOL_THRESHOLD:
+            self.spool = tempfile.TemporaryFile(dir=str(self.spool_dir))
+            for part in self.parts:
+                self.spool.write(part)
+            self.parts = []
+        if self.spool is not None:
+            self.spool.write(data)
+        else:
+            self.parts.append(data)
+        self.size += len(data)
+        self.records += data.count(b"\n")
+
+    def _expand_json_array(self) -> None:
+        """DataStream 1 may send one JSON array: store one element per line."""
+        joined = b"".join(self.parts)
+        try:
+            elements = json.loads(joined)
+        except ValueError:
+            return
+        if not isinstance(elements, list):
+            return
+        lines = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for item in elements]
+        self.parts, self.size, self.records = [], 0, 0
+        if lines:
+            self._emit(b"\n".join(lines) + b"\n")
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------
+
+class StorageError(Exception):
+    """Records could not be stored now; nothing of them is left behind, and a retry may succeed."""
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """Writes every part to `fd`, in one writev when the kernel takes it whole."""
+    written = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+    total = sum(len(part) for part in parts)
+    if written == total:
+        return
+    remainder = memoryview(b"".join(parts))[written:]
+    while remainder:
+        remainder = remainder[os.write(fd, remainder):]
+
+
+def fsync_directory(path: Path) -> None:
+    """Makes a new directory entry in `path` durable."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def folder_for_path(url_path: str) -> str:
+    """Maps a URL path to one safe folder name: no separator, no leading dot, at most 100 characters."""
+    decoded = urllib.parse.unquote(url_path, errors="replace")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", decoded.strip("/")) or "_root"
+    if name.startswith("."):
+        name = "_" + name
+    if len(name) > MAX_FOLDER_NAME:
+        name = name[:MAX_FOLDER_NAME - 17] + "-" + hashlib.sha256(decoded.encode("utf-8", "replace")).hexdigest()[:16]
+    return name
+
+
+class DataFile:
+    """One append-only output file; concurrent appends share fdatasync calls (group commit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.synced = self.size
+        # Bumped when unsynced bytes are cut off after a failed fdatasync, so
+        # their writers learn that their records are gone.
+        self.generation = 0
+        self.users = 0
+        self.retired = False
+        self.syncing = False
+        self.state = threading.Condition()
+
+    def append(self, batch: RecordBatch) -> Tuple[int, int]:
+        """Writes the batch contiguously; returns (end offset, generation) for sync_through()."""
+        with self.state:
+            start = self.size
+            try:
+                batch.write_to(self.fd)
+            except OSError:
+                self._cut_back(start)
+                raise
+            self.size = start + batch.size
+            return self.size, self.generation
+
+    def sync_through(self, end: int, generation: int) -> None:
+        """Returns once bytes up to `end` are durable; one fdatasync serves every writer waiting."""
+        while True:
+            with self.state:
+                while True:
+                    if self.generation != generation:
+                        raise StorageError("fdatasync of %s failed; unsynced records were discarded" % self.path)
+                    if self.synced >= end:
+                        return
+                    if not self.syncing:
+                        break
+                    self.state.wait()
+                self.syncing = True
+                target = self.size
+            error: Optional[OSError] = None
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                error = exc
+            with self.state:
+                self.syncing = False
+                if error is None:
+                    self.synced = max(self.synced, target)
+                else:
+                    # After a failed fsync the kernel may have dropped the
+                    # dirty pages: cut everything unacknowledged.
+                    self._cut_back(self.synced)
+                    self.generation += 1
+                self.state.notify_all()
+            if error is not None:
+                raise error
+
+    def _cut_back(self, offset: int) -> None:
+        try:
+            os.ftruncate(self.fd, offset)
+        except OSError as exc:
+            log.error("cannot cut %s back to %d bytes after a failed write: %s", self.path, offset,
+                      describe_os_error(exc))
+            return
+        self.size = offset
+
+    def close(self) -> None:
+        """Makes everything durable and closes the file."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            log.error("fdatasync of %s failed at close: %s", self.path, describe_os_error(exc))
+        os.close(self.fd)
+
+
+class Storage:
+    """Appends record batches to hourly files under the output folder; the only place records are written."""
+
+    def __init__(self, root: Path, fsync_mode: str = "always", clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.state_dir = root / STATE_DIR_NAME
+        self.spool_dir = self.state_dir / "spool"
+        self.fsync_mode = fsync_mode
+        self.clock = clock
+        self.files: Dict[str, DataFile] = {}
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.syncer: Optional[threading.Thread] = None
+
+    def open(self) -> None:
+        """Creates the folders, repairs torn tails left by a crash, and starts the interval syncer."""
+        try:
+            for folder in (self.root, self.state_dir, self.spool_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            self.repair_torn_tails()
+        except OSError as exc:
+            raise ConfigError("cannot use output folder %s: %s" % (self.root, describe_os_error(exc))) from None
+        if self.fsync_mode == "interval":
+            self.syncer = threading.Thread(target=self._sync_every_second, name="fsync-interval", daemon=True)
+            self.syncer.start()
+
+    def file_name(self, now: float) -> str:
+        """Names the file for records received at `now`: the UTC hour, e.g. 2026-11-27T15Z.log."""
+        return time.strftime("%Y-%m-%dT%HZ", time.gmtime(now)) + DATA_FILE_SUFFIX
+
+    def store(self, folder: str, batch: RecordBatch) -> Path:
+        """Appends the batch to the current file of `folder` ('' for the root); durable on return when fsync is 'always'."""
+        if folder and not SAFE_FOLDER_RE.fullmatch(folder):
+            raise ValueError("unsafe folder name %r" % folder)
+        try:
+            data_file = self._acquire(folder)
+        except OSError as exc:
+            raise StorageError("cannot open a data file in %s: %s" % (self.root / folder, describe_os_error(exc))) from exc
+        try:
+            end, generation = data_file.append(batch)
+            if self.fsync_mode == "always":
+                data_file.sync_through(end, generation)
+        except OSError as exc:
+            raise StorageError("cannot write %s: %s" % (data_file.path, describe_os_error(exc))) from exc
+        finally:
+            self._release(data_file)
+        return data_file.path
+
+    def _acquire(self, folder: str) -> DataFile:
+        name = self.file_name(self.clock())
+        finished: Optional[DataFile] = None
+        with self.lock:
+            current = self.files.get(folder)
+            if current is None or current.path.name != name:
+                directory = self.root / folder
+                if not directory.is_dir():
+                    directory.mkdir(parents=True, exist_ok=True)
+                    fsync_directory(directory.parent)
+                is_new = not (directory / name).exists()
+                opened = DataFile(directory / name)
+                if is_new:
+                    fsync_directory(directory)
+                if current is not None:
+                    current.retired = True
+                    finished = current if current.users == 0 else None
+                self.files[folder] = current = opened
+            current.users += 1
+        if finished is not None:
+            finished.close()
+        return current
+
+    def _release(self, data_file: DataFile) -> None:
+        with self.lock:
+            data_file.users -= 1
+            finished = data_file.retired and data_file.users == 0
+        if finished:
+            data_file.close()
+
+    def _sync_every_second(self) -> None:
+        while not self.closed.wait(1.0):
+            with self.lock:
+                open_files = list(self.files.values())
+            for data_file in open_files:
+                try:
+                    data_file.sync_through(data_file.size, data_file.generation)
+                except (OSError, StorageError) as exc:
+                    log.error("interval fdatasync of %s failed: %s", data_file.path, describe_os_error(exc))
+
+    def data_files(self) -> Iterator[Path]:
+        """Yields every uncompressed data file, skipping the dot-path."""
+        for path in self.root.rglob("*" + DATA_FILE_SUFFIX):
+            relative = path.relative_to(self.root)
+            if not any(part.startswith(".") for part in relative.parts) and path.is_file():
+                yield path
+
+    def repair_torn_tails(self) -> None:
+        """Cuts each data file back to its last newline, keeping the cut bytes under the dot-path."""
+        for path in self.data_files():
+            with path.open("r+b") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if size == 0:
+                    continue
+                handle.seek(size - 1)
+                if handle.read(1) == b"\n":
+                    continue
+                keep = self._last_newline_end(handle, size)
+                handle.seek(keep)
+                torn = handle.read()
+                kept_as = self.state_dir / "torn" / ("%s.%d" % ("__".join(path.relative_to(self.root).parts),
+                                                                int(self.clock())))
+                kept_as.parent.mkdir(parents=True, exist_ok=True)
+                with kept_as.open("wb") as aside:
+                    aside.write(torn)
+                    aside.flush()
+                    os.fsync(aside.fileno())
+                handle.truncate(keep)
+                handle.flush()
+                os.fsync(handle.fileno())
+            log.warning("repaired torn tail of %s: cut %d bytes after the last complete line, kept in %s",
+                        path, len(torn), kept_as)
+
+    @staticmethod
+    def _last_newline_end(handle: IO[bytes], size: int) -> int:
+        """Returns the offset just past the last LF of the file, 0 when it has none."""
+        position = size
+        while position > 0:
+            start = max(0, position - COPY_CHUNK)
+            handle.seek(start)
+            block = handle.read(position - start)
+            index = block.rfind(b"\n")
+            if index >= 0:
+                return start + index + 1
+            position = start
+        return 0
+
+    def close(self) -> None:
+        """Makes every open file durable and closes those no request is still writing."""
+        self.closed.set()
+        if self.syncer is not None:
+            self.syncer.join()
+        with self.lock:
+            for data_file in self.files.values():
+                data_file.retired = True
+            idle = [data_file for data_file in self.files.values() if data_file.users == 0]
+            self.files.clear()
+        for data_file in idle:
+            data_file.close()
+
+
+# ---------------------------------------------------------------------------
+# HTTP handler
+# ---------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """An error answer: status, a short reason for client and log, extra headers, whether to close."""
+
+    def __init__(self, status: HTTPStatus, reason: str, headers: Sequence[Tuple[str, str]] = (),
+                 close: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.close = close
+
+
+class DeadlineExceeded(Exception):
+    """The client did not complete a handshake, head or body before its deadline."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+_date_cache: Tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """Returns the Date header value, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class Request:
+    """A parsed request head."""
+
+    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Dict[str, List[str]]) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        path, _, self.query = target.partition("?")
+        self.path = path
+
+    def header(self, name: str) -> Optional[str]:
+        """Returns the single value of a header, or None; several values are joined with commas."""
+        values = self.headers.get(name)
+        return ", ".join(values) if values else None
+
+    def wants_close(self) -> bool:
+        """Tells whether the client asked not to keep the connection alive."""
+        tokens = {token.strip().lower() for token in (self.header("connection") or "").split(",")}
+        if self.version >= (1, 1):
+            return "close" in tokens
+        return "keep-alive" not in tokens
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parses a request line and header fields strictly; anything ambiguous is a 400."""
+    lines = head.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    request_line = lines[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]) or not TARGET_RE.fullmatch(parts[1]):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
+    version = VERSION_RE.fullmatch(parts[2])
+    if not version:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed HTTP version", close=True)
+    if version.group(1) != b"1":
+        raise HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.x is served", close=True)
+    target = parts[1].decode("ascii")
+    if target.startswith(("http://", "https://")):
+        absolute = urllib.parse.urlsplit(target)
+        target = (absolute.path or "/") + ("?" + absolute.query if absolute.query else "")
+    elif not target.startswith("/"):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request target must be a path", close=True)
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header fields", close=True)
+    headers: Dict[str, List[str]] = {}
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE:
+            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header field too long", close=True)
+        name, colon, value = line.partition(b":")
+        if not colon or not TOKEN_RE.fullmatch(name):
+            # Covers obsolete line folding and whitespace before the colon (RFC 9112, 5.1-5.2).
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed header field", close=True)
+        if b"\r" in value or b"\0" in value:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "control character in header field", close=True)
+        headers.setdefault(name.decode("ascii").lower(), []).append(value.strip(b" \t").decode("latin-1"))
+    return Request(parts[0].decode("ascii"), target, (1, int(version.group(2))), headers)
+
+
+def body_framing(request: Request) -> Union[None, int, str]:
+    """Returns the body's framing: None (no body), its Content-Length, or 'chunked'; smuggling shapes are 400."""
+    transfer_encoding = request.headers.get("transfer-encoding")
+    content_length = request.headers.get("content-length")
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "both Content-Length and Transfer-Encoding", close=True)
+        if len(transfer_encoding) != 1 or transfer_encoding[0].lower() != "chunked" or request.version < (1, 1):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "unsupported Transfer-Encoding", close=True)
+        return "chunked"
+    if content_length is None:
+        return None
+    values = {item.strip() for value in content_length for item in value.split(",")}
+    if len(values) != 1:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length values", close=True)
+    length = values.pop()
+    if not CONTENT_LENGTH_RE.fullmatch(length):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "invalid Content-Length", close=True)
+    return int(length)
+
+
+class ClientStream:
+    """Buffered reads from a client socket; every read is bounded by an absolute deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            raise DeadlineExceeded from None
+        if not data:
+            raise ClientGone
+        return data
+
+    def wait_for_request(self, deadline: float) -> bool:
+        """Waits until the next request starts arriving; False when the client closes first."""
+        while True:
+            # RFC 9112 2.2: ignore empty lines before a request line.
+            if self.buffer[:1] in (b"\r", b"\n"):
+                del self.buffer[:len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))]
+            if self.buffer:
+                return True
+            try:
+                self.buffer += self._recv(deadline)
+            except ClientGone:
+                return False
+
+    def read_head(self, deadline: float) -> bytes:
+        """Returns the request head (without its closing empty line) once complete, enforcing size limits."""
+        scanned = 0
+        while True:
+            end = self._find_head_end(scanned)
+            if end is not None:
+                head_end, body_start = end
+                head = bytes(self.buffer[:head_end])
+                del self.buffer[:body_start]
+                if len(head) > MAX_HEAD_SIZE:
+                    raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large", close=True)
+                first_line_end = head.find(b"\n")
+                if (first_line_end if first_line_end >= 0 else len(head)) > MAX_REQUEST_LINE:
+                    raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long", close=True)
+                return head
+            if b"\n" not in self.buffer[:MAX_REQUEST_LINE + 2] and len(self.buffer) > MAX_REQUEST_LINE + 1:
+                raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long", close=True)
+            if len(self.buffer) > MAX_HEAD_SIZE:
+                raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large", close=True)
+            scanned = max(0, len(self.buffer) - 3)
+            self.buffer += self._recv(deadline)
+
+    def _find_head_end(self, start: int) -> Optional[Tuple[int, int]]:
+        """Finds the empty line ending the head: (end of head, start of body), or None."""
+        found = None
+        for terminator in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+            index = self.buffer.find(terminator, start)
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, index + len(terminator))
+        return found
+
+    def read_exact(self, size: int, deadline: float) -> bytearray:
+        """Reads exactly `size` body bytes, straight into one buffer."""
+        body = bytearray(size)
+        with memoryview(body) as view:
+            have = min(len(self.buffer), size)
+            view[:have] = self.buffer[:have]
+            del self.buffer[:have]
+            while have < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded
+                self.sock.settimeout(remaining)
+                try:
+                    received = self.sock.recv_into(view[have:], min(size - have, RECV_SIZE))
+                except socket.timeout:
+                    raise DeadlineExceeded from None
+                if not received:
+                    raise ClientGone
+                have += received
+        return body
+
+    def read_line(self, limit: int, deadline: float) -> bytes:
+        """Reads one line (without its line ending) of at most `limit` bytes."""
+        scanned = 0
+        while True:
+            index = self.buffer.find(b"\n", scanned)
+            if index >= 0:
+                line = bytes(self.buffer[:index])
+                del self.buffer[:index + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buffer) > limit:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "chunk framing line too long", close=True)
+            scanned = len(self.buffer)
+            self.buffer += self._recv(deadline)
+
+    def read_chunked(self, limit: int, deadline: float, on_growth: Callable[[int], None]) -> bytearray:
+        """Reads a chunked body (RFC 9112, 7.1), refusing more than `limit` bytes; on_growth(size) sees each chunk coming."""
+        body = bytearray()
+        while True:
+            size_field = self.read_line(MAX_CHUNK_SIZE_LINE, deadline).split(b";", 1)[0].strip(b" \t")
+            if not CHUNK_SIZE_RE.fullmatch(size_field):
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
+            size = int(size_field, 16)
+            if size == 0:
+                break
+            if len(body) + size > limit:
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % limit, close=True)
+            on_growth(len(body) + size)
+            body += self.read_exact(size, deadline)
+            if self.read_line(2, deadline) != b"":
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "chunk data not followed by CRLF", close=True)
+        for _ in range(MAX_HEADER_COUNT + 1):
+            if self.read_line(MAX_HEADER_LINE, deadline) == b"":
+                return body
+        raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many trailer fields", close=True)
+
+
+class ConnectionHandler:
+    """Serves one client connection in its own thread: TLS handshake, then HTTP/1.1 requests.
+
+    Override do_<METHOD> to serve another method; the handler only speaks
+    HTTP and leaves decoding to BatchBuilder and writing to Storage.
+    """
+
+    def __init__(self, server: "ReceiverServer", sock: socket.socket, address: Tuple[str, int]) -> None:
+        self.server = server
+        self.config = server.config
+        self.sock = sock
+        self.peer = address[0]
+        self.client = address[0]
+        self.port = address[1]
+        self.idle = True
+        self.stream = ClientStream(sock)
+        self.request: Optional[Request] = None
+        self.framing: Union[None, int, str] = None
+        self.body_read = False
+        self.reserved = 0
+        self.bytes_in = 0
+        self.records = 0
+        self.note = ""
+
+    # -- connection -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Runs the connection to its end; never raises."""
+        try:
+            if self.server.ssl_context is not None and not self.handshake():
+                return
+            self.stream.sock = self.sock
+            deadline = time.monotonic() + self.config.timeout
+            while self.handle_one_request(deadline):
+                deadline = time.monotonic() + self.config.keepalive_timeout
+        except Exception:
+            log.exception("unexpected error on connection from %s", self.peer)
+        finally:
+            self.server.connection_finished(self)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def handshake(self) -> bool:
+        """Runs the TLS handshake in this thread under the --timeout deadline."""
+        assert self.server.ssl_context is not None
+        # CPython applies the socket timeout to the whole do_handshake() call,
+        # so a client trickling bytes cannot stretch it.
+        self.sock.settimeout(self.config.timeout)
+        try:
+            tls_sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True,
+                                                           do_handshake_on_connect=False)
+            self.sock = tls_sock
+            tls_sock.do_handshake()
+            return True
+        except (ssl.SSLError, socket.timeout, OSError) as exc:
+            reason = "timed out" if isinstance(exc, socket.timeout) else getattr(exc, "reason", None) or str(exc)
+            self.server.tls_failures += 1
+            if self.server.noisy_log.allow(self.peer):
+                log.info("tls handshake from %s failed: %s", self.peer, reason)
+            return False
+
+    def interrupt_if_idle(self) -> None:
+        """Wakes an idle connection's thread so it closes (used at shutdown)."""
+        if self.idle:
+            try:
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- one request ----------------------------------------------------------
+
+    def handle_one_request(self, idle_deadline: float) -> bool:
+        """Reads, answers and logs one request; returns whether to keep the connection open."""
+        if not self.stream.wait_for_request(idle_deadline):
+            return False
+        with self.server.lock:
+            self.idle = False
+        started = time.monotonic()
+        self.request, self.framing, self.body_read = None, None, False
+        self.bytes_in, self.records, self.note = 0, 0, ""
+        close = True
+        try:
+            head = self.stream.read_head(started + self.config.timeout)
+            self.request = request = parse_request_head(head)
+            self.client = self.server.client_address(self.peer, request)
+            self.framing = body_framing(request)
+            method = getattr(self, "do_" + request.method, None)
+            if method is None:
+                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed",
+                                headers=[("Allow", ", ".join(PUSH_METHODS))])
+            status, body, headers = method()
+            close = request.wants_close() or self.server.stopping.is_set() or self.body_pending()
+            self.send_response(status, body, headers, close=close)
+        except HTTPError as exc:
+            status = exc.status
+            close = exc.close or self.body_pending() or self.request is None
+            self.note = exc.reason
+            self.send_error(exc, close)
+        except DeadlineExceeded:
+            status = HTTPStatus.REQUEST_TIMEOUT
+            self.note = "deadline passed"
+            self.send_error(HTTPError(status, "request not received in time"), close=True)
+        except ClientGone:
+            status = HTTPStatus.BAD_REQUEST
+            self.note = "client closed the connection mid-request"
+        except (ssl.SSLError, OSError) as exc:
+            status = HTTPStatus.BAD_REQUEST
+            self.note = "connection error: %s" % describe_os_error(exc)
+        except Exception:
+            log.exception("unexpected error serving %s", self.client)
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+            self.send_error(HTTPError(status, "internal error"), close=True)
+        finally:
+            self.server.inflight.release(self.reserved)
+            self.reserved = 0
+        self.log_request(status, time.monotonic() - started)
+        with self.server.lock:
+            self.idle = True
+        if close or self.server.stopping.is_set():
+            if self.body_pending():
+                self.linger()
+            return False
+        return True
+
+    def body_pending(self) -> bool:
+        """Tells whether the request has body bytes we have not read, so the connection cannot be reused."""
+        return self.framing not in (None, 0) and not self.body_read
+
+    def reserve_inflight(self, total: int) -> None:
+        """Grows this request's share of --max-inflight-bytes to `total`, or refuses the push with 503."""
+        extra = total - self.reserved
+        if extra > 0:
+            if not self.server.inflight.reserve(extra):
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "too much data in flight, retry later",
+                                headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
+            self.reserved = total
+
+    def do_GET(self) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
+        """Answers the health check; GET is not a push."""
+        assert self.request is not None
+        if self.request.path == HEALTH_PATH:
+            return HTTPStatus.OK, b"ok\n", []
+        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
+                        headers=[("Allow", ", ".join(PUSH_METHODS))])
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
+        """Receives a push: checks, reads and decodes the body, stores the records."""
+        request = self.request
+        assert request is not None
+        config = self.config
+        if request.path == HEALTH_PATH:
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
+        if config.paths and request.path not in config.paths:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
+        refusal = self.server.authenticator.check(request.header("authorization"),
+                                                  request.header(self.server.authenticator.header_name or ""),
+                                                  request.query)
+        if refusal is not None:
+            challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if self.server.authenticator.basic else []
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
+        if self.framing is None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
+        is_gzip = self.content_is_gzip(request)
+        if isinstance(self.framing, int) and self.framing > config.max_body_size:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % config.max_body_size)
+        expect = request.header("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported Expect")
+        if isinstance(self.framing, int):
+            self.reserve_inflight(self.framing)
+        if expect is not None:
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return self.store_body(self.read_body(), is_gzip)
+
+    do_PUT = do_POST
+
+    def content_is_gzip(self, request: Request) -> bool:
+        """Tells whether Content-Encoding declares gzip; other encodings are 415."""
+        encoding = (request.header("content-encoding") or "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            return True
+        if encoding in ("identity", ""):
+            return False
+        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Encoding %r" % encoding[:40])
+
+    def read_body(self) -> bytearray:
+        """Reads the whole body under the --timeout deadline."""
+        deadline = time.monotonic() + self.config.timeout
+        if self.framing == "chunked":
+            body = self.stream.read_chunked(self.config.max_body_size, deadline, self.reserve_inflight)
+        else:
+            assert isinstance(self.framing, int)
+            body = self.stream.read_exact(self.framing, deadline)
+        self.body_read = True
+        self.bytes_in = len(body)
+        return body
+
+    def store_body(self, body: bytearray, is_gzip: bool) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
+        """Decodes the body into records and stores them; probes are answered without storing."""
+        builder = BatchBuilder(self.server.storage.spool_dir)
+        try:
+            if is_gzip or body[:2] == GZIP_MAGIC:
+                for chunk in gunzip_chunks(body, self.config.max_decompressed_size):
+                    builder.feed(chunk)
+                    # Decoded bytes held in memory count too, until the builder spools them.
+                    self.reserve_inflight(len(body) + min(builder.size, SPOOL_THRESHOLD))
+                batch = builder.finish()
+            else:
+                batch = builder.feed_whole(body)
+        except BodyTooLarge as exc:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
+        except BodyError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        try:
+            if batch.is_validation_probe():
+                self.note = "validation probe"
+                return HTTPStatus.OK, b"validation ok\n", []
+            if batch.records:
+                folder = folder_for_path(self.request.path) if self.config.route_by_path else ""  # type: ignore[union-attr]
+                try:
+                    self.server.storage.store(folder, batch)
+                except StorageError as exc:
+                    log.error("storage failed, answering 503: %s", exc)
+                    raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
+                                    headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
+            self.records = batch.records
+            return HTTPStatus.OK, b"stored %d records\n" % batch.records, []
+        finally:
+            batch.close()
+
+    # -- answers --------------------------------------------------------------
+
+    def send_response(self, status: HTTPStatus, body: bytes, headers: Sequence[Tuple[str, str]] = (),
+                      close: bool = False) -> None:
+        """Sends a complete response in one write (no Nagle stall between head and body)."""
+        lines = ["HTTP/1.1 %d %s" % (status.value, status.phrase), "Date: " + http_date(),
+                 "Server: dsreceiver", "Content-Type: text/plain; charset=utf-8",
+                 "Content-Length: %d" % len(body)]
+        lines.extend("%s: %s" % header for header in headers)
+        if close:
+            lines.append("Connection: close")
+        is_head = self.request is not None and self.request.method == "HEAD"
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head else body)
+        self.sock.settimeout(self.config.timeout)
+        self.sock.sendall(data)
+
+    def send_error(self, error: HTTPError, close: bool) -> None:
+        """Sends an error answer; a client that is gone is ignored."""
+        try:
+            self.send_response(error.status, ("%s\n" % error.reason).encode("utf-8", "replace"),
+                               error.headers, close=close)
+        except (OSError, ValueError):
+            pass
+
+    def linger(self) -> None:
+        """Reads and drops what the client still sends, briefly, so it sees our answer instead of a reset."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        self.stream.buffer.clear()
+        try:
+            while drained < LINGER_MAX_BYTES:
+                drained += len(self.stream._recv(deadline))
+        except (DeadlineExceeded, ClientGone, OSError):
+            pass
+
+    def log_request(self, status: HTTPStatus, seconds: float) -> None:
+        """Writes the access log line; refusals are rate-limited per client."""
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.server.auth_failures += 1
+            if not self.server.noisy_log.allow(self.client):
+                return
+        request = self.request
+        if request is not None:
+            shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
+            method = request.method
+        else:
+            method, shown = "-", "-"
+        log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", self.client, method, shown, status.value,
+                 self.bytes_in, self.records, seconds * 1000, " (%s)" % self.note if self.note else "")
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+class InflightBudget:
+    """Counts the body bytes being received or stored, refusing reservations beyond the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        """Takes `size` bytes of the budget; False when that would exceed it (one body alone always fits)."""
+        with self.lock:
+            if self.used and self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def release(self, size: int) -> None:
+        """Returns `size` bytes to the budget."""
+        with self.lock:
+            self.used -= size
+
+
+class RateLimitedLog:
+    """Allows at most one log line per key per interval, so a hostile client cannot flood the log."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.last: Dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        """Tells whether a line about `key` may be logged now."""
+        now = time.monotonic()
+        with self.lock:
+            if len(self.last) > 10000:
+                self.last = {k: t for k, t in self.last.items() if now - t < self.interval}
+            last = self.last.get(key)
+            if last is not None and now - last < self.interval:
+                return False
+            self.last[key] = now
+            return True
+
+
+class ReceiverServer:
+    """Owns the listening socket and the shared state; runs one thread per connection."""
+
+    handler_class = ConnectionHandler
+
+    def __init__(self, config: argparse.Namespace, listener: socket.socket, ssl_context: Optional[ssl.SSLContext],
+                 authenticator: Authenticator, storage: Storage) -> None:
+        self.config = config
+        self.listener = listener
+        self.ssl_context = ssl_context
+        self.authenticator = authenticator
+        self.storage = storage
+        self.inflight = InflightBudget(config.max_inflight_bytes)
+        self.noisy_log = RateLimitedLog()
+        self.connections: Set[ConnectionHandler] = set()
+        self.lock = threading.Lock()
+        self.all_closed = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.tls_failures = 0
+        self.auth_failures = 0
+
+    def client_address(self, peer: str, request: Request) -> str:
+        """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted proxy."""
+        forwarded = request.header("x-forwarded-for")
+        if not forwarded or not self.config.trusted_proxy:
+            return peer
+        try:
+            peer_ip = ipaddress.ip_address(peer)
+            if not any(peer_ip in network for network in self.config.trusted_proxy):
+                return peer
+            return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
+        except ValueError:
+            return peer
+
+    def serve(self, wakeup: socket.socket, should_stop: Callable[[], bool]) -> None:
+        """Accepts connections until should_stop() is true; `wakeup` becomes readable when it may be."""
+        self.listener.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            selector.register(wakeup, selectors.EVENT_READ)
+            while not should_stop():
+                for key, _ in selector.select():
+                    if key.fileobj is wakeup:
+                        try:
+                            wakeup.recv(512)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self.accept_pending()
+
+    def accept_pending(self) -> None:
+        """Accepts every pending connection, closing those beyond --max-connections."""
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: keep serving the connections we have.
+                log.warning("accept failed: %s", describe_os_error(exc))
+                return
+            with self.lock:
+                full = len(self.connections) >= self.config.max_connections
+                if not full:
+                    handler = self.handler_class(self, sock, address)
+                    self.connections.add(handler)
+            if full:
+                sock.close()
+                continue
+            sock.setblocking(True)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                threading.Thread(target=handler.run, name="conn-%s" % address[0], daemon=True).start()
+            except RuntimeError:
+                log.warning("cannot start a thread for a new connection; closing it")
+                self.connection_finished(handler)
+                sock.close()
+
+    def connection_finished(self, handler: ConnectionHandler) -> None:
+        """Forgets a closed connection."""
+        with self.lock:
+            self.connections.discard(handler)
+            if not self.connections:
+                self.all_closed.notify_all()
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stops accepting, closes idle connections, waits for in-flight requests; False if some remain."""
+        self.stopping.set()
+        self.listener.close()
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            for handler in list(self.connections):
+                handler.interrupt_if_idle()
+            while self.connections:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.all_closed.wait(min(remaining, 0.5))
+                for handler in list(self.connections):
+                    handler.interrupt_if_idle()
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle and signals
+# ---------------------------------------------------------------------------
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Binds the listening socket; '::' accepts IPv4 too where the OS allows."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+    try:
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dualstack)
+    except OSError as exc:
+        raise ConfigError("cannot listen on %s port %d: %s" % (host, port, describe_os_error(exc))) from None
+
+
+def drop_privileges(user: str, group: Optional[str]) -> None:
+    """Switches to `user` (and `group`) for good, after the port is bound and certificates are read."""
+    import grp
+    import pwd
+    try:
+        account = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
+    except KeyError as exc:
+        raise ConfigError("no such user or group: %s" % exc.args[0].split(":")[-1].strip()) from None
+    try:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(account.pw_uid)
+    except PermissionError:
+        raise ConfigError("cannot switch to user %s: only root can" % user) from None
+
+
+class SignalFlags:
+    """Records the signals received; handlers only set flags and wake the accept loop."""
+
+    def __init__(self) -> None:
+        self.stop_signal: Optional[int] = None
+        self.wakeup_reader, self.wakeup_writer = socket.socketpair()
+        for end in (self.wakeup_reader, self.wakeup_writer):
+            end.setblocking(False)
+
+    def install(self) -> None:
+        """Routes SIGTERM and SIGINT to a stop flag; the wakeup socket makes select() return."""
+        signal.set_wakeup_fd(self.wakeup_writer.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """Tells whether a stop signal has arrived."""
+        return self.stop_signal is not None
+
+
+def configure_logging(level: str) -> None:
+    """Sends one-line, UTC-stamped log records to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the receiver until SIGTERM or SIGINT; returns the exit code."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:
+        sys.stderr.write("dsreceiver.py: error: %s\n" % exc)
+        return 2
+    configure_logging(config.log_level)
+    try:
+        authenticator = Authenticator.from_config(config, dict(os.environ))
+        ssl_context = None
+        if not config.http:
+            cert, key = resolve_certificate(config)
+            ssl_context = make_server_context(cert, key, config.client_ca)
+        listener = bind_listener(config.host, config.port)
+        if config.user:
+            drop_privileges(config.user, config.group)
+        storage = Storage(config.output_dir, config.fsync)
+        storage.open()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    threading.stack_size(THREAD_STACK_SIZE)
+    server = ReceiverServer(config, listener, ssl_context, authenticator, storage)
+    flags = SignalFlags()
+    flags.install()
+    port = listener.getsockname()[1]
+    shown_host = "[%s]" % config.host if ":" in config.host else config.host
+    log.info("listening on %s://%s:%d, storing in %s (fsync %s)", "http" if config.http else "https",
+             shown_host, port, config.output_dir, config.fsync)
+    methods = authenticator.methods()
+    if methods:
+        log.info("authentication required: %s", " + ".join(methods))
+    else:
+        log.warning("no authentication configured: anyone who can reach this port can push data")
+    server.serve(flags.wakeup_reader, flags.should_stop)
+    log.info("received signal %d: finishing in-flight requests (up to %gs)", flags.stop_signal or 0,
+             config.shutdown_timeout)
+    finished = server.shutdown(config.shutdown_timeout)
+    storage.close()
+    if not finished:
+        log.warning("shutdown timeout: closed with requests still in flight (they were not acknowledged)")
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Shared fixtures: a trustme CA, the real server as a subprocess over real TLS, raw TLS clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+
+import pytest
+import trustme
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from simulator import DataStreamSimulator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DSRECEIVER = ROOT / "dsreceiver.py"
+LISTENING_RE = re.compile(r"listening on (https?)://(\S+):(\d+)")
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
+    """Polls `condition` until it returns something truthy, failing the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+def find_pythons() -> Dict[str, str]:
+    """Finds CPython 3.8-3.13 interpreters on PATH and under pyenv: {"3.8": path, ...}."""
+    found: Dict[str, str] = {}
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    for minor in range(8, 14):
+        version = "3.%d" % minor
+        candidates = sorted(pyenv_root.glob("versions/%s.*/bin/python3" % version), reverse=True)
+        on_path = shutil.which("python" + version)
+        if on_path:
+            candidates.append(Path(on_path))
+        for candidate in candidates:
+            try:
+                out = subprocess.run([str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                     capture_output=True, text=True, timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if out.returncode == 0 and out.stdout.strip() == version:
+                found[version] = str(candidate)
+                break
+    return found
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    pythons = find_pythons()
+    listed = ", ".join("%s (%s)" % item for item in sorted(pythons.items())) or "none"
+    return "CPython interpreters found for compatibility tests: " + listed
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """The test CA that issues every certificate."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def cert_dir(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A certbot-style folder (fullchain.pem, privkey.pem) with a server certificate for the loopback names."""
+    folder = tmp_path_factory.mktemp("certs")
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
+    cert.private_key_pem.write_to_path(str(folder / "privkey.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "fullchain.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(folder / "fullchain.pem"), append=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    """A verifying client context that trusts only the test CA, as DataStream does with an uploaded CA."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(context)
+    return context
+
+
+class ServerProcess:
+    """The real dsreceiver running as a subprocess, its log captured to a file."""
+
+    def __init__(self, workdir: Path, args: Sequence[str], env: Dict[str, str], python: str,
+                 client_context: Optional[ssl.SSLContext]) -> None:
+        self.workdir = workdir
+        self.args = list(args)
+        self.env = env
+        self.python = python
+        self.client_context = client_context
+        self.log_path = workdir / "server.log"
+        self.process: Optional[subprocess.Popen] = None
+        self.port = 0
+        self.scheme = "https"
+        self.log_offset = 0
+
+    @property
+    def output_dir(self) -> Path:
+        """The --output-dir the server was given (or its default under the workdir)."""
+        if "--output-dir" in self.args:
+            return Path(self.args[self.args.index("--output-dir") + 1])
+        return self.workdir / "data"
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> "ServerProcess":
+        """Starts the server; with `wait`, returns once it logs its listening line."""
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen([self.python, str(DSRECEIVER)] + self.args, cwd=str(self.workdir),
+                                            env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT)
+        if wait:
+            match = self.wait_for_log(LISTENING_RE, timeout=timeout)
+            self.scheme, self.port = match.group(1), int(match.group(3))
+        return self
+
+    def log_text(self) -> str:
+        """Everything the current run has logged so far."""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self.log_offset)
+            return handle.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: "str | re.Pattern[str]", timeout: float = 15.0, count: int = 1) -> "re.Match[str]":
+        """Waits until the log matches `pattern` at least `count` times; returns the last match."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+        def matched() -> "Optional[re.Match[str]]":
+            matches = list(regex.finditer(self.log_text()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError("server exited (%s) before logging %r:\n%s"
+                                     % (self.process.returncode, regex.pattern, self.log_text()))
+            return None
+
+        return wait_until(matched, timeout, "log line %r" % regex.pattern)
+
+    def send_signal(self, signum: int) -> None:
+        """Sends a signal to the server process."""
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Waits for the process to exit and returns its exit code."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stops the server with `signum` (SIGKILL after `timeout`) and returns its exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def data_files(self, folder: Optional[Path] = None) -> List[Path]:
+        """Every record file (non-dot, regular) under the output folder."""
+        root = folder or self.output_dir
+        if not root.exists():
+            return []
+        return sorted(path for path in root.rglob("*") if path.is_file()
+                      and not any(part.startswith(".") for part in path.relative_to(root).parts))
+
+    def stored_bytes(self, folder: Optional[Path] = None) -> bytes:
+        """The concatenated content of every record file."""
+        return b"".join(path.read_bytes() for path in self.data_files(folder))
+
+    def stored_lines(self, folder: Optional[Path] = None) -> List[bytes]:
+        """Every stored record line (without its LF)."""
+        data = self.stored_bytes(folder)
+        assert not data or data.endswith(b"\n"), "a data file does not end with a complete line"
+        return data.split(b"\n")[:-1] if data else []
+
+    def simulator(self, **kwargs: object) -> DataStreamSimulator:
+        """A DataStream simulator pointed at this server."""
+        context = self.client_context if self.scheme == "https" else None
+        return DataStreamSimulator("127.0.0.1", self.port, context, **kwargs)  # type: ignore[arg-type]
+
+    def tls_connect(self, context: Optional[ssl.SSLContext] = None, timeout: float = 15.0) -> socket.socket:
+        """Opens a raw, verified TLS connection to the server."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.scheme == "http":
+            return raw
+        return (context or self.client_context).wrap_socket(raw, server_hostname="127.0.0.1")  # type: ignore[union-attr]
+
+    def exchange(self, data: bytes, timeout: float = 15.0) -> bytes:
+        """Sends raw bytes on a new connection and returns everything received until the server closes."""
+        with self.tls_connect(timeout=timeout) as sock:
+            sock.sendall(data)
+            return read_until_close(sock)
+
+
+def read_until_close(sock: socket.socket) -> bytes:
+    """Reads until the peer closes (or resets) the connection."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def status_of(response: bytes) -> int:
+    """The status code of a raw HTTP response."""
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", response)
+    assert match, "not an HTTP response: %r" % response[:200]
+    return int(match.group(1))
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
+                 ) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: start_server(*args, env=..., python=..., tls=True, wait=True) -> a running ServerProcess."""
+    started: List[ServerProcess] = []
+
+    def start(*args: str, env: Optional[Dict[str, str]] = None, python: str = sys.executable, tls: bool = True,
+              wait: bool = True, workdir: Optional[Path] = None, output_dir: Optional[Path] = None) -> ServerProcess:
+        folder = workdir or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        base = ["--host", "127.0.0.1", "--port", "0"]
+        if "--output-dir" not in args:
+            base += ["--output-dir", str(output_dir or folder / "data")]
+        if tls and "--http" not in args and "--cert" not in args and "--certs-dir" not in args:
+            base += ["--cert", str(cert_dir / "fullchain.pem"), "--key", str(cert_dir / "privkey.pem")]
+        full_env = {key: value for key, value in os.environ.items() if not key.startswith("DSRECEIVER_")}
+        full_env.update(env or {})
+        server = ServerProcess(folder, base + list(args), full_env, python, client_context)
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """A running server with default settings (no authentication)."""
+    return start_server()

@@ -1,0 +1,196 @@
+"""Storage: file layout, durability (group commit), torn-tail repair, storage failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+import dsreceiver
+from conftest import ServerProcess, wait_until
+from simulator import Batch, expected_lines, make_batch
+
+
+def batch_of(lines: List[bytes]) -> dsreceiver.RecordBatch:
+    """A RecordBatch as the builder makes it."""
+    data = b"".join(line + b"\n" for line in lines)
+    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
+
+
+def test_records_land_in_the_file_of_the_utc_hour(server: ServerProcess) -> None:
+    before = time.time()
+    with server.simulator() as ds:
+        assert ds.push(make_batch("hour", count=3)).status == 200
+    after = time.time()
+    names = [path.name for path in server.data_files()]
+    allowed = {time.strftime("%Y-%m-%dT%HZ.log", time.gmtime(moment)) for moment in (before, after)}
+    assert len(names) == 1 and names[0] in allowed
+
+
+def test_server_keeps_its_own_files_under_the_dot_path(server: ServerProcess) -> None:
+    with server.simulator() as ds:
+        assert ds.push(make_batch("dot", count=3, compress=True)).status == 200
+    for path in server.output_dir.iterdir():
+        assert path.name.startswith(".") or re.fullmatch(r"\d{4}-\d\d-\d\dT\d\dZ\.log", path.name), path
+
+
+def test_storage_rolls_to_a_new_file_each_hour(tmp_path: Path) -> None:
+    now = [1764201599.0]  # 2025-11-26T23:59:59Z
+    storage = dsreceiver.Storage(tmp_path, clock=lambda: now[0])
+    storage.open()
+    storage.store("", batch_of([b"late"]))
+    now[0] += 1
+    storage.store("", batch_of([b"next hour"]))
+    storage.store("stream-a", batch_of([b"routed"]))
+    storage.close()
+    assert (tmp_path / "2025-11-26T23Z.log").read_bytes() == b"late\n"
+    assert (tmp_path / "2025-11-27T00Z.log").read_bytes() == b"next hour\n"
+    assert (tmp_path / "stream-a" / "2025-11-27T00Z.log").read_bytes() == b"routed\n"
+
+
+@pytest.mark.parametrize("folder", ["..", "../x", "a/b", ".hidden", "", "x" * 101])
+def test_storage_refuses_unsafe_folder_names(tmp_path: Path, folder: str) -> None:
+    storage = dsreceiver.Storage(tmp_path / "out")
+    storage.open()
+    if folder == "":
+        storage.store(folder, batch_of([b"root is fine"]))
+    else:
+        with pytest.raises(ValueError):
+            storage.store(folder, batch_of([b"never"]))
+    storage.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_file = dsreceiver.DataFile(tmp_path / "group.log")
+    first_sync_started, release_first_sync = threading.Event(), threading.Event()
+    calls: List[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            first_sync_started.set()
+            release_first_sync.wait(30)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
+
+    def writer(index: int) -> None:
+        end, generation = data_file.append(batch_of([b"record %d" % index]))
+        data_file.sync_through(end, generation)
+
+    leader = threading.Thread(target=writer, args=(0,))
+    leader.start()
+    first_sync_started.wait(30)
+    followers = [threading.Thread(target=writer, args=(i,)) for i in range(1, 21)]
+    for thread in followers:
+        thread.start()
+    # Every follower has appended while the leader's fdatasync is still running.
+    wait_until(lambda: data_file.size == len(b"".join(b"record %d\n" % i for i in range(21))), what="20 appends")
+    release_first_sync.set()
+    for thread in [leader] + followers:
+        thread.join()
+    assert len(calls) == 2  # the leader's, then one for all twenty followers
+    assert data_file.synced == data_file.size
+
+
+def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data_file = dsreceiver.DataFile(tmp_path / "eio.log")
+    data_file.sync_through(*data_file.append(batch_of([b"kept"])))
+    failing = [True]
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
+    end, generation = data_file.append(batch_of([b"lost"]))
+    with pytest.raises(OSError):
+        data_file.sync_through(end, generation)
+    assert (tmp_path / "eio.log").read_bytes() == b"kept\n"
+    failing[0] = False
+    data_file.sync_through(*data_file.append(batch_of([b"after"])))
+    data_file.close()
+    assert (tmp_path / "eio.log").read_bytes() == b"kept\nafter\n"
+
+
+def test_torn_tail_is_repaired_at_start(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    torn_file = data / "2026-01-01T00Z.log"
+    torn_file.write_bytes(b'{"a":"1"}\n{"b":"2"}\n{"c":"tor')
+    server = start_server()
+    server.wait_for_log(r"repaired torn tail of .*2026-01-01T00Z\.log: cut 9 bytes")
+    assert torn_file.read_bytes() == b'{"a":"1"}\n{"b":"2"}\n'
+    kept = list((data / ".dsreceiver" / "torn").iterdir())
+    assert [path.read_bytes() for path in kept] == [b'{"c":"tor']
+    batch = make_batch("after-repair", count=2)
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+    assert server.stored_lines() == [b'{"a":"1"}', b'{"b":"2"}'] + batch.lines
+
+
+@pytest.mark.parametrize("mode", ["interval", "never"])
+def test_relaxed_fsync_modes_still_store(start_server: Callable[..., ServerProcess], mode: str) -> None:
+    server = start_server("--fsync", mode)
+    batch = make_batch("fsync-" + mode, count=100)
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+    server.wait_for_log("fsync %s" % mode)
+    assert server.stop() == 0
+    assert server.stored_lines() == batch.lines
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted for the test (needs root); yields its mount point."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_answers_503_then_recovers_without_restart(start_server: Callable[..., ServerProcess],
+                                                              small_tmpfs: Path) -> None:
+    server = start_server(output_dir=small_tmpfs / "data")
+    acknowledged: List[Batch] = []
+    refused = None
+    with server.simulator() as ds:
+        for index in range(100):
+            batch = make_batch("full%03d" % index, count=60)
+            response = ds.push(batch)
+            if response.status == 200:
+                acknowledged.append(batch)
+                continue
+            refused = response
+            break
+    assert refused is not None, "the 256 KiB disk never filled"
+    assert refused.status == 503
+    assert int(refused.headers["retry-after"]) > 0
+    server.wait_for_log(r"storage failed, answering 503: .*no space left on device")
+    # Nothing half-written: exactly the acknowledged batches, whole lines only.
+    assert server.stored_lines() == expected_lines(acknowledged)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+    late = make_batch("after-full", count=60)
+    with server.simulator() as ds:
+        assert ds.push(late).status == 200
+    assert server.stored_lines() == expected_lines(acknowledged) + late.lines
