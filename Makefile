@@ -5,7 +5,7 @@ VENV_PYTHON := $(VENV)/bin/python
 HOSTNAME ?= $(shell $(PYTHON) -c 'import socket; print(socket.getfqdn())')
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast run certs readme-help clean
+.PHONY: test test-fast run certs readme-help tls-scan clean
 
 $(VENV)/.installed: requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,12 @@ readme-help:
 	open("README.md", "w").write(re.sub(r"<!-- help:begin -->.*?<!-- help:end -->", lambda m: b, t, flags=re.S))'
 	rm -f .help.txt
 
+## tls-scan: scan a running endpoint's TLS with sslyze (TARGET=host:port, default localhost:8443)
+TARGET ?= localhost:8443
+tls-scan:
+	test -x .venv-scan/bin/sslyze || ($(PYTHON) -m venv .venv-scan && .venv-scan/bin/pip install --quiet sslyze==6.3.1)
+	.venv-scan/bin/sslyze $(TARGET) --sslv2 --sslv3 --tlsv1 --tlsv1_1 --tlsv1_2 --tlsv1_3 --compression \
+		--reneg --heartbleed --robot --openssl_ccs --fallback --elliptic_curves
+
 clean:
-	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__
+	rm -rf $(VENV) .venv-scan .pytest_cache tests/__pycache__ __pycache__

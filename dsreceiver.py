@@ -619,21 +619,44 @@ class BatchBuilder:
         self.parts: List[Buffer] = []
         self.spool: Optional[IO[bytes]] = None
         self.carry = b""
+        # True once part of a very long line has been emitted ahead of its end.
+        self.mid_line = False
         self.size = 0
         self.records = 0
 
     def feed(self, chunk: Buffer) -> None:
         """Adds decoded bytes; a line cut by the chunk boundary waits for the next chunk."""
         data = self.carry + chunk if self.carry else chunk
+        if self.mid_line:
+            newline = data.find(b"\n")
+            if newline < 0:
+                self.carry = b""
+                self._emit_line_piece(data)
+                return
+            self._emit(data[:newline - 1 if data[newline - 1:newline] == b"\r" else newline])
+            self._emit(b"\n")
+            self.mid_line = False
+            data = data[newline + 1:]
         cut = data.rfind(b"\n") + 1
         self.carry = bytes(data[cut:])
         if cut:
             self._emit(normalize_lines(data[:cut] if cut < len(data) else data))
+        if len(self.carry) > COPY_CHUNK:
+            # A line longer than a chunk goes out in pieces, so memory stays bounded.
+            carry, self.carry = self.carry, b""
+            self._emit_line_piece(carry)
+
+    def _emit_line_piece(self, piece: Buffer) -> None:
+        """Emits part of a line whose end has not arrived; a final CR waits, it may precede LF."""
+        if piece.endswith(b"\r"):
+            self.carry, piece = b"\r", piece[:-1]
+        self._emit(piece)
+        self.mid_line = True
 
     def finish(self) -> RecordBatch:
         """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one record per element."""
         last = self.carry[:-1] if self.carry.endswith(b"\r") else self.carry
-        if last:
+        if last or self.mid_line:
             self._emit(last)
             self._emit(b"\n")
         if self.spool is None and self.parts and self.parts[0][:64].lstrip()[:1] == b"[":
@@ -993,7 +1016,7 @@ class Request:
 
     def header(self, name: str) -> Optional[str]:
         """Returns the single value of a header, or None; several values are joined with commas."""
-        values = self.headers.get(name)
+        values = self.headers.get(name.lower())
         return ", ".join(values) if values else None
 
     def wants_close(self) -> bool:
@@ -1278,7 +1301,7 @@ class ConnectionHandler:
             self.send_response(status, body, headers, close=close)
         except HTTPError as exc:
             status = exc.status
-            close = exc.close or self.body_pending() or self.request is None
+            close = exc.close or self.body_pending() or self.request is None or self.request.wants_close()
             self.note = exc.reason
             self.send_error(exc, close)
         except DeadlineExceeded:
@@ -1445,6 +1468,8 @@ class ConnectionHandler:
         drained = 0
         self.stream.buffer.clear()
         try:
+            # Half-close first: the client sees our answer and EOF at once.
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
             while drained < LINGER_MAX_BYTES:
                 drained += len(self.stream._recv(deadline))
         except (DeadlineExceeded, ClientGone, OSError):

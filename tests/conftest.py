@@ -62,7 +62,8 @@ def find_pythons() -> Dict[str, str]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     pythons = find_pythons()
-    listed = ", ".join("%s (%s)" % item for item in sorted(pythons.items())) or "none"
+    listed = ", ".join("%s (%s)" % (version, pythons[version])
+                       for version in sorted(pythons, key=lambda v: int(v.split(".")[1]))) or "none"
     return "CPython interpreters found for compatibility tests: " + listed
 
 
@@ -96,8 +97,9 @@ class ServerProcess:
     """The real dsreceiver running as a subprocess, its log captured to a file."""
 
     def __init__(self, workdir: Path, args: Sequence[str], env: Dict[str, str], python: str,
-                 client_context: Optional[ssl.SSLContext]) -> None:
+                 client_context: Optional[ssl.SSLContext], script: Path = DSRECEIVER) -> None:
         self.workdir = workdir
+        self.script = script
         self.args = list(args)
         self.env = env
         self.python = python
@@ -119,7 +121,7 @@ class ServerProcess:
         """Starts the server; with `wait`, returns once it logs its listening line."""
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen([self.python, str(DSRECEIVER)] + self.args, cwd=str(self.workdir),
+            self.process = subprocess.Popen([self.python, str(self.script)] + self.args, cwd=str(self.workdir),
                                             env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT)
         if wait:
@@ -231,21 +233,22 @@ def status_of(response: bytes) -> int:
 @pytest.fixture
 def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
                  ) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: start_server(*args, env=..., python=..., tls=True, wait=True) -> a running ServerProcess."""
+    """Factory: start_server(*args, env=, python=, tls=, wait=, workdir=, output_dir=, host=, script=) -> ServerProcess."""
     started: List[ServerProcess] = []
 
     def start(*args: str, env: Optional[Dict[str, str]] = None, python: str = sys.executable, tls: bool = True,
-              wait: bool = True, workdir: Optional[Path] = None, output_dir: Optional[Path] = None) -> ServerProcess:
+              wait: bool = True, workdir: Optional[Path] = None, output_dir: Optional[Path] = None,
+              host: Optional[str] = "127.0.0.1", script: Path = DSRECEIVER) -> ServerProcess:
         folder = workdir or tmp_path
         folder.mkdir(parents=True, exist_ok=True)
-        base = ["--host", "127.0.0.1", "--port", "0"]
+        base = (["--host", host] if host else []) + ["--port", "0"]
         if "--output-dir" not in args:
             base += ["--output-dir", str(output_dir or folder / "data")]
         if tls and "--http" not in args and "--cert" not in args and "--certs-dir" not in args:
             base += ["--cert", str(cert_dir / "fullchain.pem"), "--key", str(cert_dir / "privkey.pem")]
         full_env = {key: value for key, value in os.environ.items() if not key.startswith("DSRECEIVER_")}
         full_env.update(env or {})
-        server = ServerProcess(folder, base + list(args), full_env, python, client_context)
+        server = ServerProcess(folder, base + list(args), full_env, python, client_context, script)
         started.append(server)
         return server.start(wait=wait)
 
