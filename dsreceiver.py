@@ -30,8 +30,10 @@ import argparse
 import base64
 import binascii
 import email.utils
+import gzip
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -48,6 +50,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple, Union
@@ -70,6 +73,10 @@ DATA_FILE_SUFFIX = ".log"
 MAX_FOLDER_NAME = 100
 
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Distinct paths given their own last-push gauge; more would let a client grow /metrics without bound.
+MAX_PATH_LABELS = 100
 PUSH_METHODS = ("POST", "PUT")
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
 RETRY_AFTER_SECONDS = 10
@@ -90,6 +97,15 @@ COPY_CHUNK = 1 << 20
 # Threads mostly wait in recv(); a small stack keeps thousands of idle
 # keep-alive connections cheap.
 THREAD_STACK_SIZE = 512 * 1024
+HOUSEKEEPING_INTERVAL = 1.0
+RETENTION_INTERVAL = 60.0
+# /healthz writes this much (then discards it) to prove the disk takes data.
+HEALTH_PROBE_SIZE = 65536
+# A push that failed this recently keeps /healthz failing even if the probe passes.
+HEALTH_FAILURE_MEMORY = 10.0
+CERT_EXPIRY_WARNING_DAYS = 14
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LISTEN_BACKLOG = 1024
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 1 << 20
@@ -159,6 +175,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_seconds(text: str) -> float:
+    """Parses a number of seconds where 0 turns the feature off."""
+    return 0.0 if text.strip() in ("0", "0.0") else positive_seconds(text)
+
+
 def port_number(text: str) -> int:
     """Parses a TCP port; 0 asks the kernel for a free one."""
     try:
@@ -186,14 +207,23 @@ def url_path(text: str) -> str:
 
 
 ENVIRONMENT_HELP = """\
+commands:
+  python3 dsreceiver.py check URL ...   test an endpoint as DataStream's "Validate & Save" does
+                                        (see: python3 dsreceiver.py check --help)
+
+signals:
+  SIGTERM, SIGINT   finish in-flight requests, sync, exit 0
+  SIGHUP            reload the certificate and credential files, reopen output files
+
 environment:
   %-29s user:password[,user:password...] accepted by Basic auth
   %-29s accepted values of --auth-header, comma-separated
   %-29s accepted values of --auth-query-param, comma-separated
 
 Secrets are never taken from the command line, where `ps` would show them.
-Records land in OUTPUT_DIR/YYYY-MM-DDTHHZ.log (UTC hour of receipt), one per
-line; with --route-by-path, in OUTPUT_DIR/<folder named after the URL path>/.
+Records land in OUTPUT_DIR/YYYY-MM-DDTHHZ.log (UTC hour of receipt; YYYY-MM-DD.log
+with --rotate daily; .N.log when --max-file-size rolls), one per line; with
+--route-by-path, in OUTPUT_DIR/<folder named after the URL path>/.
 """ % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
 
 
@@ -231,6 +261,9 @@ def build_parser() -> ArgumentParser:
                      help="DNS name put in a self-signed certificate (default: this machine's FQDN)")
     tls.add_argument("--client-ca", type=Path, metavar="FILE",
                      help="require a client certificate signed by this CA: mTLS (default: off)")
+    tls.add_argument("--cert-check-interval", type=positive_seconds, default=30.0, metavar="SECONDS",
+                     help="how often to look for a renewed certificate or key; SIGHUP reloads at once "
+                     "(default: %(default)s)")
 
     auth = parser.add_argument_group("authentication (all configured methods must pass)")
     auth.add_argument("--basic-auth-file", type=Path, metavar="FILE",
@@ -260,6 +293,18 @@ def build_parser() -> ArgumentParser:
     storage.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
                          help="always: answer 200 only after fdatasync; interval: fdatasync every "
                          "second; never: leave it to the OS (default: %(default)s)")
+    storage.add_argument("--rotate", choices=("hourly", "daily"), default="hourly",
+                         help="start a new file every UTC hour or day (default: %(default)s)")
+    storage.add_argument("--max-file-size", type=parse_size, default=None, metavar="SIZE",
+                         help="also start a new numbered file within the period past this size "
+                         "(default: no limit)")
+    storage.add_argument("--compress-rotated", action="store_true",
+                         help="gzip each file once it is finished (default: off)")
+    storage.add_argument("--retention-days", type=positive_seconds, default=None, metavar="DAYS",
+                         help="delete finished files last written more than DAYS ago (default: keep all)")
+    storage.add_argument("--dedupe-window", type=non_negative_seconds, default=900.0, metavar="SECONDS",
+                         help="answer a batch identical to one stored this recently with 200 without "
+                         "storing it again; 0 turns it off (default: %(default)s)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
@@ -287,6 +332,10 @@ def build_parser() -> ArgumentParser:
     process.add_argument("--group", help="switch to this group, with --user (default: the user's group)")
     process.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                          help="least severe log level shown (default: %(default)s)")
+    process.add_argument("--log-format", choices=("text", "json"), default="text",
+                         help="text lines, or one JSON object per line (default: %(default)s)")
+    process.add_argument("--metrics-public", action="store_true",
+                         help="serve /metrics without authentication (default: off)")
     return parser
 
 
@@ -356,6 +405,45 @@ def make_server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl
             raise ConfigError("cannot load client CA %s: %s" % (client_ca, describe_os_error(exc))) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+class CertificateSource:
+    """Holds the server TLS context and reloads it when the certificate files change or on request."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Optional[Path]) -> None:
+        self.cert = cert
+        self.key = key
+        self.client_ca = client_ca
+        self.context = make_server_context(cert, key, client_ca)
+        self.signature = self._signature()
+
+    def _signature(self) -> Tuple[Optional[Tuple[int, int, int, int]], ...]:
+        """Identifies the current files; os.stat follows certbot's symlinks to the real files."""
+        signature = []
+        for path in (self.cert, self.key, self.client_ca):
+            try:
+                info = os.stat(str(path)) if path is not None else None
+            except OSError:
+                info = None
+            signature.append((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size) if info else None)
+        return tuple(signature)
+
+    def reload(self, reason: str) -> bool:
+        """Loads the files again; a broken pair is refused with one error line and the current one stays."""
+        self.signature = self._signature()
+        try:
+            context = make_server_context(self.cert, self.key, self.client_ca)
+        except ConfigError as exc:
+            log.error("certificate reload (%s) refused, still serving the previous certificate: %s", reason, exc)
+            return False
+        self.context = context  # new connections take it; established ones keep theirs
+        log.info("certificate reloaded (%s) from %s", reason, self.cert)
+        return True
+
+    def reload_if_changed(self) -> None:
+        """Reloads when the files differ from the last ones looked at."""
+        if self._signature() != self.signature:
+            self.reload("files changed")
 
 
 def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
@@ -586,11 +674,13 @@ def is_validation_probe(data: bytes) -> bool:
 class RecordBatch:
     """The records of one push, one per line each ending in LF: in memory, or spooled to a temporary file."""
 
-    def __init__(self, parts: List[Buffer], spool: Optional[IO[bytes]], size: int, records: int) -> None:
+    def __init__(self, parts: List[Buffer], spool: Optional[IO[bytes]], size: int, records: int,
+                 digest: Optional[str] = None) -> None:
         self.parts = parts
         self.spool = spool
         self.size = size
         self.records = records
+        self.digest = digest
 
     def write_to(self, fd: int) -> None:
         """Writes every record to `fd`: one writev for an in-memory batch."""
@@ -614,8 +704,10 @@ class RecordBatch:
 class BatchBuilder:
     """Collects decoded body chunks into a RecordBatch, normalising lines and spooling big bodies."""
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, digest: bool = False) -> None:
         self.spool_dir = spool_dir
+        # The digest identifies a re-sent batch; it is taken only when retry dedup is on.
+        self.hasher = hashlib.sha256() if digest else None
         self.parts: List[Buffer] = []
         self.spool: Optional[IO[bytes]] = None
         self.carry = b""
@@ -661,7 +753,8 @@ class BatchBuilder:
             self._emit(b"\n")
         if self.spool is None and self.parts and self.parts[0][:64].lstrip()[:1] == b"[":
             self._expand_json_array()
-        return RecordBatch(self.parts, self.spool, self.size, self.records)
+        digest = self.hasher.hexdigest() if self.hasher is not None else None
+        return RecordBatch(self.parts, self.spool, self.size, self.records, digest)
 
     def feed_whole(self, body: Buffer) -> RecordBatch:
         """Builds the batch from a complete undecoded body without copying it when it is already clean."""
@@ -685,6 +778,8 @@ class BatchBuilder:
             self.parts.append(data)
         self.size += len(data)
         self.records += data.count(b"\n")
+        if self.hasher is not None:
+            self.hasher.update(data)
 
     def _expand_json_array(self) -> None:
         """DataStream 1 may send one JSON array: store one element per line."""
@@ -697,6 +792,8 @@ class BatchBuilder:
             return
         lines = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for item in elements]
         self.parts, self.size, self.records = [], 0, 0
+        if self.hasher is not None:
+            self.hasher = hashlib.sha256()
         if lines:
             self._emit(b"\n".join(lines) + b"\n")
 
@@ -721,7 +818,7 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> None:
 
 
 def fsync_directory(path: Path) -> None:
-    """Makes a new directory entry in `path` durable."""
+    """Makes changes to the entries of directory `path` durable."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -740,61 +837,106 @@ def folder_for_path(url_path: str) -> str:
     return name
 
 
-class DataFile:
-    """One append-only output file; concurrent appends share fdatasync calls (group commit)."""
+def split_data_file_name(name: str) -> Tuple[str, int]:
+    """Splits '2026-11-27T15Z.2.log' into its stem '2026-11-27T15Z' and file number 2."""
+    match = re.fullmatch(r"(.*?)(?:\.(\d+))?" + re.escape(DATA_FILE_SUFFIX), name)
+    if match is None:
+        return name, 0
+    return match.group(1), int(match.group(2) or 0)
 
-    def __init__(self, path: Path) -> None:
+
+class Histogram:
+    """A cumulative histogram of durations, in the shape Prometheus exposes."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = list(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0.0
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        """Counts one observation in every bucket it fits."""
+        with self.lock:
+            for index, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[index] += 1
+            self.total += value
+            self.count += 1
+
+
+class DataFile:
+    """One append-only output file; concurrent appends share fdatasync calls (group commit).
+
+    Progress is counted in bytes appended through this descriptor rather than
+    in file offsets, so a file truncated behind our back (logrotate's
+    copytruncate) cannot make unsynced records look durable.
+    """
+
+    def __init__(self, path: Path, period: str = "", sequence: int = 0,
+                 fsync_seconds: Optional[Histogram] = None) -> None:
         self.path = path
+        self.period = period
+        self.sequence = sequence
+        self.fsync_seconds = fsync_seconds
         self.fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         self.size = os.fstat(self.fd).st_size
-        self.synced = self.size
-        # Bumped when unsynced bytes are cut off after a failed fdatasync, so
-        # their writers learn that their records are gone.
+        self.appended = 0
+        self.synced = 0
+        # Where a failed fdatasync cuts the file back to: its size when the last good one began.
+        self.durable_size = self.size
+        # Bumped when unsynced bytes are cut off, so their writers learn their records are gone.
         self.generation = 0
         self.users = 0
         self.retired = False
+        self.compress_when_closed = False
         self.syncing = False
         self.state = threading.Condition()
 
     def append(self, batch: RecordBatch) -> Tuple[int, int]:
-        """Writes the batch contiguously; returns (end offset, generation) for sync_through()."""
+        """Writes the batch contiguously; returns (progress mark, generation) for sync_through()."""
         with self.state:
-            start = self.size
+            start = os.fstat(self.fd).st_size
             try:
                 batch.write_to(self.fd)
             except OSError:
                 self._cut_back(start)
                 raise
             self.size = start + batch.size
-            return self.size, self.generation
+            self.appended += batch.size
+            return self.appended, self.generation
 
-    def sync_through(self, end: int, generation: int) -> None:
-        """Returns once bytes up to `end` are durable; one fdatasync serves every writer waiting."""
+    def sync_through(self, mark: int, generation: int) -> None:
+        """Returns once the bytes up to `mark` are durable; one fdatasync serves every writer waiting."""
         while True:
             with self.state:
                 while True:
                     if self.generation != generation:
                         raise StorageError("fdatasync of %s failed; unsynced records were discarded" % self.path)
-                    if self.synced >= end:
+                    if self.synced >= mark:
                         return
                     if not self.syncing:
                         break
                     self.state.wait()
                 self.syncing = True
-                target = self.size
+                target, target_size = self.appended, self.size
+            started = time.monotonic()
             error: Optional[OSError] = None
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
                 error = exc
+            if self.fsync_seconds is not None:
+                self.fsync_seconds.observe(time.monotonic() - started)
             with self.state:
                 self.syncing = False
                 if error is None:
                     self.synced = max(self.synced, target)
+                    self.durable_size = target_size
                 else:
-                    # After a failed fsync the kernel may have dropped the
-                    # dirty pages: cut everything unacknowledged.
-                    self._cut_back(self.synced)
+                    # After a failed fsync the kernel may have dropped the dirty
+                    # pages: cut everything not yet acknowledged.
+                    self._cut_back(self.durable_size)
                     self.generation += 1
                 self.state.notify_all()
             if error is not None:
@@ -802,6 +944,7 @@ class DataFile:
 
     def _cut_back(self, offset: int) -> None:
         try:
+            offset = min(offset, os.fstat(self.fd).st_size)
             os.ftruncate(self.fd, offset)
         except OSError as exc:
             log.error("cannot cut %s back to %d bytes after a failed write: %s", self.path, offset,
@@ -818,48 +961,242 @@ class DataFile:
         os.close(self.fd)
 
 
-class Storage:
-    """Appends record batches to hourly files under the output folder; the only place records are written."""
+class DedupeIndex:
+    """Digests of batches stored within the window, journaled under the dot-path, so a re-sent batch is stored once."""
 
-    def __init__(self, root: Path, fsync_mode: str = "always", clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, window: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.window = window
+        self.clock = clock
+        self.seen: "OrderedDict[str, float]" = OrderedDict()
+        self.pending: Set[str] = set()
+        self.state = threading.Condition()
+        self.journal_fd = -1
+        self.journal_lines = 0
+        self.dirty = False
+
+    def open(self) -> None:
+        """Loads the entries still inside the window, then rewrites the journal with only those."""
+        cutoff = self.clock() - self.window
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            stamp, _, key = line.decode("ascii", "replace").partition(" ")
+            try:
+                stored_at = float(stamp)
+            except ValueError:
+                continue  # a torn last line after a crash
+            if stored_at >= cutoff and key:
+                self.seen[key] = stored_at
+                self.seen.move_to_end(key)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        temp = self.path.with_name(self.path.name + ".new")
+        with temp.open("wb") as handle:
+            handle.write("".join("%.3f %s\n" % (stamp, key) for key, stamp in self.seen.items()).encode("ascii"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temp), str(self.path))
+        if self.journal_fd >= 0:
+            os.close(self.journal_fd)
+        self.journal_fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        self.journal_lines = len(self.seen)
+
+    def claim(self, key: str) -> bool:
+        """Returns True when the caller should store the batch, False when it is a duplicate; waits while another request stores the same batch."""
+        with self.state:
+            while key in self.pending:
+                self.state.wait()
+            cutoff = self.clock() - self.window
+            while self.seen and next(iter(self.seen.values())) < cutoff:
+                self.seen.popitem(last=False)
+            if key in self.seen:
+                return False
+            self.pending.add(key)
+            return True
+
+    def commit(self, key: str) -> None:
+        """Records that the claimed batch is stored."""
+        now = self.clock()
+        with self.state:
+            self.pending.discard(key)
+            self.seen[key] = now
+            self.seen.move_to_end(key)
+            try:
+                os.write(self.journal_fd, ("%.3f %s\n" % (now, key)).encode("ascii"))
+                self.journal_lines += 1
+                self.dirty = True
+            except OSError as exc:
+                log.warning("cannot journal a dedup entry (kept in memory): %s", describe_os_error(exc))
+            self.state.notify_all()
+
+    def release(self, key: str) -> None:
+        """Gives up a claim whose batch could not be stored, letting a retry store it."""
+        with self.state:
+            self.pending.discard(key)
+            self.state.notify_all()
+
+    def maintain(self) -> None:
+        """Syncs the journal and rewrites it once mostly expired entries fill it."""
+        with self.state:
+            try:
+                if self.journal_lines > 2 * len(self.seen) + 1000:
+                    self._rewrite()
+                elif self.dirty:
+                    os.fdatasync(self.journal_fd)
+                self.dirty = False
+            except OSError as exc:
+                log.warning("cannot sync the dedup journal: %s", describe_os_error(exc))
+
+    def close(self) -> None:
+        """Syncs and closes the journal."""
+        with self.state:
+            if self.journal_fd >= 0:
+                try:
+                    os.fdatasync(self.journal_fd)
+                except OSError:
+                    pass
+                os.close(self.journal_fd)
+                self.journal_fd = -1
+
+
+class Storage:
+    """Appends record batches to files under the output folder; the only place records are written.
+
+    Files are named by the UTC period of receipt (hour or day) and numbered
+    within a period when --max-file-size rolls them.  A housekeeping thread
+    closes files whose period has passed, gzips finished files and deletes
+    expired ones; nothing touches a file that is still being written.
+    """
+
+    def __init__(self, root: Path, fsync_mode: str = "always", rotate: str = "hourly", max_file_size: int = 0,
+                 compress_rotated: bool = False, retention_days: float = 0, dedupe_window: float = 0,
+                 clock: Callable[[], float] = time.time, name_tag: str = "") -> None:
         self.root = root
         self.state_dir = root / STATE_DIR_NAME
         self.spool_dir = self.state_dir / "spool"
         self.fsync_mode = fsync_mode
+        self.rotate = rotate
+        self.max_file_size = max_file_size
+        self.compress_rotated = compress_rotated
+        self.retention_days = retention_days
         self.clock = clock
+        self.name_tag = name_tag
+        self.dedupe = DedupeIndex(self.state_dir / "dedupe.journal", dedupe_window, clock) if dedupe_window else None
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self.files: Dict[str, DataFile] = {}
+        self.to_compress: List[Path] = []
+        self.last_failure: Optional[Tuple[float, str]] = None
         self.lock = threading.Lock()
         self.closed = threading.Event()
-        self.syncer: Optional[threading.Thread] = None
+        self.threads: List[threading.Thread] = []
 
-    def open(self) -> None:
-        """Creates the folders, repairs torn tails left by a crash, and starts the interval syncer."""
+    # -- life cycle -------------------------------------------------------------
+
+    def open(self, background: bool = True) -> None:
+        """Creates the folders, recovers from a crash, and starts the housekeeping threads."""
         try:
             for folder in (self.root, self.state_dir, self.spool_dir):
                 folder.mkdir(parents=True, exist_ok=True)
             self.repair_torn_tails()
+            self._finish_interrupted_compressions()
+            if self.dedupe is not None:
+                self.dedupe.open()
         except OSError as exc:
             raise ConfigError("cannot use output folder %s: %s" % (self.root, describe_os_error(exc))) from None
-        if self.fsync_mode == "interval":
-            self.syncer = threading.Thread(target=self._sync_every_second, name="fsync-interval", daemon=True)
-            self.syncer.start()
+        if self.compress_rotated:
+            self.to_compress = self._finished_files()
+        if background:
+            self._start_thread(self._housekeep, "housekeeping")
+            if self.fsync_mode == "interval":
+                self._start_thread(self._sync_every_second, "fsync-interval")
 
-    def file_name(self, now: float) -> str:
-        """Names the file for records received at `now`: the UTC hour, e.g. 2026-11-27T15Z.log."""
-        return time.strftime("%Y-%m-%dT%HZ", time.gmtime(now)) + DATA_FILE_SUFFIX
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
 
-    def store(self, folder: str, batch: RecordBatch) -> Path:
-        """Appends the batch to the current file of `folder` ('' for the root); durable on return when fsync is 'always'."""
+    def reopen(self) -> None:
+        """Closes every idle output file so the next push opens it again by name (after logrotate moved it)."""
+        with self.lock:
+            retired = list(self.files.values())
+            self.files.clear()
+            idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
+        for data_file in idle:
+            self._close(data_file)
+
+    def close(self) -> None:
+        """Makes every open file durable and closes those no request is still writing."""
+        self.closed.set()
+        for thread in self.threads:
+            thread.join()
+        with self.lock:
+            retired = list(self.files.values())
+            self.files.clear()
+            idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
+        for data_file in idle:
+            data_file.close()
+        if self.dedupe is not None:
+            self.dedupe.close()
+
+    # -- naming -----------------------------------------------------------------
+
+    def period_name(self, now: float) -> str:
+        """Names the period of `now`: 2026-11-27T15Z (hourly) or 2026-11-27 (daily), in UTC."""
+        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d", time.gmtime(now))
+
+    def file_name(self, period: str, sequence: int) -> str:
+        """Names a data file: period, worker tag, sequence number after the first, '.log'."""
+        return period + self.name_tag + (".%d" % sequence if sequence else "") + DATA_FILE_SUFFIX
+
+    def data_files(self, compressed: bool = False) -> Iterator[Path]:
+        """Yields every data file (and with `compressed`, every gzip'd one too), skipping the dot-path."""
+        for path in self.root.rglob("*"):
+            name = path.name
+            if not (name.endswith(DATA_FILE_SUFFIX) or compressed and name.endswith(DATA_FILE_SUFFIX + ".gz")):
+                continue
+            relative = path.relative_to(self.root)
+            if not any(part.startswith(".") for part in relative.parts) and path.is_file():
+                yield path
+
+    # -- storing ----------------------------------------------------------------
+
+    def store(self, folder: str, batch: RecordBatch) -> Optional[Path]:
+        """Appends the batch to the current file of `folder` ('' for the root); returns None for a duplicate.
+
+        Durable on return when fsync is 'always'.  Raises StorageError, with
+        nothing of the batch left behind, when it cannot be stored now.
+        """
         if folder and not SAFE_FOLDER_RE.fullmatch(folder):
             raise ValueError("unsafe folder name %r" % folder)
+        key = "%s/%s" % (folder or "-", batch.digest) if self.dedupe is not None and batch.digest else None
+        if key is not None and not self.dedupe.claim(key):  # type: ignore[union-attr]
+            return None
+        try:
+            path = self._append(folder, batch)
+        except StorageError as exc:
+            self.last_failure = (time.monotonic(), str(exc))
+            if key is not None:
+                self.dedupe.release(key)  # type: ignore[union-attr]
+            raise
+        self.last_failure = None
+        if key is not None:
+            self.dedupe.commit(key)  # type: ignore[union-attr]
+        return path
+
+    def _append(self, folder: str, batch: RecordBatch) -> Path:
         try:
             data_file = self._acquire(folder)
         except OSError as exc:
-            raise StorageError("cannot open a data file in %s: %s" % (self.root / folder, describe_os_error(exc))) from exc
+            raise StorageError("cannot open a data file in %s: %s"
+                               % (self.root / folder, describe_os_error(exc))) from exc
         try:
-            end, generation = data_file.append(batch)
+            mark, generation = data_file.append(batch)
             if self.fsync_mode == "always":
-                data_file.sync_through(end, generation)
+                data_file.sync_through(mark, generation)
         except OSError as exc:
             raise StorageError("cannot write %s: %s" % (data_file.path, describe_os_error(exc))) from exc
         finally:
@@ -867,34 +1204,83 @@ class Storage:
         return data_file.path
 
     def _acquire(self, folder: str) -> DataFile:
-        name = self.file_name(self.clock())
-        finished: Optional[DataFile] = None
+        period = self.period_name(self.clock())
+        idle: Optional[DataFile] = None
         with self.lock:
             current = self.files.get(folder)
-            if current is None or current.path.name != name:
-                directory = self.root / folder
-                if not directory.is_dir():
-                    directory.mkdir(parents=True, exist_ok=True)
-                    fsync_directory(directory.parent)
-                is_new = not (directory / name).exists()
-                opened = DataFile(directory / name)
-                if is_new:
-                    fsync_directory(directory)
-                if current is not None:
-                    current.retired = True
-                    finished = current if current.users == 0 else None
+            full = current is not None and self.max_file_size and current.size >= self.max_file_size
+            if current is None or current.period != period or full:
+                if current is not None and current.period == period:
+                    sequence = current.sequence + 1
+                else:
+                    sequence = self._resume_sequence(self.root / folder, period)
+                opened = self._open_file(self.root / folder, period, sequence)
+                if current is not None and self._retire(current, finished=True):
+                    idle = current
                 self.files[folder] = current = opened
             current.users += 1
-        if finished is not None:
-            finished.close()
+        if idle is not None:
+            self._close(idle)
         return current
 
     def _release(self, data_file: DataFile) -> None:
         with self.lock:
             data_file.users -= 1
-            finished = data_file.retired and data_file.users == 0
-        if finished:
-            data_file.close()
+            idle = data_file.retired and data_file.users == 0
+        if idle:
+            self._close(data_file)
+
+    def _open_file(self, directory: Path, period: str, sequence: int) -> DataFile:
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            fsync_directory(directory.parent)
+        path = directory / self.file_name(period, sequence)
+        is_new = not path.exists()
+        data_file = DataFile(path, period, sequence, self.fsync_seconds)
+        if is_new:
+            fsync_directory(directory)
+        return data_file
+
+    def _resume_sequence(self, directory: Path, period: str) -> int:
+        """Picks the file number to append to after a restart: the last one, unless it is full or compressed."""
+        sequence = 0
+        while True:
+            plain = directory / self.file_name(period, sequence)
+            taken = plain.exists() or plain.with_name(plain.name + ".gz").exists()
+            following = directory / self.file_name(period, sequence + 1)
+            if not (following.exists() or following.with_name(following.name + ".gz").exists()):
+                if not taken or plain.exists() and not (self.max_file_size and plain.stat().st_size >= self.max_file_size):
+                    return sequence
+                return sequence + 1
+            sequence += 1
+
+    def _retire(self, data_file: DataFile, finished: bool) -> bool:
+        """Marks a file as no longer current (call with the lock); True when it is idle and can be closed now."""
+        data_file.retired = True
+        data_file.compress_when_closed = finished and self.compress_rotated
+        return data_file.users == 0
+
+    def _close(self, data_file: DataFile) -> None:
+        data_file.close()
+        if data_file.compress_when_closed:
+            with self.lock:
+                self.to_compress.append(data_file.path)
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def _housekeep(self) -> None:
+        next_retention = 0.0
+        while not self.closed.wait(HOUSEKEEPING_INTERVAL):
+            try:
+                self.retire_stale()
+                self.compress_finished()
+                if self.retention_days and time.monotonic() >= next_retention:
+                    self.apply_retention()
+                    next_retention = time.monotonic() + RETENTION_INTERVAL
+                if self.dedupe is not None:
+                    self.dedupe.maintain()
+            except Exception:
+                log.exception("housekeeping failed; will try again")
 
     def _sync_every_second(self) -> None:
         while not self.closed.wait(1.0):
@@ -902,16 +1288,111 @@ class Storage:
                 open_files = list(self.files.values())
             for data_file in open_files:
                 try:
-                    data_file.sync_through(data_file.size, data_file.generation)
+                    data_file.sync_through(data_file.appended, data_file.generation)
                 except (OSError, StorageError) as exc:
                     log.error("interval fdatasync of %s failed: %s", data_file.path, describe_os_error(exc))
 
-    def data_files(self) -> Iterator[Path]:
-        """Yields every uncompressed data file, skipping the dot-path."""
-        for path in self.root.rglob("*" + DATA_FILE_SUFFIX):
-            relative = path.relative_to(self.root)
-            if not any(part.startswith(".") for part in relative.parts) and path.is_file():
-                yield path
+    def retire_stale(self) -> None:
+        """Closes the files of a period that has passed, even when no push has arrived since."""
+        period = self.period_name(self.clock())
+        with self.lock:
+            stale = [(folder, data_file) for folder, data_file in self.files.items() if data_file.period != period]
+            idle = []
+            for folder, data_file in stale:
+                del self.files[folder]
+                if self._retire(data_file, finished=True):
+                    idle.append(data_file)
+        for data_file in idle:
+            self._close(data_file)
+
+    def compress_finished(self) -> None:
+        """Gzips every finished file: temporary file, fsync, rename, then remove the original."""
+        with self.lock:
+            queue, self.to_compress = self.to_compress, []
+        for path in queue:
+            try:
+                self._compress(path)
+            except OSError as exc:
+                log.error("cannot compress %s (left uncompressed): %s", path, describe_os_error(exc))
+
+    @staticmethod
+    def _compress(path: Path) -> None:
+        target = path.with_name(path.name + ".gz")
+        temp = path.with_name("." + path.name + ".gz.tmp")
+        try:
+            with path.open("rb") as source, temp.open("wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed:
+                    for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
+                        compressed.write(chunk)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(str(temp), str(target))
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        fsync_directory(path.parent)
+        # The .gz is complete and durable: from here on it is the copy that counts.
+        path.unlink()
+        fsync_directory(path.parent)
+        log.info("compressed %s", target)
+
+    def _finish_interrupted_compressions(self) -> None:
+        """After a crash: drop half-written temporaries, and originals whose .gz was completed."""
+        for temp in self.root.rglob(".*" + DATA_FILE_SUFFIX + ".gz.tmp"):
+            temp.unlink()
+        for path in list(self.data_files()):
+            if path.with_name(path.name + ".gz").exists():
+                path.unlink()
+                log.info("removed %s: its compressed copy was completed before the restart", path)
+
+    def _finished_files(self) -> List[Path]:
+        """Data files that will not be appended to again: older periods, and all but the last of this one."""
+        current_stem = self.period_name(self.clock()) + self.name_tag
+        latest: Dict[Path, Tuple[int, Path]] = {}
+        finished = []
+        for path in self.data_files():
+            stem, sequence = split_data_file_name(path.name)
+            if stem != current_stem:
+                finished.append(path)
+                continue
+            previous = latest.get(path.parent)
+            if previous is not None and previous[0] > sequence:
+                finished.append(path)
+                continue
+            if previous is not None:
+                finished.append(previous[1])
+            latest[path.parent] = (sequence, path)
+        return finished
+
+    def apply_retention(self) -> None:
+        """Deletes data files last written more than --retention-days ago; open files are never touched."""
+        cutoff = self.clock() - self.retention_days * 86400
+        with self.lock:
+            open_paths = {data_file.path for data_file in self.files.values()}
+            open_paths.update(self.to_compress)
+        for path in self.data_files(compressed=True):
+            try:
+                if path not in open_paths and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    log.info("deleted %s: older than %g days", path, self.retention_days)
+            except FileNotFoundError:
+                continue
+
+    # -- health and recovery ------------------------------------------------------
+
+    def health(self) -> Optional[str]:
+        """Returns why storage is failing now, or None when it can take records."""
+        failure = self.last_failure
+        if failure is not None and time.monotonic() - failure[0] < HEALTH_FAILURE_MEMORY:
+            return failure[1]
+        try:
+            with tempfile.TemporaryFile(dir=str(self.state_dir)) as probe:
+                probe.write(b"\0" * HEALTH_PROBE_SIZE)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            return "cannot write to %s: %s" % (self.root, describe_os_error(exc))
+        return None
 
     def repair_torn_tails(self) -> None:
         """Cuts each data file back to its last newline, keeping the cut bytes under the dot-path."""
@@ -952,19 +1433,6 @@ class Storage:
                 return start + index + 1
             position = start
         return 0
-
-    def close(self) -> None:
-        """Makes every open file durable and closes those no request is still writing."""
-        self.closed.set()
-        if self.syncer is not None:
-            self.syncer.join()
-        with self.lock:
-            for data_file in self.files.values():
-                data_file.retired = True
-            idle = [data_file for data_file in self.files.values() if data_file.users == 0]
-            self.files.clear()
-        for data_file in idle:
-            data_file.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1233,7 +1701,7 @@ class ConnectionHandler:
     def run(self) -> None:
         """Runs the connection to its end; never raises."""
         try:
-            if self.server.ssl_context is not None and not self.handshake():
+            if self.server.certificates is not None and not self.handshake():
                 return
             self.stream.sock = self.sock
             deadline = time.monotonic() + self.config.timeout
@@ -1250,19 +1718,19 @@ class ConnectionHandler:
 
     def handshake(self) -> bool:
         """Runs the TLS handshake in this thread under the --timeout deadline."""
-        assert self.server.ssl_context is not None
+        assert self.server.certificates is not None
         # CPython applies the socket timeout to the whole do_handshake() call,
         # so a client trickling bytes cannot stretch it.
         self.sock.settimeout(self.config.timeout)
         try:
-            tls_sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True,
-                                                           do_handshake_on_connect=False)
+            tls_sock = self.server.certificates.context.wrap_socket(self.sock, server_side=True,
+                                                                    do_handshake_on_connect=False)
             self.sock = tls_sock
             tls_sock.do_handshake()
             return True
         except (ssl.SSLError, socket.timeout, OSError) as exc:
             reason = "timed out" if isinstance(exc, socket.timeout) else getattr(exc, "reason", None) or str(exc)
-            self.server.tls_failures += 1
+            self.server.metrics.count("tls_handshake_failures")
             if self.server.noisy_log.allow(self.peer):
                 log.info("tls handshake from %s failed: %s", self.peer, reason)
             return False
@@ -1344,12 +1812,32 @@ class ConnectionHandler:
             self.reserved = total
 
     def do_GET(self) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
-        """Answers the health check; GET is not a push."""
+        """Answers the health check and the metrics; GET is not a push."""
         assert self.request is not None
         if self.request.path == HEALTH_PATH:
+            failure = self.server.storage.health()
+            if failure is not None:
+                self.note = failure
+                return (HTTPStatus.SERVICE_UNAVAILABLE, ("storage failing: %s\n" % failure).encode(),
+                        [("Retry-After", str(RETRY_AFTER_SECONDS))])
             return HTTPStatus.OK, b"ok\n", []
+        if self.request.path == METRICS_PATH:
+            if not self.config.metrics_public:
+                self.authenticate()
+            return HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)]
         raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
                         headers=[("Allow", ", ".join(PUSH_METHODS))])
+
+    def authenticate(self) -> None:
+        """Refuses the request with 401 unless every configured credential check passes."""
+        request = self.request
+        assert request is not None
+        authenticator = self.server.authenticator
+        refusal = authenticator.check(request.header("authorization"),
+                                      request.header(authenticator.header_name or ""), request.query)
+        if refusal is not None:
+            challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if authenticator.basic else []
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
     do_HEAD = do_GET
 
@@ -1358,16 +1846,11 @@ class ConnectionHandler:
         request = self.request
         assert request is not None
         config = self.config
-        if request.path == HEALTH_PATH:
+        if request.path in (HEALTH_PATH, METRICS_PATH):
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
         if config.paths and request.path not in config.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
-        refusal = self.server.authenticator.check(request.header("authorization"),
-                                                  request.header(self.server.authenticator.header_name or ""),
-                                                  request.query)
-        if refusal is not None:
-            challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if self.server.authenticator.basic else []
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
+        self.authenticate()
         if self.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
@@ -1407,7 +1890,8 @@ class ConnectionHandler:
 
     def store_body(self, body: bytearray, is_gzip: bool) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
         """Decodes the body into records and stores them; probes are answered without storing."""
-        builder = BatchBuilder(self.server.storage.spool_dir)
+        storage = self.server.storage
+        builder = BatchBuilder(storage.spool_dir, digest=storage.dedupe is not None)
         try:
             if is_gzip or body[:2] == GZIP_MAGIC:
                 for chunk in gunzip_chunks(body, self.config.max_decompressed_size):
@@ -1421,19 +1905,28 @@ class ConnectionHandler:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
         except BodyError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        metrics = self.server.metrics
         try:
             if batch.is_validation_probe():
                 self.note = "validation probe"
+                metrics.count("validation_probes")
                 return HTTPStatus.OK, b"validation ok\n", []
+            metrics.count("decoded_bytes", batch.size)
             if batch.records:
                 folder = folder_for_path(self.request.path) if self.config.route_by_path else ""  # type: ignore[union-attr]
                 try:
-                    self.server.storage.store(folder, batch)
+                    stored = storage.store(folder, batch)
                 except StorageError as exc:
+                    metrics.count("storage_errors")
                     log.error("storage failed, answering 503: %s", exc)
                     raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
                                     headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
+                if stored is None:
+                    self.note = "duplicate of a batch stored within the dedupe window"
+                    metrics.count("dedupe_hits")
+                    return HTTPStatus.OK, b"already stored %d records\n" % batch.records, []
             self.records = batch.records
+            metrics.stored(self.request.path, batch.records)  # type: ignore[union-attr]
             return HTTPStatus.OK, b"stored %d records\n" % batch.records, []
         finally:
             batch.close()
@@ -1443,9 +1936,10 @@ class ConnectionHandler:
     def send_response(self, status: HTTPStatus, body: bytes, headers: Sequence[Tuple[str, str]] = (),
                       close: bool = False) -> None:
         """Sends a complete response in one write (no Nagle stall between head and body)."""
-        lines = ["HTTP/1.1 %d %s" % (status.value, status.phrase), "Date: " + http_date(),
-                 "Server: dsreceiver", "Content-Type: text/plain; charset=utf-8",
+        lines = ["HTTP/1.1 %d %s" % (status.value, status.phrase), "Date: " + http_date(), "Server: dsreceiver",
                  "Content-Length: %d" % len(body)]
+        if not any(name == "Content-Type" for name, _ in headers):
+            lines.append("Content-Type: text/plain; charset=utf-8")
         lines.extend("%s: %s" % header for header in headers)
         if close:
             lines.append("Connection: close")
@@ -1476,9 +1970,11 @@ class ConnectionHandler:
             pass
 
     def log_request(self, status: HTTPStatus, seconds: float) -> None:
-        """Writes the access log line; refusals are rate-limited per client."""
+        """Counts the request and writes its access log line; refusals are rate-limited per client."""
+        metrics = self.server.metrics
+        metrics.request_done(status.value, self.bytes_in)
         if status == HTTPStatus.UNAUTHORIZED:
-            self.server.auth_failures += 1
+            metrics.count("auth_failures")
             if not self.server.noisy_log.allow(self.client):
                 return
         request = self.request
@@ -1487,8 +1983,14 @@ class ConnectionHandler:
             method = request.method
         else:
             method, shown = "-", "-"
+        fields = {"event": "access", "client": self.client, "method": method, "path": shown,
+                  "status": status.value, "bytes": self.bytes_in, "records": self.records,
+                  "ms": round(seconds * 1000, 1)}
+        if self.note:
+            fields["note"] = self.note
         log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", self.client, method, shown, status.value,
-                 self.bytes_in, self.records, seconds * 1000, " (%s)" % self.note if self.note else "")
+                 self.bytes_in, self.records, seconds * 1000, " (%s)" % self.note if self.note else "",
+                 extra={"fields": fields})
 
 
 # ---------------------------------------------------------------------------
@@ -1538,26 +2040,123 @@ class RateLimitedLog:
             return True
 
 
+class Metrics:
+    """Counters behind /metrics, rendered in the Prometheus text format."""
+
+    COUNTERS = (
+        ("received_bytes", "Request body bytes received on the wire."),
+        ("decoded_bytes", "Record bytes after gunzip and line normalisation."),
+        ("records_stored", "Records stored."),
+        ("batches_stored", "Pushes whose records were stored."),
+        ("validation_probes", "DataStream validation probes answered."),
+        ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
+        ("auth_failures", "Requests refused for missing or wrong credentials."),
+        ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
+        ("storage_errors", "Pushes answered 503 because storage failed."),
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values: Dict[str, float] = {name: 0 for name, _ in self.COUNTERS}
+        self.requests: Dict[int, int] = {}
+        self.last_push: Dict[str, float] = {}
+
+    def count(self, name: str, amount: float = 1) -> None:
+        """Adds to a counter."""
+        with self.lock:
+            self.values[name] += amount
+
+    def request_done(self, status: int, received: int) -> None:
+        """Counts a finished request by status, with the body bytes it brought."""
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.values["received_bytes"] += received
+
+    def stored(self, path: str, records: int) -> None:
+        """Counts a stored push and stamps its path's last-push time."""
+        with self.lock:
+            self.values["records_stored"] += records
+            self.values["batches_stored"] += 1
+            if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
+                self.last_push[path] = time.time()
+
+    def render(self, gauges: Sequence[Tuple[str, str, float]], fsync_seconds: Histogram) -> bytes:
+        """Returns the exposition text: counters, the given gauges, the fsync histogram."""
+        out: List[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append("# HELP dsreceiver_%s %s" % (name, help_text))
+            out.append("# TYPE dsreceiver_%s %s" % (name, kind))
+
+        with self.lock:
+            family("requests_total", "counter", "Requests answered, by HTTP status.")
+            for status, number in sorted(self.requests.items()):
+                out.append('dsreceiver_requests_total{status="%d"} %d' % (status, number))
+            for name, help_text in self.COUNTERS:
+                family(name + "_total", "counter", help_text)
+                out.append("dsreceiver_%s_total %d" % (name, self.values[name]))
+            family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
+            for path, stamp in sorted(self.last_push.items()):
+                out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
+        for name, help_text, value in gauges:
+            family(name, "gauge", help_text)
+            out.append("dsreceiver_%s %s" % (name, repr(float(value)) if isinstance(value, float) else value))
+        family("fsync_duration_seconds", "histogram", "Time taken by each fdatasync of a data file.")
+        with fsync_seconds.lock:
+            for bound, number in zip(fsync_seconds.buckets, fsync_seconds.counts):
+                out.append('dsreceiver_fsync_duration_seconds_bucket{le="%s"} %d' % (bound, number))
+            out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync_seconds.count)
+            out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync_seconds.total)
+            out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync_seconds.count)
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def label_value(text: str) -> str:
+    """Escapes a Prometheus label value."""
+    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
 class ReceiverServer:
     """Owns the listening socket and the shared state; runs one thread per connection."""
 
     handler_class = ConnectionHandler
 
-    def __init__(self, config: argparse.Namespace, listener: socket.socket, ssl_context: Optional[ssl.SSLContext],
-                 authenticator: Authenticator, storage: Storage) -> None:
+    def __init__(self, config: argparse.Namespace, listener: socket.socket,
+                 certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage) -> None:
         self.config = config
         self.listener = listener
-        self.ssl_context = ssl_context
+        self.certificates = certificates
         self.authenticator = authenticator
         self.storage = storage
         self.inflight = InflightBudget(config.max_inflight_bytes)
+        self.metrics = Metrics()
+        self.started = time.time()
         self.noisy_log = RateLimitedLog()
         self.connections: Set[ConnectionHandler] = set()
         self.lock = threading.Lock()
         self.all_closed = threading.Condition(self.lock)
         self.stopping = threading.Event()
-        self.tls_failures = 0
-        self.auth_failures = 0
+
+    def render_metrics(self) -> bytes:
+        """The /metrics document."""
+        with self.lock:
+            open_connections = len(self.connections)
+        gauges = [("open_connections", "Client connections open now.", open_connections),
+                  ("inflight_bytes", "Body bytes being received or stored now.", self.inflight.used),
+                  ("start_time_seconds", "Unix time the server started.", self.started)]
+        return self.metrics.render(gauges, self.storage.fsync_seconds)
+
+    def reload(self) -> None:
+        """SIGHUP: reloads the certificate and credential files and reopens the output files."""
+        if self.certificates is not None:
+            self.certificates.reload("SIGHUP")
+        try:
+            self.authenticator = Authenticator.from_config(self.config, dict(os.environ))
+            log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods()) or "none configured")
+        except ConfigError as exc:
+            log.error("credential reload refused, keeping the previous credentials: %s", exc)
+        self.storage.reopen()
+        log.info("output files reopened")
 
     def client_address(self, peer: str, request: Request) -> str:
         """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted proxy."""
@@ -1572,21 +2171,24 @@ class ReceiverServer:
         except ValueError:
             return peer
 
-    def serve(self, wakeup: socket.socket, should_stop: Callable[[], bool]) -> None:
-        """Accepts connections until should_stop() is true; `wakeup` becomes readable when it may be."""
+    def serve(self, signals: "SignalFlags") -> None:
+        """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate files."""
         self.listener.setblocking(False)
+        next_check = time.monotonic() + self.config.cert_check_interval
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
-            selector.register(wakeup, selectors.EVENT_READ)
-            while not should_stop():
-                for key, _ in selector.select():
-                    if key.fileobj is wakeup:
-                        try:
-                            wakeup.recv(512)
-                        except BlockingIOError:
-                            pass
+            selector.register(signals.wakeup_reader, selectors.EVENT_READ)
+            while signals.stop_signal is None:
+                for key, _ in selector.select(max(0.0, next_check - time.monotonic())):
+                    if key.fileobj is signals.wakeup_reader:
+                        signals.drain()
                     else:
                         self.accept_pending()
+                if signals.take_reload():
+                    self.reload()
+                if self.certificates is not None and time.monotonic() >= next_check:
+                    self.certificates.reload_if_changed()
+                    next_check = time.monotonic() + self.config.cert_check_interval
 
     def accept_pending(self) -> None:
         """Accepts every pending connection, closing those beyond --max-connections."""
@@ -1674,63 +2276,269 @@ def drop_privileges(user: str, group: Optional[str]) -> None:
 
 
 class SignalFlags:
-    """Records the signals received; handlers only set flags and wake the accept loop."""
+    """Records the signals received; handlers only set flags, and the wakeup socket makes select() return."""
 
     def __init__(self) -> None:
         self.stop_signal: Optional[int] = None
+        self.reload_requested = False
         self.wakeup_reader, self.wakeup_writer = socket.socketpair()
         for end in (self.wakeup_reader, self.wakeup_writer):
             end.setblocking(False)
 
     def install(self) -> None:
-        """Routes SIGTERM and SIGINT to a stop flag; the wakeup socket makes select() return."""
+        """Routes SIGTERM and SIGINT to the stop flag and SIGHUP to the reload flag."""
         signal.set_wakeup_fd(self.wakeup_writer.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum
 
-    def should_stop(self) -> bool:
-        """Tells whether a stop signal has arrived."""
-        return self.stop_signal is not None
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
+
+    def take_reload(self) -> bool:
+        """Returns and clears the reload flag."""
+        requested, self.reload_requested = self.reload_requested, False
+        return requested
+
+    def drain(self) -> None:
+        """Empties the wakeup socket."""
+        try:
+            while self.wakeup_reader.recv(512):
+                pass
+        except BlockingIOError:
+            pass
 
 
-def configure_logging(level: str) -> None:
-    """Sends one-line, UTC-stamped log records to stderr."""
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and an access line's fields."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, object] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ"),
+                                    "level": record.levelname, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Sends one-line, UTC-stamped log records to stderr, as text or JSON."""
     handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
-    formatter.converter = time.gmtime
+    if log_format == "json":
+        formatter: logging.Formatter = JsonLogFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        formatter.converter = time.gmtime  # type: ignore[assignment]
     handler.setFormatter(formatter)
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the receiver until SIGTERM or SIGINT; returns the exit code."""
+# ---------------------------------------------------------------------------
+# Endpoint checker: `dsreceiver.py check URL`
+# ---------------------------------------------------------------------------
+
+def build_check_parser() -> ArgumentParser:
+    """Returns the parser of the check command."""
+    parser = ArgumentParser(
+        prog="dsreceiver.py check",
+        description="Test an endpoint the way DataStream's \"Validate & Save\" does, explaining every "
+        "failure. Credentials come from the same settings as the server's: $%s (first entry), "
+        "--auth-header with $%s, --auth-query-param with $%s, or their files."
+        % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
+    parser.add_argument("url", help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
+    parser.add_argument("--ca", type=Path, metavar="FILE",
+                        help="CA certificate to trust, as uploaded to the stream (default: the system store)")
+    parser.add_argument("--client-cert", type=Path, metavar="FILE", help="client certificate for mTLS (default: none)")
+    parser.add_argument("--client-key", type=Path, metavar="FILE", help="its private key (default: none)")
+    parser.add_argument("--basic-auth-file", type=Path, metavar="FILE",
+                        help="use the first user:password line (default: $%s)" % ENV_BASIC_AUTH)
+    parser.add_argument("--auth-header", metavar="NAME", help="send this custom header (default: none)")
+    parser.add_argument("--auth-header-file", type=Path, metavar="FILE",
+                        help="its value, first line (default: $%s)" % ENV_AUTH_HEADER_VALUE)
+    parser.add_argument("--auth-query-param", metavar="NAME",
+                        help="add this URL token parameter (default: none)")
+    parser.add_argument("--auth-query-file", type=Path, metavar="FILE",
+                        help="its value, first line (default: $%s)" % ENV_AUTH_QUERY_VALUE)
+    parser.add_argument("--format", choices=("json", "structured"), default="json",
+                        help="which validation probe to send (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=5.0, metavar="SECONDS",
+                        help="how long to wait for the answer (default: %(default)s)")
+    return parser
+
+
+class CheckReport:
+    """Prints one PASS/FAIL/WARN/SKIP line per step and remembers whether any failed."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.failed = False
+
+    def line(self, outcome: str, step: str, detail: str) -> None:
+        """Prints a step's outcome."""
+        if outcome == "FAIL":
+            self.failed = True
+        self.out.write("%-4s  %-34s %s\n" % (outcome, step, detail))
+        self.out.flush()
+
+
+def check_endpoint(options: argparse.Namespace, credentials: Authenticator, report: CheckReport) -> None:
+    """Runs every step DataStream's validation depends on, reporting each."""
+    url = urllib.parse.urlsplit(options.url)
+    host, port = url.hostname or "", url.port or 443
+    if url.scheme != "https" or not host:
+        report.line("FAIL", "URL is https://NAME/...", "DataStream pushes only to https:// URLs with a host")
+        return
     try:
-        config = parse_config(argv)
+        ipaddress.ip_address(host)
+        report.line("FAIL", "URL host is a DNS name", "%s is an IP address; DataStream refuses those" % host)
+        return
+    except ValueError:
+        report.line("PASS", "URL host is a DNS name", host)
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        report.line("PASS", "DNS resolves", ", ".join(addresses))
+    except OSError as exc:
+        report.line("FAIL", "DNS resolves", "%s: %s" % (host, describe_os_error(exc)))
+        return
+    negotiation = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    negotiation.check_hostname = False
+    negotiation.verify_mode = ssl.CERT_NONE  # this step tests only the protocol; trust is the next step
+    negotiation.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection((host, port), timeout=options.timeout) as raw:
+            with negotiation.wrap_socket(raw, server_hostname=host) as tls:
+                report.line("PASS", "TLS 1.2+ negotiates", "%s, %s" % (tls.version(), tls.cipher()[0]))
+    except (OSError, ssl.SSLError) as exc:
+        report.line("FAIL", "TLS 1.2+ negotiates", "%s port %d: %s" % (host, port, describe_os_error(exc)))
+        return
+    context = ssl.create_default_context(cafile=str(options.ca) if options.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if options.client_cert:
+        try:
+            context.load_cert_chain(str(options.client_cert), str(options.client_key or options.client_cert))
+        except (OSError, ssl.SSLError) as exc:
+            report.line("FAIL", "client certificate loads", describe_os_error(exc))
+            return
+    try:
+        with socket.create_connection((host, port), timeout=options.timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                certificate = tls.getpeercert()
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+            report.line("PASS", "certificate chain is trusted", "by " + (str(options.ca) if options.ca else "the system store"))
+            report.line("FAIL", "certificate matches " + host, exc.verify_message)
+        else:
+            report.line("FAIL", "certificate chain is trusted", "%s (upload the issuing CA to the stream and pass "
+                        "it with --ca)" % exc.verify_message)
+        return
+    except (OSError, ssl.SSLError) as exc:
+        report.line("FAIL", "certificate chain is trusted", describe_os_error(exc))
+        return
+    report.line("PASS", "certificate chain is trusted", "by " + (str(options.ca) if options.ca else "the system store"))
+    report.line("PASS", "certificate matches " + host, "")
+    days_left = (ssl.cert_time_to_seconds(str(certificate["notAfter"])) - time.time()) / 86400
+    report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS", "certificate is not expiring",
+                "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
+    post_probe(options, credentials, context, url, report)
+
+
+def post_probe(options: argparse.Namespace, credentials: Authenticator, context: ssl.SSLContext,
+               url: urllib.parse.SplitResult, report: CheckReport) -> None:
+    """POSTs the validation probe with the configured credentials and checks for a 2xx in time."""
+    query = url.query
+    if credentials.query_param:
+        query = (query + "&" if query else "") + urllib.parse.urlencode(
+            {credentials.query_param: credentials.query_values[0].decode("utf-8")})
+    target = (url.path or "/") + ("?" + query if query else "")
+    headers = {"Content-Type": "application/json", "User-Agent": "dsreceiver-check/" + __version__}
+    if credentials.basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials.basic[0]).decode("ascii")
+    if credentials.header_name:
+        headers[credentials.header_name] = credentials.header_values[0].decode("latin-1")
+    body = VALIDATION_PROBES[0] if options.format == "json" else VALIDATION_PROBES[1]
+    connection = http.client.HTTPSConnection(url.hostname or "", url.port or 443, timeout=options.timeout,
+                                             context=context)
+    step = "validation probe gets a 2xx"
+    try:
+        started = time.monotonic()
+        connection.request("POST", target, body=body, headers=headers)
+        answer = connection.getresponse()
+        answer.read()
+        elapsed = time.monotonic() - started
+    except socket.timeout:
+        report.line("FAIL", step, "no answer within %gs" % options.timeout)
+        return
+    except (OSError, http.client.HTTPException) as exc:
+        report.line("FAIL", step, describe_os_error(exc))
+        return
+    finally:
+        connection.close()
+    detail = "%d %s in %.0f ms" % (answer.status, answer.reason, elapsed * 1000)
+    if 200 <= answer.status < 300:
+        report.line("PASS", step, detail)
+    elif answer.status == 401:
+        report.line("FAIL", step, detail + ": credentials refused (check the credential settings)")
+    else:
+        report.line("FAIL", step, detail)
+
+
+def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
+    """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad usage."""
+    options = build_check_parser().parse_args(argv)
+    settings = argparse.Namespace(basic_auth_file=options.basic_auth_file, auth_header=options.auth_header,
+                                  auth_header_file=options.auth_header_file,
+                                  auth_query_param=options.auth_query_param,
+                                  auth_query_file=options.auth_query_file, client_ca=None)
+    try:
+        credentials = Authenticator.from_config(settings, dict(os.environ))
+    except ConfigError as exc:
+        sys.stderr.write("dsreceiver.py check: error: %s\n" % exc)
+        return 2
+    report = CheckReport(out)
+    check_endpoint(options, credentials, report)
+    if report.failed:
+        out.write("verdict: DataStream would NOT accept %s\n" % options.url)
+        return 1
+    out.write("verdict: DataStream would accept %s\n" % options.url)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the receiver until SIGTERM or SIGINT (or the check command); returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["check"]:
+        return run_check(arguments[1:])
+    try:
+        config = parse_config(arguments)
     except ConfigError as exc:
         sys.stderr.write("dsreceiver.py: error: %s\n" % exc)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         authenticator = Authenticator.from_config(config, dict(os.environ))
-        ssl_context = None
+        certificates = None
         if not config.http:
             cert, key = resolve_certificate(config)
-            ssl_context = make_server_context(cert, key, config.client_ca)
+            certificates = CertificateSource(cert, key, config.client_ca)
         listener = bind_listener(config.host, config.port)
         if config.user:
             drop_privileges(config.user, config.group)
-        storage = Storage(config.output_dir, config.fsync)
+        storage = Storage(config.output_dir, config.fsync, rotate=config.rotate,
+                          max_file_size=config.max_file_size or 0, compress_rotated=config.compress_rotated,
+                          retention_days=config.retention_days or 0, dedupe_window=config.dedupe_window)
         storage.open()
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     threading.stack_size(THREAD_STACK_SIZE)
-    server = ReceiverServer(config, listener, ssl_context, authenticator, storage)
+    server = ReceiverServer(config, listener, certificates, authenticator, storage)
     flags = SignalFlags()
     flags.install()
     port = listener.getsockname()[1]
@@ -1742,7 +2550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("authentication required: %s", " + ".join(methods))
     else:
         log.warning("no authentication configured: anyone who can reach this port can push data")
-    server.serve(flags.wakeup_reader, flags.should_stop)
+    server.serve(flags)
     log.info("received signal %d: finishing in-flight requests (up to %gs)", flags.stop_signal or 0,
              config.shutdown_timeout)
     finished = server.shutdown(config.shutdown_timeout)

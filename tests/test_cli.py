@@ -32,7 +32,7 @@ def option_entries(text: str) -> List[str]:
     for line in body.splitlines():
         if re.match(r"  -", line):
             entries.append(line)
-        elif entries and line.startswith("    "):
+        elif entries and entries[-1] and line.startswith("    "):
             entries[-1] += " " + line.strip()
         elif not line.strip() or not line.startswith(" "):
             entries.append("")

@@ -1,0 +1,104 @@
+"""Retry dedup: a batch re-sent within --dedupe-window is answered 200 and stored once, even across restarts."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from pathlib import Path
+from typing import Callable, List
+
+import dsreceiver
+from conftest import ServerProcess
+from simulator import make_batch
+
+
+def test_same_batch_twice_is_stored_once(server: ServerProcess) -> None:
+    batch = make_batch("retry", count=50)
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+        again = ds.push(batch)
+        assert again.status == 200 and again.body == b"already stored 50 records\n"
+    assert server.stored_lines() == batch.lines
+    server.wait_for_log(r"POST /datastream 200 .*\(duplicate")
+
+
+def test_gzip_and_plain_copies_of_a_batch_are_the_same_batch(server: ServerProcess) -> None:
+    batch = make_batch("encodings", count=40)
+    with server.simulator() as ds:
+        assert ds.request("POST", gzip.compress(batch.body), {"Content-Encoding": "gzip"}).status == 200
+        assert ds.request("POST", batch.body).status == 200
+        assert ds.request("POST", batch.body, chunked=True).status == 200
+    assert server.stored_lines() == batch.lines
+
+
+def test_dedupe_survives_a_restart(start_server: Callable[..., ServerProcess]) -> None:
+    batch = make_batch("restart", count=30)
+    server = start_server()
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+    assert server.stop() == 0
+    server.start()
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+    assert server.stored_lines() == batch.lines
+
+
+def test_same_batch_on_another_path_is_not_a_duplicate(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--route-by-path")
+    batch = make_batch("two-streams", count=5)
+    with server.simulator() as ds:
+        assert ds.push(batch, path="/a").status == 200
+        assert ds.push(batch, path="/b").status == 200
+    assert server.stored_lines(server.output_dir / "a") == server.stored_lines(server.output_dir / "b") == batch.lines
+
+
+def test_window_zero_turns_dedupe_off(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--dedupe-window", "0")
+    batch = make_batch("no-dedupe", count=5)
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+        assert ds.push(batch).status == 200
+    assert server.stored_lines() == batch.lines * 2
+
+
+def test_concurrent_copies_store_once(server: ServerProcess) -> None:
+    batch = make_batch("racing-retries", count=2000)
+    statuses: List[int] = []
+
+    def push() -> None:
+        with server.simulator() as ds:
+            statuses.append(ds.push(batch).status)
+
+    threads = [threading.Thread(target=push) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 8
+    assert server.stored_lines() == batch.lines
+
+
+def test_entries_expire_after_the_window(tmp_path: Path) -> None:
+    now = [1764201600.0]
+    index = dsreceiver.DedupeIndex(tmp_path / "journal", 900, clock=lambda: now[0])
+    index.open()
+    assert index.claim("k")
+    index.commit("k")
+    assert not index.claim("k")
+    now[0] += 901
+    assert index.claim("k")
+    index.release("k")
+    index.close()
+    reloaded = dsreceiver.DedupeIndex(tmp_path / "journal", 900, clock=lambda: now[0])
+    reloaded.open()
+    assert reloaded.claim("k")  # expired entries are not brought back by the journal
+    reloaded.close()
+
+
+def test_failed_store_releases_the_claim_so_the_retry_is_stored(tmp_path: Path) -> None:
+    index = dsreceiver.DedupeIndex(tmp_path / "journal", 900)
+    index.open()
+    assert index.claim("batch")
+    index.release("batch")  # storage failed: the retry must not be taken for a duplicate
+    assert index.claim("batch")
+    index.close()
