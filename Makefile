@@ -5,7 +5,7 @@ VENV_PYTHON := $(VENV)/bin/python
 HOSTNAME ?= $(shell $(PYTHON) -c 'import socket; print(socket.getfqdn())')
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast run certs readme-help tls-scan clean
+.PHONY: test test-fast fuzz run certs readme-help tls-scan clean
 
 $(VENV)/.installed: requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ test: $(VENV)/.installed
 ## test-fast: the suite without tests marked slow
 test-fast: $(VENV)/.installed
 	$(VENV_PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## fuzz: the fuzz targets with many more examples (FUZZ_EXAMPLES, bounded to 20 minutes)
+FUZZ_EXAMPLES ?= 50000
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PYTHON) -m pytest tests/test_fuzz.py --timeout=1200 $(PYTEST_ARGS)
 
 ## run: serve with the defaults (https://0.0.0.0:8443, ./certs, ./data)
 run:

@@ -43,6 +43,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ import zlib
 from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
-from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple, Union
+from typing import IO, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -105,6 +106,9 @@ HEALTH_PROBE_SIZE = 65536
 HEALTH_FAILURE_MEMORY = 10.0
 CERT_EXPIRY_WARNING_DAYS = 14
 X509_V_ERR_HOSTNAME_MISMATCH = 62
+# A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its records.
+BATCH_ENTRY = struct.Struct("<Qd32s")
+NO_DIGEST = bytes(32)
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LISTEN_BACKLOG = 1024
 LINGER_SECONDS = 2.0
@@ -675,7 +679,7 @@ class RecordBatch:
     """The records of one push, one per line each ending in LF: in memory, or spooled to a temporary file."""
 
     def __init__(self, parts: List[Buffer], spool: Optional[IO[bytes]], size: int, records: int,
-                 digest: Optional[str] = None) -> None:
+                 digest: Optional[bytes] = None) -> None:
         self.parts = parts
         self.spool = spool
         self.size = size
@@ -753,7 +757,7 @@ class BatchBuilder:
             self._emit(b"\n")
         if self.spool is None and self.parts and self.parts[0][:64].lstrip()[:1] == b"[":
             self._expand_json_array()
-        digest = self.hasher.hexdigest() if self.hasher is not None else None
+        digest = self.hasher.digest() if self.hasher is not None else None
         return RecordBatch(self.parts, self.spool, self.size, self.records, digest)
 
     def feed_whole(self, body: Buffer) -> RecordBatch:
@@ -837,6 +841,11 @@ def folder_for_path(url_path: str) -> str:
     return name
 
 
+def dedupe_key(folder: str, digest: bytes) -> str:
+    """Identifies a batch for retry dedup: its folder and the SHA-256 of its records."""
+    return folder + "/" + digest.hex()
+
+
 def split_data_file_name(name: str) -> Tuple[str, int]:
     """Splits '2026-11-27T15Z.2.log' into its stem '2026-11-27T15Z' and file number 2."""
     match = re.fullmatch(r"(.*?)(?:\.(\d+))?" + re.escape(DATA_FILE_SUFFIX), name)
@@ -866,25 +875,41 @@ class Histogram:
 
 
 class DataFile:
-    """One append-only output file; concurrent appends share fdatasync calls (group commit).
+    """One append-only output file and its batch index; concurrent appends share fdatasync calls (group commit).
 
+    After each batch, a fixed-size entry (end offset, time, digest) goes to the
+    batch index under the dot-path, and both files are synced before any 200.
+    At restart, bytes past the last indexed batch belong to a batch that was
+    never acknowledged and are moved aside (see Storage.recover_file).
     Progress is counted in bytes appended through this descriptor rather than
-    in file offsets, so a file truncated behind our back (logrotate's
-    copytruncate) cannot make unsynced records look durable.
+    in offsets, so a file truncated behind our back (logrotate's copytruncate)
+    cannot make unsynced records look durable.
     """
 
-    def __init__(self, path: Path, period: str = "", sequence: int = 0,
+    def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
                  fsync_seconds: Optional[Histogram] = None) -> None:
         self.path = path
+        self.index_path = index_path
         self.period = period
         self.sequence = sequence
         self.fsync_seconds = fsync_seconds
-        self.fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(str(path), flags, 0o644)
+        try:
+            self.index_fd = os.open(str(index_path), flags, 0o644)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
+        self.index_size = os.fstat(self.index_fd).st_size
+        if self.size and not self.index_size:
+            # Records from before this index (or a lost one): mark them as complete.
+            self._reset_index(self.size)
         self.appended = 0
         self.synced = 0
-        # Where a failed fdatasync cuts the file back to: its size when the last good one began.
+        # Where a failed fdatasync cuts the files back to: their sizes when the last good one began.
         self.durable_size = self.size
+        self.durable_index_size = self.index_size
         # Bumped when unsynced bytes are cut off, so their writers learn their records are gone.
         self.generation = 0
         self.users = 0
@@ -893,21 +918,33 @@ class DataFile:
         self.syncing = False
         self.state = threading.Condition()
 
-    def append(self, batch: RecordBatch) -> Tuple[int, int]:
-        """Writes the batch contiguously; returns (progress mark, generation) for sync_through()."""
+    def _reset_index(self, offset: int) -> None:
+        """Starts the index afresh with one entry saying the file is complete up to `offset`."""
+        os.ftruncate(self.index_fd, 0)
+        write_all(self.index_fd, [BATCH_ENTRY.pack(offset, time.time(), NO_DIGEST)])
+        self.index_size = BATCH_ENTRY.size
+
+    def append(self, batch: RecordBatch, stamp: float) -> Tuple[int, int]:
+        """Writes the batch contiguously, then its index entry; returns (progress mark, generation) for sync_through()."""
         with self.state:
             start = os.fstat(self.fd).st_size
+            index_start = self.index_size
             try:
+                if start < self.size:
+                    self._reset_index(start)  # truncated behind our back (copytruncate)
+                    index_start = 0
                 batch.write_to(self.fd)
+                write_all(self.index_fd, [BATCH_ENTRY.pack(start + batch.size, stamp, batch.digest or NO_DIGEST)])
             except OSError:
-                self._cut_back(start)
+                self._cut_back(start, index_start)
                 raise
             self.size = start + batch.size
+            self.index_size = index_start + BATCH_ENTRY.size
             self.appended += batch.size
             return self.appended, self.generation
 
     def sync_through(self, mark: int, generation: int) -> None:
-        """Returns once the bytes up to `mark` are durable; one fdatasync serves every writer waiting."""
+        """Returns once the bytes up to `mark` and their index entries are durable; one sync serves every writer waiting."""
         while True:
             with self.state:
                 while True:
@@ -919,11 +956,13 @@ class DataFile:
                         break
                     self.state.wait()
                 self.syncing = True
-                target, target_size = self.appended, self.size
+                target, target_size, target_index_size = self.appended, self.size, self.index_size
             started = time.monotonic()
             error: Optional[OSError] = None
             try:
+                # Data first: an index entry must never be durable before its batch.
                 os.fdatasync(self.fd)
+                os.fdatasync(self.index_fd)
             except OSError as exc:
                 error = exc
             if self.fsync_seconds is not None:
@@ -932,78 +971,61 @@ class DataFile:
                 self.syncing = False
                 if error is None:
                     self.synced = max(self.synced, target)
-                    self.durable_size = target_size
+                    self.durable_size, self.durable_index_size = target_size, target_index_size
                 else:
                     # After a failed fsync the kernel may have dropped the dirty
                     # pages: cut everything not yet acknowledged.
-                    self._cut_back(self.durable_size)
+                    self._cut_back(self.durable_size, self.durable_index_size)
                     self.generation += 1
                 self.state.notify_all()
             if error is not None:
                 raise error
 
-    def _cut_back(self, offset: int) -> None:
+    def _cut_back(self, offset: int, index_offset: int) -> None:
         try:
             offset = min(offset, os.fstat(self.fd).st_size)
             os.ftruncate(self.fd, offset)
+            os.ftruncate(self.index_fd, index_offset)
         except OSError as exc:
+            # The restart recovery moves whatever is left past the index aside.
             log.error("cannot cut %s back to %d bytes after a failed write: %s", self.path, offset,
                       describe_os_error(exc))
             return
-        self.size = offset
+        self.size, self.index_size = offset, index_offset
 
     def close(self) -> None:
-        """Makes everything durable and closes the file."""
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            log.error("fdatasync of %s failed at close: %s", self.path, describe_os_error(exc))
-        os.close(self.fd)
+        """Makes everything durable and closes the files."""
+        for fd, path in ((self.fd, self.path), (self.index_fd, self.index_path)):
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                log.error("fdatasync of %s failed at close: %s", path, describe_os_error(exc))
+            os.close(fd)
 
 
 class DedupeIndex:
-    """Digests of batches stored within the window, journaled under the dot-path, so a re-sent batch is stored once."""
+    """Digests of the batches stored within the window, so a re-sent batch is stored once.
 
-    def __init__(self, path: Path, window: float, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    It lives in memory; at start it is filled again from the batch indexes,
+    which are synced with the records they describe, so a batch counts as
+    stored exactly when its records survived.
+    """
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self.clock = clock
         self.seen: "OrderedDict[str, float]" = OrderedDict()
         self.pending: Set[str] = set()
         self.state = threading.Condition()
-        self.journal_fd = -1
-        self.journal_lines = 0
-        self.dirty = False
 
-    def open(self) -> None:
-        """Loads the entries still inside the window, then rewrites the journal with only those."""
+    def load(self, entries: Iterable[Tuple[float, str]]) -> None:
+        """Remembers (time stored, key) entries that are still inside the window, oldest first."""
         cutoff = self.clock() - self.window
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            lines = []
-        for line in lines:
-            stamp, _, key = line.decode("ascii", "replace").partition(" ")
-            try:
-                stored_at = float(stamp)
-            except ValueError:
-                continue  # a torn last line after a crash
-            if stored_at >= cutoff and key:
-                self.seen[key] = stored_at
-                self.seen.move_to_end(key)
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        temp = self.path.with_name(self.path.name + ".new")
-        with temp.open("wb") as handle:
-            handle.write("".join("%.3f %s\n" % (stamp, key) for key, stamp in self.seen.items()).encode("ascii"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(str(temp), str(self.path))
-        if self.journal_fd >= 0:
-            os.close(self.journal_fd)
-        self.journal_fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-        self.journal_lines = len(self.seen)
+        with self.state:
+            for stored_at, key in sorted(entries):
+                if stored_at >= cutoff:
+                    self.seen[key] = stored_at
+                    self.seen.move_to_end(key)
 
     def claim(self, key: str) -> bool:
         """Returns True when the caller should store the batch, False when it is a duplicate; waits while another request stores the same batch."""
@@ -1018,19 +1040,12 @@ class DedupeIndex:
             self.pending.add(key)
             return True
 
-    def commit(self, key: str) -> None:
+    def commit(self, key: str, stored_at: float) -> None:
         """Records that the claimed batch is stored."""
-        now = self.clock()
         with self.state:
             self.pending.discard(key)
-            self.seen[key] = now
+            self.seen[key] = stored_at
             self.seen.move_to_end(key)
-            try:
-                os.write(self.journal_fd, ("%.3f %s\n" % (now, key)).encode("ascii"))
-                self.journal_lines += 1
-                self.dirty = True
-            except OSError as exc:
-                log.warning("cannot journal a dedup entry (kept in memory): %s", describe_os_error(exc))
             self.state.notify_all()
 
     def release(self, key: str) -> None:
@@ -1038,29 +1053,6 @@ class DedupeIndex:
         with self.state:
             self.pending.discard(key)
             self.state.notify_all()
-
-    def maintain(self) -> None:
-        """Syncs the journal and rewrites it once mostly expired entries fill it."""
-        with self.state:
-            try:
-                if self.journal_lines > 2 * len(self.seen) + 1000:
-                    self._rewrite()
-                elif self.dirty:
-                    os.fdatasync(self.journal_fd)
-                self.dirty = False
-            except OSError as exc:
-                log.warning("cannot sync the dedup journal: %s", describe_os_error(exc))
-
-    def close(self) -> None:
-        """Syncs and closes the journal."""
-        with self.state:
-            if self.journal_fd >= 0:
-                try:
-                    os.fdatasync(self.journal_fd)
-                except OSError:
-                    pass
-                os.close(self.journal_fd)
-                self.journal_fd = -1
 
 
 class Storage:
@@ -1085,7 +1077,9 @@ class Storage:
         self.retention_days = retention_days
         self.clock = clock
         self.name_tag = name_tag
-        self.dedupe = DedupeIndex(self.state_dir / "dedupe.journal", dedupe_window, clock) if dedupe_window else None
+        self.index_dir = self.state_dir / "batches"
+        self.dedupe_window = dedupe_window
+        self.dedupe = DedupeIndex(dedupe_window, clock) if dedupe_window else None
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self.files: Dict[str, DataFile] = {}
         self.to_compress: List[Path] = []
@@ -1099,12 +1093,13 @@ class Storage:
     def open(self, background: bool = True) -> None:
         """Creates the folders, recovers from a crash, and starts the housekeeping threads."""
         try:
-            for folder in (self.root, self.state_dir, self.spool_dir):
+            for folder in (self.root, self.state_dir, self.spool_dir, self.index_dir):
                 folder.mkdir(parents=True, exist_ok=True)
-            self.repair_torn_tails()
+            for path in list(self.data_files()):
+                self.recover_file(path)
             self._finish_interrupted_compressions()
             if self.dedupe is not None:
-                self.dedupe.open()
+                self.dedupe.load(self._indexed_batches())
         except OSError as exc:
             raise ConfigError("cannot use output folder %s: %s" % (self.root, describe_os_error(exc))) from None
         if self.compress_rotated:
@@ -1139,8 +1134,6 @@ class Storage:
             idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
         for data_file in idle:
             data_file.close()
-        if self.dedupe is not None:
-            self.dedupe.close()
 
     # -- naming -----------------------------------------------------------------
 
@@ -1151,6 +1144,12 @@ class Storage:
     def file_name(self, period: str, sequence: int) -> str:
         """Names a data file: period, worker tag, sequence number after the first, '.log'."""
         return period + self.name_tag + (".%d" % sequence if sequence else "") + DATA_FILE_SUFFIX
+
+    def index_path(self, data_path: Path) -> Path:
+        """Where the batch index of a data file lives: .dsreceiver/batches/FOLDER/NAME.idx ('-' for the root)."""
+        relative = data_path.relative_to(self.root)
+        folder = relative.parts[0] if len(relative.parts) > 1 else "-"
+        return self.index_dir / folder / (data_path.name + ".idx")
 
     def data_files(self, compressed: bool = False) -> Iterator[Path]:
         """Yields every data file (and with `compressed`, every gzip'd one too), skipping the dot-path."""
@@ -1172,11 +1171,12 @@ class Storage:
         """
         if folder and not SAFE_FOLDER_RE.fullmatch(folder):
             raise ValueError("unsafe folder name %r" % folder)
-        key = "%s/%s" % (folder or "-", batch.digest) if self.dedupe is not None and batch.digest else None
+        key = dedupe_key(folder or "-", batch.digest) if self.dedupe is not None and batch.digest else None
         if key is not None and not self.dedupe.claim(key):  # type: ignore[union-attr]
             return None
+        stamp = self.clock()
         try:
-            path = self._append(folder, batch)
+            path = self._append(folder, batch, stamp)
         except StorageError as exc:
             self.last_failure = (time.monotonic(), str(exc))
             if key is not None:
@@ -1184,17 +1184,17 @@ class Storage:
             raise
         self.last_failure = None
         if key is not None:
-            self.dedupe.commit(key)  # type: ignore[union-attr]
+            self.dedupe.commit(key, stamp)  # type: ignore[union-attr]
         return path
 
-    def _append(self, folder: str, batch: RecordBatch) -> Path:
+    def _append(self, folder: str, batch: RecordBatch, stamp: float) -> Path:
         try:
             data_file = self._acquire(folder)
         except OSError as exc:
             raise StorageError("cannot open a data file in %s: %s"
                                % (self.root / folder, describe_os_error(exc))) from exc
         try:
-            mark, generation = data_file.append(batch)
+            mark, generation = data_file.append(batch, stamp)
             if self.fsync_mode == "always":
                 data_file.sync_through(mark, generation)
         except OSError as exc:
@@ -1236,9 +1236,16 @@ class Storage:
             fsync_directory(directory.parent)
         path = directory / self.file_name(period, sequence)
         is_new = not path.exists()
-        data_file = DataFile(path, period, sequence, self.fsync_seconds)
+        index_path = self.index_path(path)
+        if not index_path.parent.is_dir():
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_directory(index_path.parent.parent)
+        index_is_new = not index_path.exists()
+        data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds)
         if is_new:
             fsync_directory(directory)
+        if index_is_new:
+            fsync_directory(index_path.parent)
         return data_file
 
     def _resume_sequence(self, directory: Path, period: str) -> int:
@@ -1274,11 +1281,11 @@ class Storage:
             try:
                 self.retire_stale()
                 self.compress_finished()
-                if self.retention_days and time.monotonic() >= next_retention:
-                    self.apply_retention()
+                if time.monotonic() >= next_retention:
+                    if self.retention_days:
+                        self.apply_retention()
+                    self.prune_indexes()
                     next_retention = time.monotonic() + RETENTION_INTERVAL
-                if self.dedupe is not None:
-                    self.dedupe.maintain()
             except Exception:
                 log.exception("housekeeping failed; will try again")
 
@@ -1378,6 +1385,18 @@ class Storage:
             except FileNotFoundError:
                 continue
 
+    def prune_indexes(self) -> None:
+        """Deletes the batch indexes of closed files once they are older than the dedupe window."""
+        cutoff = self.clock() - self.dedupe_window - RETENTION_INTERVAL
+        with self.lock:
+            open_indexes = {data_file.index_path for data_file in self.files.values()}
+        for index in self.index_dir.glob("*/*.idx"):
+            try:
+                if index not in open_indexes and index.stat().st_mtime < cutoff:
+                    index.unlink()
+            except FileNotFoundError:
+                continue
+
     # -- health and recovery ------------------------------------------------------
 
     def health(self) -> Optional[str]:
@@ -1394,31 +1413,71 @@ class Storage:
             return "cannot write to %s: %s" % (self.root, describe_os_error(exc))
         return None
 
-    def repair_torn_tails(self) -> None:
-        """Cuts each data file back to its last newline, keeping the cut bytes under the dot-path."""
-        for path in self.data_files():
-            with path.open("r+b") as handle:
-                size = handle.seek(0, os.SEEK_END)
-                if size == 0:
-                    continue
-                handle.seek(size - 1)
-                if handle.read(1) == b"\n":
-                    continue
-                keep = self._last_newline_end(handle, size)
-                handle.seek(keep)
-                torn = handle.read()
-                kept_as = self.state_dir / "torn" / ("%s.%d" % ("__".join(path.relative_to(self.root).parts),
-                                                                int(self.clock())))
-                kept_as.parent.mkdir(parents=True, exist_ok=True)
-                with kept_as.open("wb") as aside:
-                    aside.write(torn)
-                    aside.flush()
-                    os.fsync(aside.fileno())
-                handle.truncate(keep)
-                handle.flush()
+    def recover_file(self, path: Path) -> None:
+        """After a crash: keeps exactly the batches the index vouches for and moves the rest aside.
+
+        Index entries whose batch is not all in the file (lost with unsynced
+        writes) are dropped; bytes after the last indexed batch belong to a
+        batch that was never acknowledged, so DataStream will send it again.
+        A file without an index is only cut back to its last complete line.
+        """
+        index = self.index_path(path)
+        if not index.exists():
+            self._repair_torn_tail(path)
+            return
+        size = path.stat().st_size
+        raw = index.read_bytes()
+        count = len(raw) // BATCH_ENTRY.size
+        while count and BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] > size:
+            count -= 1
+        keep = BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] if count else 0
+        if count * BATCH_ENTRY.size != len(raw):
+            with index.open("r+b") as handle:
+                handle.truncate(count * BATCH_ENTRY.size)
                 os.fsync(handle.fileno())
-            log.warning("repaired torn tail of %s: cut %d bytes after the last complete line, kept in %s",
-                        path, len(torn), kept_as)
+        if size > keep:
+            kept_as = self._set_aside(path, keep, "partial")
+            log.warning("moved %d bytes of an unacknowledged batch out of %s into %s (DataStream resends it)",
+                        size - keep, path, kept_as)
+
+    def _repair_torn_tail(self, path: Path) -> None:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            keep = self._last_newline_end(handle, size)
+        kept_as = self._set_aside(path, keep, "torn")
+        log.warning("repaired torn tail of %s: cut %d bytes after the last complete line, kept in %s",
+                    path, size - keep, kept_as)
+
+    def _set_aside(self, path: Path, keep: int, kind: str) -> Path:
+        """Moves the bytes of `path` after offset `keep` to a file under .dsreceiver/KIND/."""
+        kept_as = self.state_dir / kind / ("%s.%d" % ("__".join(path.relative_to(self.root).parts), int(self.clock())))
+        kept_as.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("r+b") as handle, kept_as.open("ab") as aside:
+            handle.seek(keep)
+            for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
+                aside.write(chunk)
+            aside.flush()
+            os.fsync(aside.fileno())
+            handle.truncate(keep)
+            os.fsync(handle.fileno())
+        return kept_as
+
+    def _indexed_batches(self) -> Iterator[Tuple[float, str]]:
+        """Yields (time stored, dedupe key) for the batches of indexes touched within the window."""
+        cutoff = self.clock() - self.dedupe_window
+        for index in self.index_dir.glob("*/*.idx"):
+            if index.stat().st_mtime < cutoff:
+                continue
+            raw = index.read_bytes()
+            for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size):
+                _, stored_at, digest = BATCH_ENTRY.unpack_from(raw, offset)
+                if digest != NO_DIGEST:
+                    yield stored_at, dedupe_key(index.parent.name, digest)
 
     @staticmethod
     def _last_newline_end(handle: IO[bytes], size: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-from pathlib import Path
 from typing import Callable, List
 
 import dsreceiver
@@ -78,27 +77,23 @@ def test_concurrent_copies_store_once(server: ServerProcess) -> None:
     assert server.stored_lines() == batch.lines
 
 
-def test_entries_expire_after_the_window(tmp_path: Path) -> None:
+def test_entries_expire_after_the_window() -> None:
     now = [1764201600.0]
-    index = dsreceiver.DedupeIndex(tmp_path / "journal", 900, clock=lambda: now[0])
-    index.open()
+    index = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
     assert index.claim("k")
-    index.commit("k")
+    index.commit("k", now[0])
     assert not index.claim("k")
     now[0] += 901
     assert index.claim("k")
     index.release("k")
-    index.close()
-    reloaded = dsreceiver.DedupeIndex(tmp_path / "journal", 900, clock=lambda: now[0])
-    reloaded.open()
-    assert reloaded.claim("k")  # expired entries are not brought back by the journal
-    reloaded.close()
+    reloaded = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
+    reloaded.load([(now[0] - 901, "k"), (now[0] - 10, "recent")])
+    assert reloaded.claim("k")  # expired entries are not brought back
+    assert not reloaded.claim("recent")
 
 
-def test_failed_store_releases_the_claim_so_the_retry_is_stored(tmp_path: Path) -> None:
-    index = dsreceiver.DedupeIndex(tmp_path / "journal", 900)
-    index.open()
+def test_failed_store_releases_the_claim_so_the_retry_is_stored() -> None:
+    index = dsreceiver.DedupeIndex(900)
     assert index.claim("batch")
     index.release("batch")  # storage failed: the retry must not be taken for a duplicate
     assert index.claim("batch")
-    index.close()

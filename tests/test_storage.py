@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -69,7 +70,7 @@ def test_storage_refuses_unsafe_folder_names(tmp_path: Path, folder: str) -> Non
 
 
 def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data_file = dsreceiver.DataFile(tmp_path / "group.log")
+    data_file = dsreceiver.DataFile(tmp_path / "group.log", tmp_path / "group.idx")
     first_sync_started, release_first_sync = threading.Event(), threading.Event()
     calls: List[int] = []
     real_fdatasync = os.fdatasync
@@ -84,7 +85,7 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
 
     def writer(index: int) -> None:
-        end, generation = data_file.append(batch_of([b"record %d" % index]))
+        end, generation = data_file.append(batch_of([b"record %d" % index]), time.time())
         data_file.sync_through(end, generation)
 
     leader = threading.Thread(target=writer, args=(0,))
@@ -98,14 +99,14 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
     release_first_sync.set()
     for thread in [leader] + followers:
         thread.join()
-    assert len(calls) == 2  # the leader's, then one for all twenty followers
+    assert len(calls) == 4  # data and index: the leader's pair, then one pair for all twenty followers
     assert data_file.synced == data_file.size
 
 
 def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    data_file = dsreceiver.DataFile(tmp_path / "eio.log")
-    data_file.sync_through(*data_file.append(batch_of([b"kept"])))
+    data_file = dsreceiver.DataFile(tmp_path / "eio.log", tmp_path / "eio.idx")
+    data_file.sync_through(*data_file.append(batch_of([b"kept"]), time.time()))
     failing = [True]
     real_fdatasync = os.fdatasync
 
@@ -115,14 +116,16 @@ def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
         real_fdatasync(fd)
 
     monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
-    end, generation = data_file.append(batch_of([b"lost"]))
+    end, generation = data_file.append(batch_of([b"lost"]), time.time())
     with pytest.raises(OSError):
         data_file.sync_through(end, generation)
     assert (tmp_path / "eio.log").read_bytes() == b"kept\n"
     failing[0] = False
-    data_file.sync_through(*data_file.append(batch_of([b"after"])))
+    data_file.sync_through(*data_file.append(batch_of([b"after"]), time.time()))
     data_file.close()
     assert (tmp_path / "eio.log").read_bytes() == b"kept\nafter\n"
+    entries = (tmp_path / "eio.idx").read_bytes()
+    assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [5, 11]
 
 
 def test_torn_tail_is_repaired_at_start(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
@@ -194,3 +197,40 @@ def test_disk_full_answers_503_then_recovers_without_restart(start_server: Calla
     with server.simulator() as ds:
         assert ds.push(late).status == 200
     assert server.stored_lines() == expected_lines(acknowledged) + late.lines
+
+
+@pytest.fixture
+def bind_mounted_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder bind-mounted onto itself, so the test can make it read-only and writable again (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("remounting a folder read-only needs root (CI runs as root)")
+    folder = tmp_path / "bound"
+    folder.mkdir()
+    result = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot bind-mount here: %s" % result.stderr.strip())
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., ServerProcess],
+                                                    bind_mounted_dir: Path) -> None:
+    server = start_server(output_dir=bind_mounted_dir / "data")
+    before = make_batch("before-ro", count=10)
+    with server.simulator() as ds:
+        assert ds.push(before).status == 200
+        # The kernel refuses a read-only remount while files are open for writing: close them first.
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log("output files reopened")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(bind_mounted_dir)], check=True)
+        refused = ds.push(make_batch("while-ro", count=10))
+        assert refused.status == 503 and int(refused.headers["retry-after"]) > 0
+        health = ds.request("GET", path="/healthz")
+        assert health.status == 503 and b"read-only file system" in health.body
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(bind_mounted_dir)], check=True)
+        after = make_batch("after-ro", count=10)
+        assert ds.push(after).status == 200
+    server.wait_for_log(r"storage failed, answering 503: .*read-only file system")
+    assert server.stored_lines() == before.lines + after.lines

@@ -1,0 +1,247 @@
+"""Crash consistency: SIGKILL at random moments, and a power-loss model that drops unsynced bytes."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Set, Tuple
+
+import pytest
+
+import dsreceiver
+from conftest import ServerProcess
+from simulator import Batch, make_batch
+
+REQ_ID = re.compile(rb'"reqId":"([^"]+)-(\d{6})"|^4 61234 \d+ (\S+)-(\d{6}) ')
+
+
+def batch_id_of(line: bytes) -> Tuple[str, int]:
+    """Which batch and which line of it a stored record is (the simulator puts both in reqId)."""
+    match = REQ_ID.search(line)
+    assert match, "a stored line that no client sent: %r" % line[:120]
+    name, number = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    return name.decode(), int(number)
+
+
+def check_exactly_once(stored: List[bytes], sent: Dict[str, Batch], acknowledged: Set[str]) -> None:
+    """Every acknowledged batch stored once and whole; any other batch whole or absent; nothing torn or foreign."""
+    runs: Dict[str, List[int]] = {}
+    for line in stored:
+        name, number = batch_id_of(line)
+        assert name in sent and sent[name].lines[number] == line, "torn or foreign line %r" % line[:120]
+        runs.setdefault(name, []).append(number)
+    for name, numbers in runs.items():
+        assert numbers == list(range(len(sent[name].lines))), "batch %s stored partly or twice" % name
+    missing = acknowledged - set(runs)
+    assert not missing, "acknowledged but not stored: %s" % sorted(missing)[:5]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(start_server: Callable[..., ServerProcess]) -> None:
+    rng = random.Random(20261127)
+    port = free_port()
+    server = start_server("--port", str(port))
+    sent: Dict[str, Batch] = {}
+    acknowledged: Set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        local = random.Random(number)
+        for index in range(10_000):
+            size = local.choice([20, 200, 2000, 2000, 12000])
+            batch = make_batch("c%02d-b%04d" % (number, index), count=size, fmt=local.choice(["json", "structured"]),
+                               compress=local.random() < 0.5)
+            with lock:
+                sent["c%02d-b%04d" % (number, index)] = batch
+            # Like DataStream: send again until the batch is acknowledged.
+            while True:
+                if stop.is_set():
+                    return
+                try:
+                    with server.simulator(timeout=30) as ds:
+                        if ds.push(batch, chunked=local.random() < 0.3).status == 200:
+                            with lock:
+                                acknowledged.add("c%02d-b%04d" % (number, index))
+                            break
+                except (OSError, http.client.HTTPException):
+                    pass
+                stop.wait(0.05)
+
+    clients = [threading.Thread(target=client, args=(number,)) for number in range(12)]
+    for thread in clients:
+        thread.start()
+    try:
+        for _ in range(6):
+            stop.wait(rng.uniform(0.5, 2.0))
+            server.send_signal(signal.SIGKILL)
+            server.wait_exit()
+            server.start()
+        stop.wait(2.0)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert server.stop() == 0
+    with lock:
+        assert len(acknowledged) > 30, "too little traffic to mean anything"
+        check_exactly_once(server.stored_lines(), sent, acknowledged)
+
+
+class PowerLossDisk:
+    """Stands between dsreceiver and the OS for files under `root`, remembering how much of each fdatasync made durable.
+
+    A power cut is modelled by copying each file's durable prefix plus a random
+    part of what was written after it (the kernel may have flushed some pages
+    on its own, cut anywhere), which is what a real disk may hold afterwards.
+    """
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = str(root)
+        self.lock = threading.RLock()
+        self.paths: Dict[int, str] = {}
+        self.durable: Dict[str, int] = {}
+        real = {name: getattr(os, name) for name in ("open", "close", "write", "writev", "fdatasync", "fsync",
+                                                     "ftruncate")}
+        self.real = real
+
+        def wrapped_open(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
+            with self.lock:
+                fd = real["open"](path, flags, mode, **kwargs)
+                if str(path).startswith(self.root) and os.path.isfile(path):
+                    self.paths[fd] = str(path)
+                    self.durable.setdefault(str(path), os.path.getsize(path))
+                return fd
+
+        def wrapped_close(fd: int) -> None:
+            with self.lock:
+                self.paths.pop(fd, None)
+                real["close"](fd)
+
+        def locked(name: str) -> Callable[..., object]:
+            def call(fd: int, *args: object) -> object:
+                with self.lock:
+                    return real[name](fd, *args)
+            return call
+
+        def synced(name: str) -> Callable[[int], None]:
+            def call(fd: int) -> None:
+                with self.lock:
+                    real[name](fd)
+                    if fd in self.paths:
+                        self.durable[self.paths[fd]] = os.fstat(fd).st_size
+            return call
+
+        def truncated(fd: int, length: int) -> None:
+            with self.lock:
+                real["ftruncate"](fd, length)
+                if fd in self.paths:
+                    path = self.paths[fd]
+                    self.durable[path] = min(self.durable.get(path, 0), length)
+
+        for name, function in (("open", wrapped_open), ("close", wrapped_close), ("write", locked("write")),
+                               ("writev", locked("writev")), ("fdatasync", synced("fdatasync")),
+                               ("fsync", synced("fsync")), ("ftruncate", truncated)):
+            monkeypatch.setattr(dsreceiver.os, name, function)
+
+    def cut_power(self, target: Path, rng: random.Random) -> None:
+        """Copies what a disk could hold after a power cut right now into `target` (call with the lock held)."""
+        for path in Path(self.root).rglob("*"):
+            if path.is_dir():
+                continue
+            copy = target / path.relative_to(self.root)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            data = path.read_bytes()
+            durable = min(self.durable.get(str(path), len(data)), len(data))
+            copy.write_bytes(data[:durable + rng.randint(0, len(data) - durable)])
+
+
+def test_power_loss_keeps_every_acknowledged_batch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(7)
+    root = tmp_path / "live"
+    disk = PowerLossDisk(root, monkeypatch)
+    storage = dsreceiver.Storage(root, dedupe_window=900)
+    storage.open(background=False)
+    sent: Dict[str, Batch] = {}
+    acknowledged: Set[str] = set()
+    snapshots: List[Tuple[Path, Set[str]]] = []
+    stop = threading.Event()
+
+    def writer(number: int) -> None:
+        local = random.Random(number)
+        index = 0
+        while not stop.is_set():
+            name = "w%d-%05d" % (number, index)
+            batch = make_batch(name, count=local.choice([1, 5, 50, 400]), fmt=local.choice(["json", "structured"]))
+            builder = dsreceiver.BatchBuilder(storage.spool_dir, digest=True)
+            record_batch = builder.feed_whole(batch.body)
+            with disk.lock:
+                sent[name] = batch
+            storage.store("", record_batch)
+            with disk.lock:
+                acknowledged.add(name)
+            index += 1
+
+    writers = [threading.Thread(target=writer, args=(number,)) for number in range(6)]
+    for thread in writers:
+        thread.start()
+    try:
+        for cut in range(8):
+            stop.wait(rng.uniform(0.05, 0.3))
+            with disk.lock:
+                target = tmp_path / ("after-cut-%d" % cut)
+                disk.cut_power(target, rng)
+                snapshots.append((target, set(acknowledged)))
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+    storage.close()
+    monkeypatch.undo()
+    for target, acknowledged_then in snapshots:
+        recovered = dsreceiver.Storage(target, dedupe_window=900)
+        recovered.open(background=False)
+        data = b"".join(path.read_bytes() for path in sorted(recovered.data_files()))
+        stored = data.split(b"\n")[:-1]
+        assert not data or data.endswith(b"\n")
+        check_exactly_once(stored, sent, acknowledged_then)
+        # DataStream resends what it never saw acknowledged: each batch ends up stored exactly once.
+        present = {batch_id_of(line)[0] for line in stored}
+        for name in sorted(acknowledged_then)[:20] + sorted(set(sent) - present)[:20]:
+            again = dsreceiver.BatchBuilder(recovered.spool_dir, digest=True).feed_whole(sent[name].body)
+            assert (recovered.store("", again) is None) == (name in present), name
+        recovered.close()
+        data = b"".join(path.read_bytes() for path in sorted(recovered.data_files()))
+        resent = {name for name in sorted(set(sent) - present)[:20]}
+        check_exactly_once(data.split(b"\n")[:-1], sent, acknowledged_then | resent)
+        shutil.rmtree(target)
+
+
+def test_recovery_moves_an_unindexed_batch_aside(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    first = make_batch("indexed", count=5)
+    with server.simulator() as ds:
+        assert ds.push(first).status == 200
+    server.stop()
+    [data_file] = server.data_files()
+    partial = make_batch("never-acknowledged", count=3).body
+    with data_file.open("ab") as handle:
+        handle.write(partial)  # complete lines, but no index entry: the batch never got its 200
+    server.start()
+    server.wait_for_log(r"moved %d bytes of an unacknowledged batch out of .*%s" % (len(partial), data_file.name))
+    assert server.stored_lines() == first.lines
+    [aside] = (server.output_dir / ".dsreceiver" / "partial").iterdir()
+    assert aside.read_bytes() == partial
