@@ -5,7 +5,7 @@ VENV_PYTHON := $(VENV)/bin/python
 HOSTNAME ?= $(shell $(PYTHON) -c 'import socket; print(socket.getfqdn())')
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast fuzz run certs readme-help tls-scan clean
+.PHONY: test test-fast fuzz bench run certs readme-help tls-scan clean
 
 $(VENV)/.installed: requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ test-fast: $(VENV)/.installed
 FUZZ_EXAMPLES ?= 50000
 fuzz: $(VENV)/.installed
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV_PYTHON) -m pytest tests/test_fuzz.py --timeout=1200 $(PYTEST_ARGS)
+
+## bench: dsreceiver vs the Flask how-to vs nginx (BENCH_ARGS="--seconds 15 --scenarios ABCDE")
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?=
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	@command -v wrk >/dev/null && [ -x /usr/sbin/nginx ] || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light libnginx-mod-stream; } || \
+		echo "wrk or nginx could not be installed: using the built-in load generator, without nginx"
+	$(BENCH_VENV)/bin/python bench/bench.py $(BENCH_ARGS)
 
 ## run: serve with the defaults (https://0.0.0.0:8443, ./certs, ./data)
 run:
@@ -54,4 +68,4 @@ tls-scan:
 		--reneg --heartbleed --robot --openssl_ccs --fallback --elliptic_curves
 
 clean:
-	rm -rf $(VENV) .venv-scan .pytest_cache tests/__pycache__ __pycache__
+	rm -rf $(VENV) .venv-scan .venv-bench .pytest_cache tests/__pycache__ __pycache__

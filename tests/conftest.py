@@ -241,7 +241,8 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
               host: Optional[str] = "127.0.0.1", script: Path = DSRECEIVER) -> ServerProcess:
         folder = workdir or tmp_path
         folder.mkdir(parents=True, exist_ok=True)
-        base = (["--host", host] if host else []) + ["--port", "0"]
+        # One process unless a test asks for workers: file names and order stay predictable.
+        base = (["--host", host] if host else []) + ["--port", "0"] + ([] if "--workers" in args else ["--workers", "1"])
         if "--output-dir" not in args:
             base += ["--output-dir", str(output_dir or folder / "data")]
         if tls and "--http" not in args and "--cert" not in args and "--certs-dir" not in args:

@@ -89,10 +89,12 @@ class DataStreamSimulator:
     """Pushes batches to a receiver over verified TLS (or plain HTTP), on one keep-alive connection."""
 
     def __init__(self, host: str, port: int, context: Optional[ssl.SSLContext], path: str = "/datastream",
-                 headers: Optional[Dict[str, str]] = None, timeout: float = 30) -> None:
+                 headers: Optional[Dict[str, str]] = None, timeout: float = 30,
+                 source_address: Optional[str] = None) -> None:
         self.host = host
         self.port = port
         self.context = context
+        self.source_address = (source_address, 0) if source_address else None
         self.path = path
         self.headers = dict(headers or {})
         self.timeout = timeout
@@ -101,10 +103,12 @@ class DataStreamSimulator:
     def _connect(self) -> http.client.HTTPConnection:
         if self.connection is None:
             if self.context is None:
-                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
+                                                             source_address=self.source_address)
             else:
                 self.connection = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                                              context=self.context)
+                                                              context=self.context,
+                                                              source_address=self.source_address)
         return self.connection
 
     def request(self, method: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,

@@ -65,13 +65,13 @@ def test_big_bodies_are_spooled_to_an_unlinked_file(tmp_path: Path) -> None:
 
 def test_gunzip_reads_every_member_and_enforces_the_limit() -> None:
     body = gzip.compress(b"a\n" * 1000) + gzip.compress(b"b\n") + b"\0\0\0"
-    assert b"".join(dsreceiver.gunzip_chunks(body, 1 << 20)) == b"a\n" * 1000 + b"b\n"
+    assert b"".join(dsreceiver.Gunzip(body, 1 << 20)) == b"a\n" * 1000 + b"b\n"
     with pytest.raises(dsreceiver.BodyTooLarge):
-        list(dsreceiver.gunzip_chunks(body, 1000))
+        list(dsreceiver.Gunzip(body, 1000))
     with pytest.raises(dsreceiver.BodyError):
-        list(dsreceiver.gunzip_chunks(body[:-12], 1 << 20))
+        list(dsreceiver.Gunzip(body[:-12], 1 << 20))
     with pytest.raises(dsreceiver.BodyError):
-        list(dsreceiver.gunzip_chunks(gzip.compress(b"x") + b"garbage", 1 << 20))
+        list(dsreceiver.Gunzip(gzip.compress(b"x") + b"garbage", 1 << 20))
 
 
 @pytest.mark.parametrize("probe, expected", [

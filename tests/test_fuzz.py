@@ -93,7 +93,7 @@ def decode_and_check(raw: bytes) -> None:
     """Decodes like the server; only BodyError may escape, and a decoded batch keeps the record invariants."""
     builder = dsreceiver.BatchBuilder(Path(tempfile.gettempdir()), digest=True)
     try:
-        for chunk in dsreceiver.gunzip_chunks(raw, 1 << 16):
+        for chunk in dsreceiver.Gunzip(raw, 1 << 16):
             builder.feed(chunk)
     except dsreceiver.BodyError:
         return
