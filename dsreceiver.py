@@ -99,6 +99,8 @@ COPY_CHUNK = 1 << 20
 # Threads mostly wait in recv(); a small stack keeps thousands of idle
 # keep-alive connections cheap.
 THREAD_STACK_SIZE = 512 * 1024
+# A connection waiting this long for its next request gives up its thread (see IdleConnections).
+IDLE_PARK_AFTER = 1.0
 HOUSEKEEPING_INTERVAL = 1.0
 RETENTION_INTERVAL = 60.0
 # /healthz writes this much (then discards it) to prove the disk takes data.
@@ -1872,22 +1874,48 @@ class ConnectionHandler:
     # -- connection -----------------------------------------------------------
 
     def run(self) -> None:
-        """Runs the connection to its end; never raises."""
+        """Serves a new connection: TLS handshake, then requests; never raises."""
+        if self.server.certificates is not None and not self.handshake():
+            self.close()
+            return
+        self.stream.sock = self.sock
+        self.serve(time.monotonic() + self.config.timeout)
+
+    def serve(self, deadline: float) -> None:
+        """Serves requests until the connection closes, or parks it once it waits idle for a while; never raises.
+
+        `deadline` bounds the wait for the next request: --timeout for the
+        first one, --keepalive-timeout after that.
+        """
+        parked = False
         try:
-            if self.server.certificates is not None and not self.handshake():
-                return
-            self.stream.sock = self.sock
-            deadline = time.monotonic() + self.config.timeout
-            while self.handle_one_request(deadline):
+            while True:
+                park_at = min(deadline, time.monotonic() + IDLE_PARK_AFTER)
+                try:
+                    if not self.stream.wait_for_request(park_at):
+                        return
+                except DeadlineExceeded:
+                    if park_at < deadline:
+                        parked = self.server.idle.park(self, deadline)
+                    return
+                if not self.handle_one_request():
+                    return
                 deadline = time.monotonic() + self.config.keepalive_timeout
+        except OSError:
+            return  # reset or TLS error while waiting: the client is gone
         except Exception:
             log.exception("unexpected error on connection from %s", self.peer)
         finally:
-            self.server.connection_finished(self)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            if not parked:
+                self.close()
+
+    def close(self) -> None:
+        """Closes the connection and forgets it."""
+        self.server.connection_finished(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def handshake(self) -> bool:
         """Runs the TLS handshake in this thread under the --timeout deadline."""
@@ -1918,10 +1946,8 @@ class ConnectionHandler:
 
     # -- one request ----------------------------------------------------------
 
-    def handle_one_request(self, idle_deadline: float) -> bool:
-        """Reads, answers and logs one request; returns whether to keep the connection open."""
-        if not self.stream.wait_for_request(idle_deadline):
-            return False
+    def handle_one_request(self) -> bool:
+        """Reads, answers and logs the request whose first bytes arrived; returns whether to keep the connection open."""
         with self.server.lock:
             self.idle = False
         started = time.monotonic()
@@ -2325,8 +2351,73 @@ def label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
+class IdleConnections:
+    """Keep-alive connections waiting for their next request, watched by one thread instead of a thread each.
+
+    A connection idle for IDLE_PARK_AFTER is parked here; when data arrives a
+    new thread resumes it, and when its deadline passes it is closed.
+    """
+
+    def __init__(self, server: "ReceiverServer") -> None:
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.arrivals: List[Tuple[ConnectionHandler, float]] = []
+        self.lock = threading.Lock()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        for end in (self.wake_reader, self.wake_writer):
+            end.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        threading.Thread(target=self._watch, name="idle-connections", daemon=True).start()
+
+    def park(self, handler: ConnectionHandler, deadline: float) -> bool:
+        """Takes over an idle connection; False once the server is stopping (the caller closes it)."""
+        with self.lock:
+            if self.server.stopping.is_set():
+                return False
+            self.arrivals.append((handler, deadline))
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        """Makes the watching thread look at new arrivals and at the stop flag."""
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass  # its buffer is full: it is awake anyway
+
+    def _watch(self) -> None:
+        deadlines: Dict[ConnectionHandler, float] = {}
+        while True:
+            with self.lock:
+                arrivals, self.arrivals = self.arrivals, []
+                stopping = self.server.stopping.is_set()
+            for handler, deadline in arrivals:
+                self.selector.register(handler.sock, selectors.EVENT_READ, handler)
+                deadlines[handler] = deadline
+            now = time.monotonic()
+            for handler in [h for h, deadline in deadlines.items() if stopping or deadline <= now]:
+                self.selector.unregister(handler.sock)
+                del deadlines[handler]
+                handler.close()
+            if stopping:
+                return
+            timeout = max(0.0, min(deadlines.values()) - now) if deadlines else None
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.wake_reader:
+                    try:
+                        while self.wake_reader.recv(512):
+                            pass
+                    except OSError:
+                        pass
+                    continue
+                handler = key.data
+                self.selector.unregister(handler.sock)
+                deadline = deadlines.pop(handler)
+                self.server.start_thread(handler, lambda h=handler, d=deadline: h.serve(d))
+
+
 class ReceiverServer:
-    """Owns the listening socket and the shared state; runs one thread per connection."""
+    """Owns the listening socket and the shared state; runs a thread per connection with a request under way."""
 
     handler_class = ConnectionHandler
 
@@ -2347,6 +2438,7 @@ class ReceiverServer:
         self.lock = threading.Lock()
         self.all_closed = threading.Condition(self.lock)
         self.stopping = threading.Event()
+        self.idle = IdleConnections(self)
 
     def metrics_snapshot(self) -> Dict[str, object]:
         """This process's metrics as plain data."""
@@ -2428,12 +2520,15 @@ class ReceiverServer:
             sock.setblocking(True)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                threading.Thread(target=handler.run, name="conn-%s" % address[0], daemon=True).start()
-            except RuntimeError:
-                log.warning("cannot start a thread for a new connection; closing it")
-                self.connection_finished(handler)
-                sock.close()
+            self.start_thread(handler, handler.run)
+
+    def start_thread(self, handler: ConnectionHandler, target: Callable[[], None]) -> None:
+        """Runs `target` for a connection in a new thread, closing the connection if none can start."""
+        try:
+            threading.Thread(target=target, name="conn-%s" % handler.peer, daemon=True).start()
+        except RuntimeError:
+            log.warning("cannot start a thread for a connection from %s; closing it", handler.peer)
+            handler.close()
 
     def connection_finished(self, handler: ConnectionHandler) -> None:
         """Forgets a closed connection."""
@@ -2445,6 +2540,7 @@ class ReceiverServer:
     def shutdown(self, timeout: float) -> bool:
         """Stops accepting, closes idle connections, waits for in-flight requests; False if some remain."""
         self.stopping.set()
+        self.idle.wake()
         self.listener.close()
         deadline = time.monotonic() + timeout
         with self.lock:
@@ -2518,6 +2614,9 @@ class SupervisorClient:
         with self.arrived:
             self.gone = True
             self.arrived.notify_all()
+        # The supervisor died without stopping us: finish in-flight requests and exit, never serve orphaned.
+        log.error("the supervisor process is gone: stopping this worker")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def call(self, message: Dict[str, Any]) -> Dict[str, Any]:
         """Sends a request and waits for its answer."""

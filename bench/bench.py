@@ -64,17 +64,40 @@ def process_tree(pid: int) -> List[int]:
     return tree
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Sum of the peak resident memory (VmHWM) of a process tree, in MB."""
+def memory_mb(pid: int) -> float:
+    """Memory of a process tree now: the sum of each process's PSS, which counts pages that forked
+    workers share with their parent once (a sum of RSS would count them in every process), in MB."""
     total = 0
     for member in process_tree(pid):
         try:
-            for line in Path("/proc/%d/status" % member).read_text().splitlines():
-                if line.startswith("VmHWM:"):
+            for line in Path("/proc/%d/smaps_rollup" % member).read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1])
         except OSError:
             continue
     return total / 1024
+
+
+class MemorySampler:
+    """Samples a process tree's memory every 0.2 s and keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, memory_mb(self.pid))
+            if self.stop.wait(0.2):
+                return
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
@@ -119,9 +142,6 @@ class Server:
             command = ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
         wait_for_port(self.port, self.process)
-
-    def peak_rss_mb(self) -> float:
-        return peak_rss_mb(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -210,7 +230,7 @@ def push_loop(port: int, cert: str, body: bytes, mode: str, tag: str, stop_at: f
         started = time.monotonic()
         try:
             if connection is None:
-                connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+                connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
             connection.request("POST", "/datastream", unique_body(body, mode, "%s-%d" % (tag, counter)), headers)
             answer = connection.getresponse()
             answer.read()
@@ -255,7 +275,7 @@ def run_new_connections(port: int, cert: Path, body: Path, seconds: float) -> Di
     def one(index: int) -> Tuple[bool, float]:
         started = time.monotonic()
         try:
-            connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
             connection.request("POST", "/datastream", unique_body(data, "gzip", "e-%d" % index),
                                {"Content-Encoding": "gzip", "Connection": "close"})
             answer = connection.getresponse()
@@ -342,6 +362,7 @@ def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodi
     _, body_name, mode, connections = SCENARIOS[scenario]
     server = Server(kind, workdir / ("%s-%s" % (kind, scenario)), cert, key, extra)
     idle: Optional[multiprocessing.Process] = None
+    memory = MemorySampler(server.process.pid)
     try:
         if scenario == "D":
             ready: "multiprocessing.Queue[int]" = multiprocessing.Queue()
@@ -360,8 +381,8 @@ def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodi
             check.put(1)
             load["idle_answered"] = ready.get(timeout=300)
             idle.join()
-        load["rss_mb"] = server.peak_rss_mb()
     finally:
+        load["rss_mb"] = memory.finish()
         server.stop()
     stored, written = server.stored()
     lines_per_body = bodies[body_name + ".lines"].read_text()
@@ -402,8 +423,8 @@ def machine_facts() -> Dict[str, str]:
         except (OSError, IndexError):
             versions[tool] = "not installed"
     try:
-        import flask
-        versions["flask"] = getattr(flask, "__version__", "installed")
+        import importlib.metadata
+        versions["flask"] = importlib.metadata.version("flask")
     except ImportError:
         versions["flask"] = "not installed"
     return versions
@@ -479,7 +500,7 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
               "| disk limit | %.0f MB/s (1 GiB of 1 MiB writes, fdatasync every 16 MiB) |" % disk,
               "| gunzip limit | %.0f MB/s decoded (one core's rate x %s cores) |" % (inflate, facts["nproc"]),
               "", "Scenarios: " + "; ".join("**%s** %s" % (name, text[0]) for name, text in SCENARIOS.items()) + ".",
-              "", "| server | scenario | req/s | stored MB/s | p50 ms | p99 ms | peak RSS MB | errors | stored vs acked |",
+              "", "| server | scenario | req/s | stored MB/s | p50 ms | p99 ms | peak memory MB (PSS) | errors | stored vs acked |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for (kind, scenario), r in results.items():
         rate = r["acknowledged"] / r["seconds"]  # type: ignore[operator]
@@ -503,7 +524,7 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
             parts.append("%.0f MB/s stored = %.0f%% of the %s limit (%.0f MB/s)"
                          % (mb, 100 * mb / bound, "disk" if disk <= inflate else "gunzip", bound))
         if scenario == "D":
-            parts.append("%s of %d idle connections answered, peak RSS %.0f MB"
+            parts.append("%s of %d idle connections answered, peak memory %.0f MB"
                          % (ours.get("idle_answered"), IDLE_CONNECTIONS, ours["rss_mb"]))
             a = results.get(("dsreceiver", "A"))
             if a:

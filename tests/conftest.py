@@ -121,9 +121,10 @@ class ServerProcess:
         """Starts the server; with `wait`, returns once it logs its listening line."""
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
+            # Its own process group: teardown can end workers along with their supervisor.
             self.process = subprocess.Popen([self.python, str(self.script)] + self.args, cwd=str(self.workdir),
                                             env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
             match = self.wait_for_log(LISTENING_RE, timeout=timeout)
             self.scheme, self.port = match.group(1), int(match.group(3))
@@ -255,8 +256,11 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
 
     yield start
     for server in started:
-        if server.process is not None and server.process.poll() is None:
-            server.process.kill()
+        if server.process is not None:
+            try:
+                os.killpg(server.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             server.process.wait()
 
 

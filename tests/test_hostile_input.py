@@ -64,7 +64,7 @@ ACCEPTED_MARKERS: Set[bytes] = set()
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, cert_dir: Path,
                 client_context: ssl.SSLContext) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    server = ServerProcess(workdir, ["--host", "127.0.0.1", "--port", "0", "--timeout", "3",
+    server = ServerProcess(workdir, ["--host", "127.0.0.1", "--port", "0", "--timeout", "3", "--workers", "1",
                                      "--output-dir", str(workdir / "data"), "--max-body-size", "4K",
                                      "--cert", str(cert_dir / "fullchain.pem"), "--key", str(cert_dir / "privkey.pem")],
                            {}, sys.executable, client_context)

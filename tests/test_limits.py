@@ -290,3 +290,44 @@ def test_gzip_chunk_boundaries_keep_long_lines_whole(server: ServerProcess) -> N
     with server.simulator() as ds:
         assert ds.request("POST", gzip.compress(body)).status == 200
     assert server.stored_lines() == [b"first", long_line, b"last"]
+
+
+def threads_of(server: ServerProcess) -> int:
+    assert server.process is not None
+    status = open("/proc/%d/status" % server.process.pid).read()
+    return int(status.split("Threads:")[1].split()[0])
+
+
+def test_idle_keep_alive_connections_give_up_their_threads_and_still_answer(server: ServerProcess) -> None:
+    baseline = threads_of(server)
+    held = []
+    try:
+        for _ in range(50):
+            sock = server.tls_connect()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        # Parked after a second idle: 50 connections, no thread each.
+        wait_until(lambda: threads_of(server) <= baseline + 2, what="idle connections to be parked")
+        for sock in held:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize("requests_first", [0, 1])
+def test_idle_deadlines_close_connections_quietly(start_server: Callable[..., ServerProcess],
+                                                  requests_first: int) -> None:
+    server = start_server("--timeout", "2", "--keepalive-timeout", "2")
+    with server.tls_connect(timeout=30) as sock:
+        for _ in range(requests_first):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert read_until_close(sock) == b""  # closed by the server at the deadline
+        assert time.monotonic() - started < 15
+    with server.simulator() as ds:
+        assert ds.request("GET", path="/healthz").status == 200
+    assert "Traceback" not in server.log_text() and "unexpected error" not in server.log_text()

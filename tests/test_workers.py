@@ -11,7 +11,7 @@ from typing import Callable, List
 
 import trustme
 
-from conftest import ServerProcess, status_of
+from conftest import ServerProcess, status_of, wait_until
 from simulator import count_lines, expected_lines, make_batch
 from test_metrics import parse_prometheus, value
 from test_reload import install_pair, serial_seen
@@ -113,3 +113,19 @@ def test_a_killed_worker_is_recovered_and_restarted(start_server: Callable[..., 
     assert push_on_fresh_connections(server, [after]) == [200]
     assert count_lines(server.stored_lines()) == count_lines(stored.lines + after.lines)
     assert server.stop() == 0
+
+
+def test_workers_stop_when_their_supervisor_dies(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--workers", "2")
+    pids = worker_pids(server)
+    server.send_signal(signal.SIGKILL)
+    server.wait_exit()
+    # The supervisor is gone on purpose, so wait on its workers' log lines directly.
+    wait_until(lambda: server.log_text().count("the supervisor process is gone: stopping this worker") == 2,
+               what="both workers to notice")
+
+    def all_gone() -> bool:
+        return not any(Path("/proc/%d" % pid).exists() and "Z" not in
+                       Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] for pid in pids)
+
+    wait_until(all_gone, what="orphaned workers to exit")
