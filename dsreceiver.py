@@ -10,7 +10,7 @@ are on disk (fdatasync'd); a push that cannot be stored now is answered 503
 with Retry-After, which DataStream retries.
 
 Usage:
-    python3 dsreceiver.py              # https://0.0.0.0:8443, ./certs, ./data
+    python3 dsreceiver.py              # https://0.0.0.0:8443, ./certs, ./data, one worker per CPU
     python3 dsreceiver.py --certs-dir /etc/letsencrypt/live/logs.example.com \\
         --output-dir /var/lib/dsreceiver --basic-auth-file /etc/dsreceiver/basic
     python3 dsreceiver.py --help

@@ -436,6 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--scenarios", default="ABCDE", help="which scenarios (default: ABCDE)")
     parser.add_argument("--servers", default="dsreceiver,flask,nginx,dsreceiver-gzip",
                         help="which servers (default: dsreceiver,flask,nginx,dsreceiver-gzip)")
+    parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="report file")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     options = parser.parse_args(argv)
@@ -456,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for kind in servers:
             if kind == "dsreceiver-gzip" and scenario != "A":
                 continue
-            extra = ["--store", "gzip"] if kind == "dsreceiver-gzip" else []
+            extra = options.dsreceiver_args.split() + (["--store", "gzip"] if kind == "dsreceiver-gzip" else [])
             print("running %s %s ..." % (kind, scenario), flush=True)
             results[(kind, scenario)] = run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
                                                 use_wrk, extra)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import pytest
 import trustme
+from cryptography import x509
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from simulator import DataStreamSimulator  # noqa: E402
@@ -262,6 +263,57 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
             except ProcessLookupError:
                 pass
             server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serial_seen(server: ServerProcess) -> int:
+    """The serial number of the certificate a new connection is shown."""
+    with server.tls_connect() as sock:
+        return int(sock.getpeercert()["serialNumber"], 16)  # type: ignore[index]
+
+
+def install_pair(ca: trustme.CA, folder: Path) -> int:
+    """Writes a new certificate and key the way certbot renews: new files, then the live names point at them."""
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    archive = folder / "archive"
+    archive.mkdir(exist_ok=True)
+    number = len(list(archive.glob("cert*.pem"))) + 1
+    cert.cert_chain_pems[0].write_to_path(str(archive / ("cert%d.pem" % number)))
+    cert.private_key_pem.write_to_path(str(archive / ("privkey%d.pem" % number)))
+    for live, target in (("fullchain.pem", "cert%d.pem" % number), ("privkey.pem", "privkey%d.pem" % number)):
+        temp = folder / (live + ".new")
+        temp.symlink_to(archive / target)
+        os.replace(str(temp), str(folder / live))
+    return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted for the test (needs root); yields its mount point."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture

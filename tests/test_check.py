@@ -30,13 +30,6 @@ def outcomes(result: subprocess.CompletedProcess) -> List[str]:
             if line[:4] in ("PASS", "FAIL", "WARN")]
 
 
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 def test_good_endpoint_passes_every_step(server: ServerProcess, ca_file: Path) -> None:
     result = run_check("https://localhost:%d/datastream" % server.port, "--ca", str(ca_file))
     assert result.returncode == 0, result.stdout

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Set, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from simulator import Batch, make_batch
 
 REQ_ID = re.compile(rb'"reqId":"([^"]+)-(\d{6})"|^4 61234 \d+ (\S+)-(\d{6}) ')
@@ -41,12 +41,6 @@ def check_exactly_once(stored: List[bytes], sent: Dict[str, Batch], acknowledged
         assert numbers == list(range(len(sent[name].lines))), "batch %s stored partly or twice" % name
     missing = acknowledged - set(runs)
     assert not missing, "acknowledged but not stored: %s" % sorted(missing)[:5]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -212,15 +212,21 @@ def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[...,
     assert during - baseline < 1.0, "push took %.2fs with 500 slow clients, %.2fs without" % (during, baseline)
 
 
+def kept_alive(server: ServerProcess, count: int) -> List[ssl.SSLSocket]:
+    """Opens `count` connections that each made one request and stay open."""
+    held = []
+    for _ in range(count):
+        sock = server.tls_connect()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(sock)
+    return held  # type: ignore[return-value]
+
+
 def test_connections_beyond_the_limit_are_closed_at_once(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--max-connections", "4")
-    held = []
+    held = kept_alive(server, 4)
     try:
-        for _ in range(4):
-            sock = server.tls_connect()
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-            held.append(sock)
         with socket.create_connection(("127.0.0.1", server.port), timeout=15) as extra:
             assert read_until_close(extra) == b""
         held.pop().close()
@@ -300,13 +306,8 @@ def threads_of(server: ServerProcess) -> int:
 
 def test_idle_keep_alive_connections_give_up_their_threads_and_still_answer(server: ServerProcess) -> None:
     baseline = threads_of(server)
-    held = []
+    held = kept_alive(server, 50)
     try:
-        for _ in range(50):
-            sock = server.tls_connect()
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-            held.append(sock)
         # Parked after a second idle: 50 connections, no thread each.
         wait_until(lambda: threads_of(server) <= baseline + 2, what="idle connections to be parked")
         for sock in held:

@@ -11,7 +11,6 @@ from typing import Callable, Dict, List, Tuple
 
 from conftest import ServerProcess, read_until_close, wait_until
 from simulator import make_batch
-from test_storage import small_tmpfs  # noqa: F401  (fixture)
 
 Sample = Tuple[str, Dict[str, str], float]
 SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
@@ -103,7 +102,7 @@ def test_metrics_public(start_server: Callable[..., ServerProcess]) -> None:
 
 
 def test_healthz_fails_while_the_disk_is_full_and_recovers(start_server: Callable[..., ServerProcess],
-                                                           small_tmpfs: Path) -> None:  # noqa: F811
+                                                           small_tmpfs: Path) -> None:
     server = start_server(output_dir=small_tmpfs / "data")
     with server.simulator() as ds:
         assert ds.request("GET", path="/healthz").status == 200

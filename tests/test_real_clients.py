@@ -25,13 +25,6 @@ def receiver(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     return start_server("--dedupe-window", "0")
 
 
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 def assert_stored_copies(server: ServerProcess, copies: int) -> None:
     wait_until(lambda: len(server.stored_lines()) >= copies * len(BATCH.lines), what="%d copies stored" % copies)
     assert server.stored_bytes() == BATCH.body * copies

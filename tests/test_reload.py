@@ -9,31 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 import trustme
-from cryptography import x509
 
-from conftest import ServerProcess, status_of
+from conftest import ServerProcess, install_pair, serial_seen, status_of
 from simulator import make_batch
-
-
-def serial_seen(server: ServerProcess) -> int:
-    """The serial number of the certificate a new connection is shown."""
-    with server.tls_connect() as sock:
-        return int(sock.getpeercert()["serialNumber"], 16)  # type: ignore[index]
-
-
-def install_pair(ca: trustme.CA, folder: Path) -> int:
-    """Writes a new certificate and key the way certbot renews: new files, then the live names point at them."""
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    archive = folder / "archive"
-    archive.mkdir(exist_ok=True)
-    number = len(list(archive.glob("cert*.pem"))) + 1
-    cert.cert_chain_pems[0].write_to_path(str(archive / ("cert%d.pem" % number)))
-    cert.private_key_pem.write_to_path(str(archive / ("privkey%d.pem" % number)))
-    for live, target in (("fullchain.pem", "cert%d.pem" % number), ("privkey.pem", "privkey%d.pem" % number)):
-        temp = folder / (live + ".new")
-        temp.symlink_to(archive / target)
-        os.replace(str(temp), str(folder / live))
-    return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
 
 
 def test_sighup_reloads_the_certificate_while_a_push_is_in_flight(

@@ -12,16 +12,10 @@ from typing import Callable, Dict, Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, wait_until
+from conftest import ROOT, ServerProcess, free_port, wait_until
 from simulator import DataStreamSimulator, count_lines, make_batch
 
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

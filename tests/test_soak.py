@@ -16,9 +16,8 @@ from typing import Callable, List, Tuple
 import pytest
 import trustme
 
-from conftest import ServerProcess
+from conftest import ServerProcess, install_pair
 from simulator import make_batch
-from test_reload import install_pair
 
 Sample = Tuple[float, int, int, int]  # seconds since start, RSS KiB, open fds, threads
 

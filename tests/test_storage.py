@@ -155,23 +155,6 @@ def test_relaxed_fsync_modes_still_store(start_server: Callable[..., ServerProce
     assert server.stored_lines() == batch.lines
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs mounted for the test (needs root); yields its mount point."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def test_disk_full_answers_503_then_recovers_without_restart(start_server: Callable[..., ServerProcess],
                                                               small_tmpfs: Path) -> None:
     server = start_server(output_dir=small_tmpfs / "data")

@@ -11,10 +11,9 @@ from typing import Callable, List
 
 import trustme
 
-from conftest import ServerProcess, status_of, wait_until
+from conftest import ServerProcess, install_pair, serial_seen, status_of, wait_until
 from simulator import count_lines, expected_lines, make_batch
 from test_metrics import parse_prometheus, value
-from test_reload import install_pair, serial_seen
 
 
 def worker_pids(server: ServerProcess) -> List[int]:
