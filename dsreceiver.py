@@ -117,6 +117,7 @@ GAUGES = (("open_connections", "Client connections open now."),
           ("start_time_seconds", "Unix time the server started."))
 # glibc mallopt(): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX.
 MALLOC_SETTINGS = ((-1, 32 << 20), (-3, 16 << 20), (-8, 2))
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # A worker restarted more often than this within the window is in a crash loop: stop instead.
 CRASH_LOOP_RESTARTS = 5
 CRASH_LOOP_WINDOW = 60.0
@@ -2674,8 +2675,16 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         """Forks worker `index` with its listener and a control socket."""
         ours, theirs = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
+        # Held until the worker has its own handlers (SignalFlags.install), so none is lost meanwhile.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            raise
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        else:
             code = 1
             try:
                 ours.close()
@@ -2898,6 +2907,7 @@ class SignalFlags:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum
