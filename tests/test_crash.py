@@ -8,7 +8,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Set, Tuple

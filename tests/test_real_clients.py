@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, List
 
 import pytest
-import trustme
 
 from conftest import ServerProcess, wait_until
 from simulator import make_batch
