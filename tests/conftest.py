@@ -299,21 +299,31 @@ def install_pair(ca: trustme.CA, folder: Path) -> int:
     return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs mounted for the test (needs root); yields its mount point."""
+def mounted(mount_point: Path, what: str, *mount_args: str) -> Iterator[Path]:
+    """Mounts something on a fresh folder for one test (skipped with the reason without root), then unmounts it."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
-    mount_point = tmp_path / "small"
+        pytest.skip("mounting %s needs root (CI runs as root)" % what)
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(["mount", *mount_args, str(mount_point)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+        pytest.skip("cannot mount %s here: %s" % (what, result.stderr.strip()))
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs, to fill."""
+    yield from mounted(tmp_path / "small", "a small tmpfs", "-t", "tmpfs", "-o", "size=256k", "tmpfs")
+
+
+@pytest.fixture
+def bind_mounted_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder bind-mounted onto itself, so a test can remount it read-only and writable again."""
+    folder = tmp_path / "bound"
+    yield from mounted(folder, "a bind mount", "--bind", str(tmp_path / "bound"))
 
 
 @pytest.fixture

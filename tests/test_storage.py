@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, List
 
 import pytest
 
@@ -180,22 +180,6 @@ def test_disk_full_answers_503_then_recovers_without_restart(start_server: Calla
     with server.simulator() as ds:
         assert ds.push(late).status == 200
     assert server.stored_lines() == expected_lines(acknowledged) + late.lines
-
-
-@pytest.fixture
-def bind_mounted_dir(tmp_path: Path) -> Iterator[Path]:
-    """A folder bind-mounted onto itself, so the test can make it read-only and writable again (needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("remounting a folder read-only needs root (CI runs as root)")
-    folder = tmp_path / "bound"
-    folder.mkdir()
-    result = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot bind-mount here: %s" % result.stderr.strip())
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., ServerProcess],
