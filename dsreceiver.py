@@ -1276,11 +1276,13 @@ class Storage:
 
     # -- storing ----------------------------------------------------------------
 
-    def store(self, folder: str, batch: RecordBatch) -> Optional[Path]:
+    def store(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer] = None) -> Optional[Path]:
         """Appends the batch to the current file of `folder` ('' for the root); returns None for a duplicate.
 
-        Durable on return when fsync is 'always'.  Raises StorageError, with
-        nothing of the batch left behind, when it cannot be stored now.
+        `pushed_gzip`, the body as pushed when it decodes to exactly these
+        records, is what --store gzip keeps.  Durable on return when fsync is
+        'always'.  Raises StorageError, with nothing of the batch left behind,
+        when it cannot be stored now.
         """
         if folder and not SAFE_FOLDER_RE.fullmatch(folder):
             raise ValueError("unsafe folder name %r" % folder)
@@ -1289,11 +1291,15 @@ class Storage:
             return None
         stamp = self.clock()
         try:
+            if self.store_gzip:
+                batch.compress(pushed_gzip)
             path = self._append(folder, batch, stamp)
-        except StorageError as exc:
-            self.last_failure = (time.monotonic(), str(exc))
+        except BaseException as exc:
+            # Whatever went wrong, a resend of this batch must not wait for this claim forever.
             if key is not None:
                 self.dedupe.release(key)  # type: ignore[union-attr]
+            if isinstance(exc, StorageError):
+                self.last_failure = (time.monotonic(), str(exc))
             raise
         self.last_failure = None
         if key is not None:
@@ -2114,13 +2120,12 @@ class ConnectionHandler:
                 metrics.count("validation_probes")
                 return HTTPStatus.OK, b"validation ok\n", []
             metrics.count("decoded_bytes", batch.size)
-            if storage.store_gzip and batch.records:
-                exact = gunzip is not None and gunzip.exact and not builder.altered
-                batch.compress(body if exact else None)
             if batch.records:
                 folder = folder_for_path(self.request.path) if self.config.route_by_path else ""  # type: ignore[union-attr]
+                # The pushed gzip bytes, when they are exactly a series of members holding exactly these records.
+                pushed_gzip = body if gunzip is not None and gunzip.exact and not builder.altered else None
                 try:
-                    stored = storage.store(folder, batch)
+                    stored = storage.store(folder, batch, pushed_gzip)
                 except StorageError as exc:
                     metrics.count("storage_errors")
                     log.error("storage failed, answering 503: %s", exc)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import threading
+from pathlib import Path
 from typing import Callable, List
 
 import dsreceiver
-from conftest import ServerProcess
+from conftest import ROOT, ServerProcess
 from simulator import make_batch
 
 
@@ -97,3 +98,37 @@ def test_failed_store_releases_the_claim_so_the_retry_is_stored() -> None:
     assert index.claim("batch")
     index.release("batch")  # storage failed: the retry must not be taken for a duplicate
     assert index.claim("batch")
+
+
+FAIL_FIRST_APPEND = """\
+import sys
+sys.path.insert(0, {root!r})
+import dsreceiver
+
+real_append = dsreceiver.DataFile.append
+calls = []
+
+
+def append_failing_once(self, batch, stamp):
+    calls.append(1)
+    if len(calls) == 1:
+        raise RuntimeError("unexpected failure while storing")
+    return real_append(self, batch, stamp)
+
+
+dsreceiver.DataFile.append = append_failing_once
+sys.exit(dsreceiver.main())
+"""
+
+
+def test_unexpected_storage_failure_does_not_block_the_resend(start_server: Callable[..., ServerProcess],
+                                                              tmp_path: Path) -> None:
+    wrapper = tmp_path / "failing_once.py"
+    wrapper.write_text(FAIL_FIRST_APPEND.format(root=str(ROOT)))
+    server = start_server(script=wrapper)
+    batch = make_batch("resent-after-500", count=20)
+    with server.simulator(timeout=20) as ds:
+        assert ds.push(batch).status == 500
+    with server.simulator(timeout=20) as ds:
+        assert ds.push(batch).status == 200  # a claim left pending would make this wait forever
+    assert server.stored_lines() == batch.lines
