@@ -233,7 +233,7 @@ commands:
 
 signals:
   SIGTERM, SIGINT   finish in-flight requests, sync, exit 0
-  SIGHUP            reload the certificate and credential files, reopen output files
+  SIGHUP            reload the certificate and credential files, reopen moved output files
 
 environment:
   %-29s user:password[,user:password...] accepted by Basic auth
@@ -840,8 +840,9 @@ class BatchBuilder:
     def finish(self) -> RecordBatch:
         """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one record per element."""
         last = self.carry[:-1] if self.carry.endswith(b"\r") else self.carry
+        # Anything left over gains a final LF or loses a lone CR: the records differ from the body.
+        self.altered |= bool(self.carry) or self.mid_line
         if last or self.mid_line:
-            self.altered = True
             self._emit(last)
             self._emit(b"\n")
         if self.spool is None and self.parts and bytes(self.parts[0][:64]).lstrip()[:1] == b"[":
@@ -1084,6 +1085,15 @@ class DataFile:
             return
         self.size, self.index_size = offset, index_offset
 
+    def moved(self) -> bool:
+        """Tells whether the file at our path is no longer the one we write (renamed or deleted)."""
+        try:
+            on_disk = os.stat(str(self.path))
+        except FileNotFoundError:
+            return True
+        ours = os.fstat(self.fd)
+        return (on_disk.st_dev, on_disk.st_ino) != (ours.st_dev, ours.st_ino)
+
     def close(self) -> None:
         """Makes everything durable and closes the files."""
         for fd, path in ((self.fd, self.path), (self.index_fd, self.index_path)):
@@ -1222,14 +1232,26 @@ class Storage:
         thread.start()
         self.threads.append(thread)
 
-    def reopen(self) -> None:
-        """Closes every idle output file so the next push opens it again by name (after logrotate moved it)."""
+    def reopen(self) -> int:
+        """After logrotate moved or deleted an output file, makes the next push open a new one by name.
+
+        A file still in place is kept: two descriptors appending to one file
+        and one index could interleave their batches and index entries.
+        """
         with self.lock:
-            retired = list(self.files.values())
-            self.files.clear()
-            idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
+            moved = [(folder, data_file) for folder, data_file in self.files.items() if data_file.moved()]
+            idle = []
+            for folder, data_file in moved:
+                del self.files[folder]
+                # Requests still writing the moved file keep its index; the new file starts its own.
+                os.replace(str(data_file.index_path),
+                           str(data_file.index_path.with_name("%s.moved-%d.idx" % (data_file.path.name,
+                                                                                   time.time_ns()))))
+                if self._retire(data_file, finished=False):
+                    idle.append(data_file)
         for data_file in idle:
             self._close(data_file)
+        return len(moved)
 
     def close(self) -> None:
         """Makes every open file durable and closes those no request is still writing."""
@@ -2469,8 +2491,7 @@ class ReceiverServer:
             log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods()) or "none configured")
         except ConfigError as exc:
             log.error("credential reload refused, keeping the previous credentials: %s", exc)
-        self.storage.reopen()
-        log.info("output files reopened")
+        log.info("reopened %d output files that were moved or deleted", self.storage.reopen())
 
     def client_address(self, peer: str, request: Request) -> str:
         """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted proxy."""

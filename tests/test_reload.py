@@ -86,7 +86,7 @@ def test_logrotate_create_mode_rename_then_sighup(server: ServerProcess) -> None
         rotated = current.with_name(current.name + ".1")
         current.rename(rotated)
         server.send_signal(signal.SIGHUP)
-        server.wait_for_log("output files reopened")
+        server.wait_for_log("reopened 1 output files that were moved")
         assert ds.push(second).status == 200
     assert rotated.read_bytes() == first.body
     assert current.read_bytes() == second.body

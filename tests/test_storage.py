@@ -188,9 +188,12 @@ def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., 
     before = make_batch("before-ro", count=10)
     with server.simulator() as ds:
         assert ds.push(before).status == 200
-        # The kernel refuses a read-only remount while files are open for writing: close them first.
+        # The kernel refuses a read-only remount while files are open for writing: rotate the
+        # current file away as logrotate would, and SIGHUP makes the server close it.
+        [current] = server.data_files()
+        current.rename(current.with_name(current.name + ".1"))
         server.send_signal(signal.SIGHUP)
-        server.wait_for_log("output files reopened")
+        server.wait_for_log("reopened 1 output files that were moved")
         subprocess.run(["mount", "-o", "remount,bind,ro", str(bind_mounted_dir)], check=True)
         refused = ds.push(make_batch("while-ro", count=10))
         assert refused.status == 503 and int(refused.headers["retry-after"]) > 0
@@ -200,4 +203,28 @@ def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., 
         after = make_batch("after-ro", count=10)
         assert ds.push(after).status == 200
     server.wait_for_log(r"storage failed, answering 503: .*read-only file system")
-    assert server.stored_lines() == before.lines + after.lines
+    assert sorted(server.stored_lines()) == sorted(before.lines + after.lines)
+
+
+def test_reopen_keeps_files_in_place_and_replaces_moved_ones(tmp_path: Path) -> None:
+    storage = dsreceiver.Storage(tmp_path, dedupe_window=900)
+    storage.open(background=False)
+    first = dsreceiver.BatchBuilder(storage.spool_dir, digest=True).feed_whole(b"first\n")
+    storage.store("", first)
+    [current] = list(storage.files.values())
+    assert storage.reopen() == 0
+    assert list(storage.files.values()) == [current]  # still in place: one descriptor, one index
+    current.path.rename(current.path.with_name(current.path.name + ".1"))
+    assert storage.reopen() == 1
+    storage.store("", dsreceiver.BatchBuilder(storage.spool_dir, digest=True).feed_whole(b"second\n"))
+    storage.close()
+    assert current.path.read_bytes() == b"second\n"
+    assert current.path.with_name(current.path.name + ".1").read_bytes() == b"first\n"
+    # The new file has an index of its own, and the moved one still tells dedup what was stored.
+    entries = storage.index_path(current.path).read_bytes()
+    assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [7]
+    restarted = dsreceiver.Storage(tmp_path, dedupe_window=900)
+    restarted.open(background=False)
+    again = dsreceiver.BatchBuilder(restarted.spool_dir, digest=True).feed_whole(b"first\n")
+    assert restarted.store("", again) is None
+    restarted.close()

@@ -34,7 +34,8 @@ def test_gzip_body_that_needs_normalising_is_recompressed(start_server: Callable
     with server.simulator() as ds:
         assert ds.request("POST", gzip.compress(b"a\r\n\r\nb")).status == 200  # CRLF, a blank line, no final LF
         assert ds.request("POST", gzip.compress(b"c\n") + b"\0\0\0\0").status == 200  # zero padding after it
-    assert unzipped(server) == b"a\nb\nc\n"
+        assert ds.request("POST", gzip.compress(b"d\n\r")).status == 200  # a lone CR at the very end
+    assert unzipped(server) == b"a\nb\nc\nd\n"
 
 
 def test_retry_dedup_and_probes_with_gzip_storage(start_server: Callable[..., ServerProcess]) -> None:
