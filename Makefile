@@ -5,7 +5,7 @@ VENV_PYTHON := $(VENV)/bin/python
 HOSTNAME ?= $(shell $(PYTHON) -c 'import socket; print(socket.getfqdn())')
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast fuzz bench run certs readme-help tls-scan clean
+.PHONY: test test-fast lint fuzz bench run certs readme-help tls-scan clean
 
 $(VENV)/.installed: requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(VENV)/.installed
 ## test-fast: the suite without tests marked slow
 test-fast: $(VENV)/.installed
 	$(VENV_PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## lint: ruff over everything, mypy --strict over dsreceiver.py (as Python 3.8) and tests/ (settings: pyproject.toml)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy dsreceiver.py
+	$(VENV)/bin/mypy --python-version "$$($(VENV_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" tests
 
 ## fuzz: the fuzz targets with many more examples (FUZZ_EXAMPLES, bounded to 20 minutes)
 FUZZ_EXAMPLES ?= 50000

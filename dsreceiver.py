@@ -22,6 +22,24 @@ compared in constant time.  TLS 1.2 is the minimum, every read has a deadline,
 bodies have hard size limits, clients never see internal errors, and folder
 names derived from URL paths are sanitised so nothing is written outside
 --output-dir.
+
+Map: the sections below, in dependency order (each uses only those above it):
+    configuration and command line . shared tools . metrics . TLS . authentication .
+    body decoding . retry dedup . storage: layout, writing, recovery, housekeeping .
+    HTTP parsing (sans-IO) . HTTP handler . server . workers . endpoint checker .
+    lifecycle and signals . main()
+
+One push through them:
+    accept        ReceiverServer.accept_pending: a thread per connection
+    handshake     ConnectionHandler.handshake: TLS, under the --timeout deadline
+    head          ClientStream.read_head -> parse_request_head, body_framing
+    auth          ConnectionHandler.authenticate (before any 100 Continue)
+    body          ClientStream.read_exact, or read_chunked fed through ChunkedDecoder
+    decode        decode_push: gunzip, line normalisation, the batch digest
+    store         Storage.store: dedupe claim, DataFile.append of records + batch index entry
+    fsync         DataFile.sync_through: one fdatasync pair shared by concurrent pushes
+    200           ConnectionHandler.write_response
+Every name under --output-dir comes from Layout.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import argparse
 import base64
 import binascii
 import email.utils
+import functools
 import gzip
 import hashlib
 import hmac
@@ -55,23 +74,20 @@ import zlib
 from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple, Union
-
+from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Protocol,
+                    Sequence, Set, Tuple, Union)
 __version__ = "0.1.0"
 
 log = logging.getLogger("dsreceiver")
 
 Buffer = Union[bytes, bytearray, memoryview]
+Bytes = Union[bytes, bytearray]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 DEFAULT_PORT = 8443
 DEFAULT_CERTS_DIR = "certs"
 CERT_FILE_NAME = "fullchain.pem"
 KEY_FILE_NAME = "privkey.pem"
-# Everything the server keeps besides records lives under this dot-path, so a
-# consumer that reads every non-dot file of --output-dir sees only records.
-STATE_DIR_NAME = ".dsreceiver"
-DATA_FILE_SUFFIX = ".log"
 MAX_FOLDER_NAME = 100
 
 HEALTH_PATH = "/healthz"
@@ -88,7 +104,7 @@ MAX_REQUEST_LINE = 8190
 MAX_HEADER_LINE = 8190
 MAX_HEADER_COUNT = 100
 MAX_HEAD_SIZE = 65536
-MAX_CHUNK_SIZE_LINE = 4096
+MAX_CHUNK_LINE = 4096
 RECV_SIZE = 262144
 INFLATE_INPUT_CHUNK = 65536
 INFLATE_OUTPUT_CHUNK = 1 << 20
@@ -142,8 +158,16 @@ TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HEADER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
-CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 TARGET_RE = re.compile(rb"[\x21-\x7e]+")
+# RFC 9110 5.5: field values are visible characters, SP, HTAB and obs-text; no other control character.
+FIELD_VALUE_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 2.2: the head is CRLF-delimited; a LF not preceded by CR is refused, never guessed at.
+BARE_LF_RE = re.compile(rb"(?<!\r)\n")
+# RFC 9112 7.1.1: chunk-size [ *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ) ].
+_EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*"
+                           % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED_STRING))
 SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,%d}" % (MAX_FOLDER_NAME - 1))
 
 
@@ -388,8 +412,9 @@ def parse_config(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return config
 
 
+
 # ---------------------------------------------------------------------------
-# TLS
+# Shared tools
 # ---------------------------------------------------------------------------
 
 def describe_os_error(exc: BaseException) -> str:
@@ -397,6 +422,185 @@ def describe_os_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
     return str(exc) or exc.__class__.__name__
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """Writes every part to `fd`, in one writev when the kernel takes it whole."""
+    written = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+    total = sum(len(part) for part in parts)
+    if written == total:
+        return
+    remainder = memoryview(b"".join(parts))[written:]
+    while remainder:
+        remainder = remainder[os.write(fd, remainder):]
+
+
+class WakePipe:
+    """A non-blocking socketpair whose reader end makes a select() loop return when another thread, or a
+    signal, writes to the other end."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        for end in (self.reader, self.writer):
+            end.setblocking(False)
+
+    def wake(self) -> None:
+        """Makes the select() loop return."""
+        try:
+            self.writer.send(b"\0")
+        except OSError:
+            pass  # its buffer is full: a wake-up is pending anyway
+
+    def drain(self) -> None:
+        """Empties the reader end, so the next select() waits again."""
+        try:
+            while self.reader.recv(512):
+                pass
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+class Histogram:
+    """A cumulative histogram of durations, in the shape Prometheus exposes."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = list(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0.0
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        """Counts one observation in every bucket it fits."""
+        with self.lock:
+            for index, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[index] += 1
+            self.total += value
+            self.count += 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The histogram as plain data."""
+        with self.lock:
+            return {"counts": list(self.counts), "total": self.total, "count": self.count}
+
+
+# What /metrics shows, as plain data that workers send to the supervisor to be merged.
+Snapshot = Dict[str, Any]
+
+
+class Metrics:
+    """Counters behind /metrics, rendered in the Prometheus text format."""
+
+    COUNTERS = (
+        ("received_bytes", "Request body bytes received on the wire."),
+        ("decoded_bytes", "Record bytes after gunzip and line normalisation."),
+        ("records_stored", "Records stored."),
+        ("batches_stored", "Pushes whose records were stored."),
+        ("validation_probes", "DataStream validation probes answered."),
+        ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
+        ("auth_failures", "Requests refused for missing or wrong credentials."),
+        ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
+        ("storage_errors", "Pushes answered 503 because storage failed."),
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values: Dict[str, float] = {name: 0 for name, _ in self.COUNTERS}
+        self.requests: Dict[int, int] = {}
+        self.last_push: Dict[str, float] = {}
+
+    def count(self, name: str, amount: float = 1) -> None:
+        """Adds to a counter."""
+        with self.lock:
+            self.values[name] += amount
+
+    def request_done(self, status: int, received: int) -> None:
+        """Counts a finished request by status, with the body bytes it brought."""
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.values["received_bytes"] += received
+
+    def stored(self, path: str, records: int) -> None:
+        """Counts a stored push and stamps its path's last-push time."""
+        with self.lock:
+            self.values["records_stored"] += records
+            self.values["batches_stored"] += 1
+            if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
+                self.last_push[path] = time.time()
+
+    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram) -> Snapshot:
+        """Everything /metrics shows, as plain data that workers can send and merge()."""
+        with self.lock:
+            snapshot: Snapshot = {"values": dict(self.values), "last_push": dict(self.last_push),
+                                  "requests": {str(status): n for status, n in self.requests.items()}}
+        snapshot["fsync"] = fsync_seconds.snapshot()
+        snapshot["gauges"] = dict(gauges)
+        return snapshot
+
+    @staticmethod
+    def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
+        """Adds up the snapshots of several workers (the latest last-push time wins)."""
+        merged: Snapshot = {"values": {}, "last_push": {}, "requests": {}, "gauges": {},
+                            "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0}}
+        for snapshot in snapshots:
+            for section in ("values", "requests", "gauges"):
+                for name, number in snapshot[section].items():
+                    if section == "gauges" and name == "start_time_seconds":
+                        merged[section][name] = min(number, merged[section].get(name, number))
+                    else:
+                        merged[section][name] = merged[section].get(name, 0) + number
+            for path, stamp in snapshot["last_push"].items():
+                merged["last_push"][path] = max(stamp, merged["last_push"].get(path, 0))
+            fsync = snapshot["fsync"]
+            merged["fsync"]["counts"] = [a + b for a, b in zip(merged["fsync"]["counts"], fsync["counts"])]
+            merged["fsync"]["total"] += fsync["total"]
+            merged["fsync"]["count"] += fsync["count"]
+        return merged
+
+    @classmethod
+    def render(cls, snapshot: Snapshot) -> bytes:
+        """The exposition text of a snapshot: counters, gauges, the fsync histogram."""
+        out: List[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append("# HELP dsreceiver_%s %s" % (name, help_text))
+            out.append("# TYPE dsreceiver_%s %s" % (name, kind))
+
+        family("requests_total", "counter", "Requests answered, by HTTP status.")
+        for status, number in sorted(snapshot["requests"].items()):
+            out.append('dsreceiver_requests_total{status="%s"} %d' % (status, number))
+        for name, help_text in cls.COUNTERS:
+            family(name + "_total", "counter", help_text)
+            out.append("dsreceiver_%s_total %d" % (name, snapshot["values"][name]))
+        family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
+        for path, stamp in sorted(snapshot["last_push"].items()):
+            out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
+        for name, help_text in GAUGES:
+            family(name, "gauge", help_text)
+            out.append("dsreceiver_%s %s" % (name, repr(float(snapshot["gauges"][name]))))
+        family("fsync_duration_seconds", "histogram", "Time taken by each fdatasync of a data file and its index.")
+        fsync = snapshot["fsync"]
+        for bound, number in zip(FSYNC_BUCKETS, fsync["counts"]):
+            out.append('dsreceiver_fsync_duration_seconds_bucket{le="%s"} %d' % (bound, number))
+        out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync["count"])
+        out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync["total"])
+        out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync["count"])
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def label_value(text: str) -> str:
+    """Escapes a Prometheus label value."""
+    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
 
 
 def read_pem(path: Path, marker: str, what: str) -> None:
@@ -560,7 +764,7 @@ class Authenticator:
         self.client_certificates = client_certificates
 
     @classmethod
-    def from_config(cls, config: argparse.Namespace, environ: Dict[str, str]) -> "Authenticator":
+    def from_config(cls, config: argparse.Namespace, environ: Dict[str, str]) -> Authenticator:
         """Loads the accepted secrets from the environment and the configured files."""
         basic = split_secret_list(environ.get(ENV_BASIC_AUTH))
         if config.basic_auth_file:
@@ -629,6 +833,8 @@ class Authenticator:
         return "&".join(items)
 
 
+
+
 # ---------------------------------------------------------------------------
 # Body decoding
 # ---------------------------------------------------------------------------
@@ -689,21 +895,23 @@ class Gunzip:
             return
 
 
-def normalize_lines(data: Buffer) -> Buffer:
-    """Turns CRLF into LF and drops blank lines; `data` holds whole lines, each ending in LF."""
+def normalize_lines(data: Bytes) -> Tuple[Bytes, bool]:
+    """Turns CRLF into LF and drops blank lines in `data` (whole lines, each ending in LF); tells whether
+    anything changed."""
+    changed = False
     if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n")
+        replaced = data.replace(b"\r\n", b"\n")
+        changed, data = len(replaced) != len(data), replaced
     if BLANK_LINE_RE.search(data) or data[:1] == b"\n":
         lines = [line for line in data.split(b"\n") if line]
-        data = b"\n".join(lines) + b"\n" if lines else b""
-    return data
+        data, changed = (b"\n".join(lines) + b"\n" if lines else b""), True
+    return data, changed
 
 
-def normalize_range(data: bytes, start: int, end: int) -> Buffer:
-    """normalize_lines() of data[start:end], without copying it when it is already clean (the usual case)."""
-    if data.find(b"\r", start, end) < 0 and data[start:start + 1] != b"\n" and not BLANK_LINE_RE.search(data, start, end):
-        return memoryview(data)[start:end]
-    return normalize_lines(data[start:end])
+def is_clean_range(data: bytes, start: int, end: int) -> bool:
+    """Tells whether normalize_lines() would keep data[start:end] as it is (the usual case), without copying it."""
+    return (data.find(b"\r", start, end) < 0 and data[start:start + 1] != b"\n"
+            and not BLANK_LINE_RE.search(data, start, end))
 
 
 def is_validation_probe(data: bytes) -> bool:
@@ -714,7 +922,7 @@ def is_validation_probe(data: bytes) -> bool:
     if body[:1] != b"{" or len(body) > 64:
         return False
     try:
-        return json.loads(body) == {"access_validation": True}
+        return bool(json.loads(body) == {"access_validation": True})
     except ValueError:
         return False
 
@@ -739,11 +947,12 @@ class RecordBatch:
 
     def chunks(self) -> Iterator[Buffer]:
         """The records, in pieces."""
-        if self.spool is None:
+        spool = self.spool
+        if spool is None:
             yield from self.parts
             return
-        self.spool.seek(0)
-        yield from iter(lambda: self.spool.read(COPY_CHUNK), b"")  # type: ignore[union-attr]
+        spool.seek(0)
+        yield from iter(lambda: spool.read(COPY_CHUNK), b"")
 
     def compress(self, pushed_gzip: Optional[Buffer]) -> None:
         """Switches the batch to gzip members: the pushed gzip bytes themselves, which the caller vouches
@@ -807,34 +1016,32 @@ class BatchBuilder:
             self.carry, start = b"", newline + 1
             if self.mid_line:
                 self.altered |= line.endswith(b"\r\n")
-                self._emit(line[:-2] if line.endswith(b"\r\n") else line[:-1])
-                self._emit(b"\n")
+                self._emit(line[:-2] if line.endswith(b"\r\n") else line[:-1], 0)
+                self._emit(b"\n", 1)
                 self.mid_line = False
             else:
                 self._emit_normalized(line)
         cut = chunk.rfind(b"\n", start) + 1
         if cut > start:
-            lines = normalize_range(chunk, start, cut)
-            if isinstance(lines, memoryview):
-                self._emit(lines, chunk.count(b"\n", start, cut))
+            if is_clean_range(chunk, start, cut):
+                self._emit(memoryview(chunk)[start:cut], chunk.count(b"\n", start, cut))
             else:
-                self.altered = True
-                self._emit(lines)
+                self._emit_normalized(chunk[start:cut])
         self.carry = chunk[max(cut, start):]
         if len(self.carry) > COPY_CHUNK:
             carry, self.carry = self.carry, b""
             self._emit_line_piece(carry)
 
-    def _emit_normalized(self, lines: Buffer) -> None:
-        normalized = normalize_lines(lines)
-        self.altered |= normalized is not lines
-        self._emit(normalized)
+    def _emit_normalized(self, lines: Bytes) -> None:
+        normalized, changed = normalize_lines(lines)
+        self.altered |= changed
+        self._emit(normalized, normalized.count(b"\n"))
 
-    def _emit_line_piece(self, piece: Buffer) -> None:
+    def _emit_line_piece(self, piece: bytes) -> None:
         """Emits part of a line whose end has not arrived; a final CR waits, it may precede LF."""
         if piece.endswith(b"\r"):
             self.carry, piece = b"\r", piece[:-1]
-        self._emit(piece)
+        self._emit(piece, 0)
         self.mid_line = True
 
     def finish(self) -> RecordBatch:
@@ -843,14 +1050,14 @@ class BatchBuilder:
         # Anything left over gains a final LF or loses a lone CR: the records differ from the body.
         self.altered |= bool(self.carry) or self.mid_line
         if last or self.mid_line:
-            self._emit(last)
-            self._emit(b"\n")
+            self._emit(last, 0)
+            self._emit(b"\n", 1)
         if self.spool is None and self.parts and bytes(self.parts[0][:64]).lstrip()[:1] == b"[":
             self._expand_json_array()
         digest = self.hasher.digest() if self.hasher is not None else None
         return RecordBatch(self.parts, self.spool, self.size, self.records, digest)
 
-    def feed_whole(self, body: Buffer) -> RecordBatch:
+    def feed_whole(self, body: Bytes) -> RecordBatch:
         """Builds the batch from a complete undecoded body without copying it when it is already clean."""
         if body.endswith(b"\n"):
             self._emit_normalized(body)
@@ -858,8 +1065,8 @@ class BatchBuilder:
             self.feed(bytes(body))
         return self.finish()
 
-    def _emit(self, data: Buffer, records: Optional[int] = None) -> None:
-        """Appends normalised lines; `records` saves counting them again when the caller knows."""
+    def _emit(self, data: Buffer, records: int) -> None:
+        """Appends normalised lines, `records` of them (the LFs in `data`)."""
         if not len(data):
             return
         if self.spool is None and self.size + len(data) > SPOOL_THRESHOLD:
@@ -872,7 +1079,7 @@ class BatchBuilder:
         else:
             self.parts.append(data)
         self.size += len(data)
-        self.records += data.count(b"\n") if records is None else records
+        self.records += records
         if self.hasher is not None:
             self.hasher.update(data)
 
@@ -891,26 +1098,129 @@ class BatchBuilder:
         if self.hasher is not None:
             self.hasher = hashlib.sha256()
         if lines:
-            self._emit(b"\n".join(lines) + b"\n")
+            self._emit(b"\n".join(lines) + b"\n", len(lines))
+
+
+class DecodedPush(NamedTuple):
+    """A push body decoded: its records, and the pushed bytes when they are exactly gzip members of those
+    records (what --store gzip may keep as they are)."""
+
+    batch: RecordBatch
+    pushed_gzip: Optional[Buffer]
+
+
+def decode_push(body: bytearray, declared_gzip: bool, limit: int, spool_dir: Path, digest: bool,
+                on_growth: Callable[[int], None]) -> DecodedPush:
+    """Decodes a push body into records: gunzip when the header says so or the magic bytes do, then lines.
+
+    on_growth(size) sees the decoded bytes held in memory grow (spooled ones
+    are not); raises BodyError, or BodyTooLarge past `limit` decoded bytes.
+    """
+    builder = BatchBuilder(spool_dir, digest)
+    if not declared_gzip and body[:2] != GZIP_MAGIC:
+        return DecodedPush(builder.feed_whole(body), None)
+    gunzip = Gunzip(body, limit)
+    for chunk in gunzip:
+        builder.feed(chunk)
+        on_growth(min(builder.size, SPOOL_THRESHOLD))
+    batch = builder.finish()
+    return DecodedPush(batch, body if gunzip.exact and not builder.altered else None)
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Retry dedup
+# ---------------------------------------------------------------------------
+
+def dedupe_key(folder: str, digest: bytes) -> str:
+    """Identifies a batch for retry dedup: its folder ('' for the root) and the SHA-256 of its records."""
+    return (folder or "-") + "/" + digest.hex()
+
+
+class DedupeWindow(Protocol):
+    """Remembers the batches stored recently, so a batch re-sent within the window is stored once.
+
+    A push claims its batch's key before storing, then commits it once
+    stored or releases it when storing failed; a concurrent claim of the same
+    key waits for that outcome.
+    """
+
+    def claim(self, key: str) -> bool:
+        """Returns True when the caller should store the batch, False when it is a duplicate."""
+
+    def commit(self, key: str, stored_at: float) -> None:
+        """Records that the claimed batch is stored."""
+
+    def release(self, key: str) -> None:
+        """Gives up a claim whose batch could not be stored, letting a retry store it."""
+
+
+class DedupeIndex:
+    """The DedupeWindow of one process: digests of the batches stored within the window.
+
+    It lives in memory; at start it is filled again from the batch indexes,
+    which are synced with the records they describe, so a batch counts as
+    stored exactly when its records survived.
+    """
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.time) -> None:
+        self.window = window
+        self.clock = clock
+        self.seen: OrderedDict[str, float] = OrderedDict()
+        self.pending: Set[str] = set()
+        self.state = threading.Condition()
+
+    def load(self, entries: Iterable[Tuple[float, str]]) -> None:
+        """Remembers (time stored, key) entries that are still inside the window, oldest first."""
+        cutoff = self.clock() - self.window
+        with self.state:
+            for stored_at, key in sorted(entries):
+                if stored_at >= cutoff:
+                    self.seen[key] = stored_at
+                    self.seen.move_to_end(key)
+
+    def claim(self, key: str) -> bool:
+        """Returns True when the caller should store the batch, False when it is a duplicate; waits while
+        another request stores the same batch."""
+        with self.state:
+            while True:
+                outcome = self.try_claim(key)
+                if outcome is not None:
+                    return outcome
+                self.state.wait()
+
+    def try_claim(self, key: str) -> Optional[bool]:
+        """Like claim(), but returns None instead of waiting while the batch is being stored."""
+        if key in self.pending:
+            return None
+        cutoff = self.clock() - self.window
+        while self.seen and next(iter(self.seen.values())) < cutoff:
+            self.seen.popitem(last=False)
+        if key in self.seen:
+            return False
+        self.pending.add(key)
+        return True
+
+    def commit(self, key: str, stored_at: float) -> None:
+        """Records that the claimed batch is stored."""
+        with self.state:
+            self.pending.discard(key)
+            self.seen[key] = stored_at
+            self.seen.move_to_end(key)
+            self.state.notify_all()
+
+    def release(self, key: str) -> None:
+        """Gives up a claim whose batch could not be stored, letting a retry store it."""
+        with self.state:
+            self.pending.discard(key)
+            self.state.notify_all()
+
+
+# ---------------------------------------------------------------------------
+# Storage: the layout of the output folder
 # ---------------------------------------------------------------------------
 
 class StorageError(Exception):
     """Records could not be stored now; nothing of them is left behind, and a retry may succeed."""
-
-
-def write_all(fd: int, parts: Sequence[Buffer]) -> None:
-    """Writes every part to `fd`, in one writev when the kernel takes it whole."""
-    written = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
-    total = sum(len(part) for part in parts)
-    if written == total:
-        return
-    remainder = memoryview(b"".join(parts))[written:]
-    while remainder:
-        remainder = remainder[os.write(fd, remainder):]
 
 
 def fsync_directory(path: Path) -> None:
@@ -933,38 +1243,147 @@ def folder_for_path(url_path: str) -> str:
     return name
 
 
-def dedupe_key(folder: str, digest: bytes) -> str:
-    """Identifies a batch for retry dedup: its folder and the SHA-256 of its records."""
-    return folder + "/" + digest.hex()
+class DataName(NamedTuple):
+    """What a data file's name says, e.g. 2026-11-27T15Z.w1.2.log.gz."""
+
+    period: str
+    tag: str
+    sequence: int
+    compressed: bool
 
 
-def split_data_file_name(name: str) -> Tuple[str, int]:
-    """Splits '2026-11-27T15Z.2.log' into its stem '2026-11-27T15Z' and file number 2."""
-    match = re.fullmatch(r"(.*?)(?:\.(\d+))?" + re.escape(DATA_FILE_SUFFIX) + r"(?:\.gz)?", name)
-    if match is None:
-        return name, 0
-    return match.group(1), int(match.group(2) or 0)
+class Layout:
+    """Every name under --output-dir, and the one parser of them.
+
+    OUTPUT_DIR/[FOLDER/]PERIOD[TAG][.N].log[.gz]      records: PERIOD is the UTC hour
+                                                      (2026-11-27T15Z) or day, TAG a worker's (.w1),
+                                                      N the file number within the period
+    .dsreceiver/batches/FOLDER/NAME.idx               the batch index of data file NAME ('-' for no FOLDER)
+    .dsreceiver/batches/FOLDER/NAME.moved-T.idx       an index SIGHUP set aside when logrotate moved NAME
+    .dsreceiver/partial/, .dsreceiver/torn/           bytes that recovery cut from data files
+    .dsreceiver/spool/                                large decoded bodies (unlinked temporary files)
+    OUTPUT_DIR/[FOLDER/].NAME.gz.tmp                  a compression under way
+
+    FOLDER is empty, or one or more safe folder names (a --route-by-path folder).
+    Everything besides records is under the dot-path, so a consumer that reads
+    every non-dot file sees only records.
+    """
+
+    STATE_DIR = ".dsreceiver"
+    ROOT_FOLDER = "-"
+    DATA_NAME_RE = re.compile(r"(\d{4}-\d\d-\d\d(?:T\d\dZ)?)((?:\.w\d+)?)(?:\.(\d+))?\.log(\.gz)?")
+    INDEX_NAME_RE = re.compile(r"(.+?)(?:\.moved-\d+)?\.idx")
+    COMPRESSION_TEMP_RE = re.compile(r"\.(.+)\.gz\.tmp")
+
+    def __init__(self, root: Path, rotate: str = "hourly", tag: str = "", store_gzip: bool = False) -> None:
+        self.root = root
+        self.rotate = rotate
+        self.tag = tag
+        self.store_gzip = store_gzip
+        self.state_dir = root / self.STATE_DIR
+        self.index_dir = self.state_dir / "batches"
+        self.spool_dir = self.state_dir / "spool"
+
+    def for_worker(self, tag: str) -> Layout:
+        """The same layout, naming its new files with a worker's tag."""
+        return Layout(self.root, self.rotate, tag, self.store_gzip)
+
+    def create(self) -> None:
+        """Creates the output folder and the server's own folders."""
+        for folder in (self.root, self.state_dir, self.spool_dir, self.index_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- names ------------------------------------------------------------------
+
+    def period_name(self, now: float) -> str:
+        """Names the period of `now`: 2026-11-27T15Z (hourly) or 2026-11-27 (daily), in UTC."""
+        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d", time.gmtime(now))
+
+    def data_path(self, folder: str, period: str, sequence: int) -> Path:
+        """Where this layout writes file number `sequence` of `period` in `folder` ('' for the root)."""
+        self.check_folder(folder)
+        name = period + self.tag + (".%d" % sequence if sequence else "") + (".log.gz" if self.store_gzip else ".log")
+        return self.root / folder / name if folder else self.root / name
+
+    @classmethod
+    def parse(cls, name: str) -> Optional[DataName]:
+        """Reads a data file's name; None when it is not one."""
+        match = cls.DATA_NAME_RE.fullmatch(name)
+        if match is None:
+            return None
+        return DataName(match.group(1), match.group(2), int(match.group(3) or 0), bool(match.group(4)))
+
+    @staticmethod
+    def check_folder(folder: str) -> None:
+        """Refuses a folder that is not made of safe names, so nothing lands outside the output folder."""
+        if folder and not all(SAFE_FOLDER_RE.fullmatch(part) for part in folder.split("/")):
+            raise ValueError("unsafe folder name %r" % folder)
+
+    def folder_of(self, data_path: Path) -> str:
+        """The folder of a data file, relative to the output folder ('' for the root)."""
+        return data_path.parent.relative_to(self.root).as_posix().strip(".")
+
+    def owns(self, path: Path, tag: Optional[str] = None) -> bool:
+        """Tells whether a data file carries this layout's worker tag (or `tag`)."""
+        name = self.parse(path.name)
+        return name is not None and name.tag == (self.tag if tag is None else tag)
+
+    def index_path(self, data_path: Path) -> Path:
+        """Where the batch index of a data file lives."""
+        return self.index_dir / (self.folder_of(data_path) or self.ROOT_FOLDER) / (data_path.name + ".idx")
+
+    def set_aside_index_path(self, data_path: Path) -> Path:
+        """A new name for the index of a data file that logrotate moved, still read by dedup and recovery."""
+        return self.index_path(data_path).with_name("%s.moved-%d.idx" % (data_path.name, time.time_ns()))
+
+    @staticmethod
+    def compressed_path(data_path: Path) -> Path:
+        """The gzip'd copy of a finished data file."""
+        return data_path.with_name(data_path.name + ".gz")
+
+    @staticmethod
+    def compression_temp_path(data_path: Path) -> Path:
+        """Where the gzip'd copy is written before it is complete."""
+        return data_path.with_name("." + data_path.name + ".gz.tmp")
+
+    def aside_path(self, kind: str, data_path: Path, stamp: float) -> Path:
+        """Where recovery keeps bytes cut from a data file: .dsreceiver/KIND/FOLDER__NAME.STAMP."""
+        flat = "__".join(data_path.relative_to(self.root).parts)
+        return self.state_dir / kind / ("%s.%d" % (flat, int(stamp)))
+
+    # -- listings ---------------------------------------------------------------
+
+    def data_files(self, compressed: bool = False) -> Iterator[Tuple[Path, DataName]]:
+        """Every data file this layout appends to (and with `compressed`, every gzip'd one as well)."""
+        for path in self.root.rglob("*"):
+            name = self.parse(path.name)
+            if name is None or not (compressed or name.compressed == self.store_gzip):
+                continue
+            if not any(part.startswith(".") for part in path.relative_to(self.root).parts) and path.is_file():
+                yield path, name
+
+    def indexes(self) -> Iterator[Tuple[Path, str, DataName]]:
+        """Every batch index, set-aside ones included: (index path, folder, name of its data file)."""
+        for index in self.index_dir.rglob("*.idx"):
+            match = self.INDEX_NAME_RE.fullmatch(index.name)
+            name = self.parse(match.group(1)) if match else None
+            if name is None:
+                continue
+            folder = index.parent.relative_to(self.index_dir).as_posix()
+            yield index, "" if folder == self.ROOT_FOLDER else folder, name
+
+    def compression_temps(self) -> Iterator[Tuple[Path, DataName]]:
+        """Every unfinished compression: (temporary file, name of the data file being compressed)."""
+        for temp in self.root.rglob(".*.gz.tmp"):
+            match = self.COMPRESSION_TEMP_RE.fullmatch(temp.name)
+            name = self.parse(match.group(1)) if match else None
+            if name is not None and self.STATE_DIR not in temp.relative_to(self.root).parts:
+                yield temp, name
 
 
-class Histogram:
-    """A cumulative histogram of durations, in the shape Prometheus exposes."""
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0.0
-        self.count = 0
-        self.lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        """Counts one observation in every bucket it fits."""
-        with self.lock:
-            for index, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self.counts[index] += 1
-            self.total += value
-            self.count += 1
-
+# ---------------------------------------------------------------------------
+# Storage: writing records
+# ---------------------------------------------------------------------------
 
 class DataFile:
     """One append-only output file and its batch index; concurrent appends share fdatasync calls (group commit).
@@ -972,7 +1391,7 @@ class DataFile:
     After each batch, a fixed-size entry (end offset, time, digest) goes to the
     batch index under the dot-path, and both files are synced before any 200.
     At restart, bytes past the last indexed batch belong to a batch that was
-    never acknowledged and are moved aside (see Storage.recover_file).
+    never acknowledged and are moved aside (see recover_file).
     Progress is counted in bytes appended through this descriptor rather than
     in offsets, so a file truncated behind our back (logrotate's copytruncate)
     cannot make unsynced records look durable.
@@ -1004,9 +1423,11 @@ class DataFile:
         self.durable_index_size = self.index_size
         # Bumped when unsynced bytes are cut off, so their writers learn their records are gone.
         self.generation = 0
+        # Requests writing it now, and whether it has stopped being the current file of its folder.
         self.users = 0
         self.retired = False
-        self.compress_when_closed = False
+        # Whether it ended because its period or size was over (not because logrotate moved it).
+        self.finished = False
         self.syncing = False
         self.state = threading.Condition()
 
@@ -1015,6 +1436,11 @@ class DataFile:
         os.ftruncate(self.index_fd, 0)
         write_all(self.index_fd, [BATCH_ENTRY.pack(offset, time.time(), NO_DIGEST)])
         self.index_size = BATCH_ENTRY.size
+
+    def is_full(self, max_size: int) -> bool:
+        """Tells whether the file has reached `max_size` bytes (0: no limit)."""
+        with self.state:
+            return bool(max_size) and self.size >= max_size
 
     def append(self, batch: RecordBatch, stamp: float) -> Tuple[int, int]:
         """Writes the batch contiguously, then its index entry; returns (progress mark, generation) for sync_through()."""
@@ -1104,197 +1530,48 @@ class DataFile:
             os.close(fd)
 
 
-class DedupeIndex:
-    """Digests of the batches stored within the window, so a re-sent batch is stored once.
-
-    It lives in memory; at start it is filled again from the batch indexes,
-    which are synced with the records they describe, so a batch counts as
-    stored exactly when its records survived.
-    """
-
-    def __init__(self, window: float, clock: Callable[[], float] = time.time) -> None:
-        self.window = window
-        self.clock = clock
-        self.seen: "OrderedDict[str, float]" = OrderedDict()
-        self.pending: Set[str] = set()
-        self.state = threading.Condition()
-
-    def load(self, entries: Iterable[Tuple[float, str]]) -> None:
-        """Remembers (time stored, key) entries that are still inside the window, oldest first."""
-        cutoff = self.clock() - self.window
-        with self.state:
-            for stored_at, key in sorted(entries):
-                if stored_at >= cutoff:
-                    self.seen[key] = stored_at
-                    self.seen.move_to_end(key)
-
-    def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate; waits while another request stores the same batch."""
-        with self.state:
-            while True:
-                outcome = self.try_claim(key)
-                if outcome is not None:
-                    return outcome
-                self.state.wait()
-
-    def try_claim(self, key: str) -> Optional[bool]:
-        """Like claim(), but returns None instead of waiting while the batch is being stored."""
-        if key in self.pending:
-            return None
-        cutoff = self.clock() - self.window
-        while self.seen and next(iter(self.seen.values())) < cutoff:
-            self.seen.popitem(last=False)
-        if key in self.seen:
-            return False
-        self.pending.add(key)
-        return True
-
-    def commit(self, key: str, stored_at: float) -> None:
-        """Records that the claimed batch is stored."""
-        with self.state:
-            self.pending.discard(key)
-            self.seen[key] = stored_at
-            self.seen.move_to_end(key)
-            self.state.notify_all()
-
-    def release(self, key: str) -> None:
-        """Gives up a claim whose batch could not be stored, letting a retry store it."""
-        with self.state:
-            self.pending.discard(key)
-            self.state.notify_all()
-
-
 class Storage:
-    """Appends record batches to files under the output folder; the only place records are written.
+    """Appends record batches to the current data file of each folder: the only code that writes records.
 
     Files are named by the UTC period of receipt (hour or day) and numbered
-    within a period when --max-file-size rolls them.  A housekeeping thread
-    closes files whose period has passed, gzips finished files and deletes
-    expired ones; nothing touches a file that is still being written.
+    within a period when --max-file-size rolls them.  A file stays open while
+    it is current; once its period is over (see Housekeeper) or it is full, it
+    is closed as soon as no request writes it, and listed in `finished`.
     """
 
-    def __init__(self, root: Path, fsync_mode: str = "always", rotate: str = "hourly", max_file_size: int = 0,
-                 compress_rotated: bool = False, retention_days: float = 0, dedupe_window: float = 0,
-                 clock: Callable[[], float] = time.time, name_tag: str = "",
-                 shared_dedupe: Optional["SupervisorClient"] = None, store_gzip: bool = False) -> None:
-        self.root = root
-        self.state_dir = root / STATE_DIR_NAME
-        self.spool_dir = self.state_dir / "spool"
+    def __init__(self, layout: Layout, fsync_mode: str = "always", max_file_size: int = 0,
+                 dedupe: Optional[DedupeWindow] = None, clock: Callable[[], float] = time.time) -> None:
+        self.layout = layout
         self.fsync_mode = fsync_mode
-        self.store_gzip = store_gzip
-        self.suffix = DATA_FILE_SUFFIX + ".gz" if store_gzip else DATA_FILE_SUFFIX
-        self.rotate = rotate
         self.max_file_size = max_file_size
-        self.compress_rotated = compress_rotated and not store_gzip
-        self.retention_days = retention_days
+        self.dedupe = dedupe
         self.clock = clock
-        self.name_tag = name_tag
-        self.index_dir = self.state_dir / "batches"
-        self.dedupe_window = dedupe_window
-        # Several workers share one dedupe window, kept by the supervisor.
-        self.dedupe: Union[DedupeIndex, SupervisorClient, None] = (
-            shared_dedupe if shared_dedupe is not None else DedupeIndex(dedupe_window, clock) if dedupe_window else None)
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self.files: Dict[str, DataFile] = {}
-        self.to_compress: List[Path] = []
+        # Files closed for good since housekeeping last looked (see take_finished).
+        self.finished: List[Path] = []
         self.last_failure: Optional[Tuple[float, str]] = None
         self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.threads: List[threading.Thread] = []
+        self.stopped = threading.Event()
+        self.interval_sync: Optional[threading.Thread] = None
 
-    # -- life cycle -------------------------------------------------------------
-
-    def open(self, background: bool = True, own_files_only: bool = False) -> None:
-        """Creates the folders, recovers from a crash, and starts the housekeeping threads.
-
-        A worker restarted next to running ones recovers only its own files.
-        """
-        try:
-            for folder in (self.root, self.state_dir, self.spool_dir, self.index_dir):
-                folder.mkdir(parents=True, exist_ok=True)
-            for path in list(self.data_files()):
-                if not own_files_only or self.owns(path):
-                    self.recover_file(path)
-            self._finish_interrupted_compressions()
-            if isinstance(self.dedupe, DedupeIndex):
-                self.dedupe.load(self.indexed_batches())
-        except OSError as exc:
-            raise ConfigError("cannot use output folder %s: %s" % (self.root, describe_os_error(exc))) from None
-        if self.compress_rotated:
-            self.to_compress = [path for path in self._finished_files() if not own_files_only or self.owns(path)]
-        if background:
-            self._start_thread(self._housekeep, "housekeeping")
-            if self.fsync_mode == "interval":
-                self._start_thread(self._sync_every_second, "fsync-interval")
-
-    def _start_thread(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def reopen(self) -> int:
-        """After logrotate moved or deleted an output file, makes the next push open a new one by name.
-
-        A file still in place is kept: two descriptors appending to one file
-        and one index could interleave their batches and index entries.
-        """
-        with self.lock:
-            moved = [(folder, data_file) for folder, data_file in self.files.items() if data_file.moved()]
-            idle = []
-            for folder, data_file in moved:
-                del self.files[folder]
-                # Requests still writing the moved file keep its index; the new file starts its own.
-                os.replace(str(data_file.index_path),
-                           str(data_file.index_path.with_name("%s.moved-%d.idx" % (data_file.path.name,
-                                                                                   time.time_ns()))))
-                if self._retire(data_file, finished=False):
-                    idle.append(data_file)
-        for data_file in idle:
-            self._close(data_file)
-        return len(moved)
+    def start(self) -> None:
+        """Starts the once-a-second fdatasync thread of --fsync interval."""
+        if self.fsync_mode == "interval":
+            self.interval_sync = threading.Thread(target=self._sync_every_second, name="fsync-interval", daemon=True)
+            self.interval_sync.start()
 
     def close(self) -> None:
         """Makes every open file durable and closes those no request is still writing."""
-        self.closed.set()
-        for thread in self.threads:
-            thread.join()
+        self.stopped.set()
+        if self.interval_sync is not None:
+            self.interval_sync.join()
         with self.lock:
             retired = list(self.files.values())
             self.files.clear()
             idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
         for data_file in idle:
             data_file.close()
-
-    # -- naming -----------------------------------------------------------------
-
-    def period_name(self, now: float) -> str:
-        """Names the period of `now`: 2026-11-27T15Z (hourly) or 2026-11-27 (daily), in UTC."""
-        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d", time.gmtime(now))
-
-    def file_name(self, period: str, sequence: int) -> str:
-        """Names a data file: period, worker tag, sequence number after the first, '.log'."""
-        return period + self.name_tag + (".%d" % sequence if sequence else "") + self.suffix
-
-    def owns(self, path: Path, tag: Optional[str] = None) -> bool:
-        """Tells whether a data file carries this storage's worker tag (or `tag`); untagged without workers."""
-        stem = split_data_file_name(path.name)[0]
-        return re.fullmatch(r"[0-9TZ-]+" + re.escape(self.name_tag if tag is None else tag), stem) is not None
-
-    def index_path(self, data_path: Path) -> Path:
-        """Where the batch index of a data file lives: .dsreceiver/batches/FOLDER/NAME.idx ('-' for the root)."""
-        relative = data_path.relative_to(self.root)
-        folder = relative.parts[0] if len(relative.parts) > 1 else "-"
-        return self.index_dir / folder / (data_path.name + ".idx")
-
-    def data_files(self, compressed: bool = False) -> Iterator[Path]:
-        """Yields every data file (and with `compressed`, every gzip'd one too), skipping the dot-path."""
-        for path in self.root.rglob("*"):
-            name = path.name
-            if not (name.endswith(self.suffix) or compressed and name.endswith(DATA_FILE_SUFFIX + ".gz")):
-                continue
-            relative = path.relative_to(self.root)
-            if not any(part.startswith(".") for part in relative.parts) and path.is_file():
-                yield path
 
     # -- storing ----------------------------------------------------------------
 
@@ -1306,26 +1583,26 @@ class Storage:
         'always'.  Raises StorageError, with nothing of the batch left behind,
         when it cannot be stored now.
         """
-        if folder and not SAFE_FOLDER_RE.fullmatch(folder):
-            raise ValueError("unsafe folder name %r" % folder)
-        key = dedupe_key(folder or "-", batch.digest) if self.dedupe is not None and batch.digest else None
-        if key is not None and not self.dedupe.claim(key):  # type: ignore[union-attr]
+        self.layout.check_folder(folder)
+        dedupe = self.dedupe
+        key = dedupe_key(folder, batch.digest) if dedupe is not None and batch.digest else None
+        if dedupe is not None and key is not None and not dedupe.claim(key):
             return None
         stamp = self.clock()
         try:
-            if self.store_gzip:
+            if self.layout.store_gzip:
                 batch.compress(pushed_gzip)
             path = self._append(folder, batch, stamp)
         except BaseException as exc:
             # Whatever went wrong, a resend of this batch must not wait for this claim forever.
-            if key is not None:
-                self.dedupe.release(key)  # type: ignore[union-attr]
+            if dedupe is not None and key is not None:
+                dedupe.release(key)
             if isinstance(exc, StorageError):
                 self.last_failure = (time.monotonic(), str(exc))
             raise
         self.last_failure = None
-        if key is not None:
-            self.dedupe.commit(key, stamp)  # type: ignore[union-attr]
+        if dedupe is not None and key is not None:
+            dedupe.commit(key, stamp)
         return path
 
     def _append(self, folder: str, batch: RecordBatch, stamp: float) -> Path:
@@ -1333,7 +1610,7 @@ class Storage:
             data_file = self._acquire(folder)
         except OSError as exc:
             raise StorageError("cannot open a data file in %s: %s"
-                               % (self.root / folder, describe_os_error(exc))) from exc
+                               % (self.layout.root / folder, describe_os_error(exc))) from exc
         try:
             mark, generation = data_file.append(batch, stamp)
             if self.fsync_mode == "always":
@@ -1345,17 +1622,16 @@ class Storage:
         return data_file.path
 
     def _acquire(self, folder: str) -> DataFile:
-        period = self.period_name(self.clock())
+        period = self.layout.period_name(self.clock())
         idle: Optional[DataFile] = None
         with self.lock:
             current = self.files.get(folder)
-            full = current is not None and self.max_file_size and current.size >= self.max_file_size
-            if current is None or current.period != period or full:
+            if current is None or current.period != period or current.is_full(self.max_file_size):
                 if current is not None and current.period == period:
                     sequence = current.sequence + 1
                 else:
-                    sequence = self._resume_sequence(self.root / folder, period)
-                opened = self._open_file(self.root / folder, period, sequence)
+                    sequence = self._resume_sequence(folder, period)
+                opened = self._open_file(folder, period, sequence)
                 if current is not None and self._retire(current, finished=True):
                     idle = current
                 self.files[folder] = current = opened
@@ -1371,67 +1647,50 @@ class Storage:
         if idle:
             self._close(data_file)
 
-    def _open_file(self, directory: Path, period: str, sequence: int) -> DataFile:
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            fsync_directory(directory.parent)
-        path = directory / self.file_name(period, sequence)
+    def _open_file(self, folder: str, period: str, sequence: int) -> DataFile:
+        path = self.layout.data_path(folder, period, sequence)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_directory(path.parent.parent)
         is_new = not path.exists()
-        index_path = self.index_path(path)
+        index_path = self.layout.index_path(path)
         if not index_path.parent.is_dir():
             index_path.parent.mkdir(parents=True, exist_ok=True)
             fsync_directory(index_path.parent.parent)
         index_is_new = not index_path.exists()
         data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds)
         if is_new:
-            fsync_directory(directory)
+            fsync_directory(path.parent)
         if index_is_new:
             fsync_directory(index_path.parent)
         return data_file
 
-    def _resume_sequence(self, directory: Path, period: str) -> int:
+    def _resume_sequence(self, folder: str, period: str) -> int:
         """Picks the file number to append to after a restart: the last one, unless it is full or compressed."""
         sequence = 0
         while True:
-            plain = directory / self.file_name(period, sequence)
-            taken = plain.exists() or plain.with_name(plain.name + ".gz").exists()
-            following = directory / self.file_name(period, sequence + 1)
-            if not (following.exists() or following.with_name(following.name + ".gz").exists()):
-                if not taken or plain.exists() and not (self.max_file_size and plain.stat().st_size >= self.max_file_size):
-                    return sequence
-                return sequence + 1
+            plain = self.layout.data_path(folder, period, sequence)
+            taken = plain.exists() or self.layout.compressed_path(plain).exists()
+            following = self.layout.data_path(folder, period, sequence + 1)
+            if not (following.exists() or self.layout.compressed_path(following).exists()):
+                full = self.max_file_size and plain.exists() and plain.stat().st_size >= self.max_file_size
+                return sequence if not taken or plain.exists() and not full else sequence + 1
             sequence += 1
 
     def _retire(self, data_file: DataFile, finished: bool) -> bool:
         """Marks a file as no longer current (call with the lock); True when it is idle and can be closed now."""
         data_file.retired = True
-        data_file.compress_when_closed = finished and self.compress_rotated
+        data_file.finished = finished
         return data_file.users == 0
 
     def _close(self, data_file: DataFile) -> None:
         data_file.close()
-        if data_file.compress_when_closed:
+        if data_file.finished:
             with self.lock:
-                self.to_compress.append(data_file.path)
-
-    # -- housekeeping -------------------------------------------------------------
-
-    def _housekeep(self) -> None:
-        next_retention = 0.0
-        while not self.closed.wait(HOUSEKEEPING_INTERVAL):
-            try:
-                self.retire_stale()
-                self.compress_finished()
-                if time.monotonic() >= next_retention:
-                    if self.retention_days:
-                        self.apply_retention()
-                    self.prune_indexes()
-                    next_retention = time.monotonic() + RETENTION_INTERVAL
-            except Exception:
-                log.exception("housekeeping failed; will try again")
+                self.finished.append(data_file.path)
 
     def _sync_every_second(self) -> None:
-        while not self.closed.wait(1.0):
+        while not self.stopped.wait(1.0):
             with self.lock:
                 open_files = list(self.files.values())
             for data_file in open_files:
@@ -1440,9 +1699,11 @@ class Storage:
                 except (OSError, StorageError) as exc:
                     log.error("interval fdatasync of %s failed: %s", data_file.path, describe_os_error(exc))
 
+    # -- for housekeeping and SIGHUP ------------------------------------------------
+
     def retire_stale(self) -> None:
         """Closes the files of a period that has passed, even when no push has arrived since."""
-        period = self.period_name(self.clock())
+        period = self.layout.period_name(self.clock())
         with self.lock:
             stale = [(folder, data_file) for folder, data_file in self.files.items() if data_file.period != period]
             idle = []
@@ -1453,20 +1714,252 @@ class Storage:
         for data_file in idle:
             self._close(data_file)
 
+    def take_finished(self) -> List[Path]:
+        """Returns and forgets the files closed for good since the last call."""
+        with self.lock:
+            finished, self.finished = self.finished, []
+        return finished
+
+    def open_paths(self) -> Set[Path]:
+        """The data files open for writing now."""
+        with self.lock:
+            return {data_file.path for data_file in self.files.values()}
+
+    def reopen(self) -> int:
+        """After logrotate moved or deleted an output file, makes the next push open a new one by name.
+
+        A file still in place is kept: two descriptors appending to one file
+        and one index could interleave their batches and index entries.
+        """
+        with self.lock:
+            moved = [(folder, data_file) for folder, data_file in self.files.items() if data_file.moved()]
+            idle = []
+            for folder, data_file in moved:
+                del self.files[folder]
+                # Requests still writing the moved file keep its index; the new file starts its own.
+                os.replace(str(data_file.index_path), str(self.layout.set_aside_index_path(data_file.path)))
+                if self._retire(data_file, finished=False):
+                    idle.append(data_file)
+        for data_file in idle:
+            self._close(data_file)
+        return len(moved)
+
+    def health(self) -> Optional[str]:
+        """Returns why storage is failing now, or None when it can take records."""
+        failure = self.last_failure
+        if failure is not None and time.monotonic() - failure[0] < HEALTH_FAILURE_MEMORY:
+            return failure[1]
+        try:
+            with tempfile.TemporaryFile(dir=str(self.layout.state_dir)) as probe:
+                probe.write(b"\0" * HEALTH_PROBE_SIZE)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            return "cannot write to %s: %s" % (self.layout.root, describe_os_error(exc))
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Storage: recovery after a crash
+# ---------------------------------------------------------------------------
+
+def recover_output(layout: Layout, tag: Optional[str] = None) -> None:
+    """Run at start, and by the supervisor for a dead worker's files (its `tag`): finishes interrupted
+    compressions and leaves every data file holding exactly its acknowledged batches."""
+    for temp, name in list(layout.compression_temps()):
+        if tag is None or name.tag == tag:
+            temp.unlink()
+    for path, name in list(layout.data_files()):
+        if tag is not None and name.tag != tag:
+            continue
+        if layout.compressed_path(path).exists():
+            # The .gz was complete and durable before the original was removed: it is the copy that counts.
+            path.unlink()
+            log.info("removed %s: its compressed copy was completed before the restart", path)
+            continue
+        recover_file(layout, path)
+
+
+def recover_file(layout: Layout, path: Path) -> None:
+    """Keeps exactly the batches the index vouches for and moves the rest aside.
+
+    Index entries whose batch is not all in the file (lost with unsynced
+    writes) are dropped; bytes after the last indexed batch belong to a
+    batch that was never acknowledged, so DataStream will send it again.
+    A file without an index is only cut back to its last complete line.
+    """
+    index = layout.index_path(path)
+    if not index.exists():
+        if path.name.endswith(".gz"):
+            log.warning("%s has no batch index: left as it is", path)
+        else:
+            _repair_torn_tail(layout, path)
+        return
+    size = path.stat().st_size
+    raw = index.read_bytes()
+    count = len(raw) // BATCH_ENTRY.size
+    while count and BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] > size:
+        count -= 1
+    keep = BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] if count else 0
+    if count * BATCH_ENTRY.size != len(raw):
+        with index.open("r+b") as handle:
+            handle.truncate(count * BATCH_ENTRY.size)
+            os.fsync(handle.fileno())
+    if size > keep:
+        kept_as = _set_aside(layout, path, keep, "partial")
+        log.warning("moved %d bytes of an unacknowledged batch out of %s into %s (DataStream resends it)",
+                    size - keep, path, kept_as)
+
+
+def _repair_torn_tail(layout: Layout, path: Path) -> None:
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        keep = _last_newline_end(handle, size)
+    kept_as = _set_aside(layout, path, keep, "torn")
+    log.warning("repaired torn tail of %s: cut %d bytes after the last complete line, kept in %s",
+                path, size - keep, kept_as)
+
+
+def _set_aside(layout: Layout, path: Path, keep: int, kind: str) -> Path:
+    """Moves the bytes of `path` after offset `keep` to a file under .dsreceiver/KIND/."""
+    kept_as = layout.aside_path(kind, path, time.time())
+    kept_as.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("r+b") as handle, kept_as.open("ab") as aside:
+        handle.seek(keep)
+        for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
+            aside.write(chunk)
+        aside.flush()
+        os.fsync(aside.fileno())
+        handle.truncate(keep)
+        os.fsync(handle.fileno())
+    return kept_as
+
+
+def _last_newline_end(handle: IO[bytes], size: int) -> int:
+    """Returns the offset just past the last LF of the file, 0 when it has none."""
+    position = size
+    while position > 0:
+        start = max(0, position - COPY_CHUNK)
+        handle.seek(start)
+        block = handle.read(position - start)
+        index = block.rfind(b"\n")
+        if index >= 0:
+            return start + index + 1
+        position = start
+    return 0
+
+
+def indexed_batches(layout: Layout, window: float, now: float,
+                    tag: Optional[str] = None) -> Iterator[Tuple[float, str]]:
+    """Yields (time stored, dedupe key) for the batches of indexes touched within the window, set-aside
+    indexes included (only those of one worker's files, with `tag`): what refills a DedupeIndex."""
+    for index, folder, name in list(layout.indexes()):
+        if tag is not None and name.tag != tag:
+            continue
+        try:
+            if index.stat().st_mtime < now - window:
+                continue
+            raw = index.read_bytes()
+        except FileNotFoundError:
+            continue
+        for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size):
+            _, stored_at, digest = BATCH_ENTRY.unpack_from(raw, offset)
+            if digest != NO_DIGEST:
+                yield stored_at, dedupe_key(folder, digest)
+
+
+# ---------------------------------------------------------------------------
+# Storage: housekeeping
+# ---------------------------------------------------------------------------
+
+class Housekeeper:
+    """Upkeep in a background thread: closes files whose period passed, gzips finished files
+    (--compress-rotated), deletes expired ones (--retention-days) and prunes old batch indexes.
+
+    Nothing here touches a file that is still being written.
+    """
+
+    def __init__(self, layout: Layout, storage: Optional[Storage] = None, compress: bool = False,
+                 retention_days: float = 0, dedupe_window: float = 0, clock: Callable[[], float] = time.time) -> None:
+        self.layout = layout
+        self.storage = storage
+        # --store gzip files are gzip'd as they are written.
+        self.compress = compress and not layout.store_gzip
+        self.retention_days = retention_days
+        self.dedupe_window = dedupe_window
+        self.clock = clock
+        self.to_compress: List[Path] = []
+        self.stopped = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Queues the finished files this process owns for compression, then runs upkeep every second."""
+        self.queue_finished_files(own_only=True)
+        self.thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stops the upkeep thread."""
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self) -> None:
+        next_retention = 0.0
+        while not self.stopped.wait(HOUSEKEEPING_INTERVAL):
+            try:
+                if self.storage is not None:
+                    self.storage.retire_stale()
+                self.compress_finished()
+                if time.monotonic() >= next_retention:
+                    if self.retention_days:
+                        self.apply_retention()
+                    self.prune_indexes()
+                    next_retention = time.monotonic() + RETENTION_INTERVAL
+            except Exception:
+                log.exception("housekeeping failed; will try again")
+
+    def queue_finished_files(self, own_only: bool) -> None:
+        """Queues for compression the data files that will not be appended to again: other periods and
+        workers, and all but the last number of the current period (only this worker's, with `own_only`)."""
+        if not self.compress:
+            return
+        current = self.layout.period_name(self.clock())
+        latest: Dict[Path, Tuple[int, Path]] = {}
+        for path, name in self.layout.data_files():
+            if own_only and name.tag != self.layout.tag:
+                continue
+            if (name.period, name.tag) != (current, self.layout.tag):
+                self.to_compress.append(path)
+                continue
+            previous = latest.get(path.parent)
+            if previous is not None and previous[0] > name.sequence:
+                self.to_compress.append(path)
+                continue
+            if previous is not None:
+                self.to_compress.append(previous[1])
+            latest[path.parent] = (name.sequence, path)
+
     def compress_finished(self) -> None:
         """Gzips every finished file: temporary file, fsync, rename, then remove the original."""
-        with self.lock:
-            queue, self.to_compress = self.to_compress, []
+        finished = self.storage.take_finished() if self.storage is not None else []
+        if self.compress:
+            self.to_compress.extend(finished)
+        queue, self.to_compress = self.to_compress, []
         for path in queue:
             try:
                 self._compress(path)
             except OSError as exc:
                 log.error("cannot compress %s (left uncompressed): %s", path, describe_os_error(exc))
 
-    @staticmethod
-    def _compress(path: Path) -> None:
-        target = path.with_name(path.name + ".gz")
-        temp = path.with_name("." + path.name + ".gz.tmp")
+    def _compress(self, path: Path) -> None:
+        target = self.layout.compressed_path(path)
+        temp = self.layout.compression_temp_path(path)
         try:
             with path.open("rb") as source, temp.open("wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed:
@@ -1476,7 +1969,8 @@ class Storage:
                 os.fsync(raw.fileno())
             os.replace(str(temp), str(target))
         except OSError:
-            temp.unlink(missing_ok=True)
+            if temp.exists():
+                temp.unlink()
             raise
         fsync_directory(path.parent)
         # The .gz is complete and durable: from here on it is the copy that counts.
@@ -1484,43 +1978,15 @@ class Storage:
         fsync_directory(path.parent)
         log.info("compressed %s", target)
 
-    def _finish_interrupted_compressions(self) -> None:
-        """After a crash: drop half-written temporaries, and originals whose .gz was completed."""
-        for temp in self.root.rglob(".*" + DATA_FILE_SUFFIX + ".gz.tmp"):
-            temp.unlink()
-        for path in list(self.data_files()):
-            if path.with_name(path.name + ".gz").exists():
-                path.unlink()
-                log.info("removed %s: its compressed copy was completed before the restart", path)
-
-    def _finished_files(self) -> List[Path]:
-        """Data files that will not be appended to again: older periods, and all but the last of this one."""
-        current_stem = self.period_name(self.clock()) + self.name_tag
-        latest: Dict[Path, Tuple[int, Path]] = {}
-        finished = []
-        for path in self.data_files():
-            stem, sequence = split_data_file_name(path.name)
-            if stem != current_stem:
-                finished.append(path)
-                continue
-            previous = latest.get(path.parent)
-            if previous is not None and previous[0] > sequence:
-                finished.append(path)
-                continue
-            if previous is not None:
-                finished.append(previous[1])
-            latest[path.parent] = (sequence, path)
-        return finished
-
     def apply_retention(self) -> None:
         """Deletes data files last written more than --retention-days ago; open files are never touched."""
         cutoff = self.clock() - self.retention_days * 86400
-        with self.lock:
-            open_paths = {data_file.path for data_file in self.files.values()}
-            open_paths.update(self.to_compress)
-        for path in self.data_files(compressed=True):
+        keep = set(self.to_compress)
+        if self.storage is not None:
+            keep |= self.storage.open_paths()
+        for path, _ in list(self.layout.data_files(compressed=True)):
             try:
-                if path not in open_paths and path.stat().st_mtime < cutoff:
+                if path not in keep and path.stat().st_mtime < cutoff:
                     path.unlink()
                     log.info("deleted %s: older than %g days", path, self.retention_days)
             except FileNotFoundError:
@@ -1529,118 +1995,17 @@ class Storage:
     def prune_indexes(self) -> None:
         """Deletes batch indexes of past periods once they are older than the dedupe window."""
         cutoff = self.clock() - self.dedupe_window - RETENTION_INTERVAL
-        current = self.period_name(self.clock())
-        for index in self.index_dir.glob("*/*.idx"):
+        current = self.layout.period_name(self.clock())
+        for index, _, name in list(self.layout.indexes()):
             try:
-                if not index.name.startswith(current) and index.stat().st_mtime < cutoff:
+                if name.period != current and index.stat().st_mtime < cutoff:
                     index.unlink()
             except FileNotFoundError:
                 continue
 
-    # -- health and recovery ------------------------------------------------------
-
-    def health(self) -> Optional[str]:
-        """Returns why storage is failing now, or None when it can take records."""
-        failure = self.last_failure
-        if failure is not None and time.monotonic() - failure[0] < HEALTH_FAILURE_MEMORY:
-            return failure[1]
-        try:
-            with tempfile.TemporaryFile(dir=str(self.state_dir)) as probe:
-                probe.write(b"\0" * HEALTH_PROBE_SIZE)
-                probe.flush()
-                os.fsync(probe.fileno())
-        except OSError as exc:
-            return "cannot write to %s: %s" % (self.root, describe_os_error(exc))
-        return None
-
-    def recover_file(self, path: Path) -> None:
-        """After a crash: keeps exactly the batches the index vouches for and moves the rest aside.
-
-        Index entries whose batch is not all in the file (lost with unsynced
-        writes) are dropped; bytes after the last indexed batch belong to a
-        batch that was never acknowledged, so DataStream will send it again.
-        A file without an index is only cut back to its last complete line.
-        """
-        index = self.index_path(path)
-        if not index.exists():
-            if self.store_gzip:
-                log.warning("%s has no batch index: left as it is", path)
-            else:
-                self._repair_torn_tail(path)
-            return
-        size = path.stat().st_size
-        raw = index.read_bytes()
-        count = len(raw) // BATCH_ENTRY.size
-        while count and BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] > size:
-            count -= 1
-        keep = BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] if count else 0
-        if count * BATCH_ENTRY.size != len(raw):
-            with index.open("r+b") as handle:
-                handle.truncate(count * BATCH_ENTRY.size)
-                os.fsync(handle.fileno())
-        if size > keep:
-            kept_as = self._set_aside(path, keep, "partial")
-            log.warning("moved %d bytes of an unacknowledged batch out of %s into %s (DataStream resends it)",
-                        size - keep, path, kept_as)
-
-    def _repair_torn_tail(self, path: Path) -> None:
-        with path.open("rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            handle.seek(size - 1)
-            if handle.read(1) == b"\n":
-                return
-            keep = self._last_newline_end(handle, size)
-        kept_as = self._set_aside(path, keep, "torn")
-        log.warning("repaired torn tail of %s: cut %d bytes after the last complete line, kept in %s",
-                    path, size - keep, kept_as)
-
-    def _set_aside(self, path: Path, keep: int, kind: str) -> Path:
-        """Moves the bytes of `path` after offset `keep` to a file under .dsreceiver/KIND/."""
-        kept_as = self.state_dir / kind / ("%s.%d" % ("__".join(path.relative_to(self.root).parts), int(self.clock())))
-        kept_as.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("r+b") as handle, kept_as.open("ab") as aside:
-            handle.seek(keep)
-            for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
-                aside.write(chunk)
-            aside.flush()
-            os.fsync(aside.fileno())
-            handle.truncate(keep)
-            os.fsync(handle.fileno())
-        return kept_as
-
-    def indexed_batches(self, tag: Optional[str] = None) -> Iterator[Tuple[float, str]]:
-        """Yields (time stored, dedupe key) for the batches of indexes touched within the window (of one worker's files, with `tag`)."""
-        cutoff = self.clock() - self.dedupe_window
-        for index in self.index_dir.glob("*/*.idx"):
-            if tag is not None and not self.owns(Path(index.name[:-len(".idx")]), tag):
-                continue
-            if index.stat().st_mtime < cutoff:
-                continue
-            raw = index.read_bytes()
-            for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size):
-                _, stored_at, digest = BATCH_ENTRY.unpack_from(raw, offset)
-                if digest != NO_DIGEST:
-                    yield stored_at, dedupe_key(index.parent.name, digest)
-
-    @staticmethod
-    def _last_newline_end(handle: IO[bytes], size: int) -> int:
-        """Returns the offset just past the last LF of the file, 0 when it has none."""
-        position = size
-        while position > 0:
-            start = max(0, position - COPY_CHUNK)
-            handle.seek(start)
-            block = handle.read(position - start)
-            index = block.rfind(b"\n")
-            if index >= 0:
-                return start + index + 1
-            position = start
-        return 0
-
 
 # ---------------------------------------------------------------------------
-# HTTP handler
+# HTTP parsing (sans-IO: functions over bytes; the socket code only feeds them)
 # ---------------------------------------------------------------------------
 
 class HTTPError(Exception):
@@ -1654,6 +2019,212 @@ class HTTPError(Exception):
         self.headers = headers
         self.close = close
 
+
+def framing_error(reason: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> HTTPError:
+    """An error in the message framing: after it the connection cannot be trusted, so it closes."""
+    return HTTPError(status, reason, close=True)
+
+
+class Request:
+    """A parsed request head."""
+
+    def __init__(self, method: str, path: str, query: str, version: Tuple[int, int],
+                 headers: Dict[str, List[str]]) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+
+    def header(self, name: str) -> Optional[str]:
+        """Returns the single value of a header, or None; several values are joined with commas."""
+        values = self.headers.get(name.lower())
+        return ", ".join(values) if values else None
+
+    def wants_close(self) -> bool:
+        """Tells whether the client asked not to keep the connection alive."""
+        tokens = {token.strip().lower() for token in (self.header("connection") or "").split(",")}
+        if self.version >= (1, 1):
+            return "close" in tokens
+        return "keep-alive" not in tokens
+
+
+# How a request's body is delimited: None (no body), its Content-Length, or "chunked".
+Framing = Union[None, int, str]
+
+
+def head_length(buffer: Bytes, scanned: int = 0) -> int:
+    """Returns the length of the request head at the start of `buffer` through its empty line, or 0 while it
+    is incomplete; the first `scanned` bytes were looked at before.  Refuses a head past the size limits or
+    with a line not ended by CRLF (RFC 9112 2.2)."""
+    end = buffer.find(b"\r\n\r\n", max(0, scanned - 3))
+    checked_end = len(buffer) if end < 0 else end + 4
+    if BARE_LF_RE.search(buffer, max(0, scanned - 1), checked_end):
+        raise framing_error("request head line not ended by CRLF")
+    request_line_end = buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+    if request_line_end < 0 and (end >= 0 or len(buffer) >= MAX_REQUEST_LINE + 2):
+        raise framing_error("request line too long", HTTPStatus.REQUEST_URI_TOO_LONG)
+    if end > MAX_HEAD_SIZE or end < 0 and len(buffer) > MAX_HEAD_SIZE:
+        raise framing_error("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    return 0 if end < 0 else end + 4
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parses a request line and header fields (the head without its final empty line) strictly; anything
+    ambiguous is refused."""
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise framing_error("request line too long", HTTPStatus.REQUEST_URI_TOO_LONG)
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]) or not TARGET_RE.fullmatch(parts[1]):
+        raise framing_error("malformed request line")
+    version = VERSION_RE.fullmatch(parts[2])
+    if not version:
+        raise framing_error("malformed HTTP version")
+    if version.group(1) != b"1":
+        raise framing_error("only HTTP/1.x is served", HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+    target = parts[1].decode("ascii")
+    if target.startswith(("http://", "https://")):
+        absolute = urllib.parse.urlsplit(target)
+        target = (absolute.path or "/") + ("?" + absolute.query if absolute.query else "")
+    elif not target.startswith("/"):
+        raise framing_error("request target must be a path")
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise framing_error("too many header fields", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    headers: Dict[str, List[str]] = {}
+    for line in lines[1:]:
+        name, value = parse_field_line(line)
+        headers.setdefault(name, []).append(value)
+    http_version = (1, int(version.group(2)))
+    # RFC 9112 3.2: an HTTP/1.1 request names exactly one Host, and no request names two.
+    hosts = len(headers.get("host", ()))
+    if hosts > 1 or hosts == 0 and http_version >= (1, 1):
+        raise framing_error("missing or repeated Host header")
+    path, _, query = target.partition("?")
+    return Request(parts[0].decode("ascii"), path, query, http_version, headers)
+
+
+def parse_field_line(line: bytes) -> Tuple[str, str]:
+    """Parses one header (or trailer) field line: (lower-case name, value without surrounding SP/HTAB)."""
+    if len(line) > MAX_HEADER_LINE:
+        raise framing_error("header field too long", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    name, colon, value = line.partition(b":")
+    if not colon or not TOKEN_RE.fullmatch(name):
+        # Covers obsolete line folding and whitespace before the colon (RFC 9112, 5.1-5.2).
+        raise framing_error("malformed header field")
+    if FIELD_VALUE_CONTROL_RE.search(value):
+        raise framing_error("control character in header field")
+    return name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+
+
+def body_framing(request: Request) -> Framing:
+    """Returns the body's framing: None (no body), its Content-Length, or 'chunked'; smuggling shapes are 400."""
+    transfer_encoding = request.headers.get("transfer-encoding")
+    content_length = request.headers.get("content-length")
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise framing_error("both Content-Length and Transfer-Encoding")
+        if len(transfer_encoding) != 1 or transfer_encoding[0].lower() != "chunked" or request.version < (1, 1):
+            raise framing_error("unsupported Transfer-Encoding")
+        return "chunked"
+    if content_length is None:
+        return None
+    # Only SP and HTAB are optional whitespace (RFC 9110 5.6.3); str.strip() would take far more.
+    values = {item.strip(" \t") for value in content_length for item in value.split(",")}
+    if len(values) != 1:
+        raise framing_error("conflicting Content-Length values")
+    length = values.pop()
+    if not CONTENT_LENGTH_RE.fullmatch(length):
+        raise framing_error("invalid Content-Length")
+    return int(length)
+
+
+class ChunkedDecoder:
+    """Decodes a chunked body (RFC 9112 7.1) from bytes fed as they arrive, refusing more than `limit`.
+
+    feed() takes the bytes received so far and returns how many it used; an
+    incomplete framing line is left for the caller to feed again with more.
+    The body collects in `body`; once `done`, the bytes that follow belong to
+    the next request.
+    """
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.body = bytearray()
+        self.state = self.SIZE
+        # Data bytes of the current chunk still to come.
+        self.remaining = 0
+        self.trailers = 0
+
+    @property
+    def done(self) -> bool:
+        """Tells whether the whole body, trailer section included, has been decoded."""
+        return self.state == self.DONE
+
+    @property
+    def announced(self) -> int:
+        """Body bytes received or announced by a chunk size so far."""
+        return len(self.body) + self.remaining
+
+    def feed(self, data: Bytes) -> int:
+        """Decodes what it can of `data`; returns the number of bytes used."""
+        position = 0
+        while position < len(data) and self.state != self.DONE:
+            if self.state == self.DATA:
+                taken = min(self.remaining, len(data) - position)
+                self.body += data[position:position + taken]
+                position += taken
+                self.remaining -= taken
+                if not self.remaining:
+                    self.state = self.DATA_END
+            elif self.state == self.DATA_END:
+                ending = data[position:position + 2]
+                if not b"\r\n".startswith(ending):
+                    raise framing_error("chunk data not followed by CRLF")
+                if len(ending) < 2:
+                    break
+                position += 2
+                self.state = self.SIZE
+            else:
+                line_end = data.find(b"\n", position)
+                limit = MAX_CHUNK_LINE if self.state == self.SIZE else MAX_HEADER_LINE
+                if line_end < 0 and len(data) - position > limit or line_end - position > limit + 1:
+                    raise framing_error("chunk framing line too long")
+                if line_end < 0:
+                    break
+                if line_end == position or data[line_end - 1] != 0x0D:
+                    raise framing_error("chunk framing line not ended by CRLF")
+                self._line(bytes(data[position:line_end - 1]))
+                position = line_end + 1
+        return position
+
+    def _line(self, line: bytes) -> None:
+        if self.state == self.SIZE:
+            match = CHUNK_LINE_RE.fullmatch(line)
+            if match is None:
+                raise framing_error("malformed chunk size line")
+            size = int(match.group(1), 16)
+            if not size:
+                self.state = self.TRAILER
+            elif len(self.body) + size > self.limit:
+                raise framing_error("body exceeds %d bytes" % self.limit, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            else:
+                self.remaining, self.state = size, self.DATA
+        elif not line:
+            self.state = self.DONE
+        else:
+            self.trailers += 1
+            if self.trailers > MAX_HEADER_COUNT:
+                raise framing_error("too many trailer fields", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+            parse_field_line(line)
+
+
+# ---------------------------------------------------------------------------
+# HTTP handler
+# ---------------------------------------------------------------------------
 
 class DeadlineExceeded(Exception):
     """The client did not complete a handshake, head or body before its deadline."""
@@ -1675,98 +2246,24 @@ def http_date() -> str:
     return _date_cache[1]
 
 
-class Request:
-    """A parsed request head."""
-
-    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Dict[str, List[str]]) -> None:
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        path, _, self.query = target.partition("?")
-        self.path = path
-
-    def header(self, name: str) -> Optional[str]:
-        """Returns the single value of a header, or None; several values are joined with commas."""
-        values = self.headers.get(name.lower())
-        return ", ".join(values) if values else None
-
-    def wants_close(self) -> bool:
-        """Tells whether the client asked not to keep the connection alive."""
-        tokens = {token.strip().lower() for token in (self.header("connection") or "").split(",")}
-        if self.version >= (1, 1):
-            return "close" in tokens
-        return "keep-alive" not in tokens
-
-
-def parse_request_head(head: bytes) -> Request:
-    """Parses a request line and header fields strictly; anything ambiguous is a 400."""
-    lines = head.split(b"\n")
-    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    request_line = lines[0]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]) or not TARGET_RE.fullmatch(parts[1]):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
-    version = VERSION_RE.fullmatch(parts[2])
-    if not version:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed HTTP version", close=True)
-    if version.group(1) != b"1":
-        raise HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.x is served", close=True)
-    target = parts[1].decode("ascii")
-    if target.startswith(("http://", "https://")):
-        absolute = urllib.parse.urlsplit(target)
-        target = (absolute.path or "/") + ("?" + absolute.query if absolute.query else "")
-    elif not target.startswith("/"):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "request target must be a path", close=True)
-    if len(lines) - 1 > MAX_HEADER_COUNT:
-        raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header fields", close=True)
-    headers: Dict[str, List[str]] = {}
-    for line in lines[1:]:
-        if len(line) > MAX_HEADER_LINE:
-            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header field too long", close=True)
-        name, colon, value = line.partition(b":")
-        if not colon or not TOKEN_RE.fullmatch(name):
-            # Covers obsolete line folding and whitespace before the colon (RFC 9112, 5.1-5.2).
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed header field", close=True)
-        if b"\r" in value or b"\0" in value:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "control character in header field", close=True)
-        headers.setdefault(name.decode("ascii").lower(), []).append(value.strip(b" \t").decode("latin-1"))
-    return Request(parts[0].decode("ascii"), target, (1, int(version.group(2))), headers)
-
-
-def body_framing(request: Request) -> Union[None, int, str]:
-    """Returns the body's framing: None (no body), its Content-Length, or 'chunked'; smuggling shapes are 400."""
-    transfer_encoding = request.headers.get("transfer-encoding")
-    content_length = request.headers.get("content-length")
-    if transfer_encoding is not None:
-        if content_length is not None:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "both Content-Length and Transfer-Encoding", close=True)
-        if len(transfer_encoding) != 1 or transfer_encoding[0].lower() != "chunked" or request.version < (1, 1):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "unsupported Transfer-Encoding", close=True)
-        return "chunked"
-    if content_length is None:
-        return None
-    values = {item.strip() for value in content_length for item in value.split(",")}
-    if len(values) != 1:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length values", close=True)
-    length = values.pop()
-    if not CONTENT_LENGTH_RE.fullmatch(length):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "invalid Content-Length", close=True)
-    return int(length)
-
-
 class ClientStream:
-    """Buffered reads from a client socket; every read is bounded by an absolute deadline."""
+    """Reads from a client socket into a buffer, every read bounded by an absolute deadline; the parsers
+    above decide what the bytes mean."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
 
-    def _recv(self, deadline: float) -> bytes:
+    def _arm(self, deadline: float) -> None:
+        """Makes the next socket call give up at `deadline`."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded
         self.sock.settimeout(remaining)
+
+    def recv(self, deadline: float) -> bytes:
+        """Returns the next bytes the client sends."""
+        self._arm(deadline)
         try:
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
@@ -1784,40 +2281,21 @@ class ClientStream:
             if self.buffer:
                 return True
             try:
-                self.buffer += self._recv(deadline)
+                self.buffer += self.recv(deadline)
             except ClientGone:
                 return False
 
     def read_head(self, deadline: float) -> bytes:
-        """Returns the request head (without its closing empty line) once complete, enforcing size limits."""
+        """Returns the request head, without its closing empty line, once it is complete."""
         scanned = 0
         while True:
-            end = self._find_head_end(scanned)
-            if end is not None:
-                head_end, body_start = end
-                head = bytes(self.buffer[:head_end])
-                del self.buffer[:body_start]
-                if len(head) > MAX_HEAD_SIZE:
-                    raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large", close=True)
-                first_line_end = head.find(b"\n")
-                if (first_line_end if first_line_end >= 0 else len(head)) > MAX_REQUEST_LINE:
-                    raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long", close=True)
+            length = head_length(self.buffer, scanned)
+            if length:
+                head = bytes(self.buffer[:length - 4])
+                del self.buffer[:length]
                 return head
-            if b"\n" not in self.buffer[:MAX_REQUEST_LINE + 2] and len(self.buffer) > MAX_REQUEST_LINE + 1:
-                raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long", close=True)
-            if len(self.buffer) > MAX_HEAD_SIZE:
-                raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large", close=True)
-            scanned = max(0, len(self.buffer) - 3)
-            self.buffer += self._recv(deadline)
-
-    def _find_head_end(self, start: int) -> Optional[Tuple[int, int]]:
-        """Finds the empty line ending the head: (end of head, start of body), or None."""
-        found = None
-        for terminator in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
-            index = self.buffer.find(terminator, start)
-            if index >= 0 and (found is None or index < found[0]):
-                found = (index, index + len(terminator))
-        return found
+            scanned = len(self.buffer)
+            self.buffer += self.recv(deadline)
 
     def read_exact(self, size: int, deadline: float) -> bytearray:
         """Reads exactly `size` body bytes, straight into one buffer."""
@@ -1827,10 +2305,7 @@ class ClientStream:
             view[:have] = self.buffer[:have]
             del self.buffer[:have]
             while have < size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DeadlineExceeded
-                self.sock.settimeout(remaining)
+                self._arm(deadline)
                 try:
                     received = self.sock.recv_into(view[have:], min(size - have, RECV_SIZE))
                 except socket.timeout:
@@ -1840,65 +2315,79 @@ class ClientStream:
                 have += received
         return body
 
-    def read_line(self, limit: int, deadline: float) -> bytes:
-        """Reads one line (without its line ending) of at most `limit` bytes."""
-        scanned = 0
-        while True:
-            index = self.buffer.find(b"\n", scanned)
-            if index >= 0:
-                line = bytes(self.buffer[:index])
-                del self.buffer[:index + 1]
-                return line[:-1] if line.endswith(b"\r") else line
-            if len(self.buffer) > limit:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "chunk framing line too long", close=True)
-            scanned = len(self.buffer)
-            self.buffer += self._recv(deadline)
-
     def read_chunked(self, limit: int, deadline: float, on_growth: Callable[[int], None]) -> bytearray:
-        """Reads a chunked body (RFC 9112, 7.1), refusing more than `limit` bytes; on_growth(size) sees each chunk coming."""
-        body = bytearray()
+        """Reads a chunked body of at most `limit` bytes; on_growth(size) sees each chunk announced."""
+        decoder = ChunkedDecoder(limit)
         while True:
-            size_field = self.read_line(MAX_CHUNK_SIZE_LINE, deadline).split(b";", 1)[0].strip(b" \t")
-            if not CHUNK_SIZE_RE.fullmatch(size_field):
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
-            size = int(size_field, 16)
-            if size == 0:
-                break
-            if len(body) + size > limit:
-                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % limit, close=True)
-            on_growth(len(body) + size)
-            body += self.read_exact(size, deadline)
-            if self.read_line(2, deadline) != b"":
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "chunk data not followed by CRLF", close=True)
-        for _ in range(MAX_HEADER_COUNT + 1):
-            if self.read_line(MAX_HEADER_LINE, deadline) == b"":
-                return body
-        raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many trailer fields", close=True)
+            used = decoder.feed(self.buffer)
+            del self.buffer[:used]
+            on_growth(decoder.announced)
+            if decoder.done:
+                return decoder.body
+            self.buffer += self.recv(deadline)
+
+    def discard(self, deadline: float, most: int) -> None:
+        """Reads and drops what the client sends until it closes, `deadline` passes or `most` bytes came."""
+        self.buffer.clear()
+        dropped = 0
+        try:
+            while dropped < most:
+                dropped += len(self.recv(deadline))
+        except (DeadlineExceeded, ClientGone, OSError):
+            pass
+
+
+Headers = Sequence[Tuple[str, str]]
+
+
+class Response(NamedTuple):
+    """A complete answer: status, body, extra headers."""
+
+    status: HTTPStatus
+    body: bytes
+    headers: Headers = ()
+
+
+class Exchange:
+    """One request on a connection, from its first byte to its access-log line."""
+
+    def __init__(self, client: str) -> None:
+        self.started = time.monotonic()
+        self.client = client
+        self.request: Optional[Request] = None
+        self.framing: Framing = None
+        self.body_read = False
+        # Its share of --max-inflight-bytes, returned when the request ends.
+        self.reserved = 0
+        self.bytes_in = 0
+        self.records = 0
+        # Why it ended as it did, for the access log.
+        self.note = ""
+
+    def body_pending(self) -> bool:
+        """Tells whether the request has body bytes we have not read, so the connection cannot be reused."""
+        return self.framing not in (None, 0) and not self.body_read
+
+    def wants_close(self) -> bool:
+        """Tells whether the connection must close after the answer (always for a request not understood)."""
+        return self.request is None or self.request.wants_close()
 
 
 class ConnectionHandler:
     """Serves one client connection in its own thread: TLS handshake, then HTTP/1.1 requests.
 
-    Override do_<METHOD> to serve another method; the handler only speaks
-    HTTP and leaves decoding to BatchBuilder and writing to Storage.
+    Override do_<METHOD>(request, exchange) -> Response to serve another
+    method; the handler only speaks HTTP and leaves decoding to decode_push()
+    and writing to Storage.
     """
 
-    def __init__(self, server: "ReceiverServer", sock: socket.socket, address: Tuple[str, int]) -> None:
+    def __init__(self, server: ReceiverServer, sock: socket.socket, address: Tuple[str, int]) -> None:
         self.server = server
         self.config = server.config
         self.sock = sock
         self.peer = address[0]
-        self.client = address[0]
-        self.port = address[1]
         self.idle = True
         self.stream = ClientStream(sock)
-        self.request: Optional[Request] = None
-        self.framing: Union[None, int, str] = None
-        self.body_read = False
-        self.reserved = 0
-        self.bytes_in = 0
-        self.records = 0
-        self.note = ""
 
     # -- connection -----------------------------------------------------------
 
@@ -1979,87 +2468,62 @@ class ConnectionHandler:
         """Reads, answers and logs the request whose first bytes arrived; returns whether to keep the connection open."""
         with self.server.lock:
             self.idle = False
-        started = time.monotonic()
-        self.request, self.framing, self.body_read = None, None, False
-        self.bytes_in, self.records, self.note = 0, 0, ""
+        exchange = Exchange(self.peer)
         close = True
         try:
-            head = self.stream.read_head(started + self.config.timeout)
-            self.request = request = parse_request_head(head)
-            self.client = self.server.client_address(self.peer, request)
-            self.framing = body_framing(request)
-            method = getattr(self, "do_" + request.method, None)
+            head = self.stream.read_head(exchange.started + self.config.timeout)
+            exchange.request = request = parse_request_head(head)
+            exchange.client = self.server.client_address(self.peer, request)
+            exchange.framing = body_framing(request)
+            method: Optional[Callable[[Request, Exchange], Response]] = getattr(self, "do_" + request.method, None)
             if method is None:
                 raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed",
                                 headers=[("Allow", ", ".join(PUSH_METHODS))])
-            status, body, headers = method()
-            close = request.wants_close() or self.server.stopping.is_set() or self.body_pending()
-            self.send_response(status, body, headers, close=close)
+            response = method(request, exchange)
+            status = response.status
+            close = request.wants_close() or self.server.stopping.is_set() or exchange.body_pending()
+            self.write_response(exchange, response, close)
         except HTTPError as exc:
             status = exc.status
-            close = exc.close or self.body_pending() or self.request is None or self.request.wants_close()
-            self.note = exc.reason
-            self.send_error(exc, close)
+            close = exc.close or exchange.body_pending() or exchange.wants_close()
+            exchange.note = exc.reason
+            self.write_error(exchange, exc, close)
         except DeadlineExceeded:
             status = HTTPStatus.REQUEST_TIMEOUT
-            self.note = "deadline passed"
-            self.send_error(HTTPError(status, "request not received in time"), close=True)
+            exchange.note = "deadline passed"
+            self.write_error(exchange, HTTPError(status, "request not received in time"), close=True)
         except ClientGone:
             status = HTTPStatus.BAD_REQUEST
-            self.note = "client closed the connection mid-request"
+            exchange.note = "client closed the connection mid-request"
         except (ssl.SSLError, OSError) as exc:
             status = HTTPStatus.BAD_REQUEST
-            self.note = "connection error: %s" % describe_os_error(exc)
+            exchange.note = "connection error: %s" % describe_os_error(exc)
         except Exception:
-            log.exception("unexpected error serving %s", self.client)
+            log.exception("unexpected error serving %s", exchange.client)
             status = HTTPStatus.INTERNAL_SERVER_ERROR
-            self.send_error(HTTPError(status, "internal error"), close=True)
+            self.write_error(exchange, HTTPError(status, "internal error"), close=True)
         finally:
-            self.server.inflight.release(self.reserved)
-            self.reserved = 0
-        self.log_request(status, time.monotonic() - started)
+            self.server.inflight.release(exchange.reserved)
+        self.log_request(exchange, status)
         with self.server.lock:
             self.idle = True
         if close or self.server.stopping.is_set():
-            if self.body_pending():
+            if exchange.body_pending():
                 self.linger()
             return False
         return True
 
-    def body_pending(self) -> bool:
-        """Tells whether the request has body bytes we have not read, so the connection cannot be reused."""
-        return self.framing not in (None, 0) and not self.body_read
-
-    def reserve_inflight(self, total: int) -> None:
-        """Grows this request's share of --max-inflight-bytes to `total`, or refuses the push with 503."""
-        extra = total - self.reserved
+    def reserve_inflight(self, exchange: Exchange, total: int) -> None:
+        """Grows the request's share of --max-inflight-bytes to `total`, or refuses the push with 503."""
+        extra = total - exchange.reserved
         if extra > 0:
             if not self.server.inflight.reserve(extra):
                 raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "too much data in flight, retry later",
                                 headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
-            self.reserved = total
+            exchange.reserved = total
 
-    def do_GET(self) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
-        """Answers the health check and the metrics; GET is not a push."""
-        assert self.request is not None
-        if self.request.path == HEALTH_PATH:
-            failure = self.server.storage.health()
-            if failure is not None:
-                self.note = failure
-                return (HTTPStatus.SERVICE_UNAVAILABLE, ("storage failing: %s\n" % failure).encode(),
-                        [("Retry-After", str(RETRY_AFTER_SECONDS))])
-            return HTTPStatus.OK, b"ok\n", []
-        if self.request.path == METRICS_PATH:
-            if not self.config.metrics_public:
-                self.authenticate()
-            return HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)]
-        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
-                        headers=[("Allow", ", ".join(PUSH_METHODS))])
-
-    def authenticate(self) -> None:
+    def authenticate(self, request: Request) -> None:
         """Refuses the request with 401 unless every configured credential check passes."""
-        request = self.request
-        assert request is not None
         authenticator = self.server.authenticator
         refusal = authenticator.check(request.header("authorization"),
                                       request.header(authenticator.header_name or ""), request.query)
@@ -2067,31 +2531,46 @@ class ConnectionHandler:
             challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if authenticator.basic else []
             raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
+    def do_GET(self, request: Request, exchange: Exchange) -> Response:
+        """Answers the health check and the metrics; GET is not a push."""
+        if request.path == HEALTH_PATH:
+            failure = self.server.storage.health()
+            if failure is not None:
+                exchange.note = failure
+                return Response(HTTPStatus.SERVICE_UNAVAILABLE, ("storage failing: %s\n" % failure).encode(),
+                                [("Retry-After", str(RETRY_AFTER_SECONDS))])
+            return Response(HTTPStatus.OK, b"ok\n")
+        if request.path == METRICS_PATH:
+            if not self.config.metrics_public:
+                self.authenticate(request)
+            return Response(HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)])
+        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
+                        headers=[("Allow", ", ".join(PUSH_METHODS))])
+
     do_HEAD = do_GET
 
-    def do_POST(self) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
+    def do_POST(self, request: Request, exchange: Exchange) -> Response:
         """Receives a push: checks, reads and decodes the body, stores the records."""
-        request = self.request
-        assert request is not None
         config = self.config
         if request.path in (HEALTH_PATH, METRICS_PATH):
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
         if config.paths and request.path not in config.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
-        self.authenticate()
-        if self.framing is None:
+        self.authenticate(request)
+        if exchange.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
-        if isinstance(self.framing, int) and self.framing > config.max_body_size:
+        if isinstance(exchange.framing, int) and exchange.framing > config.max_body_size:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % config.max_body_size)
         expect = request.header("expect")
         if expect is not None and expect.lower() != "100-continue":
             raise HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported Expect")
-        if isinstance(self.framing, int):
-            self.reserve_inflight(self.framing)
-        if expect is not None:
+        if isinstance(exchange.framing, int):
+            self.reserve_inflight(exchange, exchange.framing)
+        # RFC 9110 10.1.1: an HTTP/1.0 client does not know 100 Continue, so its expectation is ignored.
+        if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return self.store_body(self.read_body(), is_gzip)
+        return self.store_body(request, exchange, self.read_body(exchange), is_gzip)
 
     do_PUT = do_POST
 
@@ -2104,125 +2583,120 @@ class ConnectionHandler:
             return False
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Encoding %r" % encoding[:40])
 
-    def read_body(self) -> bytearray:
+    def read_body(self, exchange: Exchange) -> bytearray:
         """Reads the whole body under the --timeout deadline."""
         deadline = time.monotonic() + self.config.timeout
-        if self.framing == "chunked":
-            body = self.stream.read_chunked(self.config.max_body_size, deadline, self.reserve_inflight)
+        if isinstance(exchange.framing, int):
+            body = self.stream.read_exact(exchange.framing, deadline)
         else:
-            assert isinstance(self.framing, int)
-            body = self.stream.read_exact(self.framing, deadline)
-        self.body_read = True
-        self.bytes_in = len(body)
+            body = self.stream.read_chunked(self.config.max_body_size, deadline,
+                                            lambda size: self.reserve_inflight(exchange, size))
+        exchange.body_read = True
+        exchange.bytes_in = len(body)
         return body
 
-    def store_body(self, body: bytearray, is_gzip: bool) -> Tuple[HTTPStatus, bytes, List[Tuple[str, str]]]:
+    def store_body(self, request: Request, exchange: Exchange, body: bytearray, is_gzip: bool) -> Response:
         """Decodes the body into records and stores them; probes are answered without storing."""
         storage = self.server.storage
-        builder = BatchBuilder(storage.spool_dir, digest=storage.dedupe is not None)
-        gunzip: Optional[Gunzip] = None
         try:
-            if is_gzip or body[:2] == GZIP_MAGIC:
-                gunzip = Gunzip(body, self.config.max_decompressed_size)
-                for chunk in gunzip:
-                    builder.feed(chunk)
-                    # Decoded bytes held in memory count too, until the builder spools them.
-                    self.reserve_inflight(len(body) + min(builder.size, SPOOL_THRESHOLD))
-                batch = builder.finish()
-            else:
-                batch = builder.feed_whole(body)
+            # Decoded bytes held in memory count against the in-flight budget too.
+            push = decode_push(body, is_gzip, self.config.max_decompressed_size, storage.layout.spool_dir,
+                               storage.dedupe is not None,
+                               lambda held: self.reserve_inflight(exchange, len(body) + held))
         except BodyTooLarge as exc:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
         except BodyError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        batch = push.batch
         metrics = self.server.metrics
         try:
             if batch.is_validation_probe():
-                self.note = "validation probe"
+                exchange.note = "validation probe"
                 metrics.count("validation_probes")
-                return HTTPStatus.OK, b"validation ok\n", []
+                return Response(HTTPStatus.OK, b"validation ok\n")
             metrics.count("decoded_bytes", batch.size)
             if batch.records:
-                folder = folder_for_path(self.request.path) if self.config.route_by_path else ""  # type: ignore[union-attr]
-                # The pushed gzip bytes, when they are exactly a series of members holding exactly these records.
-                pushed_gzip = body if gunzip is not None and gunzip.exact and not builder.altered else None
+                folder = folder_for_path(request.path) if self.config.route_by_path else ""
                 try:
-                    stored = storage.store(folder, batch, pushed_gzip)
+                    stored = storage.store(folder, batch, push.pushed_gzip)
                 except StorageError as exc:
                     metrics.count("storage_errors")
                     log.error("storage failed, answering 503: %s", exc)
                     raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
                                     headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
                 if stored is None:
-                    self.note = "duplicate of a batch stored within the dedupe window"
+                    exchange.note = "duplicate of a batch stored within the dedupe window"
                     metrics.count("dedupe_hits")
-                    return HTTPStatus.OK, b"already stored %d records\n" % batch.records, []
-            self.records = batch.records
-            metrics.stored(self.request.path, batch.records)  # type: ignore[union-attr]
-            return HTTPStatus.OK, b"stored %d records\n" % batch.records, []
+                    return Response(HTTPStatus.OK, b"already stored %d records\n" % batch.records)
+            exchange.records = batch.records
+            metrics.stored(request.path, batch.records)
+            return Response(HTTPStatus.OK, b"stored %d records\n" % batch.records)
         finally:
             batch.close()
 
     # -- answers --------------------------------------------------------------
 
-    def send_response(self, status: HTTPStatus, body: bytes, headers: Sequence[Tuple[str, str]] = (),
-                      close: bool = False) -> None:
-        """Sends a complete response in one write (no Nagle stall between head and body)."""
-        lines = ["HTTP/1.1 %d %s" % (status.value, status.phrase), "Date: " + http_date(), "Server: dsreceiver",
-                 "Content-Length: %d" % len(body)]
-        if not any(name == "Content-Type" for name, _ in headers):
+    def write_response(self, exchange: Exchange, response: Response, close: bool) -> None:
+        """Sends a complete response, head and body, in one write (no Nagle stall between them).
+
+        Unlike http.server's send_response(), which only starts a response.
+        """
+        lines = ["HTTP/1.1 %d %s" % (response.status.value, response.status.phrase), "Date: " + http_date(),
+                 "Server: dsreceiver", "Content-Length: %d" % len(response.body)]
+        if not any(name == "Content-Type" for name, _ in response.headers):
             lines.append("Content-Type: text/plain; charset=utf-8")
-        lines.extend("%s: %s" % header for header in headers)
+        lines.extend("%s: %s" % header for header in response.headers)
+        request = exchange.request
         if close:
             lines.append("Connection: close")
-        is_head = self.request is not None and self.request.method == "HEAD"
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head else body)
+        elif request is not None and request.version < (1, 1):
+            # HTTP/1.0 closes by default: confirm that this connection stays open.
+            lines.append("Connection: keep-alive")
+        is_head = request is not None and request.method == "HEAD"
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head else response.body)
         self.sock.settimeout(self.config.timeout)
         self.sock.sendall(data)
 
-    def send_error(self, error: HTTPError, close: bool) -> None:
+    def write_error(self, exchange: Exchange, error: HTTPError, close: bool) -> None:
         """Sends an error answer; a client that is gone is ignored."""
         try:
-            self.send_response(error.status, ("%s\n" % error.reason).encode("utf-8", "replace"),
-                               error.headers, close=close)
+            self.write_response(exchange, Response(error.status, ("%s\n" % error.reason).encode("utf-8", "replace"),
+                                                   error.headers), close)
         except (OSError, ValueError):
             pass
 
     def linger(self) -> None:
         """Reads and drops what the client still sends, briefly, so it sees our answer instead of a reset."""
-        deadline = time.monotonic() + LINGER_SECONDS
-        drained = 0
-        self.stream.buffer.clear()
         try:
             # Half-close first: the client sees our answer and EOF at once.
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
-            while drained < LINGER_MAX_BYTES:
-                drained += len(self.stream._recv(deadline))
-        except (DeadlineExceeded, ClientGone, OSError):
-            pass
+        except OSError:
+            return
+        self.stream.discard(time.monotonic() + LINGER_SECONDS, LINGER_MAX_BYTES)
 
-    def log_request(self, status: HTTPStatus, seconds: float) -> None:
+    def log_request(self, exchange: Exchange, status: HTTPStatus) -> None:
         """Counts the request and writes its access log line; refusals are rate-limited per client."""
         metrics = self.server.metrics
-        metrics.request_done(status.value, self.bytes_in)
+        metrics.request_done(status.value, exchange.bytes_in)
         if status == HTTPStatus.UNAUTHORIZED:
             metrics.count("auth_failures")
-            if not self.server.noisy_log.allow(self.client):
+            if not self.server.noisy_log.allow(exchange.client):
                 return
-        request = self.request
+        request = exchange.request
         if request is not None:
             shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
             method = request.method
         else:
             method, shown = "-", "-"
-        fields = {"event": "access", "client": self.client, "method": method, "path": shown,
-                  "status": status.value, "bytes": self.bytes_in, "records": self.records,
+        seconds = time.monotonic() - exchange.started
+        fields = {"event": "access", "client": exchange.client, "method": method, "path": shown,
+                  "status": status.value, "bytes": exchange.bytes_in, "records": exchange.records,
                   "ms": round(seconds * 1000, 1)}
-        if self.note:
-            fields["note"] = self.note
-        log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", self.client, method, shown, status.value,
-                 self.bytes_in, self.records, seconds * 1000, " (%s)" % self.note if self.note else "",
-                 extra={"fields": fields})
+        if exchange.note:
+            fields["note"] = exchange.note
+        log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", exchange.client, method, shown, status.value,
+                 exchange.bytes_in, exchange.records, seconds * 1000,
+                 " (%s)" % exchange.note if exchange.note else "", extra={"fields": fields})
 
 
 # ---------------------------------------------------------------------------
@@ -2271,114 +2745,6 @@ class RateLimitedLog:
             self.last[key] = now
             return True
 
-
-class Metrics:
-    """Counters behind /metrics, rendered in the Prometheus text format."""
-
-    COUNTERS = (
-        ("received_bytes", "Request body bytes received on the wire."),
-        ("decoded_bytes", "Record bytes after gunzip and line normalisation."),
-        ("records_stored", "Records stored."),
-        ("batches_stored", "Pushes whose records were stored."),
-        ("validation_probes", "DataStream validation probes answered."),
-        ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
-        ("auth_failures", "Requests refused for missing or wrong credentials."),
-        ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
-        ("storage_errors", "Pushes answered 503 because storage failed."),
-    )
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.values: Dict[str, float] = {name: 0 for name, _ in self.COUNTERS}
-        self.requests: Dict[int, int] = {}
-        self.last_push: Dict[str, float] = {}
-
-    def count(self, name: str, amount: float = 1) -> None:
-        """Adds to a counter."""
-        with self.lock:
-            self.values[name] += amount
-
-    def request_done(self, status: int, received: int) -> None:
-        """Counts a finished request by status, with the body bytes it brought."""
-        with self.lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            self.values["received_bytes"] += received
-
-    def stored(self, path: str, records: int) -> None:
-        """Counts a stored push and stamps its path's last-push time."""
-        with self.lock:
-            self.values["records_stored"] += records
-            self.values["batches_stored"] += 1
-            if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
-                self.last_push[path] = time.time()
-
-    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram) -> Dict[str, object]:
-        """Everything /metrics shows, as plain data that workers can send and merge()."""
-        with self.lock:
-            snapshot: Dict[str, object] = {"values": dict(self.values), "last_push": dict(self.last_push),
-                                           "requests": {str(status): n for status, n in self.requests.items()}}
-        with fsync_seconds.lock:
-            snapshot["fsync"] = {"counts": list(fsync_seconds.counts), "total": fsync_seconds.total,
-                                 "count": fsync_seconds.count}
-        snapshot["gauges"] = dict(gauges)
-        return snapshot
-
-    @staticmethod
-    def merge(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-        """Adds up the snapshots of several workers (the latest last-push time wins)."""
-        merged: Dict[str, Any] = {"values": {}, "last_push": {}, "requests": {}, "gauges": {},
-                                  "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0}}
-        for snapshot in snapshots:
-            for section in ("values", "requests", "gauges"):
-                for name, number in snapshot[section].items():
-                    if section == "gauges" and name == "start_time_seconds":
-                        merged[section][name] = min(number, merged[section].get(name, number))
-                    else:
-                        merged[section][name] = merged[section].get(name, 0) + number
-            for path, stamp in snapshot["last_push"].items():
-                merged["last_push"][path] = max(stamp, merged["last_push"].get(path, 0))
-            fsync = snapshot["fsync"]
-            merged["fsync"]["counts"] = [a + b for a, b in zip(merged["fsync"]["counts"], fsync["counts"])]
-            merged["fsync"]["total"] += fsync["total"]
-            merged["fsync"]["count"] += fsync["count"]
-        return merged
-
-    @classmethod
-    def render(cls, snapshot: Dict[str, Any]) -> bytes:
-        """The exposition text of a snapshot: counters, gauges, the fsync histogram."""
-        out: List[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append("# HELP dsreceiver_%s %s" % (name, help_text))
-            out.append("# TYPE dsreceiver_%s %s" % (name, kind))
-
-        family("requests_total", "counter", "Requests answered, by HTTP status.")
-        for status, number in sorted(snapshot["requests"].items()):
-            out.append('dsreceiver_requests_total{status="%s"} %d' % (status, number))
-        for name, help_text in cls.COUNTERS:
-            family(name + "_total", "counter", help_text)
-            out.append("dsreceiver_%s_total %d" % (name, snapshot["values"][name]))
-        family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
-        for path, stamp in sorted(snapshot["last_push"].items()):
-            out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
-        for name, help_text in GAUGES:
-            family(name, "gauge", help_text)
-            out.append("dsreceiver_%s %s" % (name, repr(float(snapshot["gauges"][name]))))
-        family("fsync_duration_seconds", "histogram", "Time taken by each fdatasync of a data file and its index.")
-        fsync = snapshot["fsync"]
-        for bound, number in zip(FSYNC_BUCKETS, fsync["counts"]):
-            out.append('dsreceiver_fsync_duration_seconds_bucket{le="%s"} %d' % (bound, number))
-        out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync["count"])
-        out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync["total"])
-        out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync["count"])
-        return ("\n".join(out) + "\n").encode("utf-8")
-
-
-def label_value(text: str) -> str:
-    """Escapes a Prometheus label value."""
-    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
 class IdleConnections:
     """Keep-alive connections waiting for their next request, watched by one thread instead of a thread each.
 
@@ -2386,15 +2752,13 @@ class IdleConnections:
     new thread resumes it, and when its deadline passes it is closed.
     """
 
-    def __init__(self, server: "ReceiverServer") -> None:
+    def __init__(self, server: ReceiverServer) -> None:
         self.server = server
         self.selector = selectors.DefaultSelector()
         self.arrivals: List[Tuple[ConnectionHandler, float]] = []
         self.lock = threading.Lock()
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        for end in (self.wake_reader, self.wake_writer):
-            end.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.wake_pipe = WakePipe()
+        self.selector.register(self.wake_pipe.reader, selectors.EVENT_READ)
         threading.Thread(target=self._watch, name="idle-connections", daemon=True).start()
 
     def park(self, handler: ConnectionHandler, deadline: float) -> bool:
@@ -2408,10 +2772,7 @@ class IdleConnections:
 
     def wake(self) -> None:
         """Makes the watching thread look at new arrivals and at the stop flag."""
-        try:
-            self.wake_writer.send(b"\0")
-        except OSError:
-            pass  # its buffer is full: it is awake anyway
+        self.wake_pipe.wake()
 
     def _watch(self) -> None:
         deadlines: Dict[ConnectionHandler, float] = {}
@@ -2431,17 +2792,13 @@ class IdleConnections:
                 return
             timeout = max(0.0, min(deadlines.values()) - now) if deadlines else None
             for key, _ in self.selector.select(timeout):
-                if key.fileobj is self.wake_reader:
-                    try:
-                        while self.wake_reader.recv(512):
-                            pass
-                    except OSError:
-                        pass
+                if key.fileobj is self.wake_pipe.reader:
+                    self.wake_pipe.drain()
                     continue
                 handler = key.data
                 self.selector.unregister(handler.sock)
                 deadline = deadlines.pop(handler)
-                self.server.start_thread(handler, lambda h=handler, d=deadline: h.serve(d))
+                self.server.start_thread(handler, functools.partial(handler.serve, deadline))
 
 
 class ReceiverServer:
@@ -2451,7 +2808,7 @@ class ReceiverServer:
 
     def __init__(self, config: argparse.Namespace, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 supervisor: Optional["SupervisorClient"] = None) -> None:
+                 supervisor: Optional[SupervisorClient] = None) -> None:
         self.config = config
         self.supervisor = supervisor
         self.listener = listener
@@ -2468,7 +2825,7 @@ class ReceiverServer:
         self.stopping = threading.Event()
         self.idle = IdleConnections(self)
 
-    def metrics_snapshot(self) -> Dict[str, object]:
+    def metrics_snapshot(self) -> Snapshot:
         """This process's metrics as plain data."""
         with self.lock:
             open_connections = len(self.connections)
@@ -2506,17 +2863,17 @@ class ReceiverServer:
         except ValueError:
             return peer
 
-    def serve(self, signals: "SignalFlags") -> None:
+    def serve(self, signals: SignalFlags) -> None:
         """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate files."""
         self.listener.setblocking(False)
         next_check = time.monotonic() + self.config.cert_check_interval
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
-            selector.register(signals.wakeup_reader, selectors.EVENT_READ)
+            selector.register(signals.wake_pipe.reader, selectors.EVENT_READ)
             while signals.stop_signal is None:
                 for key, _ in selector.select(max(0.0, next_check - time.monotonic())):
-                    if key.fileobj is signals.wakeup_reader:
-                        signals.drain()
+                    if key.fileobj is signals.wake_pipe.reader:
+                        signals.wake_pipe.drain()
                     else:
                         self.accept_pending()
                 if signals.take_reload():
@@ -2583,47 +2940,111 @@ class ReceiverServer:
         return True
 
 
+
+
 # ---------------------------------------------------------------------------
 # Workers: several processes sharing the port
 # ---------------------------------------------------------------------------
 
+class Claim(NamedTuple):
+    """Worker to supervisor: may I store the batch with this dedupe key?  Answered by ClaimAnswer."""
+
+    id: int
+    key: str
+
+
+class ClaimAnswer(NamedTuple):
+    """Supervisor to worker: whether the claimed batch is a duplicate (if not, the worker stores it)."""
+
+    id: int
+    duplicate: bool
+
+
+class Commit(NamedTuple):
+    """Worker to supervisor: the claimed batch is stored."""
+
+    key: str
+    stored_at: float
+
+
+class Release(NamedTuple):
+    """Worker to supervisor: the claimed batch could not be stored."""
+
+    key: str
+
+
+class MetricsRequest(NamedTuple):
+    """Worker to supervisor: the metrics of every worker, please.  Answered by MetricsAnswer."""
+
+    id: int
+
+
+class MetricsAnswer(NamedTuple):
+    """Supervisor to worker: the merged metrics."""
+
+    id: int
+    snapshot: Snapshot
+
+
+class SnapshotRequest(NamedTuple):
+    """Supervisor to worker: your metrics, for gathering `id`.  Answered by SnapshotAnswer."""
+
+    id: int
+
+
+class SnapshotAnswer(NamedTuple):
+    """Worker to supervisor: my metrics, for gathering `id`."""
+
+    id: int
+    snapshot: Snapshot
+
+
+Message = Union[Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer, SnapshotRequest, SnapshotAnswer]
+MESSAGE_TYPES: Dict[str, Callable[..., Message]] = {
+    kind.__name__: kind for kind in (Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer,
+                                     SnapshotRequest, SnapshotAnswer)}
+
+
 class ControlChannel:
-    """Newline-delimited JSON messages over one end of a socketpair between the supervisor and a worker."""
+    """Messages between the supervisor and one worker over a socketpair, one JSON array per line."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
         self.send_lock = threading.Lock()
 
-    def send(self, message: Dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         """Sends one message."""
-        data = json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+        data = json.dumps([type(message).__name__, *message], separators=(",", ":")).encode("utf-8") + b"\n"
         with self.send_lock:
             self.sock.sendall(data)
 
-    def feed(self, data: bytes) -> List[Dict[str, Any]]:
+    def feed(self, data: bytes) -> List[Message]:
         """Takes received bytes; returns the messages they complete."""
         *lines, self.buffer = (self.buffer + data).split(b"\n")
-        return [json.loads(line) for line in lines if line]
+        messages = []
+        for line in lines:
+            kind, *fields = json.loads(line)
+            messages.append(MESSAGE_TYPES[kind](*fields))
+        return messages
 
 
 class SupervisorClient:
-    """A worker's line to the supervisor: the retry-dedup window all workers share, and metrics summed over them.
-
-    It offers the DedupeIndex calls Storage uses, so a batch re-sent to
-    another worker is still stored once.
-    """
+    """A worker's line to the supervisor: the DedupeWindow all workers share, so a batch re-sent to another
+    worker is still stored once, and the metrics summed over every worker."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.channel = ControlChannel(sock)
-        self.snapshot: Callable[[], Dict[str, object]] = dict
-        self.replies: Dict[int, Dict[str, Any]] = {}
+        self.replies: Dict[int, Message] = {}
         self.arrived = threading.Condition()
         self.last_id = 0
         self.gone = False
-        threading.Thread(target=self._read, name="supervisor-link", daemon=True).start()
 
-    def _read(self) -> None:
+    def start(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Starts reading the supervisor's messages, answering its requests for metrics with `snapshot()`."""
+        threading.Thread(target=self._read, args=(snapshot,), name="supervisor-link", daemon=True).start()
+
+    def _read(self, snapshot: Callable[[], Snapshot]) -> None:
         while True:
             try:
                 data = self.channel.sock.recv(65536)
@@ -2632,12 +3053,12 @@ class SupervisorClient:
             if not data:
                 break
             for message in self.channel.feed(data):
-                if message.get("op") == "snapshot":
-                    self.channel.send({"id": message["id"], "snapshot": self.snapshot()})
-                    continue
-                with self.arrived:
-                    self.replies[message["id"]] = message
-                    self.arrived.notify_all()
+                if isinstance(message, SnapshotRequest):
+                    self.channel.send(SnapshotAnswer(message.id, snapshot()))
+                elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
+                    with self.arrived:
+                        self.replies[message.id] = message
+                        self.arrived.notify_all()
         with self.arrived:
             self.gone = True
             self.arrived.notify_all()
@@ -2645,13 +3066,13 @@ class SupervisorClient:
         log.error("the supervisor process is gone: stopping this worker")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def call(self, message: Dict[str, Any]) -> Dict[str, Any]:
-        """Sends a request and waits for its answer."""
+    def _call(self, make: Callable[[int], Message]) -> Message:
+        """Sends the request make(id) and waits for its answer."""
         with self.arrived:
             self.last_id += 1
-            message["id"] = request_id = self.last_id
+            request_id = self.last_id
         try:
-            self.channel.send(message)
+            self.channel.send(make(request_id))
         except OSError as exc:
             raise StorageError("the supervisor process is gone: %s" % describe_os_error(exc)) from exc
         with self.arrived:
@@ -2662,39 +3083,65 @@ class SupervisorClient:
             return self.replies.pop(request_id)
 
     def claim(self, key: str) -> bool:
-        """DedupeIndex.claim(), decided by the supervisor for every worker."""
-        return not self.call({"op": "claim", "key": key})["duplicate"]
+        """DedupeWindow.claim(), decided by the supervisor for every worker."""
+        answer = self._call(lambda request_id: Claim(request_id, key))
+        assert isinstance(answer, ClaimAnswer)
+        return not answer.duplicate
 
     def commit(self, key: str, stored_at: float) -> None:
-        """DedupeIndex.commit()."""
-        self.channel.send({"op": "commit", "key": key, "at": stored_at})
+        """DedupeWindow.commit()."""
+        self.channel.send(Commit(key, stored_at))
 
     def release(self, key: str) -> None:
-        """DedupeIndex.release()."""
-        self.channel.send({"op": "release", "key": key})
+        """DedupeWindow.release()."""
+        self.channel.send(Release(key))
 
-    def metrics(self) -> Dict[str, Any]:
+    def metrics(self) -> Snapshot:
         """The metrics of every worker, summed."""
-        return self.call({"op": "metrics"})["snapshot"]
+        answer = self._call(MetricsRequest)
+        assert isinstance(answer, MetricsAnswer)
+        return answer.snapshot
+
+
+def worker_tag(index: int) -> str:
+    """The file-name tag of worker `index`: '.w1', '.w2', ..."""
+    return ".w%d" % (index + 1)
+
+
+class WorkerProcess(NamedTuple):
+    """A running worker: its process and the supervisor's end of its control channel."""
+
+    pid: int
+    channel: ControlChannel
+
+
+class MetricsGathering:
+    """A MetricsRequest being answered: the snapshots in so far, and the workers still to send theirs."""
+
+    def __init__(self, worker: int, request_id: int, expected: Iterable[int]) -> None:
+        self.worker = worker
+        self.request_id = request_id
+        self.expected = set(expected)
+        self.snapshots: List[Snapshot] = []
 
 
 class Supervisor:
     """The parent of --workers processes: starts and restarts them, relays signals, keeps their shared
     dedupe window and sums their metrics.  It runs no threads, so forking a worker is safe."""
 
-    def __init__(self, config: argparse.Namespace, listeners: List[socket.socket], storage: Storage,
+    def __init__(self, listeners: List[socket.socket], layout: Layout, dedupe: DedupeIndex,
                  run_worker: Callable[[int, socket.socket, socket.socket], int]) -> None:
-        self.config = config
         self.listeners = listeners
-        self.storage = storage
+        self.layout = layout
+        self.dedupe = dedupe
         self.run_worker = run_worker
-        self.dedupe = storage.dedupe if isinstance(storage.dedupe, DedupeIndex) else DedupeIndex(0)
-        self.workers: Dict[int, Tuple[int, ControlChannel]] = {}
+        self.workers: Dict[int, WorkerProcess] = {}
         self.restarts: Dict[int, List[float]] = {}
+        # The worker storing each claimed batch, and the claims of other workers waiting for its outcome.
         self.owners: Dict[str, int] = {}
         self.waiting: Dict[str, List[Tuple[int, int]]] = {}
-        self.rounds: Dict[int, Dict[str, Any]] = {}
-        self.last_round = 0
+        self.gatherings: Dict[int, MetricsGathering] = {}
+        self.last_gathering = 0
         self.stopping = False
         self.failed = False
 
@@ -2714,8 +3161,8 @@ class Supervisor:
             code = 1
             try:
                 ours.close()
-                for _, channel in self.workers.values():
-                    channel.sock.close()
+                for worker in self.workers.values():
+                    worker.channel.sock.close()
                 for listener in self.listeners:
                     if listener is not self.listeners[index]:
                         listener.close()
@@ -2725,27 +3172,27 @@ class Supervisor:
             finally:
                 os._exit(code)  # never return into the supervisor's loop
         theirs.close()
-        self.workers[index] = (pid, ControlChannel(ours))
+        self.workers[index] = WorkerProcess(pid, ControlChannel(ours))
 
-    def run(self, signals: "SignalFlags") -> int:
+    def run(self, signals: SignalFlags) -> int:
         """Runs the workers until a stop signal and all of them have finished; returns the exit code."""
         for index in range(len(self.listeners)):
             self.spawn(index)
         log.info("started %d workers (pids %s)", len(self.workers),
-                 " ".join(str(pid) for pid, _ in self.workers.values()))
+                 " ".join(str(worker.pid) for worker in self.workers.values()))
         while self.workers:
-            channels = {channel.sock: index for index, (_, channel) in self.workers.items()}
-            readable, _, _ = select.select([signals.wakeup_reader, *channels], [], [], 1.0)
+            channels = {worker.channel.sock: index for index, worker in self.workers.items()}
+            readable, _, _ = select.select([signals.wake_pipe.reader, *channels], [], [], 1.0)
             for sock in readable:
-                if sock is signals.wakeup_reader:
-                    signals.drain()
+                if sock is signals.wake_pipe.reader:
+                    signals.wake_pipe.drain()
                     continue
                 try:
                     data = sock.recv(65536)
                 except OSError:
                     data = b""
                 index = channels[sock]
-                for message in self.workers[index][1].feed(data) if data else []:
+                for message in self.workers[index].channel.feed(data) if data else []:
                     self.handle(index, message)
             if signals.stop_signal is not None and not self.stopping:
                 self.stop("received signal %d" % signals.stop_signal)
@@ -2762,9 +3209,9 @@ class Supervisor:
 
     def signal_all(self, signum: int) -> None:
         """Relays a signal to every worker."""
-        for pid, _ in self.workers.values():
+        for worker in self.workers.values():
             try:
-                os.kill(pid, signum)
+                os.kill(worker.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -2774,22 +3221,19 @@ class Supervisor:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            index = next((i for i, worker in self.workers.items() if worker[0] == pid), None)
+            index = next((i for i, worker in self.workers.items() if worker.pid == pid), None)
             if index is None:
                 continue
-            _, channel = self.workers.pop(index)
-            channel.sock.close()
+            self.workers.pop(index).channel.sock.close()
             tag = worker_tag(index)
             # It can write no more: finish its crash recovery, and learn what it stored, before anyone resends.
-            for path in list(self.storage.data_files()):
-                if self.storage.owns(path, tag):
-                    self.storage.recover_file(path)
-            self.dedupe.load(self.storage.indexed_batches(tag))
+            recover_output(self.layout, tag)
+            self.dedupe.load(indexed_batches(self.layout, self.dedupe.window, time.time(), tag))
             for key in [key for key, owner in self.owners.items() if owner == index]:
                 self.release(key)
-            for number, gathering in list(self.rounds.items()):
-                gathering["expected"].discard(index)
-                self.finish_round(number)
+            for number, gathering in list(self.gatherings.items()):
+                gathering.expected.discard(index)
+                self.finish_gathering(number)
             code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
             now = time.monotonic()
             restarts = self.restarts.setdefault(index, [])
@@ -2805,47 +3249,43 @@ class Supervisor:
                 log.error("worker %d (pid %d) exited with %s; restarting it", index + 1, pid, code)
                 self.spawn(index)
 
-    def reply(self, index: int, message: Dict[str, Any]) -> None:
-        """Answers worker `index`, which may have gone meanwhile."""
+    def send(self, index: int, message: Message) -> None:
+        """Sends to worker `index`, which may have gone meanwhile."""
         worker = self.workers.get(index)
         if worker is not None:
             try:
-                worker[1].send(message)
+                worker.channel.send(message)
             except OSError:
                 pass
 
-    def handle(self, index: int, message: Dict[str, Any]) -> None:
+    def handle(self, index: int, message: Message) -> None:
         """Acts on one message from worker `index`."""
-        op = message.get("op")
-        if op == "claim":
-            key = message["key"]
-            outcome = self.dedupe.try_claim(key)
+        if isinstance(message, Claim):
+            outcome = self.dedupe.try_claim(message.key)
             if outcome is None:
-                self.waiting.setdefault(key, []).append((index, message["id"]))
+                self.waiting.setdefault(message.key, []).append((index, message.id))
                 return
             if outcome:
-                self.owners[key] = index
-            self.reply(index, {"id": message["id"], "duplicate": not outcome})
-        elif op == "commit":
-            key = message["key"]
-            self.dedupe.commit(key, message["at"])
-            self.owners.pop(key, None)
-            for waiter, request_id in self.waiting.pop(key, []):
-                self.reply(waiter, {"id": request_id, "duplicate": True})
-        elif op == "release":
-            self.release(message["key"])
-        elif op == "metrics":
-            self.last_round += 1
-            self.rounds[self.last_round] = {"for": (index, message["id"]), "snapshots": [],
-                                            "expected": set(self.workers)}
+                self.owners[message.key] = index
+            self.send(index, ClaimAnswer(message.id, not outcome))
+        elif isinstance(message, Commit):
+            self.dedupe.commit(message.key, message.stored_at)
+            self.owners.pop(message.key, None)
+            for waiter, request_id in self.waiting.pop(message.key, []):
+                self.send(waiter, ClaimAnswer(request_id, True))
+        elif isinstance(message, Release):
+            self.release(message.key)
+        elif isinstance(message, MetricsRequest):
+            self.last_gathering += 1
+            self.gatherings[self.last_gathering] = MetricsGathering(index, message.id, self.workers)
             for worker in list(self.workers):
-                self.reply(worker, {"op": "snapshot", "id": self.last_round})
-        elif "snapshot" in message:
-            gathering = self.rounds.get(message["id"])
+                self.send(worker, SnapshotRequest(self.last_gathering))
+        elif isinstance(message, SnapshotAnswer):
+            gathering = self.gatherings.get(message.id)
             if gathering is not None:
-                gathering["snapshots"].append(message["snapshot"])
-                gathering["expected"].discard(index)
-                self.finish_round(message["id"])
+                gathering.snapshots.append(message.snapshot)
+                gathering.expected.discard(index)
+                self.finish_gathering(message.id)
 
     def release(self, key: str) -> None:
         """A claim was given up: the next worker waiting for the same batch may store it."""
@@ -2855,144 +3295,19 @@ class Supervisor:
         while waiters:
             waiter, request_id = waiters.pop(0)
             outcome = self.dedupe.try_claim(key)
-            self.reply(waiter, {"id": request_id, "duplicate": not outcome})
+            self.send(waiter, ClaimAnswer(request_id, not outcome))
             if outcome:
                 self.owners[key] = waiter
                 if waiters:
                     self.waiting[key] = waiters
                 return
 
-    def finish_round(self, number: int) -> None:
-        """Answers a metrics request once every worker sent its snapshot."""
-        gathering = self.rounds[number]
-        if not gathering["expected"]:
-            del self.rounds[number]
-            index, request_id = gathering["for"]
-            self.reply(index, {"id": request_id, "snapshot": Metrics.merge(gathering["snapshots"])})
-
-
-def worker_tag(index: int) -> str:
-    """The file-name tag of worker `index`: '.w1', '.w2', ..."""
-    return ".w%d" % (index + 1)
-
-
-# ---------------------------------------------------------------------------
-# Lifecycle and signals
-# ---------------------------------------------------------------------------
-
-def bind_listeners(host: str, port: int, count: int) -> List[socket.socket]:
-    """Binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads connections over them;
-    without SO_REUSEPORT, the workers share one.  '::' accepts IPv4 too where the OS allows."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
-    reuse_port = count > 1 and hasattr(socket, "SO_REUSEPORT")
-    listeners: List[socket.socket] = []
-    try:
-        while len(listeners) < (count if reuse_port else 1):
-            # The first bind may pick the port (--port 0); the others join it.
-            bound_port = listeners[0].getsockname()[1] if listeners else port
-            listeners.append(socket.create_server((host, bound_port), family=family, backlog=LISTEN_BACKLOG,
-                                                  reuse_port=reuse_port, dualstack_ipv6=dualstack))
-    except OSError as exc:
-        for listener in listeners:
-            listener.close()
-        raise ConfigError("cannot listen on %s port %d: %s" % (host, port, describe_os_error(exc))) from None
-    return listeners if reuse_port else listeners * count
-
-
-def drop_privileges(user: str, group: Optional[str]) -> None:
-    """Switches to `user` (and `group`) for good, after the port is bound and certificates are read."""
-    import grp
-    import pwd
-    try:
-        account = pwd.getpwnam(user)
-        gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
-    except KeyError as exc:
-        raise ConfigError("no such user or group: %s" % exc.args[0].split(":")[-1].strip()) from None
-    try:
-        os.setgroups([gid])
-        os.setgid(gid)
-        os.setuid(account.pw_uid)
-    except PermissionError:
-        raise ConfigError("cannot switch to user %s: only root can" % user) from None
-
-
-class SignalFlags:
-    """Records the signals received; handlers only set flags, and the wakeup socket makes select() return."""
-
-    def __init__(self) -> None:
-        self.stop_signal: Optional[int] = None
-        self.reload_requested = False
-        self.wakeup_reader, self.wakeup_writer = socket.socketpair()
-        for end in (self.wakeup_reader, self.wakeup_writer):
-            end.setblocking(False)
-
-    def install(self) -> None:
-        """Routes SIGTERM and SIGINT to the stop flag and SIGHUP to the reload flag."""
-        signal.set_wakeup_fd(self.wakeup_writer.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stop_signal = signum
-
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self.reload_requested = True
-
-    def take_reload(self) -> bool:
-        """Returns and clears the reload flag."""
-        requested, self.reload_requested = self.reload_requested, False
-        return requested
-
-    def drain(self) -> None:
-        """Empties the wakeup socket."""
-        try:
-            while self.wakeup_reader.recv(512):
-                pass
-        except BlockingIOError:
-            pass
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and an access line's fields."""
-
-    converter = time.gmtime
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: Dict[str, object] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ"),
-                                    "level": record.levelname, "message": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def tune_allocator() -> None:
-    """Keeps freed request buffers (about 1 MB each) in the heap instead of returning them to the kernel
-    after every request, which costs about 15% of throughput; bounded, so memory stays bounded (glibc only)."""
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, ImportError):
-        return
-    for option, value in MALLOC_SETTINGS:
-        mallopt(option, value)
-
-
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Sends one-line, UTC-stamped log records to stderr, as text or JSON."""
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        formatter: logging.Formatter = JsonLogFormatter()
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
-        formatter.converter = time.gmtime  # type: ignore[assignment]
-    handler.setFormatter(formatter)
-    log.addHandler(handler)
-    log.setLevel(level.upper())
-    log.propagate = False
+    def finish_gathering(self, number: int) -> None:
+        """Answers a MetricsRequest once every worker sent its snapshot."""
+        gathering = self.gatherings[number]
+        if not gathering.expected:
+            del self.gatherings[number]
+            self.send(gathering.worker, MetricsAnswer(gathering.request_id, Metrics.merge(gathering.snapshots)))
 
 
 # ---------------------------------------------------------------------------
@@ -3069,7 +3384,7 @@ def check_endpoint(options: argparse.Namespace, credentials: Authenticator, repo
     try:
         with socket.create_connection((host, port), timeout=options.timeout) as raw:
             with negotiation.wrap_socket(raw, server_hostname=host) as tls:
-                report.line("PASS", "TLS 1.2+ negotiates", "%s, %s" % (tls.version(), tls.cipher()[0]))
+                report.line("PASS", "TLS 1.2+ negotiates", "%s, %s" % (tls.version(), (tls.cipher() or ("?",))[0]))
     except (OSError, ssl.SSLError) as exc:
         report.line("FAIL", "TLS 1.2+ negotiates", "%s port %d: %s" % (host, port, describe_os_error(exc)))
         return
@@ -3098,6 +3413,7 @@ def check_endpoint(options: argparse.Namespace, credentials: Authenticator, repo
         return
     report.line("PASS", "certificate chain is trusted", "by " + (str(options.ca) if options.ca else "the system store"))
     report.line("PASS", "certificate matches " + host, "")
+    assert certificate is not None  # a verified peer always presents one
     days_left = (ssl.cert_time_to_seconds(str(certificate["notAfter"])) - time.time()) / 86400
     report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS", "certificate is not expiring",
                 "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
@@ -3164,24 +3480,153 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
     out.write("verdict: DataStream would accept %s\n" % options.url)
     return 0
 
+# ---------------------------------------------------------------------------
+# Lifecycle and signals
+# ---------------------------------------------------------------------------
 
-def open_storage(config: argparse.Namespace, name_tag: str = "", shared_dedupe: Optional[SupervisorClient] = None,
-                 background: bool = True, own_files_only: bool = False) -> Storage:
-    """Builds and opens the Storage the configuration describes."""
-    storage = Storage(config.output_dir, config.fsync, rotate=config.rotate, max_file_size=config.max_file_size or 0,
-                      compress_rotated=config.compress_rotated, retention_days=config.retention_days or 0,
-                      dedupe_window=config.dedupe_window, name_tag=name_tag, shared_dedupe=shared_dedupe,
-                      store_gzip=config.store == "gzip")
-    storage.open(background=background, own_files_only=own_files_only)
-    return storage
+def bind_listeners(host: str, port: int, count: int) -> List[socket.socket]:
+    """Binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads connections over them;
+    without SO_REUSEPORT, the workers share one.  '::' accepts IPv4 too where the OS allows."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+    reuse_port = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    listeners: List[socket.socket] = []
+    try:
+        while len(listeners) < (count if reuse_port else 1):
+            # The first bind may pick the port (--port 0); the others join it.
+            bound_port = listeners[0].getsockname()[1] if listeners else port
+            listeners.append(socket.create_server((host, bound_port), family=family, backlog=LISTEN_BACKLOG,
+                                                  reuse_port=reuse_port, dualstack_ipv6=dualstack))
+    except OSError as exc:
+        for listener in listeners:
+            listener.close()
+        raise ConfigError("cannot listen on %s port %d: %s" % (host, port, describe_os_error(exc))) from None
+    return listeners if reuse_port else listeners * count
 
 
-def serve_until_stopped(server: ReceiverServer, storage: Storage, signals: SignalFlags) -> int:
+def drop_privileges(user: str, group: Optional[str]) -> None:
+    """Switches to `user` (and `group`) for good, after the port is bound and certificates are read."""
+    import grp
+    import pwd
+    try:
+        account = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
+    except KeyError as exc:
+        raise ConfigError("no such user or group: %s" % exc.args[0].split(":")[-1].strip()) from None
+    try:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(account.pw_uid)
+    except PermissionError:
+        raise ConfigError("cannot switch to user %s: only root can" % user) from None
+
+
+
+class SignalFlags:
+    """Records the signals received; handlers only set flags, and the wake pipe makes select() return."""
+
+    def __init__(self) -> None:
+        self.stop_signal: Optional[int] = None
+        self.reload_requested = False
+        self.wake_pipe = WakePipe()
+
+    def install(self) -> None:
+        """Routes SIGTERM and SIGINT to the stop flag and SIGHUP to the reload flag."""
+        signal.set_wakeup_fd(self.wake_pipe.writer.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
+
+    def take_reload(self) -> bool:
+        """Returns and clears the reload flag."""
+        requested, self.reload_requested = self.reload_requested, False
+        return requested
+
+
+class TextLogFormatter(logging.Formatter):
+    """One line per record: UTC time, level, message."""
+
+    converter = time.gmtime
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and an access line's fields."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, object] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ"),
+                                    "level": record.levelname, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Sends one-line, UTC-stamped log records to stderr, as text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def tune_allocator() -> None:
+    """Keeps freed request buffers (about 1 MB each) in the heap instead of returning them to the kernel
+    after every request, which costs about 15% of throughput; bounded, so memory stays bounded (glibc only)."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, ImportError):
+        return
+    for option, value in MALLOC_SETTINGS:
+        mallopt(option, value)
+
+
+def prepare_output(layout: Layout, dedupe_window: float,
+                   clock: Callable[[], float] = time.time) -> Optional[DedupeIndex]:
+    """Creates the output folders, recovers them after a crash and returns the dedupe window (None when it
+    is off), refilled from the batch indexes; a folder that cannot be used is a ConfigError."""
+    dedupe = DedupeIndex(dedupe_window, clock) if dedupe_window else None
+    try:
+        layout.create()
+        recover_output(layout)
+        if dedupe is not None:
+            dedupe.load(indexed_batches(layout, dedupe_window, clock()))
+    except OSError as exc:
+        raise ConfigError("cannot use output folder %s: %s" % (layout.root, describe_os_error(exc))) from None
+    return dedupe
+
+
+def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: socket.socket,
+                        certificates: Optional[CertificateSource], authenticator: Authenticator,
+                        signals: SignalFlags, dedupe: Optional[DedupeWindow],
+                        supervisor: Optional[SupervisorClient] = None) -> int:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns 0."""
+    storage = Storage(layout, config.fsync, config.max_file_size or 0, dedupe)
+    housekeeper = Housekeeper(layout, storage, config.compress_rotated, config.retention_days or 0,
+                              config.dedupe_window)
+    server = ReceiverServer(config, listener, certificates, authenticator, storage, supervisor)
+    if supervisor is not None:
+        supervisor.start(server.metrics_snapshot)
+    storage.start()
+    housekeeper.start()
     server.serve(signals)
     log.info("received signal %d: finishing in-flight requests (up to %gs)", signals.stop_signal or 0,
-             server.config.shutdown_timeout)
-    finished = server.shutdown(server.config.shutdown_timeout)
+             config.shutdown_timeout)
+    finished = server.shutdown(config.shutdown_timeout)
+    housekeeper.stop()
     storage.close()
     if not finished:
         log.warning("shutdown timeout: closed with requests still in flight (they were not acknowledged)")
@@ -3190,20 +3635,13 @@ def serve_until_stopped(server: ReceiverServer, storage: Storage, signals: Signa
 
 
 def run_worker(config: argparse.Namespace, index: int, listener: socket.socket, control: socket.socket,
-               certificates: Optional[CertificateSource], authenticator: Authenticator) -> int:
+               layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator) -> int:
     """The body of worker process `index`: its own files, the supervisor's dedupe window."""
     signals = SignalFlags()
     signals.install()
     supervisor = SupervisorClient(control)
-    try:
-        storage = open_storage(config, worker_tag(index), supervisor if config.dedupe_window else None,
-                               own_files_only=True)
-    except ConfigError as exc:
-        log.error("worker %d: %s", index + 1, exc)
-        return 2
-    server = ReceiverServer(config, listener, certificates, authenticator, storage, supervisor)
-    supervisor.snapshot = server.metrics_snapshot
-    return serve_until_stopped(server, storage, signals)
+    return serve_until_stopped(config, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
+                               signals, supervisor if config.dedupe_window else None, supervisor)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3227,8 +3665,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         listeners = bind_listeners(config.host, config.port, config.workers)
         if config.user:
             drop_privileges(config.user, config.group)
-        # With workers, this first Storage only recovers every file and loads the dedupe window.
-        storage = open_storage(config, background=config.workers == 1)
+        layout = Layout(config.output_dir, config.rotate, store_gzip=config.store == "gzip")
+        dedupe = prepare_output(layout, config.dedupe_window)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
@@ -3245,12 +3683,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         log.warning("no authentication configured: anyone who can reach this port can push data")
     if config.workers == 1:
-        return serve_until_stopped(ReceiverServer(config, listeners[0], certificates, authenticator, storage),
-                                   storage, signals)
-    storage.compress_finished()
-    storage.close()
-    supervisor = Supervisor(config, listeners, storage,
-                            lambda index, listener, control: run_worker(config, index, listener, control,
+        return serve_until_stopped(config, layout, listeners[0], certificates, authenticator, signals, dedupe)
+    # Before any worker writes: compress every finished file, whichever run or worker wrote it.
+    startup = Housekeeper(layout, compress=config.compress_rotated)
+    startup.queue_finished_files(own_only=False)
+    startup.compress_finished()
+    supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0),
+                            lambda index, listener, control: run_worker(config, index, listener, control, layout,
                                                                         certificates, authenticator))
     return supervisor.run(signals)
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dsreceiver  # noqa: E402
-from simulator import json_lines  # noqa: E402
+from simulator import free_port, json_lines  # noqa: E402
 
 SCENARIOS = {
     "A": ("1 MB JSON batches gzip'd, 32 keep-alive connections", "big.gz", "gzip", 32),
@@ -111,12 +111,6 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("server did not open port %d" % port)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
@@ -215,7 +209,7 @@ def client_context(cert: Path) -> ssl.SSLContext:
 
 
 def push_loop(port: int, cert: str, body: bytes, mode: str, tag: str, stop_at: float,
-              results: "multiprocessing.Queue[Tuple[int, int, List[float]]]") -> None:
+              results: multiprocessing.Queue[Tuple[int, int, List[float]]]) -> None:
     """One keep-alive client of the built-in load generator (used when wrk is missing)."""
     context = client_context(Path(cert))
     acknowledged = errors = 0
@@ -247,7 +241,7 @@ def push_loop(port: int, cert: str, body: bytes, mode: str, tag: str, stop_at: f
 
 def run_builtin(port: int, cert: Path, body: Path, mode: str, connections: int, seconds: float) -> Dict[str, float]:
     """The built-in multi-process HTTPS load generator, same shape of results as run_wrk()."""
-    results: "multiprocessing.Queue[Tuple[int, int, List[float]]]" = multiprocessing.Queue()
+    results: multiprocessing.Queue[Tuple[int, int, List[float]]] = multiprocessing.Queue()
     stop_at = time.monotonic() + seconds
     data = body.read_bytes()
     workers = [multiprocessing.Process(target=push_loop, args=(port, str(cert), data, mode, "p%d" % n, stop_at,
@@ -303,8 +297,8 @@ def run_new_connections(port: int, cert: Path, body: Path, seconds: float) -> Di
             "p99_ms": percentile(latencies, 99) * 1000}
 
 
-def hold_idle(port: int, cert: str, count: int, ready: "multiprocessing.Queue[int]",
-              check: "multiprocessing.Queue[int]") -> None:
+def hold_idle(port: int, cert: str, count: int, ready: multiprocessing.Queue[int],
+              check: multiprocessing.Queue[int]) -> None:
     """Scenario D's idle clients: each makes one request, sits idle, and must still be answered at the end."""
     context = client_context(Path(cert))
     held = []
@@ -365,8 +359,8 @@ def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodi
     memory = MemorySampler(server.process.pid)
     try:
         if scenario == "D":
-            ready: "multiprocessing.Queue[int]" = multiprocessing.Queue()
-            check: "multiprocessing.Queue[int]" = multiprocessing.Queue()
+            ready: multiprocessing.Queue[int] = multiprocessing.Queue()
+            check: multiprocessing.Queue[int] = multiprocessing.Queue()
             idle = multiprocessing.Process(target=hold_idle, args=(server.port, str(cert), IDLE_CONNECTIONS, ready,
                                                                    check))
             idle.start()
@@ -501,7 +495,8 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
               "| disk limit | %.0f MB/s (1 GiB of 1 MiB writes, fdatasync every 16 MiB) |" % disk,
               "| gunzip limit | %.0f MB/s decoded (one core's rate x %s cores) |" % (inflate, facts["nproc"]),
               "", "Scenarios: " + "; ".join("**%s** %s" % (name, text[0]) for name, text in SCENARIOS.items()) + ".",
-              "", "| server | scenario | req/s | stored MB/s | p50 ms | p99 ms | peak memory MB (PSS) | errors | stored vs acked |",
+              "", "| server | scenario | req/s | stored MB/s | p50 ms | p99 ms | peak memory MB (PSS) | errors "
+              "| stored vs acked |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for (kind, scenario), r in results.items():
         rate = r["acknowledged"] / r["seconds"]  # type: ignore[operator]

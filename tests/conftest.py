@@ -10,16 +10,19 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import pytest
 import trustme
 from cryptography import x509
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from simulator import DataStreamSimulator  # noqa: E402
+import dsreceiver  # noqa: E402
+from simulator import Batch, DataStreamSimulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DSRECEIVER = ROOT / "dsreceiver.py"
@@ -27,7 +30,7 @@ LISTENING_RE = re.compile(r"listening on (https?)://(\S+):(\d+)")
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
+def wait_until(condition: Callable[[], Optional[T]], timeout: float = 15.0, what: str = "condition") -> T:
     """Polls `condition` until it returns something truthy, failing the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -106,7 +109,7 @@ class ServerProcess:
         self.python = python
         self.client_context = client_context
         self.log_path = workdir / "server.log"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: Optional[subprocess.Popen[bytes]] = None
         self.port = 0
         self.scheme = "https"
         self.log_offset = 0
@@ -118,7 +121,7 @@ class ServerProcess:
             return Path(self.args[self.args.index("--output-dir") + 1])
         return self.workdir / "data"
 
-    def start(self, wait: bool = True, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, wait: bool = True, timeout: float = 30.0) -> ServerProcess:
         """Starts the server; with `wait`, returns once it logs its listening line."""
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
@@ -137,11 +140,11 @@ class ServerProcess:
             handle.seek(self.log_offset)
             return handle.read().decode("utf-8", "replace")
 
-    def wait_for_log(self, pattern: "str | re.Pattern[str]", timeout: float = 15.0, count: int = 1) -> "re.Match[str]":
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 15.0, count: int = 1) -> re.Match[str]:
         """Waits until the log matches `pattern` at least `count` times; returns the last match."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
 
-        def matched() -> "Optional[re.Match[str]]":
+        def matched() -> Optional[re.Match[str]]:
             matches = list(regex.finditer(self.log_text()))
             if len(matches) >= count:
                 return matches[count - 1]
@@ -272,16 +275,11 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serial_seen(server: ServerProcess) -> int:
     """The serial number of the certificate a new connection is shown."""
     with server.tls_connect() as sock:
-        return int(sock.getpeercert()["serialNumber"], 16)  # type: ignore[index]
+        assert isinstance(sock, ssl.SSLSocket)
+        return int(str((sock.getpeercert() or {})["serialNumber"]), 16)
 
 
 def install_pair(ca: trustme.CA, folder: Path) -> int:
@@ -330,3 +328,45 @@ def bind_mounted_dir(tmp_path: Path) -> Iterator[Path]:
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     """A running server with default settings (no authentication)."""
     return start_server()
+
+
+def batch_of(*lines: bytes) -> dsreceiver.RecordBatch:
+    """A RecordBatch of these records, as the builder makes it."""
+    data = b"".join(line + b"\n" for line in lines)
+    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
+
+
+def open_storage(root: Path, rotate: str = "hourly", clock: Callable[[], float] = time.time,
+                 dedupe_window: float = 0.0, **options: Any) -> dsreceiver.Storage:
+    """A Storage over `root` after the start-up steps main() runs: folders, crash recovery, dedupe refill."""
+    layout = dsreceiver.Layout(root, rotate)
+    dedupe = dsreceiver.prepare_output(layout, dedupe_window, clock)
+    return dsreceiver.Storage(layout, dedupe=dedupe, clock=clock, **options)
+
+
+def push_concurrently(server: ServerProcess, batches: Sequence[Batch], chunked_every: int = 0) -> List[int]:
+    """Pushes every batch at once, each from its own thread on its own connection (every `chunked_every`-th one
+    chunked); returns the statuses in order."""
+    statuses: List[int] = [0] * len(batches)
+
+    def push(index: int) -> None:
+        with server.simulator() as ds:
+            statuses[index] = ds.push(batches[index], chunked=bool(chunked_every) and index % chunked_every == 0).status
+
+    threads = [threading.Thread(target=push, args=(index,)) for index in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+@contextmanager
+def push_held_after_continue(server: ServerProcess, body_size: int) -> Iterator[socket.socket]:
+    """A push whose head was sent with Expect: 100-continue and answered 100 Continue: the server is serving it
+    (its body size reserved) while the caller holds back the body."""
+    with server.tls_connect() as sock:
+        sock.sendall(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                     % body_size)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        yield sock

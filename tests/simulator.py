@@ -6,12 +6,21 @@ import gzip
 import http.client
 import json
 import random
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 STRUCTURED_FIELDS = ("cp", "reqId", "reqTimeSec", "bytes", "cliIP", "statusCode", "proto", "reqHost",
                      "reqMethod", "reqPath", "reqPort", "rspContentLen", "rspContentType", "UA")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -150,7 +159,7 @@ class DataStreamSimulator:
             self.connection.close()
             self.connection = None
 
-    def __enter__(self) -> "DataStreamSimulator":
+    def __enter__(self) -> DataStreamSimulator:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

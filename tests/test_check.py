@@ -18,14 +18,14 @@ import trustme
 from conftest import DSRECEIVER, ServerProcess
 
 
-def run_check(url: str, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def run_check(url: str, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DSRECEIVER_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(DSRECEIVER), "check", url, *args], capture_output=True, text=True,
                           env=full_env, timeout=60)
 
 
-def outcomes(result: subprocess.CompletedProcess) -> List[str]:
+def outcomes(result: subprocess.CompletedProcess[str]) -> List[str]:
     return [line.split()[0] + " " + line[6:40].strip() for line in result.stdout.splitlines()
             if line[:4] in ("PASS", "FAIL", "WARN")]
 

@@ -1,4 +1,4 @@
-"""Command line: --help documents every option with its default and matches the README; bad configuration is one line and exit 2."""
+"""Command line: --help documents every option with its default and matches the README; bad configuration is one line, exit 2."""
 
 from __future__ import annotations
 

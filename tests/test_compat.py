@@ -11,6 +11,8 @@ from conftest import ServerProcess, find_pythons
 from simulator import expected_lines, make_batch
 
 PYTHONS = find_pythons()
+# Starts a server under each interpreter: `make test-fast` leaves it to the full suite.
+pytestmark = pytest.mark.slow
 
 
 def test_at_least_the_running_interpreter_is_found() -> None:

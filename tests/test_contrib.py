@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shlex
+from typing import Dict, List
 
 from conftest import ROOT
 from dsreceiver import build_parser
 
 
-def unit_settings() -> dict:
-    settings: dict = {}
+def unit_settings() -> Dict[str, List[str]]:
+    settings: Dict[str, List[str]] = {}
     for line in (ROOT / "contrib" / "dsreceiver.service").read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")

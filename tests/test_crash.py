@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Set, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, free_port
-from simulator import Batch, make_batch
+from conftest import ServerProcess, open_storage
+from simulator import Batch, free_port, make_batch
 
 REQ_ID = re.compile(rb'"reqId":"([^"]+)-(\d{6})"|^4 61234 \d+ (\S+)-(\d{6}) ')
 
@@ -113,7 +113,7 @@ class PowerLossDisk:
 
         def wrapped_open(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
             with self.lock:
-                fd = real["open"](path, flags, mode, **kwargs)
+                fd: int = real["open"](path, flags, mode, **kwargs)
                 if str(path).startswith(self.root) and os.path.isfile(path):
                     self.paths[fd] = str(path)
                     self.durable.setdefault(str(path), os.path.getsize(path))
@@ -148,7 +148,7 @@ class PowerLossDisk:
         for name, function in (("open", wrapped_open), ("close", wrapped_close), ("write", locked("write")),
                                ("writev", locked("writev")), ("fdatasync", synced("fdatasync")),
                                ("fsync", synced("fsync")), ("ftruncate", truncated)):
-            monkeypatch.setattr(dsreceiver.os, name, function)
+            monkeypatch.setattr(os, name, function)
 
     def cut_power(self, target: Path, rng: random.Random) -> None:
         """Copies what a disk could hold after a power cut right now into `target` (call with the lock held)."""
@@ -166,8 +166,7 @@ def test_power_loss_keeps_every_acknowledged_batch_once(tmp_path: Path, monkeypa
     rng = random.Random(7)
     root = tmp_path / "live"
     disk = PowerLossDisk(root, monkeypatch)
-    storage = dsreceiver.Storage(root, dedupe_window=900)
-    storage.open(background=False)
+    storage = open_storage(root, dedupe_window=900)
     sent: Dict[str, Batch] = {}
     acknowledged: Set[str] = set()
     snapshots: List[Tuple[Path, Set[str]]] = []
@@ -179,7 +178,7 @@ def test_power_loss_keeps_every_acknowledged_batch_once(tmp_path: Path, monkeypa
         while not stop.is_set():
             name = "w%d-%05d" % (number, index)
             batch = make_batch(name, count=local.choice([1, 5, 50, 400]), fmt=local.choice(["json", "structured"]))
-            builder = dsreceiver.BatchBuilder(storage.spool_dir, digest=True)
+            builder = dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True)
             record_batch = builder.feed_whole(batch.body)
             with disk.lock:
                 sent[name] = batch
@@ -205,19 +204,18 @@ def test_power_loss_keeps_every_acknowledged_batch_once(tmp_path: Path, monkeypa
     storage.close()
     monkeypatch.undo()
     for target, acknowledged_then in snapshots:
-        recovered = dsreceiver.Storage(target, dedupe_window=900)
-        recovered.open(background=False)
-        data = b"".join(path.read_bytes() for path in sorted(recovered.data_files()))
+        recovered = open_storage(target, dedupe_window=900)
+        data = b"".join(path.read_bytes() for path, _ in sorted(recovered.layout.data_files()))
         stored = data.split(b"\n")[:-1]
         assert not data or data.endswith(b"\n")
         check_exactly_once(stored, sent, acknowledged_then)
         # DataStream resends what it never saw acknowledged: each batch ends up stored exactly once.
         present = {batch_id_of(line)[0] for line in stored}
         for name in sorted(acknowledged_then)[:20] + sorted(set(sent) - present)[:20]:
-            again = dsreceiver.BatchBuilder(recovered.spool_dir, digest=True).feed_whole(sent[name].body)
+            again = dsreceiver.BatchBuilder(recovered.layout.spool_dir, digest=True).feed_whole(sent[name].body)
             assert (recovered.store("", again) is None) == (name in present), name
         recovered.close()
-        data = b"".join(path.read_bytes() for path in sorted(recovered.data_files()))
+        data = b"".join(path.read_bytes() for path, _ in sorted(recovered.layout.data_files()))
         resent = {name for name in sorted(set(sent) - present)[:20]}
         check_exactly_once(data.split(b"\n")[:-1], sent, acknowledged_then | resent)
         shutil.rmtree(target)
@@ -238,3 +236,25 @@ def test_recovery_moves_an_unindexed_batch_aside(start_server: Callable[..., Ser
     assert server.stored_lines() == first.lines
     [aside] = (server.output_dir / ".dsreceiver" / "partial").iterdir()
     assert aside.read_bytes() == partial
+
+
+def test_set_aside_index_keeps_dedupe_after_logrotate_sighup_and_a_crash(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--workers", "2")
+    batch = make_batch("rotated-then-crashed", count=40)
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+    [current] = server.data_files()
+    current.rename(current.with_name(current.name + ".1"))  # logrotate, without copytruncate
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log("reopened 1 output files that were moved")
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGKILL)  # supervisor and workers at once: nothing is shut down cleanly
+    server.wait_exit()
+    server.start()
+    later = make_batch("after-restart", count=5)
+    with server.simulator() as ds:
+        again = ds.push(batch)
+        assert again.status == 200 and again.body == b"already stored 40 records\n"
+        assert ds.push(later).status == 200
+    assert sorted(server.stored_lines()) == sorted(batch.lines + later.lines)

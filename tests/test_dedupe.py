@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import threading
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 import dsreceiver
-from conftest import ROOT, ServerProcess
+from conftest import ROOT, ServerProcess, push_concurrently
 from simulator import make_batch
 
 
@@ -63,18 +62,7 @@ def test_window_zero_turns_dedupe_off(start_server: Callable[..., ServerProcess]
 
 def test_concurrent_copies_store_once(server: ServerProcess) -> None:
     batch = make_batch("racing-retries", count=2000)
-    statuses: List[int] = []
-
-    def push() -> None:
-        with server.simulator() as ds:
-            statuses.append(ds.push(batch).status)
-
-    threads = [threading.Thread(target=push) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert statuses == [200] * 8
+    assert push_concurrently(server, [batch] * 8) == [200] * 8
     assert server.stored_lines() == batch.lines
 
 

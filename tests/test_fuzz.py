@@ -12,6 +12,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -45,7 +46,7 @@ def test_request_head_parsing_only_ever_raises_http_errors(head: bytes) -> None:
 @given(stream=(HEADISH | st.binary(max_size=200)).flatmap(lambda head: st.tuples(
     st.just(head), st.binary(max_size=200))))
 @example(stream=(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nabc"))
-def test_reading_a_request_from_a_socket_only_ends_in_expected_ways(stream: tuple) -> None:
+def test_reading_a_request_from_a_socket_only_ends_in_expected_ways(stream: Tuple[bytes, bytes]) -> None:
     head, body = stream
     left, right = socket.socketpair()
     try:
@@ -67,6 +68,33 @@ def test_reading_a_request_from_a_socket_only_ends_in_expected_ways(stream: tupl
     finally:
         left.close()
         right.close()
+
+
+CHUNKISH = st.lists(st.sampled_from([b"0", b"5", b"a", b"F", b"10", b"\r\n", b"\n", b"\r", b";", b"=", b'"', b"x",
+                                     b" ", b"\t", b"hello", b"\\", b"X-T: v", b":"]), max_size=30).map(b"".join)
+
+
+@FUZZ
+@given(data=CHUNKISH | st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=6))
+@example(data=b"5\r\nhello\r\n0\r\n\r\n", cuts=[1, 4, 12])
+def test_chunked_decoding_does_not_depend_on_how_the_bytes_arrive(data: bytes, cuts: List[int]) -> None:
+    """Fed whole or in pieces, the decoder ends in the same state: the same body and leftover, or the same refusal."""
+    outcomes: List[object] = []
+    for pieces in ([len(data)], sorted(set(cuts)) + [len(data)]):
+        decoder = dsreceiver.ChunkedDecoder(1 << 10)
+        buffer = bytearray()
+        start = 0
+        try:
+            for cut in pieces:
+                buffer += data[start:cut]
+                start = max(start, cut)
+                del buffer[:decoder.feed(buffer)]
+            outcomes.append((decoder.done, bytes(decoder.body) if decoder.done else None, bytes(buffer)))
+        except dsreceiver.HTTPError as exc:
+            assert exc.status in (400, 413, 431) and exc.close
+            outcomes.append(("refused", exc.status))
+    whole, pieced = outcomes
+    assert pieced == whole
 
 
 def mutated_gzip(data: st.DataObject) -> bytes:

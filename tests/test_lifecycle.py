@@ -6,7 +6,7 @@ import signal
 import time
 from typing import Callable
 
-from conftest import ServerProcess, read_until_close, status_of
+from conftest import ServerProcess, push_held_after_continue, read_until_close, status_of
 from simulator import make_batch
 
 
@@ -14,11 +14,8 @@ def test_sigterm_mid_push_still_acknowledges_and_stores_it(start_server: Callabl
     server = start_server()
     batch = make_batch("slow", count=2000)
     half = len(batch.body) // 2
-    with server.tls_connect() as sock:
-        sock.sendall(b"POST /ds HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
-                     % len(batch.body))
-        # The interim answer proves the server is serving this request before the signal arrives.
-        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+    # The interim answer proves the server is serving this request before the signal arrives.
+    with push_held_after_continue(server, len(batch.body)) as sock:
         sock.sendall(batch.body[:half])
         server.send_signal(signal.SIGTERM)
         server.wait_for_log("received signal 15")
@@ -44,9 +41,7 @@ def test_idle_keep_alive_connections_do_not_hold_up_shutdown(start_server: Calla
 
 def test_shutdown_timeout_bounds_a_stuck_request(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--shutdown-timeout", "1", "--timeout", "300")
-    with server.tls_connect() as sock:
-        sock.sendall(b"POST /ds HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
-        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+    with push_held_after_continue(server, 100) as sock:
         sock.sendall(b"partial")
         server.send_signal(signal.SIGTERM)
         assert server.wait_exit(timeout=60) == 0

@@ -12,7 +12,7 @@ from typing import Callable, List
 
 import pytest
 
-from conftest import ServerProcess, read_until_close, status_of, wait_until
+from conftest import ServerProcess, push_held_after_continue, read_until_close, status_of, wait_until
 from simulator import make_batch
 
 
@@ -104,6 +104,9 @@ def test_push_without_length_is_411(server: ServerProcess) -> None:
     (b"POST /ds HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 8000) for i in range(9)) + b"\r\n", 431),
     (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
     (b"POST /" + b"a" * 20000, 414),
+    # Exactly the longest request line allowed, ending in CRLF: parsed (then 405: GET is not a push).
+    (b"GET /" + b"a" * 8176 + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
+    (b"GET /" + b"a" * 8177 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
 ])
 def test_oversized_heads(server: ServerProcess, head: bytes, status: int) -> None:
     assert status_of(server.exchange(head)) == status
@@ -126,12 +129,11 @@ def test_trickling_client_is_cut_off_at_the_deadline(start_server: Callable[...,
     body = b"x" * 200 + b"\n"
     head = b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
     stop = threading.Event()
+    trickled = head + body if phase == "head" else body
     with server.tls_connect(timeout=60) as sock:
-        if phase == "head":
-            slow = threading.Thread(target=trickle, args=(sock, head + body, 0.2, stop))
-        else:
+        if phase == "body":
             sock.sendall(head)
-            slow = threading.Thread(target=trickle, args=(sock, body, 0.2, stop))
+        slow = threading.Thread(target=trickle, args=(sock, trickled, 0.2, stop))
         started = time.monotonic()
         slow.start()
         try:
@@ -139,8 +141,8 @@ def test_trickling_client_is_cut_off_at_the_deadline(start_server: Callable[...,
         finally:
             stop.set()
             slow.join()
-        # Each byte resets an idle timer; only a deadline ends this well before the ~40 s the trickle needs.
-        assert time.monotonic() - started < 15
+        # Each byte would reset an idle timer; only a deadline (2 s) ends it long before the trickle would.
+        assert time.monotonic() - started < len(trickled) * 0.2 / 2
     assert status_of(response) == 408
     assert server.stored_bytes() == b""
 
@@ -158,8 +160,9 @@ def client_hello() -> bytes:
 def test_trickled_handshake_is_cut_off_at_the_deadline(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--timeout", "2")
     stop = threading.Event()
+    hello = client_hello()
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        slow = threading.Thread(target=trickle, args=(sock, client_hello(), 0.1, stop))
+        slow = threading.Thread(target=trickle, args=(sock, hello, 0.1, stop))
         started = time.monotonic()
         slow.start()
         try:
@@ -167,13 +170,13 @@ def test_trickled_handshake_is_cut_off_at_the_deadline(start_server: Callable[..
         finally:
             stop.set()
             slow.join()
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < len(hello) * 0.1 / 2  # the 2 s deadline, not the trickle, ended it
     server.wait_for_log(r"tls handshake from 127\.0\.0\.1 failed: timed out")
 
 
 @pytest.mark.slow
 def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[..., ServerProcess]) -> None:
-    server = start_server()
+    server = start_server("--timeout", "60")
 
     def push_seconds(batch_id: str) -> float:
         batch = make_batch(batch_id, count=200)
@@ -182,7 +185,6 @@ def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[...,
             assert ds.push(batch).status == 200
         return time.monotonic() - started
 
-    baseline = min(push_seconds("baseline-%d" % i) for i in range(3))
     crowd: List[ssl.SSLSocket] = []
     stop = threading.Event()
     try:
@@ -209,7 +211,8 @@ def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[...,
     finally:
         for sock in crowd:
             sock.close()
-    assert during - baseline < 1.0, "push took %.2fs with 500 slow clients, %.2fs without" % (during, baseline)
+    # Served beside the crowd, not after it: a crowd that held the server would delay it to their 60 s deadline.
+    assert during < 30, "a push took %.1fs with 500 slow clients" % during
 
 
 def kept_alive(server: ServerProcess, count: int) -> List[ssl.SSLSocket]:
@@ -247,10 +250,7 @@ def test_connections_beyond_the_limit_are_closed_at_once(start_server: Callable[
 def test_bytes_in_flight_beyond_the_limit_get_503(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--max-inflight-bytes", "1M")
     first = b"a" * (900 << 10) + b"\n"
-    with server.tls_connect() as holder:
-        holder.sendall(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
-                       % len(first))
-        assert holder.recv(1024).startswith(b"HTTP/1.1 100 Continue")  # its 900K are now reserved
+    with push_held_after_continue(server, len(first)) as holder:  # its 900K are now reserved
         refused = server.exchange(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(first))
         assert status_of(refused) == 503
         assert b"Retry-After: " in refused
@@ -286,7 +286,8 @@ def test_negotiated_tls_1_2_cipher_is_forward_secret_aead(server: ServerProcess,
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("ALL:@SECLEVEL=0")
     with server.tls_connect(context) as sock:
-        name = sock.cipher()[0]
+        assert isinstance(sock, ssl.SSLSocket)
+        name = (sock.cipher() or ("",))[0]
     assert name.startswith(("ECDHE-", "DHE-")) and ("GCM" in name or "CHACHA20" in name), name
 
 
@@ -328,7 +329,7 @@ def test_idle_deadlines_close_connections_quietly(start_server: Callable[..., Se
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert read_until_close(sock) == b""  # closed by the server at the deadline
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 25  # the 2 s deadline, with room for a loaded machine
     with server.simulator() as ds:
         assert ds.request("GET", path="/healthz").status == 200
     assert "Traceback" not in server.log_text() and "unexpected error" not in server.log_text()

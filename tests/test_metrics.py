@@ -7,7 +7,9 @@ import re
 import socket
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pytest
 
 from conftest import ServerProcess, read_until_close, wait_until
 from simulator import make_batch
@@ -49,7 +51,7 @@ def value(samples: List[Sample], name: str, **labels: str) -> float:
     raise AssertionError("no sample %s %s" % (name, labels))
 
 
-def scrape(server: ServerProcess, headers: Dict[str, str] = {}) -> List[Sample]:
+def scrape(server: ServerProcess, headers: Optional[Dict[str, str]] = None) -> List[Sample]:
     with server.simulator() as ds:
         response = ds.request("GET", path="/metrics", headers=headers)
     assert response.status == 200
@@ -72,7 +74,7 @@ def test_metrics_count_what_happened(start_server: Callable[..., ServerProcess])
     assert value(samples, "dsreceiver_validation_probes_total") == 1
     assert value(samples, "dsreceiver_dedupe_hits_total") == 1
     assert value(samples, "dsreceiver_received_bytes_total") == 2 * len(batch.body) + 26 + 5
-    assert value(samples, "dsreceiver_decoded_bytes_total") == 2 * len(b"".join(l + b"\n" for l in batch.lines))
+    assert value(samples, "dsreceiver_decoded_bytes_total") == 2 * len(b"".join(line + b"\n" for line in batch.lines))
     assert value(samples, "dsreceiver_last_push_timestamp_seconds", path="/streams/web") > 1.7e9
     assert value(samples, "dsreceiver_open_connections") >= 1
     assert value(samples, "dsreceiver_fsync_duration_seconds_count") >= 1
@@ -101,6 +103,7 @@ def test_metrics_public(start_server: Callable[..., ServerProcess]) -> None:
         assert ds.push(make_batch("still-protected", count=1)).status == 401
 
 
+@pytest.mark.slow  # waits out the 10 s a storage failure keeps /healthz failing
 def test_healthz_fails_while_the_disk_is_full_and_recovers(start_server: Callable[..., ServerProcess],
                                                            small_tmpfs: Path) -> None:
     server = start_server(output_dir=small_tmpfs / "data")

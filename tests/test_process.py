@@ -1,4 +1,4 @@
-"""Process and deployment options: privilege drop, plain HTTP behind a proxy, trusted X-Forwarded-For, no tracebacks to clients."""
+"""Process and deployment options: privilege drop, plain HTTP behind a proxy, trusted X-Forwarded-For, no tracebacks."""
 
 from __future__ import annotations
 

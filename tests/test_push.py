@@ -5,13 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import threading
-from typing import List
 
 import pytest
 
-from conftest import ServerProcess, status_of
-from simulator import Batch, count_lines, expected_lines, make_batch
+from conftest import ServerProcess, push_concurrently, push_held_after_continue, status_of
+from simulator import count_lines, expected_lines, make_batch
 
 
 def test_json_push_is_stored_byte_for_byte(server: ServerProcess) -> None:
@@ -55,11 +53,7 @@ def test_chunked_body_is_read(server: ServerProcess, compress: bool) -> None:
 
 def test_expect_100_continue_gets_interim_answer_before_body(server: ServerProcess) -> None:
     batch = make_batch("expect", count=200)
-    with server.tls_connect() as sock:
-        sock.sendall(b"POST /ds HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
-                     b"Expect: 100-continue\r\n\r\n" % len(batch.body))
-        interim = sock.recv(1024)
-        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    with push_held_after_continue(server, len(batch.body)) as sock:
         sock.sendall(batch.body)
         final = sock.recv(65536)
     assert status_of(final) == 200
@@ -155,18 +149,7 @@ def test_corrupt_gzip_is_400_and_stores_nothing(server: ServerProcess) -> None:
 def test_concurrent_pushers_store_every_line_once_and_whole(server: ServerProcess) -> None:
     batches = [make_batch("p%02d" % i, count=400, fmt="json" if i % 2 else "structured", compress=i % 3 == 0)
                for i in range(32)]
-    statuses: List[int] = []
-
-    def push(batch: Batch) -> None:
-        with server.simulator() as ds:
-            statuses.append(ds.push(batch, chunked=len(statuses) % 4 == 0).status)
-
-    threads = [threading.Thread(target=push, args=(batch,)) for batch in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert statuses == [200] * 32
+    assert push_concurrently(server, batches, chunked_every=4) == [200] * 32
     stored = server.stored_lines()
     assert count_lines(stored) == count_lines(expected_lines(batches))
     # One request's records stay contiguous: each batch appears as one unbroken run.

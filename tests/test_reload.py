@@ -10,7 +10,7 @@ from typing import Callable
 
 import trustme
 
-from conftest import ServerProcess, install_pair, serial_seen, status_of
+from conftest import ServerProcess, install_pair, push_held_after_continue, serial_seen, status_of
 from simulator import make_batch
 
 
@@ -22,10 +22,7 @@ def test_sighup_reloads_the_certificate_while_a_push_is_in_flight(
     server = start_server("--certs-dir", str(live), "--cert-check-interval", "3600")
     assert serial_seen(server) == first
     batch = make_batch("in-flight", count=500)
-    with server.tls_connect() as in_flight:
-        in_flight.sendall(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
-                          % len(batch.body))
-        assert in_flight.recv(1024).startswith(b"HTTP/1.1 100")
+    with push_held_after_continue(server, len(batch.body)) as in_flight:
         second = install_pair(ca, live)
         server.send_signal(signal.SIGHUP)
         server.wait_for_log(r"certificate reloaded \(SIGHUP\)")

@@ -10,16 +10,11 @@ from typing import Callable, List
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess
+from conftest import ServerProcess, batch_of, open_storage
 from simulator import make_batch
 
 HOUR = 3600.0
 BEFORE_MIDNIGHT = 1764201599.0  # 2025-11-26T23:59:59Z
-
-
-def batch_of(*lines: bytes) -> dsreceiver.RecordBatch:
-    data = b"".join(line + b"\n" for line in lines)
-    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
 
 
 class Clock:
@@ -35,7 +30,7 @@ def names(root: Path) -> List[str]:
                   if path.is_file() and STATE not in path.parts)
 
 
-STATE = dsreceiver.STATE_DIR_NAME
+STATE = dsreceiver.Layout.STATE_DIR
 
 
 @pytest.mark.parametrize("rotate, first, second", [
@@ -44,8 +39,7 @@ STATE = dsreceiver.STATE_DIR_NAME
 ])
 def test_rotation_at_the_period_boundary(tmp_path: Path, rotate: str, first: str, second: str) -> None:
     clock = Clock(BEFORE_MIDNIGHT)
-    storage = dsreceiver.Storage(tmp_path, rotate=rotate, clock=clock)
-    storage.open(background=False)
+    storage = open_storage(tmp_path, rotate=rotate, clock=clock)
     storage.store("", batch_of(b"before"))
     clock.now += 1
     storage.store("", batch_of(b"after"))
@@ -56,8 +50,7 @@ def test_rotation_at_the_period_boundary(tmp_path: Path, rotate: str, first: str
 
 def test_daily_rotation_keeps_a_day_in_one_file(tmp_path: Path) -> None:
     clock = Clock(BEFORE_MIDNIGHT + 1)
-    storage = dsreceiver.Storage(tmp_path, rotate="daily", clock=clock)
-    storage.open(background=False)
+    storage = open_storage(tmp_path, rotate="daily", clock=clock)
     for hour in range(24):
         storage.store("", batch_of(b"hour %d" % hour))
         clock.now += HOUR
@@ -68,15 +61,13 @@ def test_daily_rotation_keeps_a_day_in_one_file(tmp_path: Path) -> None:
 
 def test_max_file_size_rolls_to_numbered_files_and_resumes_after_restart(tmp_path: Path) -> None:
     clock = Clock(BEFORE_MIDNIGHT + 10)
-    storage = dsreceiver.Storage(tmp_path, max_file_size=16, clock=clock)
-    storage.open(background=False)
+    storage = open_storage(tmp_path, max_file_size=16, clock=clock)
     for index in range(5):
         storage.store("", batch_of(b"record-%d-abcdef" % index))  # 16 bytes each: every file is full at once
     storage.close()
     assert names(tmp_path) == ["2025-11-27T00Z.1.log", "2025-11-27T00Z.2.log", "2025-11-27T00Z.3.log",
                                "2025-11-27T00Z.4.log", "2025-11-27T00Z.log"]
-    restarted = dsreceiver.Storage(tmp_path, max_file_size=40, clock=clock)
-    restarted.open(background=False)
+    restarted = open_storage(tmp_path, max_file_size=40, clock=clock)
     restarted.store("", batch_of(b"after restart"))
     restarted.close()
     assert (tmp_path / "2025-11-27T00Z.4.log").read_bytes() == b"record-4-abcdef\nafter restart\n"
@@ -84,15 +75,15 @@ def test_max_file_size_rolls_to_numbered_files_and_resumes_after_restart(tmp_pat
 
 def test_finished_files_are_compressed_safely_and_open_ones_never(tmp_path: Path) -> None:
     clock = Clock(BEFORE_MIDNIGHT)
-    storage = dsreceiver.Storage(tmp_path, compress_rotated=True, clock=clock)
-    storage.open(background=False)
+    storage = open_storage(tmp_path, clock=clock)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=clock)
     storage.store("", batch_of(b"old hour 1", b"old hour 2"))
-    storage.compress_finished()
+    housekeeper.compress_finished()
     assert names(tmp_path) == ["2025-11-26T23Z.log"]  # still being written: untouched
     clock.now += 1
     storage.retire_stale()  # the hour passed with no push: the file is finished anyway
     storage.store("", batch_of(b"new hour"))
-    storage.compress_finished()
+    housekeeper.compress_finished()
     assert names(tmp_path) == ["2025-11-26T23Z.log.gz", "2025-11-27T00Z.log"]
     assert gzip.decompress((tmp_path / "2025-11-26T23Z.log.gz").read_bytes()) == b"old hour 1\nold hour 2\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -107,9 +98,10 @@ def test_interrupted_compression_is_finished_at_start(tmp_path: Path) -> None:
     # A crash while the temporary file was being written.
     (tmp_path / "2025-11-26T21Z.log").write_bytes(b"b\n")
     (tmp_path / ".2025-11-26T21Z.log.gz.tmp").write_bytes(b"\x1f\x8b partial")
-    storage = dsreceiver.Storage(tmp_path, compress_rotated=True, clock=Clock(BEFORE_MIDNIGHT))
-    storage.open(background=False)
-    storage.compress_finished()
+    storage = open_storage(tmp_path, clock=Clock(BEFORE_MIDNIGHT))
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=Clock(BEFORE_MIDNIGHT))
+    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.compress_finished()
     storage.close()
     assert names(tmp_path) == ["2025-11-26T21Z.log.gz", "2025-11-26T22Z.log.gz"]
     assert gzip.decompress((tmp_path / "2025-11-26T21Z.log.gz").read_bytes()) == b"b\n"
@@ -122,12 +114,12 @@ def test_retention_deletes_old_finished_files_only(tmp_path: Path) -> None:
         path = tmp_path / name
         path.write_bytes(b"x\n")
         os.utime(str(path), (clock.now - age_days * 86400,) * 2)
-    storage = dsreceiver.Storage(tmp_path, retention_days=3, clock=clock)
-    storage.open(background=False)
+    storage = open_storage(tmp_path, clock=clock)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, retention_days=3, clock=clock)
     storage.store("", batch_of(b"current"))
-    current = tmp_path / storage.file_name(storage.period_name(clock.now), 0)
+    current = storage.layout.data_path("", storage.layout.period_name(clock.now), 0)
     os.utime(str(current), (clock.now - 30 * 86400,) * 2)  # even an old mtime never deletes the open file
-    storage.apply_retention()
+    housekeeper.apply_retention()
     storage.close()
     assert names(tmp_path) == sorted(["2025-11-25T00Z.log", current.name])
 

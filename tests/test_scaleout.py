@@ -8,18 +8,18 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port, wait_until
-from simulator import DataStreamSimulator, count_lines, make_batch
+from conftest import ROOT, ServerProcess, wait_until
+from simulator import Batch, DataStreamSimulator, count_lines, free_port, make_batch
 
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
 @pytest.fixture
-def nginx_in_front(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> Iterator[tuple]:
+def nginx_in_front(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> Iterator[Tuple[int, List[ServerProcess]]]:
     """nginx running contrib/nginx-stream.conf (ports and paths adapted) before two dsreceiver instances."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None or not STREAM_MODULE.exists():
@@ -51,10 +51,10 @@ def nginx_in_front(tmp_path: Path, start_server: Callable[..., ServerProcess]) -
         process.wait(timeout=30)
 
 
-def test_uploaders_spread_over_instances_and_stick_to_one(nginx_in_front: tuple,
+def test_uploaders_spread_over_instances_and_stick_to_one(nginx_in_front: Tuple[int, List[ServerProcess]],
                                                           client_context: ssl.SSLContext) -> None:
     port, instances = nginx_in_front
-    sent: Dict[str, list] = {}
+    sent: Dict[str, List[Batch]] = {}
     for number in range(2, 14):
         source = "127.0.0.%d" % number
         sent[source] = [make_batch("from-%s-%d" % (source, i), count=50) for i in range(3)]

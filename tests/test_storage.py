@@ -15,14 +15,8 @@ from typing import Callable, List
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, batch_of, open_storage, wait_until
 from simulator import Batch, expected_lines, make_batch
-
-
-def batch_of(lines: List[bytes]) -> dsreceiver.RecordBatch:
-    """A RecordBatch as the builder makes it."""
-    data = b"".join(line + b"\n" for line in lines)
-    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
 
 
 def test_records_land_in_the_file_of_the_utc_hour(server: ServerProcess) -> None:
@@ -44,29 +38,35 @@ def test_server_keeps_its_own_files_under_the_dot_path(server: ServerProcess) ->
 
 def test_storage_rolls_to_a_new_file_each_hour(tmp_path: Path) -> None:
     now = [1764201599.0]  # 2025-11-26T23:59:59Z
-    storage = dsreceiver.Storage(tmp_path, clock=lambda: now[0])
-    storage.open()
-    storage.store("", batch_of([b"late"]))
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    storage.store("", batch_of(b"late"))
     now[0] += 1
-    storage.store("", batch_of([b"next hour"]))
-    storage.store("stream-a", batch_of([b"routed"]))
+    storage.store("", batch_of(b"next hour"))
+    storage.store("stream-a", batch_of(b"routed"))
     storage.close()
     assert (tmp_path / "2025-11-26T23Z.log").read_bytes() == b"late\n"
     assert (tmp_path / "2025-11-27T00Z.log").read_bytes() == b"next hour\n"
     assert (tmp_path / "stream-a" / "2025-11-27T00Z.log").read_bytes() == b"routed\n"
 
 
-@pytest.mark.parametrize("folder", ["..", "../x", "a/b", ".hidden", "", "x" * 101])
+@pytest.mark.parametrize("folder", ["..", "../x", "a/../b", ".hidden", "a/.hidden", "/abs", "a//b", "a/", "x" * 101])
 def test_storage_refuses_unsafe_folder_names(tmp_path: Path, folder: str) -> None:
-    storage = dsreceiver.Storage(tmp_path / "out")
-    storage.open()
-    if folder == "":
-        storage.store(folder, batch_of([b"root is fine"]))
-    else:
-        with pytest.raises(ValueError):
-            storage.store(folder, batch_of([b"never"]))
+    storage = open_storage(tmp_path / "out")
+    with pytest.raises(ValueError):
+        storage.store(folder, batch_of(b"never"))
     storage.close()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert not list(storage.layout.data_files())
+
+
+@pytest.mark.parametrize("folder", ["", "a", "a/b"])
+def test_storage_writes_the_root_and_nested_safe_folders(tmp_path: Path, folder: str) -> None:
+    storage = open_storage(tmp_path / "out")
+    path = storage.store(folder, batch_of(b"kept"))
+    storage.close()
+    assert path is not None and path.parent == (tmp_path / "out" / folder if folder else tmp_path / "out")
+    assert path.read_bytes() == b"kept\n"
+    assert storage.layout.index_path(path).is_file()
 
 
 def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,10 +82,10 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
             release_first_sync.wait(30)
         real_fdatasync(fd)
 
-    monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     def writer(index: int) -> None:
-        end, generation = data_file.append(batch_of([b"record %d" % index]), time.time())
+        end, generation = data_file.append(batch_of(b"record %d" % index), time.time())
         data_file.sync_through(end, generation)
 
     leader = threading.Thread(target=writer, args=(0,))
@@ -106,7 +106,7 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
 def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data_file = dsreceiver.DataFile(tmp_path / "eio.log", tmp_path / "eio.idx")
-    data_file.sync_through(*data_file.append(batch_of([b"kept"]), time.time()))
+    data_file.sync_through(*data_file.append(batch_of(b"kept"), time.time()))
     failing = [True]
     real_fdatasync = os.fdatasync
 
@@ -115,13 +115,13 @@ def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
             raise OSError(errno.EIO, "Input/output error")
         real_fdatasync(fd)
 
-    monkeypatch.setattr(dsreceiver.os, "fdatasync", fdatasync)
-    end, generation = data_file.append(batch_of([b"lost"]), time.time())
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    end, generation = data_file.append(batch_of(b"lost"), time.time())
     with pytest.raises(OSError):
         data_file.sync_through(end, generation)
     assert (tmp_path / "eio.log").read_bytes() == b"kept\n"
     failing[0] = False
-    data_file.sync_through(*data_file.append(batch_of([b"after"]), time.time()))
+    data_file.sync_through(*data_file.append(batch_of(b"after"), time.time()))
     data_file.close()
     assert (tmp_path / "eio.log").read_bytes() == b"kept\nafter\n"
     entries = (tmp_path / "eio.idx").read_bytes()
@@ -207,24 +207,54 @@ def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., 
 
 
 def test_reopen_keeps_files_in_place_and_replaces_moved_ones(tmp_path: Path) -> None:
-    storage = dsreceiver.Storage(tmp_path, dedupe_window=900)
-    storage.open(background=False)
-    first = dsreceiver.BatchBuilder(storage.spool_dir, digest=True).feed_whole(b"first\n")
+    storage = open_storage(tmp_path, dedupe_window=900)
+    first = dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True).feed_whole(b"first\n")
     storage.store("", first)
     [current] = list(storage.files.values())
     assert storage.reopen() == 0
     assert list(storage.files.values()) == [current]  # still in place: one descriptor, one index
     current.path.rename(current.path.with_name(current.path.name + ".1"))
     assert storage.reopen() == 1
-    storage.store("", dsreceiver.BatchBuilder(storage.spool_dir, digest=True).feed_whole(b"second\n"))
+    storage.store("", dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True).feed_whole(b"second\n"))
     storage.close()
     assert current.path.read_bytes() == b"second\n"
     assert current.path.with_name(current.path.name + ".1").read_bytes() == b"first\n"
     # The new file has an index of its own, and the moved one still tells dedup what was stored.
-    entries = storage.index_path(current.path).read_bytes()
+    entries = storage.layout.index_path(current.path).read_bytes()
     assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [7]
-    restarted = dsreceiver.Storage(tmp_path, dedupe_window=900)
-    restarted.open(background=False)
-    again = dsreceiver.BatchBuilder(restarted.spool_dir, digest=True).feed_whole(b"first\n")
+    restarted = open_storage(tmp_path, dedupe_window=900)
+    again = dsreceiver.BatchBuilder(restarted.layout.spool_dir, digest=True).feed_whole(b"first\n")
     assert restarted.store("", again) is None
     restarted.close()
+
+
+def test_layout_parses_every_name_it_makes(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path, tag=".w2")
+    path = layout.data_path("route/sub", "2026-11-27T15Z", 3)
+    assert path == tmp_path / "route" / "sub" / "2026-11-27T15Z.w2.3.log"
+    assert layout.parse(path.name) == dsreceiver.DataName("2026-11-27T15Z", ".w2", 3, False)
+    assert layout.parse(layout.compressed_path(path).name) == dsreceiver.DataName("2026-11-27T15Z", ".w2", 3, True)
+    assert layout.folder_of(path) == "route/sub" and layout.owns(path) and not layout.owns(path, "")
+    assert layout.index_path(path) == tmp_path / ".dsreceiver" / "batches" / "route" / "sub" / (path.name + ".idx")
+    daily = dsreceiver.Layout(tmp_path, rotate="daily", store_gzip=True).data_path("", "2026-11-27", 0)
+    assert daily == tmp_path / "2026-11-27.log.gz"
+    for name in ("notes.log", "2026-11-27T15Z.log.1", "x2026-11-27T15Z.log", "2026-11-27T15Z.w.log", "2026-11-27T15Z"):
+        assert layout.parse(name) is None, name
+
+
+def test_set_aside_indexes_are_read_for_their_worker_after_logrotate_and_sighup(tmp_path: Path) -> None:
+    # What the supervisor reads after a worker dies: the batches that worker stored, from every index it wrote.
+    layout = dsreceiver.Layout(tmp_path, tag=".w1")
+    dsreceiver.prepare_output(layout, 900)
+    storage = dsreceiver.Storage(layout, dedupe=dsreceiver.DedupeIndex(900))
+    batch = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"before the move\n")
+    path = storage.store("", batch)
+    assert path is not None and batch.digest is not None
+    path.rename(path.with_name(path.name + ".1"))  # logrotate
+    assert storage.reopen() == 1  # SIGHUP: the index is set aside under a new name
+    storage.close()
+    [(index, folder, name)] = list(layout.indexes())
+    assert ".moved-" in index.name and folder == "" and name == layout.parse(path.name)
+    learnt = [key for _, key in dsreceiver.indexed_batches(layout, 900, time.time(), ".w1")]
+    assert learnt == [dsreceiver.dedupe_key("", batch.digest)]
+    assert not list(dsreceiver.indexed_batches(layout, 900, time.time(), ".w2"))

@@ -66,6 +66,7 @@ def test_tls_1_2_and_1_3_are_served(server: ServerProcess, ca: trustme.CA, versi
     ca.configure_trust(context)
     context.minimum_version = context.maximum_version = version
     with server.tls_connect(context) as sock:
+        assert isinstance(sock, ssl.SSLSocket)
         assert sock.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert read_until_close(sock).startswith(b"HTTP/1.1 200 OK\r\n")

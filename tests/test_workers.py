@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 from pathlib import Path
 from typing import Callable, List
 
 import trustme
 
-from conftest import ServerProcess, install_pair, serial_seen, status_of, wait_until
+from conftest import ServerProcess, install_pair, push_concurrently, push_held_after_continue, serial_seen, status_of, wait_until
 from simulator import count_lines, expected_lines, make_batch
 from test_metrics import parse_prometheus, value
 
@@ -21,26 +20,11 @@ def worker_pids(server: ServerProcess) -> List[int]:
     return [int(match.group(1)), int(match.group(2))]
 
 
-def push_on_fresh_connections(server: ServerProcess, batches: list) -> List[int]:
-    statuses: List[int] = []
-
-    def push(batch: object) -> None:
-        with server.simulator() as ds:
-            statuses.append(ds.push(batch).status)  # type: ignore[arg-type]
-
-    threads = [threading.Thread(target=push, args=(batch,)) for batch in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses
-
-
 def test_pushes_spread_over_workers_and_every_line_is_stored_once(
         start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--workers", "2")
     batches = [make_batch("spread-%02d" % i, count=100) for i in range(40)]
-    assert push_on_fresh_connections(server, batches) == [200] * 40
+    assert push_concurrently(server, batches) == [200] * 40
     names = sorted(path.name for path in server.data_files())
     assert len(names) == 2 and re.fullmatch(r"\S+Z\.w1\.log", names[0]) and re.fullmatch(r"\S+Z\.w2\.log", names[1])
     assert count_lines(server.stored_lines()) == count_lines(expected_lines(batches))
@@ -49,7 +33,7 @@ def test_pushes_spread_over_workers_and_every_line_is_stored_once(
 def test_a_batch_resent_to_another_worker_is_stored_once(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--workers", "2")
     batch = make_batch("resent", count=300)
-    assert push_on_fresh_connections(server, [batch] * 16) == [200] * 16
+    assert push_concurrently(server, [batch] * 16) == [200] * 16
     assert server.stored_lines() == batch.lines
     server.wait_for_log(r"\(duplicate", count=15)
 
@@ -57,7 +41,7 @@ def test_a_batch_resent_to_another_worker_is_stored_once(start_server: Callable[
 def test_metrics_are_summed_over_workers(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--workers", "2")
     batches = [make_batch("counted-%02d" % i, count=10) for i in range(30)]
-    assert push_on_fresh_connections(server, batches) == [200] * 30
+    assert push_concurrently(server, batches) == [200] * 30
     for _ in range(4):  # whichever worker answers, the sum is the same
         with server.simulator() as ds:
             response = ds.request("GET", path="/metrics")
@@ -69,10 +53,7 @@ def test_metrics_are_summed_over_workers(start_server: Callable[..., ServerProce
 def test_sigterm_lets_workers_finish_in_flight_pushes(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--workers", "2")
     batch = make_batch("in-flight", count=1000)
-    with server.tls_connect() as sock:
-        sock.sendall(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
-                     % len(batch.body))
-        assert sock.recv(1024).startswith(b"HTTP/1.1 100")
+    with push_held_after_continue(server, len(batch.body)) as sock:
         server.send_signal(signal.SIGTERM)
         server.wait_for_log("stopping 2 workers")
         sock.sendall(batch.body)
@@ -98,7 +79,7 @@ def test_a_killed_worker_is_recovered_and_restarted(start_server: Callable[..., 
     server = start_server("--workers", "2")
     pids = worker_pids(server)
     stored = make_batch("before-kill", count=200)
-    assert push_on_fresh_connections(server, [stored]) == [200]
+    assert push_concurrently(server, [stored]) == [200]
     [data_file] = server.data_files()
     victim = pids[0] if ".w1." in data_file.name else pids[1]
     with data_file.open("ab") as handle:
@@ -107,9 +88,9 @@ def test_a_killed_worker_is_recovered_and_restarted(start_server: Callable[..., 
     server.wait_for_log(r"worker \d \(pid %d\) exited with -9; restarting it" % victim)
     server.wait_for_log("moved 42 bytes of an unacknowledged batch")
     # The batch it stored before dying is known to every worker: resending stores nothing new.
-    assert push_on_fresh_connections(server, [stored] * 6) == [200] * 6
+    assert push_concurrently(server, [stored] * 6) == [200] * 6
     after = make_batch("after-kill", count=50)
-    assert push_on_fresh_connections(server, [after]) == [200]
+    assert push_concurrently(server, [after]) == [200]
     assert count_lines(server.stored_lines()) == count_lines(stored.lines + after.lines)
     assert server.stop() == 0
 
