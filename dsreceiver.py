@@ -460,6 +460,34 @@ class WakePipe:
             pass
 
 
+class SignalFlags:
+    """Records the signals received; handlers only set flags, and the wake pipe makes select() return."""
+
+    def __init__(self) -> None:
+        self.stop_signal: Optional[int] = None
+        self.reload_requested = False
+        self.wake_pipe = WakePipe()
+
+    def install(self) -> None:
+        """Routes SIGTERM and SIGINT to the stop flag and SIGHUP to the reload flag."""
+        signal.set_wakeup_fd(self.wake_pipe.writer.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
+
+    def take_reload(self) -> bool:
+        """Returns and clears the reload flag."""
+        requested, self.reload_requested = self.reload_requested, False
+        return requested
+
+
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
@@ -1439,8 +1467,10 @@ class DataFile:
 
     def is_full(self, max_size: int) -> bool:
         """Tells whether the file has reached `max_size` bytes (0: no limit)."""
+        if not max_size:
+            return False
         with self.state:
-            return bool(max_size) and self.size >= max_size
+            return self.size >= max_size
 
     def append(self, batch: RecordBatch, stamp: float) -> Tuple[int, int]:
         """Writes the batch contiguously, then its index entry; returns (progress mark, generation) for sync_through()."""
@@ -1898,8 +1928,8 @@ class Housekeeper:
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Queues the finished files this process owns for compression, then runs upkeep every second."""
-        self.queue_finished_files(own_only=True)
+        """Queues the finished files for compression (a worker: only its own), then runs upkeep every second."""
+        self.queue_finished_files(own_only=bool(self.layout.tag))
         self.thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
         self.thread.start()
 
@@ -2808,9 +2838,10 @@ class ReceiverServer:
 
     def __init__(self, config: argparse.Namespace, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 supervisor: Optional[SupervisorClient] = None) -> None:
+                 merged_metrics: Optional[Callable[[], Snapshot]] = None) -> None:
         self.config = config
-        self.supervisor = supervisor
+        # With workers: the metrics of all of them, summed.
+        self.merged_metrics = merged_metrics
         self.listener = listener
         self.certificates = certificates
         self.authenticator = authenticator
@@ -2835,8 +2866,8 @@ class ReceiverServer:
 
     def render_metrics(self) -> bytes:
         """The /metrics document: summed over every worker when there are several."""
-        if self.supervisor is not None:
-            return Metrics.render(self.supervisor.metrics())
+        if self.merged_metrics is not None:
+            return Metrics.render(self.merged_metrics())
         return Metrics.render(Metrics.merge([self.metrics_snapshot()]))
 
     def reload(self) -> None:
@@ -3522,34 +3553,6 @@ def drop_privileges(user: str, group: Optional[str]) -> None:
 
 
 
-class SignalFlags:
-    """Records the signals received; handlers only set flags, and the wake pipe makes select() return."""
-
-    def __init__(self) -> None:
-        self.stop_signal: Optional[int] = None
-        self.reload_requested = False
-        self.wake_pipe = WakePipe()
-
-    def install(self) -> None:
-        """Routes SIGTERM and SIGINT to the stop flag and SIGHUP to the reload flag."""
-        signal.set_wakeup_fd(self.wake_pipe.writer.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stop_signal = signum
-
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self.reload_requested = True
-
-    def take_reload(self) -> bool:
-        """Returns and clears the reload flag."""
-        requested, self.reload_requested = self.reload_requested, False
-        return requested
-
-
 class TextLogFormatter(logging.Formatter):
     """One line per record: UTC time, level, message."""
 
@@ -3617,7 +3620,8 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
     storage = Storage(layout, config.fsync, config.max_file_size or 0, dedupe)
     housekeeper = Housekeeper(layout, storage, config.compress_rotated, config.retention_days or 0,
                               config.dedupe_window)
-    server = ReceiverServer(config, listener, certificates, authenticator, storage, supervisor)
+    server = ReceiverServer(config, listener, certificates, authenticator, storage,
+                            supervisor.metrics if supervisor is not None else None)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
     storage.start()
