@@ -93,8 +93,12 @@ MAX_FOLDER_NAME = 100
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Distinct paths given their own last-push gauge; more would let a client grow /metrics without bound.
+# Distinct paths (and streams) given their own series; more would let a client grow /metrics without bound.
 MAX_PATH_LABELS = 100
+MAX_STREAM_LABELS = 100
+# Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of them.
+UPLOADER_WINDOW = 600.0
+MAX_UPLOADERS = 4096
 PUSH_METHODS = ("POST", "PUT")
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
 RETRY_AFTER_SECONDS = 10
@@ -168,7 +172,27 @@ _EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*"
                            % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED_STRING))
-SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,%d}" % (MAX_FOLDER_NAME - 1))
+SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,%d}" % (MAX_FOLDER_NAME - 1))
+
+# DataStream records (see ../shared/DATASTREAM.md): a JSON record names "version" and "streamId"; a STRUCTURED
+# record starts with version and stream ID; a millisecond reqTimeSec looks like 1764200000.507.
+UNKNOWN_STREAM = "unknown"
+MIXED_STREAM = "mixed"
+FIELD_DELIMITERS = {"SPACE": b" ", "TAB": b"\t"}
+DASH = b"-"
+STREAM_ID_RE = re.compile(r"[0-9]{1,12}")
+STREAM_VERSION_RE = re.compile(r"[0-9]{1,6}")
+JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+JSON_STREAM_ID_RE = re.compile(rb'"streamId"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
+JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
+JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
+JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
+STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])([0-9]{1,12})\2")
+STRUCTURED_STREAM_RE = re.compile(rb"(?m)^[0-9]{1,6}([ \t])([0-9]{1,12})\1")
+MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
+MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
+# Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
+JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +289,10 @@ environment:
   %-29s accepted values of --auth-query-param, comma-separated
 
 Secrets are never taken from the command line, where `ps` would show them.
-Records land in OUTPUT_DIR/YYYY-MM-DDTHHZ.log (UTC hour of receipt; YYYY-MM-DD.log
-with --rotate daily; .N.log when --max-file-size rolls), one per line; with
---route-by-path, in OUTPUT_DIR/<folder named after the URL path>/.
+Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of receipt;
+YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per line;
+ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
+left out with --partition-by none.
 """ % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
 
 
@@ -334,6 +359,17 @@ def build_parser() -> ArgumentParser:
                          help="where records are stored (default: %(default)s)")
     storage.add_argument("--route-by-path", action="store_true",
                          help="store each URL path's pushes in its own subfolder (default: off)")
+    storage.add_argument("--partition-by", choices=("stream", "none"), default="stream",
+                         help="stream: each DataStream stream in its own stream=ID subfolder, Hive-style ('unknown' "
+                         "for records without a stream ID, 'mixed' for a push with several); none: one folder "
+                         "(default: %(default)s)")
+    storage.add_argument("--stream-config", type=Path, metavar="PATH",
+                         help="stream definitions: a JSON file, or a folder of *.json, as DataStream's API returns "
+                         "them (GET .../log/streams/ID) or {\"streamId\": N, \"fields\": [\"cp\", ...]}; "
+                         "re-read on SIGHUP (default: none)")
+    storage.add_argument("--records", choices=("as-sent", "json"), default="as-sent",
+                         help="as-sent: store records byte for byte; json: store the STRUCTURED records of a defined "
+                         "stream as the JSON lines its JSON format would send (default: %(default)s)")
     storage.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
                          help="always: answer 200 only after fdatasync; interval: fdatasync every "
                          "second; never: leave it to the OS (default: %(default)s)")
@@ -350,9 +386,11 @@ def build_parser() -> ArgumentParser:
                          help="gzip each file once it is finished (default: off)")
     storage.add_argument("--retention-days", type=positive_seconds, default=None, metavar="DAYS",
                          help="delete finished files last written more than DAYS ago (default: keep all)")
-    storage.add_argument("--dedupe-window", type=non_negative_seconds, default=900.0, metavar="SECONDS",
-                         help="answer a batch identical to one stored this recently with 200 without "
-                         "storing it again; 0 turns it off (default: %(default)s)")
+    storage.add_argument("--dedupe-window", type=non_negative_seconds, default=360.0, metavar="SECONDS",
+                         help="answer a retry of a batch stored this recently with 200 without storing it again; "
+                         "only batches whose every record carries a reqId or a millisecond reqTimeSec count, so a "
+                         "genuine batch is never dropped; 0 turns it off (default: %(default)s, DataStream's "
+                         "5-minute retry horizon and a minute)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
@@ -405,6 +443,8 @@ def parse_config(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         raise ConfigError("--auth-header cannot be %r" % config.auth_header)
     if config.group and not config.user:
         raise ConfigError("--group goes with --user")
+    if config.records == "json" and config.stream_config is None:
+        raise ConfigError("--records json needs --stream-config: the field names of STRUCTURED records")
     if config.host is None:
         config.host = "127.0.0.1" if config.http else "0.0.0.0"
     if config.workers is None:
@@ -531,6 +571,8 @@ class Metrics:
         ("batches_stored", "Pushes whose records were stored."),
         ("validation_probes", "DataStream validation probes answered."),
         ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
+        ("dedupe_ineligible", "Batches stored without a dedupe check: not every record carries a reqId or a "
+         "millisecond reqTimeSec, so an identical batch may be genuine."),
         ("auth_failures", "Requests refused for missing or wrong credentials."),
         ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
@@ -541,6 +583,7 @@ class Metrics:
         self.values: Dict[str, float] = {name: 0 for name, _ in self.COUNTERS}
         self.requests: Dict[int, int] = {}
         self.last_push: Dict[str, float] = {}
+        self.streams: Dict[str, Dict[str, Any]] = {}
 
     def count(self, name: str, amount: float = 1) -> None:
         """Adds to a counter."""
@@ -561,11 +604,34 @@ class Metrics:
             if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
                 self.last_push[path] = time.time()
 
+    def stream_stored(self, stream: str, records: int, unconverted: int, newest_event: Optional[float],
+                      uploader: str) -> None:
+        """Counts a stored push of a stream; streams past MAX_STREAM_LABELS are counted as 'other'."""
+        now = time.time()
+        with self.lock:
+            if stream not in self.streams and len(self.streams) >= MAX_STREAM_LABELS:
+                stream = "other"
+            stats = self.streams.setdefault(stream, {"records": 0, "batches": 0, "unconverted": 0, "last_push": 0.0,
+                                                     "newest_event": None, "uploaders": {}})
+            stats["records"] += records
+            stats["batches"] += 1
+            stats["unconverted"] += unconverted
+            stats["last_push"] = now
+            stats["newest_event"] = newest_event
+            uploaders: Dict[str, float] = stats["uploaders"]
+            if uploader in uploaders or len(uploaders) < MAX_UPLOADERS:
+                uploaders[uploader] = now
+            elif len(uploaders) >= MAX_UPLOADERS:
+                stats["uploaders"] = {address: seen for address, seen in uploaders.items()
+                                      if now - seen < UPLOADER_WINDOW}
+
     def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram) -> Snapshot:
         """Everything /metrics shows, as plain data that workers can send and merge()."""
         with self.lock:
             snapshot: Snapshot = {"values": dict(self.values), "last_push": dict(self.last_push),
-                                  "requests": {str(status): n for status, n in self.requests.items()}}
+                                  "requests": {str(status): n for status, n in self.requests.items()},
+                                  "streams": {stream: dict(stats, uploaders=dict(stats["uploaders"]))
+                                              for stream, stats in self.streams.items()}}
         snapshot["fsync"] = fsync_seconds.snapshot()
         snapshot["gauges"] = dict(gauges)
         return snapshot
@@ -573,7 +639,7 @@ class Metrics:
     @staticmethod
     def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
         """Adds up the snapshots of several workers (the latest last-push time wins)."""
-        merged: Snapshot = {"values": {}, "last_push": {}, "requests": {}, "gauges": {},
+        merged: Snapshot = {"values": {}, "last_push": {}, "requests": {}, "gauges": {}, "streams": {},
                             "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0}}
         for snapshot in snapshots:
             for section in ("values", "requests", "gauges"):
@@ -584,6 +650,15 @@ class Metrics:
                         merged[section][name] = merged[section].get(name, 0) + number
             for path, stamp in snapshot["last_push"].items():
                 merged["last_push"][path] = max(stamp, merged["last_push"].get(path, 0))
+            for stream, stats in snapshot["streams"].items():
+                into = merged["streams"].setdefault(stream, {"records": 0, "batches": 0, "unconverted": 0,
+                                                             "last_push": 0.0, "newest_event": None, "uploaders": {}})
+                for name in ("records", "batches", "unconverted"):
+                    into[name] += stats[name]
+                if stats["last_push"] >= into["last_push"]:
+                    into["last_push"], into["newest_event"] = stats["last_push"], stats["newest_event"]
+                for address, seen in stats["uploaders"].items():
+                    into["uploaders"][address] = max(seen, into["uploaders"].get(address, 0))
             fsync = snapshot["fsync"]
             merged["fsync"]["counts"] = [a + b for a, b in zip(merged["fsync"]["counts"], fsync["counts"])]
             merged["fsync"]["total"] += fsync["total"]
@@ -608,6 +683,7 @@ class Metrics:
         family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
         for path, stamp in sorted(snapshot["last_push"].items()):
             out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
+        cls.render_streams(snapshot["streams"], family, out)
         for name, help_text in GAUGES:
             family(name, "gauge", help_text)
             out.append("dsreceiver_%s %s" % (name, repr(float(snapshot["gauges"][name]))))
@@ -619,6 +695,32 @@ class Metrics:
         out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync["total"])
         out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync["count"])
         return ("\n".join(out) + "\n").encode("utf-8")
+
+
+    @staticmethod
+    def render_streams(streams: Dict[str, Dict[str, Any]], family: Callable[[str, str, str], None],
+                       out: List[str]) -> None:
+        """The per-stream series."""
+        now = time.time()
+        series: List[Tuple[str, str, str, Callable[[Dict[str, Any]], Optional[float]]]] = [
+            ("stream_records_total", "counter", "Records stored, by stream ID ('unknown': records without one, "
+             "'mixed': a push with several).", lambda stats: stats["records"]),
+            ("stream_batches_total", "counter", "Pushes stored, by stream.", lambda stats: stats["batches"]),
+            ("stream_unconverted_records_total", "counter", "STRUCTURED records stored as sent under --records json "
+             "(no definition fits them), by stream.", lambda stats: stats["unconverted"]),
+            ("stream_last_push_timestamp_seconds", "gauge", "Unix time of the stream's last stored push.",
+             lambda stats: stats["last_push"]),
+            ("stream_event_lag_seconds", "gauge", "Now minus the newest reqTimeSec of the stream's last push.",
+             lambda stats: None if stats["newest_event"] is None else now - stats["newest_event"]),
+            ("stream_uploaders", "gauge", "Distinct uploader addresses in the last 10 minutes, by stream.",
+             lambda stats: sum(now - seen < UPLOADER_WINDOW for seen in stats["uploaders"].values())),
+        ]
+        for name, kind, help_text, measure in series:
+            family(name, kind, help_text)
+            for stream, stats in sorted(streams.items()):
+                value = measure(stats)
+                if value is not None:
+                    out.append('dsreceiver_%s{stream="%s"} %s' % (name, label_value(stream), repr(float(value))))
 
 
 def label_value(text: str) -> str:
@@ -1001,6 +1103,48 @@ class RecordBatch:
             for chunk in self.chunks():
                 write_all(fd, [chunk])
 
+    def joined(self) -> Optional[bytes]:
+        """The records as one bytes object (kept as the batch's only part), or None when they are spooled."""
+        if self.spool is not None:
+            return None
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
+            self.parts = [b"".join(self.parts)]
+        joined = self.parts[0]
+        assert isinstance(joined, bytes)
+        return joined
+
+    def count(self, token: bytes) -> int:
+        """How many times `token` occurs in the records."""
+        total, tail = 0, b""
+        for chunk in self.chunks():
+            piece = chunk.tobytes() if isinstance(chunk, memoryview) else chunk
+            # An occurrence across the cut lies within the last and first len(token) - 1 bytes.
+            total += piece.count(token) + (tail + piece[:len(token) - 1]).count(token)
+            tail = bytes(piece[max(0, len(piece) - len(token) + 1):])
+        return total
+
+    def first_line(self) -> bytes:
+        """The first record (its first COPY_CHUNK bytes at most), without its LF."""
+        for chunk in self.chunks():
+            head = bytes(chunk[:COPY_CHUNK])
+            end = head.find(b"\n")
+            return head if end < 0 else head[:end]
+        return b""
+
+    def last_line(self) -> bytes:
+        """The last record (its last COPY_CHUNK bytes at most), without its LF."""
+        if self.spool is not None:
+            self.spool.seek(max(0, self.size - COPY_CHUNK))
+            tail = self.spool.read(COPY_CHUNK)
+        else:
+            tail = b""
+            for part in reversed(self.parts):
+                tail = bytes(part[-COPY_CHUNK:]) + tail
+                if tail.count(b"\n") > 1 or len(tail) >= COPY_CHUNK:
+                    break
+        tail = tail[:-1] if tail.endswith(b"\n") else tail
+        return tail[tail.rfind(b"\n") + 1:]
+
     def is_validation_probe(self) -> bool:
         """Tells whether this batch is only DataStream's validation probe."""
         return self.spool is None and self.size <= 128 and is_validation_probe(b"".join(self.parts))
@@ -1156,6 +1300,300 @@ def decode_push(body: bytearray, declared_gzip: bool, limit: int, spool_dir: Pat
 
 
 # ---------------------------------------------------------------------------
+# DataStream streams: which stream a push carries, stream definitions, STRUCTURED records as JSON
+# ---------------------------------------------------------------------------
+
+class StreamDefinition(NamedTuple):
+    """What a STRUCTURED line of one stream holds: version, stream ID, then values for these JSON keys in order."""
+
+    stream_id: str
+    # The stream version it describes; None (the short form without streamVersion) for any version.
+    version: Optional[str]
+    fields: Tuple[str, ...]
+    delimiter: bytes
+    source: str
+
+
+def parse_stream_definition(document: object, source: str) -> StreamDefinition:
+    """Reads a stream definition: the JSON DataStream's API returns for "get a stream", or the short form
+    {"streamId": 61234, "fields": ["cp", "reqId", ...]}.  Raises ValueError saying what is wrong."""
+    if not isinstance(document, dict):
+        raise ValueError("expected a JSON object")
+    stream_id = document.get("streamId")
+    if isinstance(stream_id, bool) or not STREAM_ID_RE.fullmatch(str(stream_id)):
+        raise ValueError("streamId must be a decimal number, not %r" % (stream_id,))
+    version = document.get("streamVersion")
+    if version is not None and (isinstance(version, bool) or not STREAM_VERSION_RE.fullmatch(str(version))):
+        raise ValueError("streamVersion must be a number, not %r" % (version,))
+    delivery = document.get("deliveryConfiguration") or {}
+    if not isinstance(delivery, dict):
+        raise ValueError("deliveryConfiguration must be an object")
+    delimiter = document.get("fieldDelimiter", delivery.get("fieldDelimiter", "SPACE"))
+    if delimiter not in FIELD_DELIMITERS:
+        raise ValueError("fieldDelimiter must be SPACE or TAB, not %r" % (delimiter,))
+    if "datasetFields" in document:
+        entries = document["datasetFields"]
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError("datasetFields must be a list of objects")
+        fields = [entry.get("datasetFieldJsonKey") for entry in entries]
+    elif "fields" in document:
+        fields = document["fields"]
+        if not isinstance(fields, list):
+            raise ValueError("fields must be a list of JSON keys")
+    else:
+        raise ValueError("no datasetFields (the API's form) or fields (the short form)")
+    for key in fields:
+        if not isinstance(key, str) or not JSON_KEY_RE.fullmatch(key) or key in ("version", "streamId"):
+            raise ValueError("%r is not a usable JSON key (letters, digits, '_')" % (key,))
+    if not fields or len(set(fields)) != len(fields):
+        raise ValueError("the field list is empty or names a key twice")
+    return StreamDefinition(str(stream_id), None if version is None else str(version), tuple(fields),
+                            FIELD_DELIMITERS[delimiter], source)
+
+
+def load_stream_definitions(path: Path) -> List[StreamDefinition]:
+    """Reads --stream-config: a JSON file, or every *.json file of a folder, each holding one definition or a
+    list of them.  Raises ConfigError naming the file and the problem."""
+    try:
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        texts = [(file, file.read_text(encoding="utf-8")) for file in files]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("cannot read stream definitions %s: %s" % (path, describe_os_error(exc))) from None
+    definitions: List[StreamDefinition] = []
+    seen: Dict[Tuple[str, Optional[str]], str] = {}
+    for file, text in texts:
+        try:
+            document = json.loads(text)
+            for item in document if isinstance(document, list) else [document]:
+                definition = parse_stream_definition(item, str(file))
+                key = (definition.stream_id, definition.version)
+                if key in seen:
+                    raise ValueError("stream %s version %s is defined in %s already"
+                                     % (key[0], key[1] or "(any)", seen[key]))
+                seen[key] = str(file)
+                definitions.append(definition)
+        except ValueError as exc:
+            raise ConfigError("stream definition %s: %s" % (file, exc)) from None
+    return definitions
+
+
+class StructuredConverter:
+    """Turns the STRUCTURED lines of one stream definition into the JSON lines the stream's JSON format would
+    have carried: version, streamId, then every field's key with its value as a string, '-' values left out.
+
+    The output of a line is one %-format of its values with a template made
+    for its pattern of '-' values (a '-' slot is '%.0s', which prints
+    nothing), so a line costs one split and one format, all in C.
+    """
+
+    MAX_TEMPLATES = 4096
+
+    def __init__(self, definition: StreamDefinition) -> None:
+        self.definition = definition
+        self.width = 2 + len(definition.fields)
+        self.slots = [b',"' + key.encode("ascii") + b'":"%s"' for key in definition.fields]
+        self.templates: Dict[Tuple[bool, ...], bytes] = {}
+
+    def template(self, dashes: Tuple[bool, ...]) -> bytes:
+        """The format of a line whose values are '-' where `dashes` says so."""
+        template = self.templates.get(dashes)
+        if template is None:
+            template = b'{"version":"%s","streamId":"%s"' + b"".join(
+                b"%.0s" if dash else slot for dash, slot in zip(dashes[2:], self.slots)) + b"}"
+            if len(self.templates) < self.MAX_TEMPLATES:
+                self.templates[dashes] = template
+        return template
+
+    def convert(self, values: List[bytes]) -> Optional[bytes]:
+        """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None when the
+        number of values does not fit the definition."""
+        if len(values) != self.width:
+            return None
+        return self.template(tuple(map(DASH.__eq__, values))) % tuple(values)
+
+    def convert_escaping(self, values: List[bytes]) -> Optional[bytes]:
+        """Like convert(), for values that may hold quotes, backslashes or control characters; None also when a
+        value is not UTF-8, which JSON text cannot carry."""
+        if len(values) != self.width:
+            return None
+        escaped = []
+        for value in values:
+            if JSON_UNSAFE_RE.search(value):
+                try:
+                    value = json.dumps(value.decode("utf-8"), ensure_ascii=False)[1:-1].encode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            escaped.append(value)
+        return self.template(tuple(map(DASH.__eq__, values))) % tuple(escaped)
+
+
+class StreamRecords(NamedTuple):
+    """A push's records as they will be stored, and what they say about their stream."""
+
+    stream: str
+    version: str
+    batch: RecordBatch
+    # STRUCTURED records kept as sent although --records json asked for JSON (no matching definition).
+    unconverted: int
+    # The newer of the first and last records' reqTimeSec, when they have one.
+    newest_event: Optional[float]
+    # Whether every record carries a per-request identity, so an identical batch can only be a retry.
+    is_unique: bool
+
+
+class StreamCatalog:
+    """The stream definitions of --stream-config (replaced whole on reload) and what they make of a push."""
+
+    def __init__(self, path: Optional[Path], to_json: bool) -> None:
+        self.path = path
+        self.to_json = to_json
+        self.converters: Dict[Tuple[str, Optional[str]], StructuredConverter] = {}
+        self.warned: Set[Tuple[str, str]] = set()
+        self.lock = threading.Lock()
+        if path is not None:
+            self._install(load_stream_definitions(path))
+
+    def _install(self, definitions: Sequence[StreamDefinition]) -> None:
+        self.converters = {(d.stream_id, d.version): StructuredConverter(d) for d in definitions}
+        with self.lock:
+            self.warned.clear()
+
+    def reload(self) -> None:
+        """SIGHUP: reads the definitions again; broken ones are refused and the previous ones kept."""
+        if self.path is None:
+            return
+        try:
+            definitions = load_stream_definitions(self.path)
+        except ConfigError as exc:
+            log.error("stream definitions reload refused, keeping the previous ones: %s", exc)
+            return
+        self._install(definitions)
+        log.info("stream definitions reloaded: %d from %s", len(definitions), self.path)
+
+    def converter(self, stream: str, version: str) -> Optional[StructuredConverter]:
+        """The definition of this stream version, else the stream's definition for any version."""
+        converters = self.converters
+        return converters.get((stream, version)) or converters.get((stream, None))
+
+    def warn_once(self, stream: str, message: str, *args: object) -> None:
+        """Logs a warning about a stream once (per process, until the next reload)."""
+        with self.lock:
+            if (stream, message) in self.warned or len(self.warned) > MAX_STREAM_LABELS * 4:
+                return
+            self.warned.add((stream, message))
+        log.warning(message, *args)
+
+    def classify(self, batch: RecordBatch) -> StreamRecords:
+        """Reads a push's stream from its records and, with --records json, turns STRUCTURED records of a
+        defined stream into JSON."""
+        first, last = batch.first_line(), batch.last_line()
+        if first[:1] == b"{":
+            return self._classify_json(batch, first, last)
+        head = STRUCTURED_HEAD_RE.match(first)
+        data = batch.joined() if head is not None else None
+        if head is None or data is None:
+            # No stream ID, or a batch too large to hold twice in memory (DataStream's are far smaller): as sent.
+            stream, version = (head.group(3).decode("ascii"), head.group(1).decode("ascii")) if head else (UNKNOWN_STREAM, "")
+            return StreamRecords(stream, version, batch, batch.records if self.to_json and head else 0,
+                                 structured_event_time(first, last),
+                                 count_lines(MS_TIME_LINE_RE, batch) == batch.records)
+        return self._classify_structured(batch, data, head)
+
+    def _classify_json(self, batch: RecordBatch, first: bytes, last: bytes) -> StreamRecords:
+        found = JSON_STREAM_ID_RE.search(first)
+        if found is None:
+            stream = MIXED_STREAM if JSON_STREAM_ID_RE.search(last) else UNKNOWN_STREAM
+        else:
+            stream = found.group(1).decode("ascii") if batch.count(found.group(0)) == batch.records else MIXED_STREAM
+        version = JSON_VERSION_RE.search(first)
+        return StreamRecords(stream, version.group(1).decode("ascii") if version else "", batch, 0,
+                             json_event_time(first, last), json_records_are_unique(batch))
+
+    def _classify_structured(self, batch: RecordBatch, data: bytes, head: re.Match[bytes]) -> StreamRecords:
+        version, stream = head.group(1).decode("ascii"), head.group(3).decode("ascii")
+        prefix = head.group(0)
+        uniform = data.count(b"\n" + prefix) == batch.records - 1
+        if not uniform:
+            streams = STRUCTURED_STREAM_RE.findall(data)
+            if len(streams) != batch.records or {found for _, found in streams} != {head.group(3)}:
+                stream = MIXED_STREAM
+        lines = data.split(b"\n")
+        lines.pop()
+        converted: Optional[bytes] = None
+        unconverted = 0
+        if self.to_json and stream != MIXED_STREAM:
+            converted, unconverted = self._convert(stream, version, lines, data, uniform, head.group(2))
+        if converted is None:
+            return StreamRecords(stream, version, batch, len(lines) if self.to_json else 0,
+                                 structured_event_time(lines[0], lines[-1]),
+                                 count_lines(MS_TIME_LINE_RE, batch) == batch.records)
+        json_batch = RecordBatch([converted], None, len(converted), batch.records, batch.digest)
+        out_first, out_last = json_batch.first_line(), json_batch.last_line()
+        return StreamRecords(stream, version, json_batch, unconverted, json_event_time(out_first, out_last),
+                             not unconverted and json_records_are_unique(json_batch))
+
+    def _convert(self, stream: str, version: str, lines: List[bytes], data: bytes, uniform: bool,
+                 delimiter: bytes) -> Tuple[Optional[bytes], int]:
+        """Converts the lines; returns (JSON lines, or None when none could be, and how many stayed as sent)."""
+        converter = self.converter(stream, version)
+        if uniform and (converter is None or converter.definition.delimiter != delimiter):
+            self.warn_once(stream, "stream %s version %s has no definition for its STRUCTURED records: they are "
+                           "stored as sent (add it to --stream-config and send SIGHUP)", stream, version)
+            return None, len(lines)
+        safe = not JSON_UNSAFE_RE.search(data)
+        out: List[bytes] = []
+        unconverted = 0
+        for line in lines:
+            if not uniform:
+                head = STRUCTURED_HEAD_RE.match(line)
+                converter = self.converter(stream, head.group(1).decode("ascii")) if head else None
+                delimiter = head.group(2) if head else delimiter
+            values = line.split(delimiter)
+            json_line = None
+            if converter is not None:
+                json_line = (converter.convert(values) if safe or not JSON_UNSAFE_RE.search(line)
+                             else converter.convert_escaping(values))
+            if json_line is None:
+                unconverted += 1
+                json_line = line
+            out.append(json_line)
+        if unconverted:
+            self.warn_once(stream, "stream %s: %d of %d STRUCTURED records do not fit its definition (field count, "
+                           "version or encoding): they are stored as sent", stream, unconverted, len(lines))
+        if unconverted == len(lines):
+            return None, unconverted
+        out.append(b"")
+        return b"\n".join(out), unconverted
+
+
+def count_lines(pattern: re.Pattern[bytes], batch: RecordBatch) -> int:
+    """How many records match `pattern` (a multi-line pattern matching once per record at most)."""
+    data = batch.joined()
+    return len(pattern.findall(data)) if data is not None else -1
+
+
+def json_records_are_unique(batch: RecordBatch) -> bool:
+    """Whether every JSON record carries a reqId, or else a reqTimeSec with milliseconds."""
+    if batch.count(b'"reqId":"') == batch.records:
+        return True
+    return count_lines(JSON_MS_TIME_LINE_RE, batch) == batch.records
+
+
+def json_event_time(first: bytes, last: bytes) -> Optional[float]:
+    """The newer reqTimeSec of two JSON records."""
+    times = [float(found.group(1)) for found in (JSON_REQ_TIME_RE.search(first), JSON_REQ_TIME_RE.search(last))
+             if found]
+    return max(times) if times else None
+
+
+def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
+    """The newer millisecond Unix time found in two STRUCTURED records (where reqTimeSec is)."""
+    times = [float(found.group(1)) for found in (MS_TIME_TOKEN_RE.search(first), MS_TIME_TOKEN_RE.search(last))
+             if found]
+    return max(times) if times else None
+
+
+# ---------------------------------------------------------------------------
 # Retry dedup
 # ---------------------------------------------------------------------------
 
@@ -1292,7 +1730,8 @@ class Layout:
     .dsreceiver/spool/                                large decoded bodies (unlinked temporary files)
     OUTPUT_DIR/[FOLDER/].NAME.gz.tmp                  a compression under way
 
-    FOLDER is empty, or one or more safe folder names (a --route-by-path folder).
+    FOLDER is empty, or safe folder names: a --route-by-path folder, then stream=ID
+    (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed').
     Everything besides records is under the dot-path, so a consumer that reads
     every non-dot file sees only records.
     """
@@ -1340,6 +1779,11 @@ class Layout:
         if match is None:
             return None
         return DataName(match.group(1), match.group(2), int(match.group(3) or 0), bool(match.group(4)))
+
+    @staticmethod
+    def folder(route: str, stream: Optional[str]) -> str:
+        """The folder of a push: its --route-by-path folder, then its stream's (stream=ID, Hive-style), as used."""
+        return "/".join(part for part in (route, "stream=" + stream if stream is not None else "") if part)
 
     @staticmethod
     def check_folder(folder: str) -> None:
@@ -2645,21 +3089,31 @@ class ConnectionHandler:
                 metrics.count("validation_probes")
                 return Response(HTTPStatus.OK, b"validation ok\n")
             metrics.count("decoded_bytes", batch.size)
-            if batch.records:
-                folder = folder_for_path(request.path) if self.config.route_by_path else ""
-                try:
-                    stored = storage.store(folder, batch, push.pushed_gzip)
-                except StorageError as exc:
-                    metrics.count("storage_errors")
-                    log.error("storage failed, answering 503: %s", exc)
-                    raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
-                                    headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
-                if stored is None:
-                    exchange.note = "duplicate of a batch stored within the dedupe window"
-                    metrics.count("dedupe_hits")
-                    return Response(HTTPStatus.OK, b"already stored %d records\n" % batch.records)
+            if not batch.records:
+                metrics.stored(request.path, 0)
+                return Response(HTTPStatus.OK, b"stored 0 records\n")
+            records = self.server.streams.classify(batch)
+            if not records.is_unique and batch.digest is not None:
+                # An identical batch may be a genuine one: always store it.
+                records.batch.digest = None
+                metrics.count("dedupe_ineligible")
+            route = folder_for_path(request.path) if self.config.route_by_path else ""
+            folder = Layout.folder(route, records.stream if self.config.partition_by == "stream" else None)
+            try:
+                stored = storage.store(folder, records.batch, push.pushed_gzip if records.batch is batch else None)
+            except StorageError as exc:
+                metrics.count("storage_errors")
+                log.error("storage failed, answering 503: %s", exc)
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
+                                headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
+            if stored is None:
+                exchange.note = "duplicate of a batch stored within the dedupe window"
+                metrics.count("dedupe_hits")
+                return Response(HTTPStatus.OK, b"already stored %d records\n" % batch.records)
             exchange.records = batch.records
             metrics.stored(request.path, batch.records)
+            metrics.stream_stored(records.stream, batch.records, records.unconverted, records.newest_event,
+                                  exchange.client)
             return Response(HTTPStatus.OK, b"stored %d records\n" % batch.records)
         finally:
             batch.close()
@@ -2838,7 +3292,7 @@ class ReceiverServer:
 
     def __init__(self, config: argparse.Namespace, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 merged_metrics: Optional[Callable[[], Snapshot]] = None) -> None:
+                 streams: StreamCatalog, merged_metrics: Optional[Callable[[], Snapshot]] = None) -> None:
         self.config = config
         # With workers: the metrics of all of them, summed.
         self.merged_metrics = merged_metrics
@@ -2846,6 +3300,7 @@ class ReceiverServer:
         self.certificates = certificates
         self.authenticator = authenticator
         self.storage = storage
+        self.streams = streams
         self.inflight = InflightBudget(config.max_inflight_bytes)
         self.metrics = Metrics()
         self.started = time.time()
@@ -2871,7 +3326,7 @@ class ReceiverServer:
         return Metrics.render(Metrics.merge([self.metrics_snapshot()]))
 
     def reload(self) -> None:
-        """SIGHUP: reloads the certificate and credential files and reopens the output files."""
+        """SIGHUP: reloads the certificate, credential and stream definition files; reopens moved output files."""
         if self.certificates is not None:
             self.certificates.reload("SIGHUP")
         try:
@@ -2879,6 +3334,7 @@ class ReceiverServer:
             log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods()) or "none configured")
         except ConfigError as exc:
             log.error("credential reload refused, keeping the previous credentials: %s", exc)
+        self.streams.reload()
         log.info("reopened %d output files that were moved or deleted", self.storage.reopen())
 
     def client_address(self, peer: str, request: Request) -> str:
@@ -3350,7 +3806,8 @@ def build_check_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dsreceiver.py check",
         description="Test an endpoint the way DataStream's \"Validate & Save\" does, explaining every "
-        "failure. Credentials come from the same settings as the server's: $%s (first entry), "
+        "failure: name, TLS, certificate, then both validation probes (JSON and STRUCTURED streams), plain and "
+        "gzip'd. Credentials come from the same settings as the server's: $%s (first entry), "
         "--auth-header with $%s, --auth-query-param with $%s, or their files."
         % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
     parser.add_argument("url", help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
@@ -3367,8 +3824,6 @@ def build_check_parser() -> ArgumentParser:
                         help="add this URL token parameter (default: none)")
     parser.add_argument("--auth-query-file", type=Path, metavar="FILE",
                         help="its value, first line (default: $%s)" % ENV_AUTH_QUERY_VALUE)
-    parser.add_argument("--format", choices=("json", "structured"), default="json",
-                        help="which validation probe to send (default: %(default)s)")
     parser.add_argument("--timeout", type=positive_seconds, default=5.0, metavar="SECONDS",
                         help="how long to wait for the answer (default: %(default)s)")
     return parser
@@ -3448,12 +3903,17 @@ def check_endpoint(options: argparse.Namespace, credentials: Authenticator, repo
     days_left = (ssl.cert_time_to_seconds(str(certificate["notAfter"])) - time.time()) / 86400
     report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS", "certificate is not expiring",
                 "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
-    post_probe(options, credentials, context, url, report)
+    for step, body, compressed in (("JSON probe gets a 2xx", VALIDATION_PROBES[0], False),
+                                   ("JSON probe, gzip'd, gets a 2xx", VALIDATION_PROBES[0], True),
+                                   ("STRUCTURED probe gets a 2xx", VALIDATION_PROBES[1], False),
+                                   ("STRUCTURED probe, gzip'd, gets 2xx", VALIDATION_PROBES[1], True)):
+        post_probe(options, credentials, context, url, report, step, body, compressed)
 
 
 def post_probe(options: argparse.Namespace, credentials: Authenticator, context: ssl.SSLContext,
-               url: urllib.parse.SplitResult, report: CheckReport) -> None:
-    """POSTs the validation probe with the configured credentials and checks for a 2xx in time."""
+               url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes, compressed: bool) -> None:
+    """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with compressLogs), with the
+    configured credentials, and checks for a 2xx in time."""
     query = url.query
     if credentials.query_param:
         query = (query + "&" if query else "") + urllib.parse.urlencode(
@@ -3464,10 +3924,11 @@ def post_probe(options: argparse.Namespace, credentials: Authenticator, context:
         headers["Authorization"] = "Basic " + base64.b64encode(credentials.basic[0]).decode("ascii")
     if credentials.header_name:
         headers[credentials.header_name] = credentials.header_values[0].decode("latin-1")
-    body = VALIDATION_PROBES[0] if options.format == "json" else VALIDATION_PROBES[1]
+    if compressed:
+        body = gzip.compress(body, mtime=0)
+        headers["Content-Encoding"] = "gzip"
     connection = http.client.HTTPSConnection(url.hostname or "", url.port or 443, timeout=options.timeout,
                                              context=context)
-    step = "validation probe gets a 2xx"
     try:
         started = time.monotonic()
         connection.request("POST", target, body=body, headers=headers)
@@ -3614,13 +4075,13 @@ def prepare_output(layout: Layout, dedupe_window: float,
 
 def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: socket.socket,
                         certificates: Optional[CertificateSource], authenticator: Authenticator,
-                        signals: SignalFlags, dedupe: Optional[DedupeWindow],
+                        streams: StreamCatalog, signals: SignalFlags, dedupe: Optional[DedupeWindow],
                         supervisor: Optional[SupervisorClient] = None) -> int:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns 0."""
     storage = Storage(layout, config.fsync, config.max_file_size or 0, dedupe)
     housekeeper = Housekeeper(layout, storage, config.compress_rotated, config.retention_days or 0,
                               config.dedupe_window)
-    server = ReceiverServer(config, listener, certificates, authenticator, storage,
+    server = ReceiverServer(config, listener, certificates, authenticator, storage, streams,
                             supervisor.metrics if supervisor is not None else None)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
@@ -3639,13 +4100,14 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
 
 
 def run_worker(config: argparse.Namespace, index: int, listener: socket.socket, control: socket.socket,
-               layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator) -> int:
+               layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator,
+               streams: StreamCatalog) -> int:
     """The body of worker process `index`: its own files, the supervisor's dedupe window."""
     signals = SignalFlags()
     signals.install()
     supervisor = SupervisorClient(control)
     return serve_until_stopped(config, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
-                               signals, supervisor if config.dedupe_window else None, supervisor)
+                               streams, signals, supervisor if config.dedupe_window else None, supervisor)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3662,6 +4124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tune_allocator()
     try:
         authenticator = Authenticator.from_config(config, dict(os.environ))
+        streams = StreamCatalog(config.stream_config, config.records == "json")
         certificates = None
         if not config.http:
             cert, key = resolve_certificate(config)
@@ -3687,14 +4150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         log.warning("no authentication configured: anyone who can reach this port can push data")
     if config.workers == 1:
-        return serve_until_stopped(config, layout, listeners[0], certificates, authenticator, signals, dedupe)
+        return serve_until_stopped(config, layout, listeners[0], certificates, authenticator, streams, signals, dedupe)
     # Before any worker writes: compress every finished file, whichever run or worker wrote it.
     startup = Housekeeper(layout, compress=config.compress_rotated)
     startup.queue_finished_files(own_only=False)
     startup.compress_finished()
     supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0),
                             lambda index, listener, control: run_worker(config, index, listener, control, layout,
-                                                                        certificates, authenticator))
+                                                                        certificates, authenticator, streams))
     return supervisor.run(signals)
 
 

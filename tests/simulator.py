@@ -9,6 +9,7 @@ import random
 import socket
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 STRUCTURED_FIELDS = ("cp", "reqId", "reqTimeSec", "bytes", "cliIP", "statusCode", "proto", "reqHost",
@@ -86,6 +87,40 @@ def make_batch(batch_id: str, count: int = 100, fmt: str = "json", compress: boo
         if declare_gzip:
             headers["Content-Encoding"] = "gzip"
     return Batch(lines=lines, body=body, gzip=compress, headers=headers)
+
+
+SAMPLES = Path(__file__).resolve().parent / "data"
+# DataStream's stream definition of the sample records, in the API's shape (43 fields, version 4, SPACE).
+SAMPLE_DEFINITION = SAMPLES / "ds2-stream-61234.json"
+
+
+def sample_lines(fmt: str) -> List[bytes]:
+    """The 1,000 sample records of stream 61234, as its JSON or its STRUCTURED format sends them."""
+    name = "ds2-json-1000.ndjson.gz" if fmt == "json" else "ds2-structured-1000.txt.gz"
+    return gzip.decompress((SAMPLES / name).read_bytes()).split(b"\n")[:-1]
+
+
+def restreamed(lines: Sequence[bytes], stream_id: str, version: str = "4") -> List[bytes]:
+    """The same records as if stream `stream_id` (at `version`) had sent them."""
+    out = []
+    for line in lines:
+        if line.startswith(b"{"):
+            line = line.replace(b'"streamId":"61234"', b'"streamId":"%s"' % stream_id.encode(), 1)
+            line = line.replace(b'{"version":"4"', b'{"version":"%s"' % version.encode(), 1)
+        else:
+            line = b"%s %s " % (version.encode(), stream_id.encode()) + line.split(b" ", 2)[2]
+        out.append(line)
+    return out
+
+
+def batch_of_lines(lines: Sequence[bytes], compress: bool = False) -> Batch:
+    """A DataStream upload of these records."""
+    body = b"\n".join(lines) + b"\n"
+    headers = {"Content-Type": "application/json"}
+    if compress:
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return Batch(lines=list(lines), body=body, gzip=compress, headers=headers)
 
 
 def chunks_of(data: bytes, size: int) -> Iterator[bytes]:

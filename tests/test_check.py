@@ -35,9 +35,11 @@ def test_good_endpoint_passes_every_step(server: ServerProcess, ca_file: Path) -
     assert result.returncode == 0, result.stdout
     assert outcomes(result) == ["PASS URL host is a DNS name", "PASS DNS resolves", "PASS TLS 1.2+ negotiates",
                                 "PASS certificate chain is trusted", "PASS certificate matches localhost",
-                                "PASS certificate is not expiring", "PASS validation probe gets a 2xx"]
+                                "PASS certificate is not expiring", "PASS JSON probe gets a 2xx",
+                                "PASS JSON probe, gzip'd, gets a 2xx", "PASS STRUCTURED probe gets a 2xx",
+                                "PASS STRUCTURED probe, gzip'd, gets 2xx"]
     assert result.stdout.splitlines()[-1].startswith("verdict: DataStream would accept")
-    server.wait_for_log("validation probe")
+    server.wait_for_log(r"access 127\.0\.0\.1 POST /datastream 200 .*\(validation probe\)", count=4)
     assert server.stored_bytes() == b""
 
 
@@ -133,7 +135,7 @@ def silent_tls_server(ca: trustme.CA) -> Iterator[int]:
 def test_no_answer_in_time_fails(silent_tls_server: int, ca_file: Path) -> None:
     result = run_check("https://localhost:%d/ds" % silent_tls_server, "--ca", str(ca_file), "--timeout", "1")
     assert result.returncode == 1
-    assert "FAIL validation probe gets a 2xx" in outcomes(result)
+    assert "FAIL JSON probe gets a 2xx" in outcomes(result)
     assert "no answer within 1s" in result.stdout
 
 

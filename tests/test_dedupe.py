@@ -1,14 +1,25 @@
-"""Retry dedup: a batch re-sent within --dedupe-window is answered 200 and stored once, even across restarts."""
+"""Retry dedup: a retry within --dedupe-window is stored once, even across restarts; a genuine batch is never dropped."""
 
 from __future__ import annotations
 
 import gzip
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 import dsreceiver
 from conftest import ROOT, ServerProcess, push_concurrently
-from simulator import make_batch
+from simulator import batch_of_lines, make_batch, sample_lines
+from test_metrics import parse_prometheus, value
+
+
+def scrape_metrics(server: ServerProcess) -> str:
+    with server.simulator() as ds:
+        return ds.request("GET", path="/metrics").body.decode()
 
 
 def test_same_batch_twice_is_stored_once(server: ServerProcess) -> None:
@@ -120,3 +131,82 @@ def test_unexpected_storage_failure_does_not_block_the_resend(start_server: Call
     with server.simulator(timeout=20) as ds:
         assert ds.push(batch).status == 200  # a claim left pending would make this wait forever
     assert server.stored_lines() == batch.lines
+
+
+LOW_CARDINALITY = {
+    "json": b'{"version":"4","streamId":"61234","statusCode":"200","cacheStatus":"1"}',
+    "structured": b"4 61234 200 1",
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "structured"])
+def test_identical_low_cardinality_batches_from_two_uploaders_are_both_stored(
+        server: ServerProcess, fmt: str) -> None:
+    batch = batch_of_lines([LOW_CARDINALITY[fmt]])
+    for address in ("127.0.0.2", "127.0.0.3"):
+        with server.simulator(source_address=address) as ds:
+            response = ds.push(batch)
+            assert response.status == 200 and response.body == b"stored 1 records\n"
+    assert server.stored_lines() == batch.lines * 2
+    samples = parse_prometheus(scrape_metrics(server))[0]
+    assert value(samples, "dsreceiver_dedupe_ineligible_total") == 2
+    assert value(samples, "dsreceiver_dedupe_hits_total") == 0
+
+
+def test_the_same_low_cardinality_batch_a_second_later_is_stored_again(server: ServerProcess) -> None:
+    batch = batch_of_lines([LOW_CARDINALITY["json"]])
+    with server.simulator() as ds:
+        assert ds.push(batch).status == 200
+        time.sleep(1.0)  # the scenario itself: the same single record from the same uploader a second later
+        assert ds.push(batch).body == b"stored 1 records\n"
+    assert server.stored_lines() == batch.lines * 2
+
+
+def test_records_without_millisecond_times_or_request_ids_are_not_deduplicated(server: ServerProcess) -> None:
+    seconds_only = batch_of_lines([b'{"version":"4","streamId":"61234","reqTimeSec":"1764200000","cp":"1"}',
+                                   b"4 61234 1764200000 1"])
+    with server.simulator() as ds:
+        assert ds.push(seconds_only).status == 200
+        assert ds.push(seconds_only).status == 200
+    assert server.stored_lines() == seconds_only.lines * 2
+
+
+@pytest.mark.parametrize("fmt", ["json", "structured"])
+def test_a_realistic_batch_resent_from_another_uploader_is_stored_once(server: ServerProcess, fmt: str) -> None:
+    batch = batch_of_lines(sample_lines(fmt)[:200], compress=True)
+    with server.simulator(source_address="127.0.0.2") as ds:
+        assert ds.push(batch).status == 200
+        assert ds.push(batch).body == b"already stored 200 records\n"
+    with server.simulator(source_address="127.0.0.3") as ds:
+        assert ds.push(batch).body == b"already stored 200 records\n"
+    assert server.stored_lines() == batch.lines
+
+
+@pytest.mark.parametrize("fmt", ["json", "structured"])
+def test_a_realistic_batch_resent_after_a_sigkill_is_stored_once(start_server: Callable[..., ServerProcess],
+                                                                fmt: str) -> None:
+    server = start_server("--workers", "2")
+    batch = batch_of_lines(sample_lines(fmt)[200:400])
+    with server.simulator(source_address="127.0.0.2") as ds:
+        assert ds.push(batch).status == 200
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.wait_exit()
+    server.start()
+    with server.simulator(source_address="127.0.0.3") as ds:
+        assert ds.push(batch).body == b"already stored 200 records\n"
+    assert server.stored_lines() == batch.lines
+
+
+def test_uniqueness_rule_in_process() -> None:
+    def unique(*lines: bytes) -> bool:
+        builder = dsreceiver.BatchBuilder(Path("/tmp"), digest=True)
+        batch = builder.feed_whole(b"\n".join(lines) + b"\n")
+        return dsreceiver.StreamCatalog(None, False).classify(batch).is_unique
+
+    assert unique(b'{"reqId":"a1"}', b'{"x":"1","reqId":"b2"}')
+    assert not unique(b'{"reqId":"a1"}', b'{"x":"1"}')  # one record without an identity spoils the batch
+    assert unique(b'{"reqTimeSec":"1764200000.507"}', b'{"reqTimeSec":"1764200000.508","a":"b"}')
+    assert not unique(b'{"reqTimeSec":"1764200000.5"}')
+    assert unique(b"4 61234 1 1764200000.507 x", b"4 61234 2 1764200001.000")
+    assert not unique(b"4 61234 1 1764200000.507 x", b"4 61234 2 1764200001")

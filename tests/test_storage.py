@@ -32,8 +32,10 @@ def test_records_land_in_the_file_of_the_utc_hour(server: ServerProcess) -> None
 def test_server_keeps_its_own_files_under_the_dot_path(server: ServerProcess) -> None:
     with server.simulator() as ds:
         assert ds.push(make_batch("dot", count=3, compress=True)).status == 200
-    for path in server.output_dir.iterdir():
-        assert path.name.startswith(".") or re.fullmatch(r"\d{4}-\d\d-\d\dT\d\dZ\.log", path.name), path
+    for path in server.output_dir.rglob("*"):
+        relative = path.relative_to(server.output_dir).as_posix()
+        assert (relative.startswith(".") or relative == "stream=61234"
+                or re.fullmatch(r"stream=61234/\d{4}-\d\d-\d\dT\d\dZ\.log", relative)), relative
 
 
 def test_storage_rolls_to_a_new_file_each_hour(tmp_path: Path) -> None:
