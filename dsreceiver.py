@@ -115,6 +115,8 @@ INFLATE_OUTPUT_CHUNK = 1 << 20
 # Decoded bodies larger than this go to an unlinked temporary file, so memory
 # per request stays bounded whatever --max-decompressed-size allows.
 SPOOL_THRESHOLD = 8 << 20
+# How much of a batch is read, at first, to find its first or last record (records are rarely longer).
+LINE_WINDOW = 4096
 COPY_CHUNK = 1 << 20
 # Threads mostly wait in recv(); a small stack keeps thousands of idle
 # keep-alive connections cheap.
@@ -188,7 +190,6 @@ JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
 JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
 JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
 STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])([0-9]{1,12})\2")
-STRUCTURED_STREAM_RE = re.compile(rb"(?m)^[0-9]{1,6}([ \t])([0-9]{1,12})\1")
 MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
 MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
 # Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
@@ -571,8 +572,8 @@ class Metrics:
         ("batches_stored", "Pushes whose records were stored."),
         ("validation_probes", "DataStream validation probes answered."),
         ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
-        ("dedupe_ineligible", "Batches stored without a dedupe check: not every record carries a reqId or a "
-         "millisecond reqTimeSec, so an identical batch may be genuine."),
+        ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored again: not every "
+         "record carries a reqId or a millisecond reqTimeSec, so they may be genuine."),
         ("auth_failures", "Requests refused for missing or wrong credentials."),
         ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
@@ -1124,26 +1125,38 @@ class RecordBatch:
         return total
 
     def first_line(self) -> bytes:
-        """The first record (its first COPY_CHUNK bytes at most), without its LF."""
-        for chunk in self.chunks():
-            head = bytes(chunk[:COPY_CHUNK])
+        """The first record, without its LF; reads only as much of the batch as the record takes."""
+        window = LINE_WINDOW
+        while True:
+            head = self._bytes_at(0, window)
             end = head.find(b"\n")
-            return head if end < 0 else head[:end]
-        return b""
+            if end >= 0 or len(head) >= self.size:
+                return head if end < 0 else head[:end]
+            window *= 4
 
     def last_line(self) -> bytes:
-        """The last record (its last COPY_CHUNK bytes at most), without its LF."""
+        """The last record, without its LF; reads only as much of the batch as the record takes."""
+        window = LINE_WINDOW
+        while True:
+            tail = self._bytes_at(max(0, self.size - window), window)
+            body = tail[:-1] if tail.endswith(b"\n") else tail
+            start = body.rfind(b"\n")
+            if start >= 0 or len(tail) >= self.size:
+                return body[start + 1:]
+            window *= 4
+
+    def _bytes_at(self, offset: int, size: int) -> bytes:
+        """`size` bytes of the records from `offset` (fewer at the end)."""
         if self.spool is not None:
-            self.spool.seek(max(0, self.size - COPY_CHUNK))
-            tail = self.spool.read(COPY_CHUNK)
-        else:
-            tail = b""
-            for part in reversed(self.parts):
-                tail = bytes(part[-COPY_CHUNK:]) + tail
-                if tail.count(b"\n") > 1 or len(tail) >= COPY_CHUNK:
-                    break
-        tail = tail[:-1] if tail.endswith(b"\n") else tail
-        return tail[tail.rfind(b"\n") + 1:]
+            self.spool.seek(offset)
+            return self.spool.read(size)
+        pieces: List[bytes] = []
+        position = 0
+        for part in self.parts:
+            if position + len(part) > offset and offset + size > position:
+                pieces.append(bytes(part[max(0, offset - position):offset + size - position]))
+            position += len(part)
+        return b"".join(pieces)
 
     def is_validation_probe(self) -> bool:
         """Tells whether this batch is only DataStream's validation probe."""
@@ -1393,6 +1406,10 @@ class StructuredConverter:
         self.width = 2 + len(definition.fields)
         self.slots = [b',"' + key.encode("ascii") + b'":"%s"' for key in definition.fields]
         self.templates: Dict[Tuple[bool, ...], bytes] = {}
+        # Where a line holds its reqId, if the stream has one: a record whose value there is not '-' is unique.
+        self.request_id = 2 + definition.fields.index("reqId") if "reqId" in definition.fields else None
+        # Control characters that need escaping in JSON: all but LF (never inside a record) and the delimiter.
+        self.controls = bytes(byte for byte in range(0x20) if byte not in (0x0A, definition.delimiter[0]))
 
     def template(self, dashes: Tuple[bool, ...]) -> bytes:
         """The format of a line whose values are '-' where `dashes` says so."""
@@ -1410,6 +1427,32 @@ class StructuredConverter:
         if len(values) != self.width:
             return None
         return self.template(tuple(map(DASH.__eq__, values))) % tuple(values)
+
+    def needs_escaping(self, data: bytes) -> bool:
+        """Tells whether any value in `data` needs JSON escaping (or is not ASCII), so convert_lines() cannot
+        take it; checked in C over the whole batch."""
+        return (not data.isascii() or b'"' in data or b"\\" in data
+                or len(data.translate(None, self.controls)) != len(data))
+
+    def convert_lines(self, lines: List[bytes]) -> Tuple[List[bytes], int, bool]:
+        """Converts lines that need no JSON escaping: (the lines, those that do not fit kept as they are; how many
+        did not fit; whether every converted one has a reqId).  The hot loop of --records json."""
+        width, delimiter, request_id = self.width, self.definition.delimiter, self.request_id
+        cached, template, is_dash = self.templates.get, self.template, DASH.__eq__
+        out: List[bytes] = []
+        append = out.append
+        unfit = without_id = 0
+        for line in lines:
+            values = line.split(delimiter)
+            if len(values) == width:
+                dashes = tuple(map(is_dash, values))
+                append((cached(dashes) or template(dashes)) % tuple(values))
+                if request_id is not None:
+                    without_id += dashes[request_id]
+            else:
+                unfit += 1
+                append(line)
+        return out, unfit, request_id is not None and not without_id
 
     def convert_escaping(self, values: List[bytes]) -> Optional[bytes]:
         """Like convert(), for values that may hold quotes, backslashes or control characters; None also when a
@@ -1437,8 +1480,9 @@ class StreamRecords(NamedTuple):
     unconverted: int
     # The newer of the first and last records' reqTimeSec, when they have one.
     newest_event: Optional[float]
-    # Whether every record carries a per-request identity, so an identical batch can only be a retry.
-    is_unique: bool
+    # Whether every record carries a per-request identity, so that an identical batch can only be a retry;
+    # a scan of the whole batch, so it is asked only of a batch that matches one already stored.
+    is_unique: Callable[[], bool]
 
 
 class StreamCatalog:
@@ -1485,85 +1529,87 @@ class StreamCatalog:
 
     def classify(self, batch: RecordBatch) -> StreamRecords:
         """Reads a push's stream from its records and, with --records json, turns STRUCTURED records of a
-        defined stream into JSON."""
+        defined stream into JSON.
+
+        DataStream sends one stream per push, so the stream is read from the
+        first and the last record (reading every record would cost a pass over
+        the batch): when they disagree, or only one names a stream, the push
+        is 'mixed'; when neither does, 'unknown'.
+        """
         first, last = batch.first_line(), batch.last_line()
         if first[:1] == b"{":
-            return self._classify_json(batch, first, last)
-        head = STRUCTURED_HEAD_RE.match(first)
-        data = batch.joined() if head is not None else None
+            found, found_last = JSON_STREAM_ID_RE.search(first), JSON_STREAM_ID_RE.search(last)
+            stream = stream_of(found.group(1) if found else None, found_last.group(1) if found_last else None)
+            found_version = JSON_VERSION_RE.search(first)
+            return StreamRecords(stream, found_version.group(1).decode("ascii") if found_version else "", batch, 0,
+                                 json_event_time(first, last), lambda: json_records_are_unique(batch))
+        head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
+        stream = stream_of(head.group(3) if head else None, head_last.group(3) if head_last else None)
+        version = head.group(1).decode("ascii") if head else ""
+        data = batch.joined() if head is not None and self.to_json and stream != MIXED_STREAM else None
         if head is None or data is None:
-            # No stream ID, or a batch too large to hold twice in memory (DataStream's are far smaller): as sent.
-            stream, version = (head.group(3).decode("ascii"), head.group(1).decode("ascii")) if head else (UNKNOWN_STREAM, "")
+            # Stored as sent: not converted, or a batch too large to hold twice (DataStream's are far smaller).
             return StreamRecords(stream, version, batch, batch.records if self.to_json and head else 0,
                                  structured_event_time(first, last),
-                                 count_lines(MS_TIME_LINE_RE, batch) == batch.records)
-        return self._classify_structured(batch, data, head)
+                                 lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
+        return self._convert(batch, data, head, stream, version)
 
-    def _classify_json(self, batch: RecordBatch, first: bytes, last: bytes) -> StreamRecords:
-        found = JSON_STREAM_ID_RE.search(first)
-        if found is None:
-            stream = MIXED_STREAM if JSON_STREAM_ID_RE.search(last) else UNKNOWN_STREAM
-        else:
-            stream = found.group(1).decode("ascii") if batch.count(found.group(0)) == batch.records else MIXED_STREAM
-        version = JSON_VERSION_RE.search(first)
-        return StreamRecords(stream, version.group(1).decode("ascii") if version else "", batch, 0,
-                             json_event_time(first, last), json_records_are_unique(batch))
-
-    def _classify_structured(self, batch: RecordBatch, data: bytes, head: re.Match[bytes]) -> StreamRecords:
-        version, stream = head.group(1).decode("ascii"), head.group(3).decode("ascii")
-        prefix = head.group(0)
-        uniform = data.count(b"\n" + prefix) == batch.records - 1
-        if not uniform:
-            streams = STRUCTURED_STREAM_RE.findall(data)
-            if len(streams) != batch.records or {found for _, found in streams} != {head.group(3)}:
-                stream = MIXED_STREAM
+    def _convert(self, batch: RecordBatch, data: bytes, head: re.Match[bytes], stream: str,
+                 version: str) -> StreamRecords:
+        """--records json: the batch with its STRUCTURED records of defined streams turned into JSON."""
         lines = data.split(b"\n")
         lines.pop()
-        converted: Optional[bytes] = None
-        unconverted = 0
-        if self.to_json and stream != MIXED_STREAM:
-            converted, unconverted = self._convert(stream, version, lines, data, uniform, head.group(2))
-        if converted is None:
-            return StreamRecords(stream, version, batch, len(lines) if self.to_json else 0,
-                                 structured_event_time(lines[0], lines[-1]),
-                                 count_lines(MS_TIME_LINE_RE, batch) == batch.records)
-        json_batch = RecordBatch([converted], None, len(converted), batch.records, batch.digest)
-        out_first, out_last = json_batch.first_line(), json_batch.last_line()
-        return StreamRecords(stream, version, json_batch, unconverted, json_event_time(out_first, out_last),
-                             not unconverted and json_records_are_unique(json_batch))
-
-    def _convert(self, stream: str, version: str, lines: List[bytes], data: bytes, uniform: bool,
-                 delimiter: bytes) -> Tuple[Optional[bytes], int]:
-        """Converts the lines; returns (JSON lines, or None when none could be, and how many stayed as sent)."""
+        # Usually every line starts as the first does (one stream, one version): the fast path.
+        uniform = data.count(b"\n" + head.group(0)) == batch.records - 1
         converter = self.converter(stream, version)
-        if uniform and (converter is None or converter.definition.delimiter != delimiter):
+        out: Optional[List[bytes]] = None
+        unconverted, identified = len(lines), False
+        if uniform and (converter is None or converter.definition.delimiter != head.group(2)):
             self.warn_once(stream, "stream %s version %s has no definition for its STRUCTURED records: they are "
                            "stored as sent (add it to --stream-config and send SIGHUP)", stream, version)
-            return None, len(lines)
-        safe = not JSON_UNSAFE_RE.search(data)
+        elif uniform and converter is not None and not converter.needs_escaping(data):
+            out, unconverted, identified = converter.convert_lines(lines)
+        else:
+            out, unconverted = self._convert_each(lines)
+        if unconverted:
+            self.warn_once(stream, "stream %s: %d of %d STRUCTURED records do not fit its definition (field count, "
+                           "version or encoding): they are stored as sent", stream, unconverted, len(lines))
+        if out is None or unconverted == len(lines):
+            return StreamRecords(stream, version, batch, unconverted, structured_event_time(lines[0], lines[-1]),
+                                 lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
+        out.append(b"")
+        converted = b"\n".join(out)
+        json_batch = RecordBatch([converted], None, len(converted), batch.records, batch.digest)
+        return StreamRecords(stream, version, json_batch, unconverted,
+                             json_event_time(json_batch.first_line(), json_batch.last_line()),
+                             lambda: not unconverted and (identified or json_records_are_unique(json_batch)))
+
+    def _convert_each(self, lines: List[bytes]) -> Tuple[List[bytes], int]:
+        """Converts line by line, each with the definition of its own stream and version, escaping where needed;
+        returns (the lines, those that do not fit kept as they are; how many did not fit)."""
         out: List[bytes] = []
         unconverted = 0
         for line in lines:
-            if not uniform:
-                head = STRUCTURED_HEAD_RE.match(line)
-                converter = self.converter(stream, head.group(1).decode("ascii")) if head else None
-                delimiter = head.group(2) if head else delimiter
-            values = line.split(delimiter)
+            head = STRUCTURED_HEAD_RE.match(line)
+            converter = (self.converter(head.group(3).decode("ascii"), head.group(1).decode("ascii"))
+                         if head else None)
             json_line = None
-            if converter is not None:
-                json_line = (converter.convert(values) if safe or not JSON_UNSAFE_RE.search(line)
-                             else converter.convert_escaping(values))
+            if converter is not None and head is not None and head.group(2) == converter.definition.delimiter:
+                values = line.split(head.group(2))
+                json_line = (converter.convert_escaping(values) if JSON_UNSAFE_RE.search(line)
+                             else converter.convert(values))
             if json_line is None:
                 unconverted += 1
                 json_line = line
             out.append(json_line)
-        if unconverted:
-            self.warn_once(stream, "stream %s: %d of %d STRUCTURED records do not fit its definition (field count, "
-                           "version or encoding): they are stored as sent", stream, unconverted, len(lines))
-        if unconverted == len(lines):
-            return None, unconverted
-        out.append(b"")
-        return b"\n".join(out), unconverted
+        return out, unconverted
+
+
+def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
+    """The stream of a push whose first and last records name these stream IDs (None: no ID)."""
+    if first is None and last is None:
+        return UNKNOWN_STREAM
+    return first.decode("ascii") if first == last and first is not None else MIXED_STREAM
 
 
 def count_lines(pattern: re.Pattern[bytes], batch: RecordBatch) -> int:
@@ -3093,14 +3139,16 @@ class ConnectionHandler:
                 metrics.stored(request.path, 0)
                 return Response(HTTPStatus.OK, b"stored 0 records\n")
             records = self.server.streams.classify(batch)
-            if not records.is_unique and batch.digest is not None:
-                # An identical batch may be a genuine one: always store it.
-                records.batch.digest = None
-                metrics.count("dedupe_ineligible")
             route = folder_for_path(request.path) if self.config.route_by_path else ""
             folder = Layout.folder(route, records.stream if self.config.partition_by == "stream" else None)
+            pushed_gzip = push.pushed_gzip if records.batch is batch else None
             try:
-                stored = storage.store(folder, records.batch, push.pushed_gzip if records.batch is batch else None)
+                stored = storage.store(folder, records.batch, pushed_gzip)
+                if stored is None and not records.is_unique():
+                    # Identical to a stored batch, but a genuine batch can be: never drop it.
+                    metrics.count("dedupe_ineligible")
+                    records.batch.digest = None
+                    stored = storage.store(folder, records.batch, pushed_gzip)
             except StorageError as exc:
                 metrics.count("storage_errors")
                 log.error("storage failed, answering 503: %s", exc)

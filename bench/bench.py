@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dsreceiver  # noqa: E402
-from simulator import free_port, json_lines  # noqa: E402
+from simulator import SAMPLE_DEFINITION, free_port, json_lines, sample_lines  # noqa: E402
 
 SCENARIOS = {
     "A": ("1 MB JSON batches gzip'd, 32 keep-alive connections", "big.gz", "gzip", 32),
@@ -38,7 +38,11 @@ SCENARIOS = {
     "C": ("100-byte bodies, 64 keep-alive connections", "small.json", "plain", 64),
     "D": ("2,000 idle TLS connections held open while A runs at 8 connections", "big.gz", "gzip", 8),
     "E": ("64 new TLS connections per second, one gzip'd batch each, then close", "big.gz", "gzip", 64),
+    "F": ("1 MB STRUCTURED batches gzip'd (45 values a record) stored as JSON (--stream-config, --records json), "
+          "32 keep-alive connections", "structured.gz", "gzip", 32),
 }
+# dsreceiver's options for scenario F; only dsreceiver runs it (the others cannot convert).
+STRUCTURED_OPTIONS = ["--stream-config", str(SAMPLE_DEFINITION), "--records", "json"]
 IDLE_CONNECTIONS = 2000
 NEW_CONNECTIONS_PER_SECOND = 64
 MARKER = "<!-- Everything below this line is kept when make bench rewrites the file. -->"
@@ -187,7 +191,8 @@ def run_wrk(port: int, body: Path, mode: str, connections: int, seconds: float) 
     """Drives the server with wrk and bench/push.lua; returns wrk's summary."""
     result = subprocess.run(["wrk", "-t%d" % min(connections, os.cpu_count() or 2), "-c%d" % connections,
                              "-d%ds" % seconds, "--timeout", "10s", "-s", str(ROOT / "bench" / "push.lua"),
-                             "https://127.0.0.1:%d/datastream" % port, "--", str(body), mode],
+                             "https://127.0.0.1:%d/datastream" % port, "--", str(body), mode,
+                             str(body) + ".tail"],
                             capture_output=True, text=True, timeout=seconds + 120)
     match = re.search(r"WRKJSON (\{.*\})", result.stdout)
     if not match:
@@ -199,8 +204,9 @@ def run_wrk(port: int, body: Path, mode: str, connections: int, seconds: float) 
             "p50_ms": summary["p50_us"] / 1000, "p99_ms": summary["p99_us"] / 1000}
 
 
-def unique_body(body: bytes, mode: str, tag: str) -> bytes:
-    line = b'{"bench":"%s"}\n' % tag.encode()
+def unique_body(body: bytes, tail: bytes, mode: str, tag: str) -> bytes:
+    """The body with its tail record appended, tagged: no two requests carry the same batch."""
+    line = tail.replace(b"{TAG}", tag.encode())
     return body + (gzip.compress(line) if mode == "gzip" else line)
 
 
@@ -208,7 +214,7 @@ def client_context(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
 
 
-def push_loop(port: int, cert: str, body: bytes, mode: str, tag: str, stop_at: float,
+def push_loop(port: int, cert: str, body: bytes, tail: bytes, mode: str, tag: str, stop_at: float,
               results: multiprocessing.Queue[Tuple[int, int, List[float]]]) -> None:
     """One keep-alive client of the built-in load generator (used when wrk is missing)."""
     context = client_context(Path(cert))
@@ -225,7 +231,7 @@ def push_loop(port: int, cert: str, body: bytes, mode: str, tag: str, stop_at: f
         try:
             if connection is None:
                 connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-            connection.request("POST", "/datastream", unique_body(body, mode, "%s-%d" % (tag, counter)), headers)
+            connection.request("POST", "/datastream", unique_body(body, tail, mode, "%s-%d" % (tag, counter)), headers)
             answer = connection.getresponse()
             answer.read()
             if answer.status == 200:
@@ -243,8 +249,8 @@ def run_builtin(port: int, cert: Path, body: Path, mode: str, connections: int, 
     """The built-in multi-process HTTPS load generator, same shape of results as run_wrk()."""
     results: multiprocessing.Queue[Tuple[int, int, List[float]]] = multiprocessing.Queue()
     stop_at = time.monotonic() + seconds
-    data = body.read_bytes()
-    workers = [multiprocessing.Process(target=push_loop, args=(port, str(cert), data, mode, "p%d" % n, stop_at,
+    data, tail = body.read_bytes(), Path(str(body) + ".tail").read_bytes()
+    workers = [multiprocessing.Process(target=push_loop, args=(port, str(cert), data, tail, mode, "p%d" % n, stop_at,
                                                                results)) for n in range(connections)]
     for worker in workers:
         worker.start()
@@ -264,13 +270,13 @@ def percentile(values: Sequence[float], pct: float) -> float:
 def run_new_connections(port: int, cert: Path, body: Path, seconds: float) -> Dict[str, float]:
     """Scenario E: NEW_CONNECTIONS_PER_SECOND fresh TLS connections a second, one batch each, then close."""
     context = client_context(cert)
-    data = body.read_bytes()
+    data, tail = body.read_bytes(), Path(str(body) + ".tail").read_bytes()
 
     def one(index: int) -> Tuple[bool, float]:
         started = time.monotonic()
         try:
             connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-            connection.request("POST", "/datastream", unique_body(data, "gzip", "e-%d" % index),
+            connection.request("POST", "/datastream", unique_body(data, tail, "gzip", "e-%d" % index),
                                {"Content-Encoding": "gzip", "Connection": "close"})
             answer = connection.getresponse()
             answer.read()
@@ -389,14 +395,26 @@ def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodi
 
 
 def write_bodies(folder: Path) -> Dict[str, Path]:
-    """The request bodies: a ~1 MB DataStream 2 JSON batch (plain and gzip'd) and a ~100-byte one."""
+    """The request bodies: a ~1 MB DataStream 2 JSON batch (plain and gzip'd), a ~100-byte one, and a ~1 MB
+    STRUCTURED batch of the samples' stream (gzip'd); each with the record appended to make it unique."""
     big = b"\n".join(json_lines("bench", 2000)) + b"\n"
-    small = b'{"version":"4","cp":"123","reqId":"1","statusCode":"200","reqPath":"a.js"}\n'
+    small = b'{"version":"4","streamId":"61234","cp":"123","reqId":"1","statusCode":"200","reqPath":"a.js"}\n'
+    json_tail = b'{"version":"4","streamId":"61234","cp":"123","reqId":"bench-{TAG}","statusCode":"200"}\n'
+    records = sample_lines("structured")
+    structured_lines = [records[index % len(records)] for index in range(3400)]
+    structured = b"\n".join(structured_lines) + b"\n"
+    # A sample record with its reqId replaced: 45 values, so it is converted like the others.
+    values = records[0].split(b" ")
+    values[3] = b"bench-{TAG}"
+    structured_tail = b" ".join(values) + b"\n"
     paths = {}
-    for name, data, decoded, lines in (("big.json", big, big, 2000), ("big.gz", gzip.compress(big, 6), big, 2000),
-                                       ("small.json", small, small, 1)):
+    for name, data, decoded, lines, tail in (
+            ("big.json", big, big, 2000, json_tail), ("big.gz", gzip.compress(big, 6), big, 2000, json_tail),
+            ("small.json", small, small, 1, json_tail),
+            ("structured.gz", gzip.compress(structured, 6), structured, len(structured_lines), structured_tail)):
         path = folder / name
         path.write_bytes(data)
+        Path(str(path) + ".tail").write_bytes(tail)
         paths[name] = path
         (folder / (name + ".lines")).write_text(str(lines))
         (folder / (name + ".decoded")).write_text(str(len(decoded)))
@@ -427,7 +445,7 @@ def machine_facts() -> Dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15, help="length of each run (default: 15)")
-    parser.add_argument("--scenarios", default="ABCDE", help="which scenarios (default: ABCDE)")
+    parser.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
     parser.add_argument("--servers", default="dsreceiver,flask,nginx,dsreceiver-gzip",
                         help="which servers (default: dsreceiver,flask,nginx,dsreceiver-gzip)")
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
@@ -449,9 +467,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[Tuple[str, str], Dict[str, object]] = {}
     for scenario in options.scenarios:
         for kind in servers:
-            if kind == "dsreceiver-gzip" and scenario != "A":
+            if kind == "dsreceiver-gzip" and scenario != "A" or kind != "dsreceiver" and scenario == "F":
                 continue
             extra = options.dsreceiver_args.split() + (["--store", "gzip"] if kind == "dsreceiver-gzip" else [])
+            extra += STRUCTURED_OPTIONS if scenario == "F" else []
             print("running %s %s ..." % (kind, scenario), flush=True)
             results[(kind, scenario)] = run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
                                                 use_wrk, extra)
@@ -489,9 +508,11 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
     lines += ["| %s | %s |" % item for item in facts.items()]
     lines += ["| load generator | %s |" % ("wrk with bench/push.lua (scenario E: built-in paced client)" if use_wrk
                                            else "built-in multi-process client"),
-              "| bodies | A/B/D/E: %d bytes of DataStream 2 JSON (%d records), %d bytes gzip'd; C: %d bytes |"
+              "| bodies | A/B/D/E: %d bytes of DataStream 2 JSON (%d records), %d bytes gzip'd; C: %d bytes; "
+              "F: %s bytes of STRUCTURED records (%s), %d bytes gzip'd; each plus one unique record |"
               % (bodies["big.json"].stat().st_size, 2000, bodies["big.gz"].stat().st_size,
-                 bodies["small.json"].stat().st_size),
+                 bodies["small.json"].stat().st_size, bodies["structured.gz.decoded"].read_text(),
+                 bodies["structured.gz.lines"].read_text(), bodies["structured.gz"].stat().st_size),
               "| disk limit | %.0f MB/s (1 GiB of 1 MiB writes, fdatasync every 16 MiB) |" % disk,
               "| gunzip limit | %.0f MB/s decoded (one core's rate x %s cores) |" % (inflate, facts["nproc"]),
               "", "Scenarios: " + "; ".join("**%s** %s" % (name, text[0]) for name, text in SCENARIOS.items()) + ".",
@@ -527,6 +548,12 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
                 parts.append("%.0f%% of A's throughput" % (100 * rate / (a["acknowledged"] / a["seconds"])))  # type: ignore[operator]
         if scenario == "E":
             parts.append("%d errors, p99 %.0f ms" % (ours["errors"], ours["p99_ms"]))
+        if scenario == "F":
+            records = ours["expected_lines"] / ours["seconds"]  # type: ignore[operator]
+            parts.append("%.0f records/s stored as JSON (target: 150,000)" % records)
+            b = results.get(("dsreceiver", "B"))
+            if b:
+                parts.append("%.2fx B in records/s" % (records / (b["expected_lines"] / b["seconds"])))  # type: ignore[operator]
         lines.append("- " + ", ".join(parts))
     gz = results.get(("dsreceiver-gzip", "A"))
     flask_a = results.get(("flask", "A"))

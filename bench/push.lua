@@ -1,6 +1,7 @@
 -- wrk script: POSTs a DataStream batch, made unique per request so retry dedup never skips work.
--- Usage: wrk ... -s bench/push.lua URL -- BODY_FILE plain|gzip
--- plain: appends the line {"bench":"T-N"}; gzip: appends a second gzip member holding that line.
+-- Usage: wrk ... -s bench/push.lua URL -- BODY_FILE plain|gzip TAIL_FILE
+-- Appends TAIL_FILE's line (a record of the batch's stream and format) with {TAG} replaced by T-N:
+-- plain: as a line; gzip: as a second gzip member.
 local bit = require("bit")
 
 local crc_table = {}
@@ -36,20 +37,23 @@ function setup(thread)
   next_id = next_id + 1
 end
 
-local body, compressed
+local body, compressed, tail
 local counter = 0
 function init(args)
   local file = assert(io.open(args[1], "rb"))
   body = file:read("*a")
   file:close()
   compressed = args[2] == "gzip"
+  file = assert(io.open(args[3], "rb"))
+  tail = file:read("*a")
+  file:close()
   wrk.headers["Content-Type"] = "application/json"
   if compressed then wrk.headers["Content-Encoding"] = "gzip" end
 end
 
 function request()
   counter = counter + 1
-  local line = '{"bench":"' .. thread_id .. "-" .. counter .. '"}\n'
+  local line = tail:gsub("{TAG}", thread_id .. "-" .. counter)
   return wrk.format("POST", nil, nil, body .. (compressed and gzip_member(line) or line))
 end
 
