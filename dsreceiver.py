@@ -1338,17 +1338,19 @@ def parse_stream_definition(document: object, source: str) -> StreamDefinition:
     version = document.get("streamVersion")
     if version is not None and (isinstance(version, bool) or not STREAM_VERSION_RE.fullmatch(str(version))):
         raise ValueError("streamVersion must be a number, not %r" % (version,))
-    delivery = document.get("deliveryConfiguration") or {}
+    delivery = document.get("deliveryConfiguration", {})
     if not isinstance(delivery, dict):
         raise ValueError("deliveryConfiguration must be an object")
     delimiter = document.get("fieldDelimiter", delivery.get("fieldDelimiter", "SPACE"))
-    if delimiter not in FIELD_DELIMITERS:
+    if not isinstance(delimiter, str) or delimiter not in FIELD_DELIMITERS:
         raise ValueError("fieldDelimiter must be SPACE or TAB, not %r" % (delimiter,))
     if "datasetFields" in document:
         entries = document["datasetFields"]
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise ValueError("datasetFields must be a list of objects")
         fields = [entry.get("datasetFieldJsonKey") for entry in entries]
+        if None in fields:
+            raise ValueError("datasetFields entry %d has no datasetFieldJsonKey" % (fields.index(None) + 1))
     elif "fields" in document:
         fields = document["fields"]
         if not isinstance(fields, list):

@@ -53,8 +53,12 @@ def test_the_api_definition_is_read_in_log_order() -> None:
     ({"streamId": 1, "fields": ["cp", "cp"]}, "names a key twice"),
     ({"streamId": 1, "fields": ["c p"]}, "not a usable JSON key"),
     ({"streamId": 1, "fields": ["streamId"]}, "not a usable JSON key"),
-    ({"streamId": 1, "datasetFields": [{"datasetFieldId": 1000}]}, "not a usable JSON key"),
+    ({"streamId": 1, "datasetFields": [{"datasetFieldJsonKey": "cp"}, {"datasetFieldId": 1000}]},
+     "entry 2 has no datasetFieldJsonKey"),
+    ({"streamId": 1, "datasetFields": "cp"}, "datasetFields must be a list of objects"),
     ({"streamId": 1, "fields": ["cp"], "fieldDelimiter": "COMMA"}, "fieldDelimiter must be SPACE or TAB"),
+    ({"streamId": 1, "fields": ["cp"], "fieldDelimiter": ["TAB"]}, "fieldDelimiter must be SPACE or TAB"),
+    ({"streamId": 1, "fields": ["cp"], "deliveryConfiguration": []}, "deliveryConfiguration must be an object"),
 ])
 def test_broken_definitions_say_what_is_wrong(document: object, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
