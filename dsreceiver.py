@@ -52,10 +52,12 @@ import functools
 import gzip
 import hashlib
 import hmac
+import html
 import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -92,6 +94,8 @@ MAX_FOLDER_NAME = 100
 
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
+STATUS_PATH = "/status"
+STATUS_JSON_PATH = "/status.json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Distinct paths (and streams) given their own series; more would let a client grow /metrics without bound.
 MAX_PATH_LABELS = 100
@@ -99,6 +103,9 @@ MAX_STREAM_LABELS = 100
 # Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of them.
 UPLOADER_WINDOW = 600.0
 MAX_UPLOADERS = 4096
+# The status page's history: records per minute over the last hour, and the last refusals.
+HISTORY_MINUTES = 60
+MAX_REFUSALS = 20
 PUSH_METHODS = ("POST", "PUT")
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
 RETRY_AFTER_SECONDS = 10
@@ -179,6 +186,12 @@ SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,%d}" % (MAX_FOLDER_N
 # DataStream records (see ../shared/DATASTREAM.md): a JSON record names "version" and "streamId"; a STRUCTURED
 # record starts with version and stream ID; a millisecond reqTimeSec looks like 1764200000.507.
 UNKNOWN_STREAM = "unknown"
+# DataStream pushes every 30 or 60 seconds per uploader; a stream is late after LATE_AFTER_INTERVALS of them.
+DEFAULT_PUSH_INTERVAL = 60.0
+LATE_AFTER_INTERVALS = 3
+# DataStream gives up on a batch after about 5 minutes of 429/5xx answers; the status page turns red sooner.
+RETRY_HORIZON = 300.0
+STREAK_RED_AFTER = 120.0
 MIXED_STREAM = "mixed"
 FIELD_DELIMITERS = {"SPACE": b" ", "TAB": b"\t"}
 DASH = b"-"
@@ -426,6 +439,8 @@ def build_parser() -> ArgumentParser:
                          help="text lines, or one JSON object per line (default: %(default)s)")
     process.add_argument("--metrics-public", action="store_true",
                          help="serve /metrics without authentication (default: off)")
+    process.add_argument("--status-public", action="store_true",
+                         help="serve the status page (/status, /status.json) without authentication (default: off)")
     return parser
 
 
@@ -585,6 +600,16 @@ class Metrics:
         self.requests: Dict[int, int] = {}
         self.last_push: Dict[str, float] = {}
         self.streams: Dict[str, Dict[str, Any]] = {}
+        # For the status page and /healthz, kept as plain data so that workers' can be merged:
+        # bytes stored per minute (keyed by str(minute since the epoch), the last hour only),
+        self.written: Dict[str, int] = {}
+        # the last refusals as [time, status, client, path, reason],
+        self.refusals: List[List[Any]] = []
+        # when a push was last stored, when the current run of 503 answers began (0: none),
+        self.last_success = 0.0
+        self.streak_start = 0.0
+        # and the last storage failure as [time, reason].
+        self.storage_error: Optional[List[Any]] = None
 
     def count(self, name: str, amount: float = 1) -> None:
         """Adds to a counter."""
@@ -605,15 +630,26 @@ class Metrics:
             if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
                 self.last_push[path] = time.time()
 
+    def _stream(self, stream: str) -> Dict[str, Any]:
+        """The stats of a stream (call with the lock); streams past MAX_STREAM_LABELS share 'other'."""
+        if stream not in self.streams and len(self.streams) >= MAX_STREAM_LABELS:
+            stream = "other"
+        return self.streams.setdefault(stream, new_stream_stats())
+
     def stream_stored(self, stream: str, records: int, unconverted: int, newest_event: Optional[float],
-                      uploader: str) -> None:
-        """Counts a stored push of a stream; streams past MAX_STREAM_LABELS are counted as 'other'."""
+                      uploader: str, stored_bytes: int) -> None:
+        """Counts a stored push of a stream (whose row is `stream`)."""
         now = time.time()
+        minute = minute_key(now)
         with self.lock:
-            if stream not in self.streams and len(self.streams) >= MAX_STREAM_LABELS:
-                stream = "other"
-            stats = self.streams.setdefault(stream, {"records": 0, "batches": 0, "unconverted": 0, "last_push": 0.0,
-                                                     "newest_event": None, "uploaders": {}})
+            self.last_success, self.streak_start = now, 0.0
+            add_to_minute(self.written, minute, stored_bytes)
+            stats = self._stream(stream)
+            per_minute = stats["minutes"].setdefault(minute, [0, 0])
+            per_minute[0] += 1
+            per_minute[1] += records
+            if len(stats["minutes"]) > HISTORY_MINUTES:
+                drop_old_minutes(stats["minutes"], now)
             stats["records"] += records
             stats["batches"] += 1
             stats["unconverted"] += unconverted
@@ -626,13 +662,37 @@ class Metrics:
                 stats["uploaders"] = {address: seen for address, seen in uploaders.items()
                                       if now - seen < UPLOADER_WINDOW}
 
+    def stream_deduplicated(self, stream: str) -> None:
+        """Counts a retry of a stream's batch answered without storing it again."""
+        with self.lock:
+            self._stream(stream)["dedupe_hits"] += 1
+
+    def refused(self, status: int, client: str, path: str, reason: str, stream: Optional[str] = None) -> None:
+        """Remembers a 4xx or 5xx answer (the last MAX_REFUSALS of them); a 503 starts or extends a streak."""
+        now = time.time()
+        with self.lock:
+            self.refusals.append([now, status, client, path, reason])
+            del self.refusals[:-MAX_REFUSALS]
+            if status == HTTPStatus.SERVICE_UNAVAILABLE and not self.streak_start:
+                self.streak_start = now
+            if stream is not None:
+                refusals = self._stream(stream)["refusals"]
+                refusals[str(status)] = refusals.get(str(status), 0) + 1
+
+    def storage_failed(self, reason: str) -> None:
+        """Remembers a storage failure, for /healthz and the status page."""
+        with self.lock:
+            self.storage_error = [time.time(), reason]
+
     def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram) -> Snapshot:
-        """Everything /metrics shows, as plain data that workers can send and merge()."""
+        """Everything /metrics, /healthz and the status page show, as plain data that workers can send and merge()."""
         with self.lock:
             snapshot: Snapshot = {"values": dict(self.values), "last_push": dict(self.last_push),
                                   "requests": {str(status): n for status, n in self.requests.items()},
-                                  "streams": {stream: dict(stats, uploaders=dict(stats["uploaders"]))
-                                              for stream, stats in self.streams.items()}}
+                                  "streams": {stream: copy_stream_stats(stats) for stream, stats in self.streams.items()},
+                                  "written": dict(self.written), "refusals": [list(r) for r in self.refusals],
+                                  "last_success": self.last_success, "streak_start": self.streak_start,
+                                  "storage_error": self.storage_error}
         snapshot["fsync"] = fsync_seconds.snapshot()
         snapshot["gauges"] = dict(gauges)
         return snapshot
@@ -641,7 +701,9 @@ class Metrics:
     def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
         """Adds up the snapshots of several workers (the latest last-push time wins)."""
         merged: Snapshot = {"values": {}, "last_push": {}, "requests": {}, "gauges": {}, "streams": {},
-                            "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0}}
+                            "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0},
+                            "written": {}, "refusals": [], "last_success": 0.0, "streak_start": 0.0,
+                            "storage_error": None}
         for snapshot in snapshots:
             for section in ("values", "requests", "gauges"):
                 for name, number in snapshot[section].items():
@@ -652,19 +714,43 @@ class Metrics:
             for path, stamp in snapshot["last_push"].items():
                 merged["last_push"][path] = max(stamp, merged["last_push"].get(path, 0))
             for stream, stats in snapshot["streams"].items():
-                into = merged["streams"].setdefault(stream, {"records": 0, "batches": 0, "unconverted": 0,
-                                                             "last_push": 0.0, "newest_event": None, "uploaders": {}})
-                for name in ("records", "batches", "unconverted"):
+                into = merged["streams"].setdefault(stream, new_stream_stats())
+                for name in ("records", "batches", "unconverted", "dedupe_hits"):
                     into[name] += stats[name]
                 if stats["last_push"] >= into["last_push"]:
                     into["last_push"], into["newest_event"] = stats["last_push"], stats["newest_event"]
                 for address, seen in stats["uploaders"].items():
                     into["uploaders"][address] = max(seen, into["uploaders"].get(address, 0))
+                for minute, (batches, records) in stats["minutes"].items():
+                    counts = into["minutes"].setdefault(minute, [0, 0])
+                    counts[0] += batches
+                    counts[1] += records
+                for status, number in stats["refusals"].items():
+                    into["refusals"][status] = into["refusals"].get(status, 0) + number
+            for minute, written in snapshot["written"].items():
+                add_to_minute(merged["written"], minute, written)
+            merged["refusals"] = sorted(merged["refusals"] + snapshot["refusals"])[-MAX_REFUSALS:]
+            merged["last_success"] = max(merged["last_success"], snapshot["last_success"])
+            error = snapshot["storage_error"]
+            if error is not None and (merged["storage_error"] is None or error[0] > merged["storage_error"][0]):
+                merged["storage_error"] = error
             fsync = snapshot["fsync"]
             merged["fsync"]["counts"] = [a + b for a, b in zip(merged["fsync"]["counts"], fsync["counts"])]
             merged["fsync"]["total"] += fsync["total"]
             merged["fsync"]["count"] += fsync["count"]
+        # A streak of 503s is one no worker has ended since with a stored push.
+        starts = [snapshot["streak_start"] for snapshot in snapshots
+                  if snapshot["streak_start"] > merged["last_success"]]
+        merged["streak_start"] = min(starts) if starts else 0.0
         return merged
+
+    @staticmethod
+    def storage_failure(snapshot: Snapshot, now: float) -> Optional[str]:
+        """Why storage is failing, when a worker's storage failed recently and no push was stored since."""
+        error = snapshot["storage_error"]
+        if error is not None and error[0] > snapshot["last_success"] and now - error[0] < HEALTH_FAILURE_MEMORY:
+            return str(error[1])
+        return None
 
     @classmethod
     def render(cls, snapshot: Snapshot) -> bytes:
@@ -724,9 +810,213 @@ class Metrics:
                     out.append('dsreceiver_%s{stream="%s"} %s' % (name, label_value(stream), repr(float(value))))
 
 
+def new_stream_stats() -> Dict[str, Any]:
+    """What Metrics keeps about one stream (see Metrics.stream_stored)."""
+    return {"records": 0, "batches": 0, "unconverted": 0, "last_push": 0.0, "newest_event": None,
+            "uploaders": {}, "minutes": {}, "dedupe_hits": 0, "refusals": {}}
+
+
+def copy_stream_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a stream's stats that later counting does not change."""
+    return dict(stats, uploaders=dict(stats["uploaders"]), refusals=dict(stats["refusals"]),
+                minutes={minute: list(counts) for minute, counts in stats["minutes"].items()})
+
+
+def minute_key(moment: float) -> str:
+    """The key of the minute of `moment` in per-minute history: minutes since the epoch, as a string (JSON keys
+    are strings, and workers send their history as JSON)."""
+    return str(int(moment // 60))
+
+
+def add_to_minute(history: Dict[str, int], minute: str, amount: int) -> None:
+    """Adds to a per-minute total, forgetting minutes older than the history keeps."""
+    history[minute] = history.get(minute, 0) + amount
+    if len(history) > HISTORY_MINUTES:
+        drop_old_minutes(history, int(minute) * 60)
+
+
+def drop_old_minutes(history: Dict[str, Any], now: float) -> None:
+    """Forgets the minutes of a per-minute history that are more than HISTORY_MINUTES old."""
+    oldest = int(now // 60) - HISTORY_MINUTES
+    for minute in [minute for minute in history if int(minute) <= oldest]:
+        del history[minute]
+
+
 def label_value(text: str) -> str:
     """Escapes a Prometheus label value."""
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------------------
+# Status page: the /status document as HTML (pure: a dict in, bytes out)
+# ---------------------------------------------------------------------------
+
+STATUS_CSS = """\
+:root{color-scheme:light dark;--bg:#fff;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bad:#cf222e;--warn:#9a6700;\
+--good:#1a7f37;--spark:#0969da}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;--line:#3d444d;--bad:#ff7b72;\
+--warn:#d29922;--good:#3fb950;--spark:#4493f8}}
+body{margin:0;padding:1rem;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,sans-serif}
+h1{font-size:1.3rem;margin:0}h2{font-size:1.05rem;margin:1.5rem 0 .5rem}
+.muted{color:var(--muted)}.bad{color:var(--bad);font-weight:600}.warn{color:var(--warn);font-weight:600}\
+.good{color:var(--good)}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
+th,td{padding:.35rem .6rem;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
+th{font-weight:600;color:var(--muted)}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1rem;margin-top:1.5rem}
+.card h2{margin-top:0}
+.card{border:1px solid var(--line);border-radius:6px;padding:.75rem 1rem}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem;margin:0}dt{color:var(--muted)}dd{margin:0}
+svg{vertical-align:middle}polyline{fill:none;stroke:var(--spark);stroke-width:1.5}
+"""
+# Only this exact stylesheet may apply: no external asset, no script, no frame around the page.
+STATUS_HEADERS = (
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-%s'; base-uri 'none'; form-action 'none'; "
+     "frame-ancestors 'none'" % base64.b64encode(hashlib.sha256(STATUS_CSS.encode()).digest()).decode()),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+STATUS_REFRESH_SECONDS = 10
+
+
+def duration(seconds: Optional[float]) -> str:
+    """A duration for people: 42 s, 7 min, 3 h 12 min, 5 d 4 h."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    if seconds < 172800:
+        return "%d h %d min" % (seconds // 3600, seconds % 3600 // 60)
+    return "%d d %d h" % (seconds // 86400, seconds % 86400 // 3600)
+
+
+def byte_size(size: Optional[float]) -> str:
+    """A size for people: 512 B, 3.4 MB, 1.2 TB (powers of 1000, as disks are sold)."""
+    if size is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
+        size /= 1000
+    return "-"
+
+
+def utc_time(moment: Optional[float]) -> str:
+    """A wall-clock time: 2026-11-28 17:05:03Z."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(moment)) if moment else "-"
+
+
+def sparkline(values: Sequence[float], width: int = 120, height: int = 24) -> str:
+    """An inline SVG line of `values` (oldest first), scaled to its largest."""
+    top = max(values) or 1
+    step = width / max(1, len(values) - 1)
+    points = " ".join("%.1f,%.1f" % (index * step, height - 1 - (height - 2) * value / top)
+                      for index, value in enumerate(values))
+    return ('<svg width="%d" height="%d" viewBox="0 0 %d %d" role="img" aria-label="records per minute">'
+            '<polyline points="%s"/></svg>' % (width, height, width, height, points))
+
+
+def render_status_page(doc: Dict[str, Any]) -> bytes:
+    """The /status page of a status document (see ReceiverServer.status_document); every value a client can
+    influence is HTML-escaped."""
+    def esc(value: object) -> str:
+        return html.escape(str(value), quote=True)
+
+    server, storage, now = doc["server"], doc["storage"], doc["generated"]
+    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width,initial-scale=1">',
+           '<meta http-equiv="refresh" content="%d">' % STATUS_REFRESH_SECONDS,
+           "<title>dsreceiver status</title><style>%s</style></head><body>" % STATUS_CSS,
+           "<h1>dsreceiver status</h1><p class=\"muted\">%s, refreshed every %d s</p>"
+           % (esc(utc_time(now)), STATUS_REFRESH_SECONDS)]
+
+    out.append('<h2>Streams</h2><div class="scroll"><table id="streams"><thead><tr><th>stream</th>'
+               "<th>last push</th><th>batches, last hour</th><th>records, last hour</th><th>records per minute</th>"
+               "<th>uploaders, 10 min</th><th>event lag</th><th>dedupe hits</th><th>refusals</th></tr></thead><tbody>")
+    for row in doc["streams"]:
+        late = "bad" if row["late"] else "good"
+        refusals = ", ".join("%s: %d" % (status, n) for status, n in sorted(row["refusals"].items())) or "-"
+        out.append('<tr data-stream="%s"><td>%s</td><td class="%s" data-field="since">%s ago</td>'
+                   '<td class="n" data-field="batches">%d</td><td class="n" data-field="records">%d</td><td>%s</td>'
+                   '<td class="n" data-field="uploaders">%d</td><td class="n">%s</td><td class="n">%d</td><td>%s</td>'
+                   "</tr>" % (esc(row["stream"]), esc(row["stream"]), late, esc(duration(row["seconds_since_push"])),
+                              row["batches_last_hour"], row["records_last_hour"],
+                              sparkline(row["records_per_minute"]), row["uploaders_last_10_minutes"],
+                              esc(duration(row["event_lag_seconds"])), row["dedupe_hits"], esc(refusals)))
+    if not doc["streams"]:
+        out.append('<tr><td colspan="9" class="muted">No push stored since the server started.</td></tr>')
+    out.append("</tbody></table></div>")
+
+    streak = storage["streak_seconds"]
+    streak_class = "bad" if streak >= STREAK_RED_AFTER else "warn" if streak else "good"
+    error = storage["last_error"]
+    out.append('<div class="cards"><section class="card" id="storage"><h2>Storage</h2><dl>')
+    for name, value, css in (
+            ("output folder", storage["output_dir"], ""),
+            ("disk free", "%s of %s" % (byte_size(storage["disk_free_bytes"]), byte_size(storage["disk_total_bytes"])), ""),
+            ("written, last hour", "%s (%s/s)" % (byte_size(storage["written_last_hour_bytes"]),
+                                                   byte_size(storage["write_rate_bytes_per_second"])), ""),
+            ("full in", duration(storage["full_in_seconds"]) if storage["full_in_seconds"] else "not at this rate",
+             "bad" if storage["full_in_seconds"] and storage["full_in_seconds"] < 86400 else ""),
+            ("fsync p50 / p99", "%s / %s" % (latency(storage["fsync_p50_seconds"]),
+                                              latency(storage["fsync_p99_seconds"])), ""),
+            ("last storage error", "%s: %s" % (utc_time(error["time"]), error["reason"]) if error else "none",
+             "bad" if error else ""),
+            ("503 streak", "%s (DataStream drops a batch after about %d min of them)"
+             % (duration(streak), RETRY_HORIZON // 60) if streak else "none", streak_class)):
+        out.append('<dt>%s</dt><dd class="%s">%s</dd>' % (esc(name), css, esc(value)))
+    out.append('</dl></section><section class="card" id="server"><h2>Server</h2><dl>')
+    tls = server["tls"]
+    for name, value, css in (
+            ("version", server["version"], ""), ("uptime", duration(server["uptime_seconds"]), ""),
+            ("workers", server["workers"], ""), ("listening", server["listening"], ""),
+            ("certificate", tls["subject"] if tls else "none (plain HTTP)" if server["plain_http"] else "unknown", ""),
+            ("issuer", tls["issuer"] if tls else "-", ""),
+            ("expires", "%s (in %s)" % (utc_time(tls["not_after"]), duration(tls["not_after"] - now)) if tls else "-",
+             "bad" if tls and tls["not_after"] - now < CERT_EXPIRY_WARNING_DAYS * 86400 else ""),
+            ("authentication", " + ".join(server["authentication"]) or "none", "" if server["authentication"] else "bad"),
+            ("open connections", server["open_connections"], ""),
+            ("in-flight bytes", byte_size(server["inflight_bytes"]), "")):
+        out.append('<dt>%s</dt><dd class="%s">%s</dd>' % (esc(name), css, esc(value)))
+    out.append("</dl></section></div>")
+
+    out.append('<h2>Recent refusals</h2><div class="scroll"><table id="refusals"><thead><tr><th>time</th>'
+               "<th>status</th><th>client</th><th>path</th><th>reason</th></tr></thead><tbody>")
+    for refusal in doc["refusals"]:
+        out.append("<tr><td>%s</td><td class=\"n\">%d</td><td>%s</td><td>%s</td><td>%s</td></tr>"
+                   % (esc(utc_time(refusal["time"])), refusal["status"], esc(refusal["client"]),
+                      esc(refusal["path"]), esc(refusal["reason"])))
+    if not doc["refusals"]:
+        out.append('<tr><td colspan="5" class="muted">None since the server started.</td></tr>')
+    out.append('</tbody></table></div><p class="muted">The same data for scripts: '
+               '<a href="/status.json">/status.json</a>.</p></body></html>\n')
+    return "".join(out).encode("utf-8")
+
+
+def latency(seconds: Optional[float]) -> str:
+    """An fsync latency bound: at most 2.5 ms, over 10 s."""
+    if seconds is None:
+        return "-"
+    if math.isinf(seconds):
+        return "over %g s" % FSYNC_BUCKETS[-1]
+    return "at most %g ms" % (seconds * 1000) if seconds < 1 else "at most %g s" % seconds
+
+
+def histogram_quantile(snapshot: Dict[str, Any], quantile: float) -> Optional[float]:
+    """The bucket bound under which `quantile` of a histogram snapshot's observations fall (inf past the last)."""
+    total = snapshot["count"]
+    if not total:
+        return None
+    for bound, number in zip(FSYNC_BUCKETS, snapshot["counts"]):
+        if number >= quantile * total:
+            return bound
+    return math.inf
 
 
 # ---------------------------------------------------------------------------
@@ -780,6 +1070,7 @@ class CertificateSource:
         self.client_ca = client_ca
         self.context = make_server_context(cert, key, client_ca)
         self.signature = self._signature()
+        self.facts = certificate_facts(cert)
 
     def _signature(self) -> Tuple[Optional[Tuple[int, int, int, int]], ...]:
         """Identifies the current files; os.stat follows certbot's symlinks to the real files."""
@@ -801,6 +1092,7 @@ class CertificateSource:
             log.error("certificate reload (%s) refused, still serving the previous certificate: %s", reason, exc)
             return False
         self.context = context  # new connections take it; established ones keep theirs
+        self.facts = certificate_facts(self.cert)
         log.info("certificate reloaded (%s) from %s", reason, self.cert)
         return True
 
@@ -808,6 +1100,22 @@ class CertificateSource:
         """Reloads when the files differ from the last ones looked at."""
         if self._signature() != self.signature:
             self.reload("files changed")
+
+
+def certificate_facts(cert: Path) -> Dict[str, Any]:
+    """Subject, issuer and expiry of the first certificate in `cert`, for the status page, as the openssl command
+    reads them (the ssl module decodes only a peer's certificate); empty when it cannot."""
+    try:
+        result = subprocess.run(["openssl", "x509", "-noout", "-subject", "-issuer", "-enddate", "-nameopt", "RFC2253",
+                                 "-in", str(cert)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    try:
+        not_after = ssl.cert_time_to_seconds(fields["notAfter"])
+    except (KeyError, ValueError):
+        return {}
+    return {"subject": fields.get("subject", ""), "issuer": fields.get("issuer", ""), "not_after": not_after}
 
 
 def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
@@ -1325,6 +1633,8 @@ class StreamDefinition(NamedTuple):
     fields: Tuple[str, ...]
     delimiter: bytes
     source: str
+    # deliveryConfiguration.frequency.intervalInSeconds: how often each uploader pushes, when given.
+    interval: Optional[int] = None
 
 
 def parse_stream_definition(document: object, source: str) -> StreamDefinition:
@@ -1362,8 +1672,12 @@ def parse_stream_definition(document: object, source: str) -> StreamDefinition:
             raise ValueError("%r is not a usable JSON key (letters, digits, '_')" % (key,))
     if not fields or len(set(fields)) != len(fields):
         raise ValueError("the field list is empty or names a key twice")
+    frequency = delivery.get("frequency", {})
+    interval = frequency.get("intervalInSeconds") if isinstance(frequency, dict) else None
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0):
+        raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r" % (interval,))
     return StreamDefinition(str(stream_id), None if version is None else str(version), tuple(fields),
-                            FIELD_DELIMITERS[delimiter], source)
+                            FIELD_DELIMITERS[delimiter], source, interval)
 
 
 def load_stream_definitions(path: Path) -> List[StreamDefinition]:
@@ -1520,6 +1834,12 @@ class StreamCatalog:
         """The definition of this stream version, else the stream's definition for any version."""
         converters = self.converters
         return converters.get((stream, version)) or converters.get((stream, None))
+
+    def push_interval(self, stream: str) -> float:
+        """How often each uploader of a stream pushes: its definition's interval, else DataStream's longest (60 s)."""
+        intervals = [converter.definition.interval for (stream_id, _), converter in self.converters.items()
+                     if stream_id == stream and converter.definition.interval]
+        return float(max(intervals)) if intervals else DEFAULT_PUSH_INTERVAL
 
     def warn_once(self, stream: str, message: str, *args: object) -> None:
         """Logs a warning about a stream once (per process, until the next reload)."""
@@ -2072,7 +2392,6 @@ class Storage:
         self.files: Dict[str, DataFile] = {}
         # Files closed for good since housekeeping last looked (see take_finished).
         self.finished: List[Path] = []
-        self.last_failure: Optional[Tuple[float, str]] = None
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.interval_sync: Optional[threading.Thread] = None
@@ -2115,14 +2434,11 @@ class Storage:
             if self.layout.store_gzip:
                 batch.compress(pushed_gzip)
             path = self._append(folder, batch, stamp)
-        except BaseException as exc:
+        except BaseException:
             # Whatever went wrong, a resend of this batch must not wait for this claim forever.
             if dedupe is not None and key is not None:
                 dedupe.release(key)
-            if isinstance(exc, StorageError):
-                self.last_failure = (time.monotonic(), str(exc))
             raise
-        self.last_failure = None
         if dedupe is not None and key is not None:
             dedupe.commit(key, stamp)
         return path
@@ -2266,11 +2582,8 @@ class Storage:
             self._close(data_file)
         return len(moved)
 
-    def health(self) -> Optional[str]:
-        """Returns why storage is failing now, or None when it can take records."""
-        failure = self.last_failure
-        if failure is not None and time.monotonic() - failure[0] < HEALTH_FAILURE_MEMORY:
-            return failure[1]
+    def probe(self) -> Optional[str]:
+        """Writes and syncs HEALTH_PROBE_SIZE bytes beside the records; returns why that failed, or None."""
         try:
             with tempfile.TemporaryFile(dir=str(self.layout.state_dir)) as probe:
                 probe.write(b"\0" * HEALTH_PROBE_SIZE)
@@ -2883,6 +3196,8 @@ class Exchange:
         self.reserved = 0
         self.bytes_in = 0
         self.records = 0
+        # The stream's row (status page, metrics) once the records named it.
+        self.stream: Optional[str] = None
         # Why it ended as it did, for the access log.
         self.note = ""
 
@@ -3056,7 +3371,7 @@ class ConnectionHandler:
     def do_GET(self, request: Request, exchange: Exchange) -> Response:
         """Answers the health check and the metrics; GET is not a push."""
         if request.path == HEALTH_PATH:
-            failure = self.server.storage.health()
+            failure = self.server.health()
             if failure is not None:
                 exchange.note = failure
                 return Response(HTTPStatus.SERVICE_UNAVAILABLE, ("storage failing: %s\n" % failure).encode(),
@@ -3066,6 +3381,15 @@ class ConnectionHandler:
             if not self.config.metrics_public:
                 self.authenticate(request)
             return Response(HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)])
+        if request.path in (STATUS_PATH, STATUS_JSON_PATH):
+            if not self.config.status_public:
+                self.authenticate(request)
+            document = self.server.status_document()
+            if request.path == STATUS_JSON_PATH:
+                return Response(HTTPStatus.OK, json.dumps(document, indent=1).encode("utf-8"),
+                                [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                                 ("X-Content-Type-Options", "nosniff")])
+            return Response(HTTPStatus.OK, render_status_page(document), STATUS_HEADERS)
         raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
                         headers=[("Allow", ", ".join(PUSH_METHODS))])
 
@@ -3074,7 +3398,7 @@ class ConnectionHandler:
     def do_POST(self, request: Request, exchange: Exchange) -> Response:
         """Receives a push: checks, reads and decodes the body, stores the records."""
         config = self.config
-        if request.path in (HEALTH_PATH, METRICS_PATH):
+        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, STATUS_JSON_PATH):
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
         if config.paths and request.path not in config.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
@@ -3143,6 +3467,8 @@ class ConnectionHandler:
             records = self.server.streams.classify(batch)
             route = folder_for_path(request.path) if self.config.route_by_path else ""
             folder = Layout.folder(route, records.stream if self.config.partition_by == "stream" else None)
+            # The stream's row in the status page and its metrics: per route as well with --route-by-path.
+            exchange.stream = route + "/" + records.stream if route else records.stream
             pushed_gzip = push.pushed_gzip if records.batch is batch else None
             try:
                 stored = storage.store(folder, records.batch, pushed_gzip)
@@ -3153,17 +3479,19 @@ class ConnectionHandler:
                     stored = storage.store(folder, records.batch, pushed_gzip)
             except StorageError as exc:
                 metrics.count("storage_errors")
+                metrics.storage_failed(str(exc))
                 log.error("storage failed, answering 503: %s", exc)
                 raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
                                 headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
             if stored is None:
                 exchange.note = "duplicate of a batch stored within the dedupe window"
                 metrics.count("dedupe_hits")
+                metrics.stream_deduplicated(exchange.stream)
                 return Response(HTTPStatus.OK, b"already stored %d records\n" % batch.records)
             exchange.records = batch.records
             metrics.stored(request.path, batch.records)
-            metrics.stream_stored(records.stream, batch.records, records.unconverted, records.newest_event,
-                                  exchange.client)
+            metrics.stream_stored(exchange.stream, batch.records, records.unconverted, records.newest_event,
+                                  exchange.client, records.batch.stored_size)
             return Response(HTTPStatus.OK, b"stored %d records\n" % batch.records)
         finally:
             batch.close()
@@ -3212,16 +3540,17 @@ class ConnectionHandler:
         """Counts the request and writes its access log line; refusals are rate-limited per client."""
         metrics = self.server.metrics
         metrics.request_done(status.value, exchange.bytes_in)
+        request = exchange.request
+        shown = "-"
+        if request is not None:
+            shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
+        if status >= 400:
+            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream)
         if status == HTTPStatus.UNAUTHORIZED:
             metrics.count("auth_failures")
             if not self.server.noisy_log.allow(exchange.client):
                 return
-        request = exchange.request
-        if request is not None:
-            shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
-            method = request.method
-        else:
-            method, shown = "-", "-"
+        method = request.method if request is not None else "-"
         seconds = time.monotonic() - exchange.started
         fields = {"event": "access", "client": exchange.client, "method": method, "path": shown,
                   "status": status.value, "bytes": exchange.bytes_in, "records": exchange.records,
@@ -3361,6 +3690,76 @@ class ReceiverServer:
         self.stopping = threading.Event()
         self.idle = IdleConnections(self)
 
+    def merged_snapshot(self) -> Snapshot:
+        """The metrics of every worker (of this process alone without workers), merged."""
+        if self.merged_metrics is not None:
+            return self.merged_metrics()
+        return Metrics.merge([self.metrics_snapshot()])
+
+    def status_document(self) -> Dict[str, Any]:
+        """What /status and /status.json show: every worker's view merged, and this server's facts."""
+        now = time.time()
+        snapshot = self.merged_snapshot()
+        current = int(now // 60)
+        hour = [str(minute) for minute in range(current - HISTORY_MINUTES + 1, current + 1)]
+        streams = []
+        for name, stats in sorted(snapshot["streams"].items()):
+            per_minute = [stats["minutes"].get(minute, [0, 0]) for minute in hour]
+            since = now - stats["last_push"] if stats["last_push"] else None
+            interval = self.streams.push_interval(name.rsplit("/", 1)[-1])
+            streams.append({
+                "stream": name, "last_push": stats["last_push"] or None, "seconds_since_push": since,
+                "push_interval_seconds": interval, "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
+                "batches_last_hour": sum(batches for batches, _ in per_minute),
+                "records_last_hour": sum(records for _, records in per_minute),
+                "records_per_minute": [records for _, records in per_minute],
+                "uploaders_last_10_minutes": sum(now - seen < UPLOADER_WINDOW for seen in stats["uploaders"].values()),
+                "event_lag_seconds": now - stats["newest_event"] if stats["newest_event"] else None,
+                "dedupe_hits": stats["dedupe_hits"], "refusals": stats["refusals"], "records_total": stats["records"]})
+        gauges = snapshot["gauges"]
+        uptime = now - gauges["start_time_seconds"]
+        written = sum(snapshot["written"].get(minute, 0) for minute in hour)
+        rate = written / max(60.0, min(uptime, HISTORY_MINUTES * 60.0))
+        free: Optional[int] = None
+        total: Optional[int] = None
+        try:
+            disk = os.statvfs(str(self.storage.layout.root))
+            free, total = disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
+        except OSError:
+            pass  # shown as unknown
+        error = snapshot["storage_error"]
+        address = self.listener.getsockname() if self.listener.fileno() >= 0 else (self.config.host, self.config.port)
+        host = "[%s]" % address[0] if ":" in address[0] else address[0]
+        return {
+            "generated": now,
+            "streams": streams,
+            "storage": {
+                "output_dir": str(self.storage.layout.root), "disk_free_bytes": free, "disk_total_bytes": total,
+                "written_last_hour_bytes": written, "write_rate_bytes_per_second": rate,
+                "full_in_seconds": free / rate if free is not None and rate > 0 else None,
+                "fsync_p50_seconds": histogram_quantile(snapshot["fsync"], 0.5),
+                "fsync_p99_seconds": histogram_quantile(snapshot["fsync"], 0.99),
+                "last_error": {"time": error[0], "reason": error[1]} if error else None,
+                "failing": Metrics.storage_failure(snapshot, now),
+                "streak_started": snapshot["streak_start"] or None,
+                "streak_seconds": now - snapshot["streak_start"] if snapshot["streak_start"] else 0.0,
+                "retry_horizon_seconds": RETRY_HORIZON},
+            "server": {
+                "version": __version__, "uptime_seconds": uptime, "workers": self.config.workers,
+                "listening": "%s://%s:%d" % ("http" if self.config.http else "https", host, address[1]),
+                "plain_http": self.config.http,
+                "tls": self.certificates.facts or None if self.certificates is not None else None,
+                "authentication": self.authenticator.methods(),
+                "open_connections": gauges["open_connections"], "inflight_bytes": gauges["inflight_bytes"]},
+            "refusals": [{"time": moment, "status": status, "client": client, "path": path, "reason": reason}
+                         for moment, status, client, path, reason in reversed(snapshot["refusals"])],
+            "requests": snapshot["requests"],
+        }
+
+    def health(self) -> Optional[str]:
+        """Why storage fails: a worker's store failed recently and none succeeded since, or the probe fails."""
+        return Metrics.storage_failure(self.merged_snapshot(), time.time()) or self.storage.probe()
+
     def metrics_snapshot(self) -> Snapshot:
         """This process's metrics as plain data."""
         with self.lock:
@@ -3371,9 +3770,7 @@ class ReceiverServer:
 
     def render_metrics(self) -> bytes:
         """The /metrics document: summed over every worker when there are several."""
-        if self.merged_metrics is not None:
-            return Metrics.render(self.merged_metrics())
-        return Metrics.render(Metrics.merge([self.metrics_snapshot()]))
+        return Metrics.render(self.merged_snapshot())
 
     def reload(self) -> None:
         """SIGHUP: reloads the certificate, credential and stream definition files; reopens moved output files."""

@@ -357,12 +357,32 @@ def decompression_limit_mb_s(compressed: bytes) -> float:
 
 # -- the run -----------------------------------------------------------------------
 
+def poll_status(port: int, cert: Path, stop: threading.Event, answers: List[int]) -> None:
+    """Loads the status page once a second, as an operator's open browser tab would, until `stop`."""
+    context = client_context(cert)
+    while not stop.wait(1.0):
+        try:
+            connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+            connection.request("GET", "/status")
+            answer = connection.getresponse()
+            answer.read()
+            connection.close()
+            answers.append(answer.status)
+        except (OSError, http.client.HTTPException):
+            answers.append(0)
+
+
 def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodies: Dict[str, Path],
-            seconds: float, use_wrk: bool, extra: Sequence[str]) -> Dict[str, object]:
+            seconds: float, use_wrk: bool, extra: Sequence[str], status_poll: bool = False) -> Dict[str, object]:
     _, body_name, mode, connections = SCENARIOS[scenario]
     server = Server(kind, workdir / ("%s-%s" % (kind, scenario)), cert, key, extra)
     idle: Optional[multiprocessing.Process] = None
     memory = MemorySampler(server.process.pid)
+    stop_polling = threading.Event()
+    status_answers: List[int] = []
+    poller = threading.Thread(target=poll_status, args=(server.port, cert, stop_polling, status_answers))
+    if status_poll and kind.startswith("dsreceiver"):
+        poller.start()
     try:
         if scenario == "D":
             ready: multiprocessing.Queue[int] = multiprocessing.Queue()
@@ -382,8 +402,13 @@ def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodi
             load["idle_answered"] = ready.get(timeout=300)
             idle.join()
     finally:
+        stop_polling.set()
+        if poller.is_alive():
+            poller.join()
         load["rss_mb"] = memory.finish()
         server.stop()
+    if status_answers:
+        load["status_polls"] = "%d of %d answered 200" % (status_answers.count(200), len(status_answers))
     stored, written = server.stored()
     lines_per_body = bodies[body_name + ".lines"].read_text()
     load["stored_lines"] = stored
@@ -451,6 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="report file")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--poll-status", action="store_true",
+                        help="load dsreceiver's /status once a second during each run, as an open browser tab would")
     options = parser.parse_args(argv)
     use_wrk = shutil.which("wrk") is not None
     servers = [s for s in options.servers.split(",") if s != "nginx" or shutil.which("nginx")]
@@ -473,7 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             extra += STRUCTURED_OPTIONS if scenario == "F" else []
             print("running %s %s ..." % (kind, scenario), flush=True)
             results[(kind, scenario)] = run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
-                                                use_wrk, extra)
+                                                use_wrk, extra, options.poll_status)
             print("  " + json.dumps(results[(kind, scenario)]), flush=True)
     report = render(results, facts, disk, inflate, options, use_wrk, bodies)
     print(report)
