@@ -58,6 +58,7 @@ import ipaddress
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import select
@@ -125,12 +126,23 @@ SPOOL_THRESHOLD = 8 << 20
 # How much of a batch is read, at first, to find its first or last record (records are rarely longer).
 LINE_WINDOW = 4096
 COPY_CHUNK = 1 << 20
+# A body buffer starts at most this large and doubles as bytes arrive, so a large Content-Length alone
+# holds no memory (DataStream's bodies, up to about 4 MB, take at most two doublings).
+BODY_FIRST_ALLOCATION = 1 << 20
+# --min-body-rate applies once a body has had this long to get going.
+BODY_RATE_GRACE = 5.0
 # Threads mostly wait in recv(); a small stack keeps thousands of idle
 # keep-alive connections cheap.
 THREAD_STACK_SIZE = 512 * 1024
 # A connection waiting this long for its next request gives up its thread (see IdleConnections).
 IDLE_PARK_AFTER = 1.0
 HOUSEKEEPING_INTERVAL = 1.0
+# How often the lines that the per-client log limit held back are summed up, one line per client.
+LOG_SUMMARY_INTERVAL = 60.0
+# Near --max-connections (this share of it), connections not serving a request make room for new ones.
+EVICT_AT = 0.9
+# Failed authentications from one address, within --auth-brake seconds, that brake it.
+AUTH_BRAKE_FAILURES = 10
 RETENTION_INTERVAL = 60.0
 # /healthz writes this much (then discards it) to prove the disk takes data.
 HEALTH_PROBE_SIZE = 65536
@@ -257,6 +269,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_rate(text: str) -> float:
+    """Parses a rate in bytes a second (K and M suffixes allowed); 0 turns the limit off."""
+    return 0.0 if text.strip() == "0" else float(parse_size(text))
+
+
+def non_negative_int(text: str) -> int:
+    """Parses a whole number where 0 turns the feature off."""
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def non_negative_seconds(text: str) -> float:
     """Parses a number of seconds where 0 turns the feature off."""
     return 0.0 if text.strip() in ("0", "0.0") else positive_seconds(text)
@@ -364,6 +386,10 @@ def build_parser() -> ArgumentParser:
     auth.add_argument("--auth-query-file", type=Path, metavar="FILE",
                       help="accepted --auth-query-param tokens, one per line; adds to $%s (default: none)"
                       % ENV_AUTH_QUERY_VALUE)
+    auth.add_argument("--auth-brake", type=non_negative_seconds, default=60.0, metavar="SECONDS",
+                      help="an address failing authentication %d times within SECONDS gets 429 with Retry-After, "
+                      "without a credential check, until SECONDS after its last failure; 0 turns it off "
+                      "(default: %%(default)s)" % AUTH_BRAKE_FAILURES)
     auth.add_argument("--path", action="append", type=url_path, default=[], dest="paths", metavar="PATH",
                       help="accept pushes only on this exact URL path, others get 404; repeatable "
                       "(default: any path)")
@@ -418,10 +444,18 @@ def build_parser() -> ArgumentParser:
     limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20, metavar="SIZE",
                         help="largest body after gunzip, else 413 (default: 512M)")
     limits.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
-                        help="connections beyond this are closed at once (default: %(default)s)")
+                        help="connections per worker process; beyond it they are closed at once, and from 90%% of "
+                        "it the oldest connections not serving a request are closed to make room "
+                        "(default: %(default)s)")
+    limits.add_argument("--max-client-connections", type=non_negative_int, default=64, metavar="N",
+                        help="connections one client address may hold open across all workers; more are closed "
+                        "at once; 0 turns it off, and --trusted-proxy addresses are exempt (default: %(default)s)")
     limits.add_argument("--max-inflight-bytes", type=parse_size, default=256 << 20, metavar="SIZE",
-                        help="bodies being received or stored at once; beyond it pushes get 503 "
-                        "(default: 256M)")
+                        help="body bytes being received or stored at once, counted as they arrive; beyond it "
+                        "pushes get 503 (default: 256M)")
+    limits.add_argument("--min-body-rate", type=parse_rate, default=4096.0, metavar="SIZE",
+                        help="a body arriving slower than this many bytes a second, after its first %g s, is cut "
+                        "with 408; 0 turns it off (default: 4K)" % BODY_RATE_GRACE)
 
     process = parser.add_argument_group("process")
     process.add_argument("--workers", type=positive_int, default=None, metavar="N",
@@ -590,7 +624,11 @@ class Metrics:
         ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored again: not every "
          "record carries a reqId or a millisecond reqTimeSec, so they may be genuine."),
         ("auth_failures", "Requests refused for missing or wrong credentials."),
+        ("auth_brakes", "Requests answered 429 without a credential check: their address failed too often."),
         ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
+        ("connections_refused", "Connections closed at once: the worker was full, or the client address held "
+         "--max-client-connections."),
+        ("connections_evicted", "Connections not serving a request closed to make room near --max-connections."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
     )
 
@@ -3081,6 +3119,38 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+class SlowBody(Exception):
+    """The body arrives slower than --min-body-rate."""
+
+
+class BodyPace:
+    """The limits on one body while it arrives: the --timeout deadline, --min-body-rate after a grace period,
+    and a reservation of --max-inflight-bytes that grows with the bytes (on_growth may refuse with 503)."""
+
+    def __init__(self, deadline: float, min_rate: float, on_growth: Callable[[int], None]) -> None:
+        self.started = time.monotonic()
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.on_growth = on_growth
+
+    def arriving(self, total: int) -> None:
+        """Reserves for the body's first `total` bytes, which are about to be read."""
+        self.on_growth(total)
+
+    def next_check(self) -> float:
+        """When to stop waiting for bytes and check the pace again: the deadline, or a second from now."""
+        return min(self.deadline, time.monotonic() + 1.0) if self.min_rate else self.deadline
+
+    def check(self, received: int) -> None:
+        """Refuses a body past its deadline, or below the minimum rate once the grace period is over."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise DeadlineExceeded
+        elapsed = now - self.started
+        if self.min_rate and elapsed > BODY_RATE_GRACE and received < self.min_rate * elapsed:
+            raise SlowBody("body arriving at %.0f bytes/s, below --min-body-rate" % (received / elapsed))
+
+
 class ClientStream:
     """Reads from a client socket into a buffer, every read bounded by an absolute deadline; the parsers
     above decide what the bytes mean."""
@@ -3132,34 +3202,53 @@ class ClientStream:
             scanned = len(self.buffer)
             self.buffer += self.recv(deadline)
 
-    def read_exact(self, size: int, deadline: float) -> bytearray:
-        """Reads exactly `size` body bytes, straight into one buffer."""
-        body = bytearray(size)
-        with memoryview(body) as view:
-            have = min(len(self.buffer), size)
-            view[:have] = self.buffer[:have]
-            del self.buffer[:have]
-            while have < size:
-                self._arm(deadline)
-                try:
-                    received = self.sock.recv_into(view[have:], min(size - have, RECV_SIZE))
-                except socket.timeout:
-                    raise DeadlineExceeded from None
-                if not received:
-                    raise ClientGone
-                have += received
+    def read_exact(self, size: int, pace: BodyPace) -> bytearray:
+        """Reads exactly `size` body bytes into one buffer, which grows (with the pace's reservation) only as
+        the bytes arrive: a large Content-Length alone holds no memory."""
+        body = bytearray(min(size, BODY_FIRST_ALLOCATION))
+        have = min(len(self.buffer), size)
+        body[:have] = self.buffer[:have]
+        del self.buffer[:have]
+        pace.arriving(have)
+        while have < size:
+            want = min(size - have, RECV_SIZE)
+            if have + want > len(body):
+                body.extend(bytes(min(size, max(2 * len(body), have + want)) - len(body)))
+            pace.arriving(have + want)
+            self._arm(pace.next_check())
+            try:
+                with memoryview(body) as view:
+                    received = self.sock.recv_into(view[have:have + want], want)
+            except socket.timeout:
+                pace.check(have)
+                continue
+            if not received:
+                raise ClientGone
+            have += received
+            pace.check(have)
         return body
 
-    def read_chunked(self, limit: int, deadline: float, on_growth: Callable[[int], None]) -> bytearray:
-        """Reads a chunked body of at most `limit` bytes; on_growth(size) sees each chunk announced."""
+    def read_chunked(self, limit: int, pace: BodyPace) -> bytearray:
+        """Reads a chunked body of at most `limit` bytes, reserving as the bytes arrive."""
         decoder = ChunkedDecoder(limit)
+        received = 0
         while True:
             used = decoder.feed(self.buffer)
             del self.buffer[:used]
-            on_growth(decoder.announced)
             if decoder.done:
                 return decoder.body
-            self.buffer += self.recv(deadline)
+            pace.arriving(len(decoder.body) + len(self.buffer) + RECV_SIZE)
+            self._arm(pace.next_check())
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                pace.check(received)
+                continue
+            if not data:
+                raise ClientGone
+            received += len(data)
+            self.buffer += data
+            pace.check(received)
 
     def discard(self, deadline: float, most: int) -> None:
         """Reads and drops what the client sends until it closes, `deadline` passes or `most` bytes came."""
@@ -3223,7 +3312,11 @@ class ConnectionHandler:
         self.config = server.config
         self.sock = sock
         self.peer = address[0]
+        # True while no request is being served: in the handshake, the head, or between requests.
         self.idle = True
+        self.idle_since = time.monotonic()
+        # Whether it counts against --max-client-connections.
+        self.counted = False
         self.stream = ClientStream(sock)
 
     # -- connection -----------------------------------------------------------
@@ -3303,13 +3396,13 @@ class ConnectionHandler:
 
     def handle_one_request(self) -> bool:
         """Reads, answers and logs the request whose first bytes arrived; returns whether to keep the connection open."""
-        with self.server.lock:
-            self.idle = False
         exchange = Exchange(self.peer)
         close = True
         try:
             head = self.stream.read_head(exchange.started + self.config.timeout)
             exchange.request = request = parse_request_head(head)
+            with self.server.lock:
+                self.idle = False
             exchange.client = self.server.client_address(self.peer, request)
             exchange.framing = body_framing(request)
             method: Optional[Callable[[Request, Exchange], Response]] = getattr(self, "do_" + request.method, None)
@@ -3343,7 +3436,7 @@ class ConnectionHandler:
             self.server.inflight.release(exchange.reserved)
         self.log_request(exchange, status)
         with self.server.lock:
-            self.idle = True
+            self.idle, self.idle_since = True, time.monotonic()
         if close or self.server.stopping.is_set():
             if exchange.body_pending():
                 self.linger()
@@ -3359,12 +3452,20 @@ class ConnectionHandler:
                                 headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
             exchange.reserved = total
 
-    def authenticate(self, request: Request) -> None:
-        """Refuses the request with 401 unless every configured credential check passes."""
+    def authenticate(self, request: Request, exchange: Exchange) -> None:
+        """Refuses the request with 401 unless every configured credential check passes, or with 429 while
+        its client is braked for failing too often."""
         authenticator = self.server.authenticator
+        brake = self.server.auth_brake
+        wait = brake.retry_after(exchange.client)
+        if wait is not None:
+            self.server.metrics.count("auth_brakes")
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications from this address",
+                            headers=[("Retry-After", str(math.ceil(wait)))])
         refusal = authenticator.check(request.header("authorization"),
                                       request.header(authenticator.header_name or ""), request.query)
         if refusal is not None:
+            brake.failed(exchange.client)
             challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if authenticator.basic else []
             raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
@@ -3379,11 +3480,11 @@ class ConnectionHandler:
             return Response(HTTPStatus.OK, b"ok\n")
         if request.path == METRICS_PATH:
             if not self.config.metrics_public:
-                self.authenticate(request)
+                self.authenticate(request, exchange)
             return Response(HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)])
         if request.path in (STATUS_PATH, STATUS_JSON_PATH):
             if not self.config.status_public:
-                self.authenticate(request)
+                self.authenticate(request, exchange)
             document = self.server.status_document()
             if request.path == STATUS_JSON_PATH:
                 return Response(HTTPStatus.OK, json.dumps(document, indent=1).encode("utf-8"),
@@ -3402,7 +3503,7 @@ class ConnectionHandler:
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
         if config.paths and request.path not in config.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
-        self.authenticate(request)
+        self.authenticate(request, exchange)
         if exchange.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
@@ -3411,8 +3512,6 @@ class ConnectionHandler:
         expect = request.header("expect")
         if expect is not None and expect.lower() != "100-continue":
             raise HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported Expect")
-        if isinstance(exchange.framing, int):
-            self.reserve_inflight(exchange, exchange.framing)
         # RFC 9110 10.1.1: an HTTP/1.0 client does not know 100 Continue, so its expectation is ignored.
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -3430,13 +3529,16 @@ class ConnectionHandler:
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Encoding %r" % encoding[:40])
 
     def read_body(self, exchange: Exchange) -> bytearray:
-        """Reads the whole body under the --timeout deadline."""
-        deadline = time.monotonic() + self.config.timeout
-        if isinstance(exchange.framing, int):
-            body = self.stream.read_exact(exchange.framing, deadline)
-        else:
-            body = self.stream.read_chunked(self.config.max_body_size, deadline,
-                                            lambda size: self.reserve_inflight(exchange, size))
+        """Reads the whole body under the --timeout deadline and --min-body-rate."""
+        pace = BodyPace(time.monotonic() + self.config.timeout, self.config.min_body_rate,
+                        lambda size: self.reserve_inflight(exchange, size))
+        try:
+            if isinstance(exchange.framing, int):
+                body = self.stream.read_exact(exchange.framing, pace)
+            else:
+                body = self.stream.read_chunked(self.config.max_body_size, pace)
+        except SlowBody as exc:
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, str(exc), close=True) from None
         exchange.body_read = True
         exchange.bytes_in = len(body)
         return body
@@ -3544,10 +3646,11 @@ class ConnectionHandler:
         shown = "-"
         if request is not None:
             shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
-        if status >= 400:
-            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream)
         if status == HTTPStatus.UNAUTHORIZED:
             metrics.count("auth_failures")
+        if status >= 400:
+            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream)
+            # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
         method = request.method if request is not None else "-"
@@ -3589,24 +3692,122 @@ class InflightBudget:
 
 
 class RateLimitedLog:
-    """Allows at most one log line per key per interval, so a hostile client cannot flood the log."""
+    """Allows at most one log line per key (a client address) per interval, so no client can flood the log;
+    counts the lines it holds back, for a summary line a minute."""
+
+    MAX_KEYS = 10000
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.last: Dict[str, float] = {}
+        self.suppressed: Dict[str, int] = {}
         self.lock = threading.Lock()
 
     def allow(self, key: str) -> bool:
         """Tells whether a line about `key` may be logged now."""
         now = time.monotonic()
         with self.lock:
-            if len(self.last) > 10000:
+            if len(self.last) > self.MAX_KEYS:
                 self.last = {k: t for k, t in self.last.items() if now - t < self.interval}
             last = self.last.get(key)
             if last is not None and now - last < self.interval:
+                if key in self.suppressed or len(self.suppressed) < self.MAX_KEYS:
+                    self.suppressed[key] = self.suppressed.get(key, 0) + 1
                 return False
             self.last[key] = now
             return True
+
+    def log_summary(self, period: str) -> None:
+        """Logs one line per key whose lines were held back since the last summary (`period` says when)."""
+        with self.lock:
+            suppressed, self.suppressed = self.suppressed, {}
+        for key, count in sorted(suppressed.items(), key=lambda item: -item[1]):
+            log.warning("suppressed %d refusals from %s %s", count, key, period)
+
+class ClientConnections:
+    """Open connections per client address, across every worker: counters in memory mapped before the workers
+    fork, a row per worker so that each writes only its own (no lock between processes); a count sums the rows.
+
+    Addresses share a counter when their hash collides (one in 65,536).
+    """
+
+    SLOTS = 1 << 16
+    COUNTER = struct.Struct("<i")
+
+    def __init__(self, workers: int) -> None:
+        self.memory = mmap.mmap(-1, workers * self.SLOTS * self.COUNTER.size)
+        self.workers = workers
+        # This process's row: set in each worker after the fork.
+        self.row = 0
+        self.lock = threading.Lock()
+
+    def take_row(self, row: int) -> None:
+        """Makes this process worker `row`, starting from zero: a restarted worker's connections died with it."""
+        self.row = row
+        size = self.SLOTS * self.COUNTER.size
+        self.memory[row * size:(row + 1) * size] = bytes(size)
+
+    def _offset(self, row: int, address: str) -> int:
+        return (row * self.SLOTS + (zlib.crc32(address.encode()) & (self.SLOTS - 1))) * self.COUNTER.size
+
+    def count(self, address: str) -> int:
+        """Connections `address` holds open on every worker."""
+        return sum(self.COUNTER.unpack_from(self.memory, self._offset(row, address))[0] for row in range(self.workers))
+
+    def add(self, address: str, delta: int) -> None:
+        """Counts connections of `address` opened (+1) or closed (-1) by this worker."""
+        offset = self._offset(self.row, address)
+        with self.lock:
+            self.COUNTER.pack_into(self.memory, offset, self.COUNTER.unpack_from(self.memory, offset)[0] + delta)
+
+
+class AuthBrake:
+    """Slows password guessing: a client address that fails authentication AUTH_BRAKE_FAILURES times within
+    `seconds` gets 429 with Retry-After, without a credential check, until `seconds` after its last failure.
+
+    Kept per worker process, so with N workers a client can fail up to N times as often before it is braked.
+    """
+
+    MAX_CLIENTS = 10000
+
+    def __init__(self, seconds: float, failures: int = AUTH_BRAKE_FAILURES) -> None:
+        self.seconds = seconds
+        self.failures = failures
+        self.recent: Dict[str, List[float]] = {}
+        self.braked_until: Dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def retry_after(self, client: str) -> Optional[float]:
+        """Seconds until `client` may try credentials again; None when it is not braked."""
+        with self.lock:
+            until = self.braked_until.get(client)
+            if until is None:
+                return None
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                del self.braked_until[client]
+                return None
+            return remaining
+
+    def failed(self, client: str) -> None:
+        """Counts a failed authentication of `client`, braking it at the limit."""
+        if not self.seconds:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if len(self.recent) > self.MAX_CLIENTS:
+                self.recent = {key: times for key, times in self.recent.items() if now - times[-1] < self.seconds}
+            times = [moment for moment in self.recent.get(client, []) if now - moment < self.seconds] + [now]
+            if len(times) >= self.failures:
+                self.recent.pop(client, None)
+                if len(self.braked_until) > self.MAX_CLIENTS:
+                    self.braked_until = {key: until for key, until in self.braked_until.items() if until > now}
+                self.braked_until[client] = now + self.seconds
+                log.warning("authentication brake on %s: %d failures within %gs; 429 for the next %gs",
+                            client, len(times), self.seconds, self.seconds)
+            else:
+                self.recent[client] = times
+
 
 class IdleConnections:
     """Keep-alive connections waiting for their next request, watched by one thread instead of a thread each.
@@ -3671,7 +3872,8 @@ class ReceiverServer:
 
     def __init__(self, config: argparse.Namespace, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 streams: StreamCatalog, merged_metrics: Optional[Callable[[], Snapshot]] = None) -> None:
+                 streams: StreamCatalog, merged_metrics: Optional[Callable[[], Snapshot]] = None,
+                 client_connections: Optional[ClientConnections] = None) -> None:
         self.config = config
         # With workers: the metrics of all of them, summed.
         self.merged_metrics = merged_metrics
@@ -3684,6 +3886,8 @@ class ReceiverServer:
         self.metrics = Metrics()
         self.started = time.time()
         self.noisy_log = RateLimitedLog()
+        self.auth_brake = AuthBrake(config.auth_brake)
+        self.client_connections = client_connections or ClientConnections(1)
         self.connections: Set[ConnectionHandler] = set()
         self.lock = threading.Lock()
         self.all_closed = threading.Condition(self.lock)
@@ -3787,12 +3991,9 @@ class ReceiverServer:
     def client_address(self, peer: str, request: Request) -> str:
         """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted proxy."""
         forwarded = request.header("x-forwarded-for")
-        if not forwarded or not self.config.trusted_proxy:
+        if not forwarded or not self.is_trusted_proxy(peer):
             return peer
         try:
-            peer_ip = ipaddress.ip_address(peer)
-            if not any(peer_ip in network for network in self.config.trusted_proxy):
-                return peer
             return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
         except ValueError:
             return peer
@@ -3801,11 +4002,12 @@ class ReceiverServer:
         """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate files."""
         self.listener.setblocking(False)
         next_check = time.monotonic() + self.config.cert_check_interval
+        next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             selector.register(signals.wake_pipe.reader, selectors.EVENT_READ)
             while signals.stop_signal is None:
-                for key, _ in selector.select(max(0.0, next_check - time.monotonic())):
+                for key, _ in selector.select(max(0.0, min(next_check, next_summary) - time.monotonic())):
                     if key.fileobj is signals.wake_pipe.reader:
                         signals.wake_pipe.drain()
                     else:
@@ -3815,6 +4017,9 @@ class ReceiverServer:
                 if self.certificates is not None and time.monotonic() >= next_check:
                     self.certificates.reload_if_changed()
                     next_check = time.monotonic() + self.config.cert_check_interval
+                if time.monotonic() >= next_summary:
+                    self.noisy_log.log_summary("in the last minute")
+                    next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
 
     def accept_pending(self) -> None:
         """Accepts every pending connection, closing those beyond --max-connections."""
@@ -3827,13 +4032,28 @@ class ReceiverServer:
                 # EMFILE and friends: keep serving the connections we have.
                 log.warning("accept failed: %s", describe_os_error(exc))
                 return
+            peer = address[0]
+            limited = bool(self.config.max_client_connections) and not self.is_trusted_proxy(peer)
             with self.lock:
                 full = len(self.connections) >= self.config.max_connections
-                if not full:
+                crowded = limited and not full and (self.client_connections.count(peer)
+                                                    >= self.config.max_client_connections)
+                if not full and not crowded:
                     handler = self.handler_class(self, sock, address)
+                    handler.counted = limited
                     self.connections.add(handler)
-            if full:
+                    if limited:
+                        self.client_connections.add(peer, 1)
+                    # Near the cap, room for a new uploader comes from connections that are not serving a request.
+                    if len(self.connections) >= EVICT_AT * self.config.max_connections:
+                        self.evict_waiting(len(self.connections) - int(EVICT_AT * self.config.max_connections) + 1,
+                                           handler)
+            if full or crowded:
                 sock.close()
+                self.metrics.count("connections_refused")
+                if self.noisy_log.allow(peer):
+                    log.warning("closed a connection from %s: %s", peer, "the server is full" if full else
+                                "it holds --max-client-connections already")
                 continue
             sock.setblocking(True)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -3848,9 +4068,29 @@ class ReceiverServer:
             log.warning("cannot start a thread for a connection from %s; closing it", handler.peer)
             handler.close()
 
+    def evict_waiting(self, count: int, newcomer: ConnectionHandler) -> None:
+        """Closes the `count` oldest connections, other than the newcomer they make room for, that are not
+        serving a request: still in their handshake or head, or idle between requests (call with the lock)."""
+        waiting = sorted((handler for handler in self.connections if handler.idle and handler is not newcomer),
+                         key=lambda h: h.idle_since)
+        for handler in waiting[:count]:
+            handler.interrupt_if_idle()
+        if waiting[:count]:
+            self.metrics.count("connections_evicted", len(waiting[:count]))
+
+    def is_trusted_proxy(self, peer: str) -> bool:
+        """Tells whether `peer` is a --trusted-proxy, whose connections carry many clients."""
+        try:
+            peer_ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(peer_ip in network for network in self.config.trusted_proxy)
+
     def connection_finished(self, handler: ConnectionHandler) -> None:
         """Forgets a closed connection."""
         with self.lock:
+            if handler in self.connections and handler.counted:
+                self.client_connections.add(handler.peer, -1)
             self.connections.discard(handler)
             if not self.connections:
                 self.all_closed.notify_all()
@@ -4523,13 +4763,14 @@ def prepare_output(layout: Layout, dedupe_window: float,
 def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: socket.socket,
                         certificates: Optional[CertificateSource], authenticator: Authenticator,
                         streams: StreamCatalog, signals: SignalFlags, dedupe: Optional[DedupeWindow],
-                        supervisor: Optional[SupervisorClient] = None) -> int:
+                        supervisor: Optional[SupervisorClient] = None,
+                        client_connections: Optional[ClientConnections] = None) -> int:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns 0."""
     storage = Storage(layout, config.fsync, config.max_file_size or 0, dedupe)
     housekeeper = Housekeeper(layout, storage, config.compress_rotated, config.retention_days or 0,
                               config.dedupe_window)
     server = ReceiverServer(config, listener, certificates, authenticator, storage, streams,
-                            supervisor.metrics if supervisor is not None else None)
+                            supervisor.metrics if supervisor is not None else None, client_connections)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
     storage.start()
@@ -4538,6 +4779,7 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
     log.info("received signal %d: finishing in-flight requests (up to %gs)", signals.stop_signal or 0,
              config.shutdown_timeout)
     finished = server.shutdown(config.shutdown_timeout)
+    server.noisy_log.log_summary("since the last summary (stopping)")
     housekeeper.stop()
     storage.close()
     if not finished:
@@ -4548,13 +4790,15 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
 
 def run_worker(config: argparse.Namespace, index: int, listener: socket.socket, control: socket.socket,
                layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator,
-               streams: StreamCatalog) -> int:
+               streams: StreamCatalog, client_connections: ClientConnections) -> int:
     """The body of worker process `index`: its own files, the supervisor's dedupe window."""
     signals = SignalFlags()
     signals.install()
     supervisor = SupervisorClient(control)
+    client_connections.take_row(index)
     return serve_until_stopped(config, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
-                               streams, signals, supervisor if config.dedupe_window else None, supervisor)
+                               streams, signals, supervisor if config.dedupe_window else None, supervisor,
+                               client_connections)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4602,9 +4846,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     startup = Housekeeper(layout, compress=config.compress_rotated)
     startup.queue_finished_files(own_only=False)
     startup.compress_finished()
+    client_connections = ClientConnections(config.workers)
     supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0),
                             lambda index, listener, control: run_worker(config, index, listener, control, layout,
-                                                                        certificates, authenticator, streams))
+                                                                        certificates, authenticator, streams,
+                                                                        client_connections))
     return supervisor.run(signals)
 
 

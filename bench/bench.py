@@ -308,9 +308,10 @@ def hold_idle(port: int, cert: str, count: int, ready: multiprocessing.Queue[int
     """Scenario D's idle clients: each makes one request, sits idle, and must still be answered at the end."""
     context = client_context(Path(cert))
     held = []
-    for _ in range(count):
-        sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30),
-                                   server_hostname="localhost")
+    for index in range(count):
+        # Many uploaders, a few connections each (as --max-client-connections expects): 50 source addresses.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=("127.0.0.%d" % (10 + index % 50), 0))
+        sock = context.wrap_socket(raw, server_hostname="localhost")
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         sock.recv(4096)
         held.append(sock)

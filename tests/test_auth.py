@@ -186,7 +186,7 @@ def test_no_authentication_logs_a_warning(server: ServerProcess) -> None:
 
 def test_auth_failures_are_logged_at_most_once_per_client_per_second(
         start_server: Callable[..., ServerProcess]) -> None:
-    server = start_server(env={"DSRECEIVER_BASIC_AUTH": "u:p"})
+    server = start_server("--auth-brake", "0", env={"DSRECEIVER_BASIC_AUTH": "u:p"})
     started = time.monotonic()
     with server.simulator() as ds:
         for _ in range(30):

@@ -59,10 +59,11 @@ def test_reading_a_request_from_a_socket_only_ends_in_expected_ways(stream: Tupl
                 return
             request = dsreceiver.parse_request_head(reader.read_head(deadline))
             framing = dsreceiver.body_framing(request)
+            pace = dsreceiver.BodyPace(deadline, 4096, lambda size: None)
             if framing == "chunked":
-                reader.read_chunked(4096, deadline, lambda size: None)
+                reader.read_chunked(4096, pace)
             elif isinstance(framing, int) and framing <= 4096:
-                assert len(reader.read_exact(framing, deadline)) == framing
+                assert len(reader.read_exact(framing, pace)) == framing
         except (dsreceiver.HTTPError, dsreceiver.ClientGone):
             pass
     finally:

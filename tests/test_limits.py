@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import ssl
@@ -176,7 +177,7 @@ def test_trickled_handshake_is_cut_off_at_the_deadline(start_server: Callable[..
 
 @pytest.mark.slow
 def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[..., ServerProcess]) -> None:
-    server = start_server("--timeout", "60")
+    server = start_server("--timeout", "60", "--max-client-connections", "0")  # one address, 500 connections
 
     def push_seconds(batch_id: str) -> float:
         batch = make_batch(batch_id, count=200)
@@ -228,11 +229,14 @@ def kept_alive(server: ServerProcess, count: int) -> List[ssl.SSLSocket]:
 
 def test_connections_beyond_the_limit_are_closed_at_once(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--max-connections", "4")
-    held = kept_alive(server, 4)
-    try:
+    with contextlib.ExitStack() as stack:
+        # Four pushes under way (heads answered 100 Continue, bodies held back): busy, so none is evicted.
+        busy = [stack.enter_context(push_held_after_continue(server, 2)) for _ in range(4)]
         with socket.create_connection(("127.0.0.1", server.port), timeout=15) as extra:
             assert read_until_close(extra) == b""
-        held.pop().close()
+        busy[0].sendall(b"a\n")
+        assert status_of(busy[0].recv(4096)) == 200
+        busy[0].close()
 
         def served() -> bool:
             try:
@@ -242,19 +246,16 @@ def test_connections_beyond_the_limit_are_closed_at_once(start_server: Callable[
             return response.startswith(b"HTTP/1.1 200")
 
         wait_until(served, what="a slot to free up")
-    finally:
-        for sock in held:
-            sock.close()
-
 
 def test_bytes_in_flight_beyond_the_limit_get_503(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--max-inflight-bytes", "1M")
     first = b"a" * (900 << 10) + b"\n"
-    with push_held_after_continue(server, len(first)) as holder:  # its 900K are now reserved
-        refused = server.exchange(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(first))
-        assert status_of(refused) == 503
-        assert b"Retry-After: " in refused
-        holder.sendall(first)
+    with push_held_after_continue(server, len(first)) as holder:
+        holder.sendall(first[:-1])  # 900K arrived and are held: they count against the budget
+        wait_until(lambda: status_of(server.exchange(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n"
+                                                     b"\r\n%s" % (len(first), first))) == 503,
+                   what="a second 900K push to be refused while the first is held")
+        holder.sendall(first[-1:])
         assert status_of(holder.recv(4096)) == 200
     second = b"b" * (900 << 10) + b"\n"
     with server.simulator() as ds:

@@ -142,7 +142,10 @@ def test_corrupt_gzip_is_400_and_stores_nothing(server: ServerProcess) -> None:
         assert ds.request("POST", bytes(compressed), {"Content-Encoding": "gzip"}).status == 400
         assert ds.request("POST", bytes(compressed[:-20]), {"Content-Encoding": "gzip"}).status == 400
         assert ds.request("POST", b"not gzip at all\n", {"Content-Encoding": "gzip"}).status == 400
-    server.wait_for_log(r"POST /datastream 400 .*gzip", count=3)
+        refusals = json.loads(ds.request("GET", path="/status.json").body)["refusals"]
+    # Each is recorded with its reason; the log shows the first (one refusal line per client a second).
+    assert [(r["status"], "gzip" in r["reason"]) for r in refusals] == [(400, True)] * 3
+    server.wait_for_log(r"POST /datastream 400 .*gzip")
     assert server.stored_bytes() == b""
 
 
