@@ -24,10 +24,10 @@ names derived from URL paths are sanitised so nothing is written outside
 --output-dir.
 
 Map: the sections below, in dependency order (each uses only those above it):
-    configuration and command line . shared tools . metrics . TLS . authentication .
-    body decoding . retry dedup . storage: layout, writing, recovery, housekeeping .
-    HTTP parsing (sans-IO) . HTTP handler . server . workers . endpoint checker .
-    lifecycle and signals . main()
+    configuration and command line . shared tools . metrics . status page . TLS .
+    authentication . body decoding . DataStream streams . retry dedup . storage: layout,
+    writing, recovery, housekeeping . HTTP parsing (sans-IO) . HTTP handler . server .
+    workers . endpoint checker . lifecycle and signals . main()
 
 One push through them:
     accept        ReceiverServer.accept_pending: a thread per connection
@@ -36,6 +36,7 @@ One push through them:
     auth          ConnectionHandler.authenticate (before any 100 Continue)
     body          ClientStream.read_exact, or read_chunked fed through ChunkedDecoder
     decode        decode_push: gunzip, line normalisation, the batch digest
+    classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
     store         Storage.store: dedupe claim, DataFile.append of records + batch index entry
     fsync         DataFile.sync_through: one fdatasync pair shared by concurrent pushes
     200           ConnectionHandler.write_response
@@ -1670,12 +1671,11 @@ class StreamDefinition(NamedTuple):
     version: Optional[str]
     fields: Tuple[str, ...]
     delimiter: bytes
-    source: str
     # deliveryConfiguration.frequency.intervalInSeconds: how often each uploader pushes, when given.
     interval: Optional[int] = None
 
 
-def parse_stream_definition(document: object, source: str) -> StreamDefinition:
+def parse_stream_definition(document: object) -> StreamDefinition:
     """Reads a stream definition: the JSON DataStream's API returns for "get a stream", or the short form
     {"streamId": 61234, "fields": ["cp", "reqId", ...]}.  Raises ValueError saying what is wrong."""
     if not isinstance(document, dict):
@@ -1715,7 +1715,7 @@ def parse_stream_definition(document: object, source: str) -> StreamDefinition:
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0):
         raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r" % (interval,))
     return StreamDefinition(str(stream_id), None if version is None else str(version), tuple(fields),
-                            FIELD_DELIMITERS[delimiter], source, interval)
+                            FIELD_DELIMITERS[delimiter], interval)
 
 
 def load_stream_definitions(path: Path) -> List[StreamDefinition]:
@@ -1732,7 +1732,7 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
         try:
             document = json.loads(text)
             for item in document if isinstance(document, list) else [document]:
-                definition = parse_stream_definition(item, str(file))
+                definition = parse_stream_definition(item)
                 key = (definition.stream_id, definition.version)
                 if key in seen:
                     raise ValueError("stream %s version %s is defined in %s already"
@@ -2200,11 +2200,6 @@ class Layout:
     def folder_of(self, data_path: Path) -> str:
         """The folder of a data file, relative to the output folder ('' for the root)."""
         return data_path.parent.relative_to(self.root).as_posix().strip(".")
-
-    def owns(self, path: Path, tag: Optional[str] = None) -> bool:
-        """Tells whether a data file carries this layout's worker tag (or `tag`)."""
-        name = self.parse(path.name)
-        return name is not None and name.tag == (self.tag if tag is None else tag)
 
     def index_path(self, data_path: Path) -> Path:
         """Where the batch index of a data file lives."""

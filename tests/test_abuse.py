@@ -15,6 +15,8 @@ import select
 import threading
 from typing import Callable, List
 
+import pytest
+
 from conftest import ServerProcess, wait_until
 from simulator import batch_of_lines, sample_lines
 from test_metrics import parse_prometheus, value
@@ -68,6 +70,11 @@ def attacker_socket(server: ServerProcess) -> ssl.SSLSocket:
     return server.client_context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
+def attacker_log_lines(server: ServerProcess) -> int:
+    """How many log lines the attacker's address caused."""
+    return sum("127.0.0.2" in line for line in server.log_text().splitlines())
+
+
 def scrape(server: ServerProcess) -> str:
     with server.simulator(headers=GOOD) as ds:
         return ds.request("GET", path="/metrics").body.decode()
@@ -101,6 +108,7 @@ def test_a_refusal_flood_keeps_the_log_bounded(start_server: Callable[..., Serve
     assert int(summary.group(1)) + logged == 8 * per_connection
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 def test_a_credential_holder_sending_no_body_cannot_starve_pushes(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--workers", "2", env=CREDENTIALS)
     declared = 64 << 20  # 8 x 64 MiB is twice the default --max-inflight-bytes, and would be 512 MiB of buffers
@@ -124,8 +132,10 @@ def test_a_credential_holder_sending_no_body_cannot_starve_pushes(start_server: 
     samples = parse_prometheus(scrape(server))[0]
     answered = {labels["status"] for name, labels, _ in samples if name == "dsreceiver_requests_total"}
     assert "503" not in answered and "408" in answered
+    assert attacker_log_lines(server) <= 8
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 def test_password_guessing_is_braked_for_that_address_only(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--auth-brake", "3", env=CREDENTIALS)
     statuses = []
@@ -141,6 +151,7 @@ def test_password_guessing_is_braked_for_that_address_only(start_server: Callabl
         wait_until(lambda: guesser.request("POST", b'{"after":"brake"}\n', GOOD).status == 200, timeout=30,
                    what="the brake to lift")
     server.wait_for_log(r"authentication brake on 127\.0\.0\.2: 10 failures within 3s")
+    assert attacker_log_lines(server) < 15  # 15 refusals in about a second: a few lines, not one each
     samples = parse_prometheus(scrape(server))[0]
     assert value(samples, "dsreceiver_auth_brakes_total") >= 5
 
@@ -165,6 +176,7 @@ def test_one_address_cannot_take_every_connection_slot(start_server: Callable[..
         for sock in crowd:
             sock.close()
     server.wait_for_log(r"closed a connection from 127\.0\.0\.2: it holds --max-client-connections already")
+    assert attacker_log_lines(server) < 30  # one line a second at most, not one per refused connection
 
 
 def test_new_uploaders_get_in_while_idle_connections_fill_the_server(
@@ -185,3 +197,4 @@ def test_new_uploaders_get_in_while_idle_connections_fill_the_server(
             sock.close()
     samples = parse_prometheus(scrape(server))[0]
     assert value(samples, "dsreceiver_connections_evicted_total") >= 20
+    assert attacker_log_lines(server) < 30

@@ -132,6 +132,7 @@ def silent_tls_server(ca: trustme.CA) -> Iterator[int]:
     listener.close()
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 def test_no_answer_in_time_fails(silent_tls_server: int, ca_file: Path) -> None:
     result = run_check("https://localhost:%d/ds" % silent_tls_server, "--ca", str(ca_file), "--timeout", "1")
     assert result.returncode == 1

@@ -162,6 +162,7 @@ class PowerLossDisk:
             copy.write_bytes(data[:durable + rng.randint(0, len(data) - durable)])
 
 
+@pytest.mark.slow  # eight power cuts with thousands of batches: seconds of CPU
 def test_power_loss_keeps_every_acknowledged_batch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(7)
     root = tmp_path / "live"

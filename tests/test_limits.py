@@ -124,6 +124,7 @@ def trickle(sock: socket.socket, data: bytes, interval: float, stop: threading.E
             return
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 @pytest.mark.parametrize("phase", ["head", "body"])
 def test_trickling_client_is_cut_off_at_the_deadline(start_server: Callable[..., ServerProcess], phase: str) -> None:
     server = start_server("--timeout", "2")
@@ -158,6 +159,7 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 def test_trickled_handshake_is_cut_off_at_the_deadline(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--timeout", "2")
     stop = threading.Event()
@@ -320,6 +322,7 @@ def test_idle_keep_alive_connections_give_up_their_threads_and_still_answer(serv
             sock.close()
 
 
+@pytest.mark.slow  # waits out a real deadline or grace period
 @pytest.mark.parametrize("requests_first", [0, 1])
 def test_idle_deadlines_close_connections_quietly(start_server: Callable[..., ServerProcess],
                                                   requests_first: int) -> None:

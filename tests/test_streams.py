@@ -38,7 +38,7 @@ def stream_files(server: ServerProcess) -> Dict[str, List[bytes]]:
 
 
 def test_the_api_definition_is_read_in_log_order() -> None:
-    definition = dsreceiver.parse_stream_definition(json.loads(SAMPLE_DEFINITION.read_text()), "api.json")
+    definition = dsreceiver.parse_stream_definition(json.loads(SAMPLE_DEFINITION.read_text()))
     assert (definition.stream_id, definition.version, definition.delimiter) == ("61234", "4", b" ")
     assert definition.fields[:3] == ("cp", "reqId", "reqTimeSec") and len(definition.fields) == 43
 
@@ -62,18 +62,18 @@ def test_the_api_definition_is_read_in_log_order() -> None:
 ])
 def test_broken_definitions_say_what_is_wrong(document: object, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        dsreceiver.parse_stream_definition(document, "x.json")
+        dsreceiver.parse_stream_definition(document)
 
 
 def test_sample_structured_records_become_exactly_the_sample_json_records() -> None:
-    definition = dsreceiver.parse_stream_definition(json.loads(SAMPLE_DEFINITION.read_text()), "api.json")
+    definition = dsreceiver.parse_stream_definition(json.loads(SAMPLE_DEFINITION.read_text()))
     converter = dsreceiver.StructuredConverter(definition)
     converted = [converter.convert(line.split(b" ")) for line in sample_lines("structured")]
     assert converted == sample_lines("json")
 
 
 def test_conversion_escapes_every_byte_json_needs_escaped() -> None:
-    converter = dsreceiver.StructuredConverter(dsreceiver.StreamDefinition("1", None, ("a", "b", "c"), b"\t", "x"))
+    converter = dsreceiver.StructuredConverter(dsreceiver.StreamDefinition("1", None, ("a", "b", "c"), b"\t"))
     line = b'4\t1\tsay "hi"\\there\tcaf\xc3\xa9 \x01\x1f\x7f\t-'
     converted = converter.convert_escaping(line.split(b"\t"))
     assert converted is not None
