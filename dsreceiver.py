@@ -723,12 +723,15 @@ class Metrics:
         with self.lock:
             self.storage_error = [time.time(), reason]
 
-    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram) -> Snapshot:
-        """Everything /metrics, /healthz and the status page show, as plain data that workers can send and merge()."""
+    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram, with_streams: bool = True) -> Snapshot:
+        """Everything /metrics, /healthz and the status page show, as plain data that workers can send and merge();
+        without `with_streams`, the per-stream part (the bulk of it) is left empty, as /healthz needs none."""
+        now = time.time()
         with self.lock:
+            streams = self.streams if with_streams else {}
             snapshot: Snapshot = {"values": dict(self.values), "last_push": dict(self.last_push),
                                   "requests": {str(status): n for status, n in self.requests.items()},
-                                  "streams": {stream: copy_stream_stats(stats) for stream, stats in self.streams.items()},
+                                  "streams": {stream: copy_stream_stats(stats, now) for stream, stats in streams.items()},
                                   "written": dict(self.written), "refusals": [list(r) for r in self.refusals],
                                   "last_success": self.last_success, "streak_start": self.streak_start,
                                   "storage_error": self.storage_error}
@@ -855,9 +858,10 @@ def new_stream_stats() -> Dict[str, Any]:
             "uploaders": {}, "minutes": {}, "dedupe_hits": 0, "refusals": {}}
 
 
-def copy_stream_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
-    """A copy of a stream's stats that later counting does not change."""
-    return dict(stats, uploaders=dict(stats["uploaders"]), refusals=dict(stats["refusals"]),
+def copy_stream_stats(stats: Dict[str, Any], now: float) -> Dict[str, Any]:
+    """A copy of a stream's stats that later counting does not change (uploaders: those of the window only)."""
+    return dict(stats, refusals=dict(stats["refusals"]),
+                uploaders={address: seen for address, seen in stats["uploaders"].items() if now - seen < UPLOADER_WINDOW},
                 minutes={minute: list(counts) for minute, counts in stats["minutes"].items()})
 
 
@@ -3867,7 +3871,7 @@ class ReceiverServer:
 
     def __init__(self, config: argparse.Namespace, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 streams: StreamCatalog, merged_metrics: Optional[Callable[[], Snapshot]] = None,
+                 streams: StreamCatalog, merged_metrics: Optional[Callable[[bool], Snapshot]] = None,
                  client_connections: Optional[ClientConnections] = None) -> None:
         self.config = config
         # With workers: the metrics of all of them, summed.
@@ -3889,11 +3893,11 @@ class ReceiverServer:
         self.stopping = threading.Event()
         self.idle = IdleConnections(self)
 
-    def merged_snapshot(self) -> Snapshot:
+    def merged_snapshot(self, with_streams: bool = True) -> Snapshot:
         """The metrics of every worker (of this process alone without workers), merged."""
         if self.merged_metrics is not None:
-            return self.merged_metrics()
-        return Metrics.merge([self.metrics_snapshot()])
+            return self.merged_metrics(with_streams)
+        return Metrics.merge([self.metrics_snapshot(with_streams)])
 
     def status_document(self) -> Dict[str, Any]:
         """What /status and /status.json show: every worker's view merged, and this server's facts."""
@@ -3957,15 +3961,15 @@ class ReceiverServer:
 
     def health(self) -> Optional[str]:
         """Why storage fails: a worker's store failed recently and none succeeded since, or the probe fails."""
-        return Metrics.storage_failure(self.merged_snapshot(), time.time()) or self.storage.probe()
+        return Metrics.storage_failure(self.merged_snapshot(with_streams=False), time.time()) or self.storage.probe()
 
-    def metrics_snapshot(self) -> Snapshot:
+    def metrics_snapshot(self, with_streams: bool = True) -> Snapshot:
         """This process's metrics as plain data."""
         with self.lock:
             open_connections = len(self.connections)
         gauges = {"open_connections": open_connections, "inflight_bytes": self.inflight.used,
                   "start_time_seconds": self.started}
-        return self.metrics.snapshot(gauges, self.storage.fsync_seconds)
+        return self.metrics.snapshot(gauges, self.storage.fsync_seconds, with_streams)
 
     def render_metrics(self) -> bytes:
         """The /metrics document: summed over every worker when there are several."""
@@ -4143,9 +4147,11 @@ class Release(NamedTuple):
 
 
 class MetricsRequest(NamedTuple):
-    """Worker to supervisor: the metrics of every worker, please.  Answered by MetricsAnswer."""
+    """Worker to supervisor: the metrics of every worker (with their per-stream part or not), please.
+    Answered by MetricsAnswer."""
 
     id: int
+    with_streams: bool
 
 
 class MetricsAnswer(NamedTuple):
@@ -4159,6 +4165,7 @@ class SnapshotRequest(NamedTuple):
     """Supervisor to worker: your metrics, for gathering `id`.  Answered by SnapshotAnswer."""
 
     id: int
+    with_streams: bool
 
 
 class SnapshotAnswer(NamedTuple):
@@ -4209,11 +4216,11 @@ class SupervisorClient:
         self.last_id = 0
         self.gone = False
 
-    def start(self, snapshot: Callable[[], Snapshot]) -> None:
+    def start(self, snapshot: Callable[[bool], Snapshot]) -> None:
         """Starts reading the supervisor's messages, answering its requests for metrics with `snapshot()`."""
         threading.Thread(target=self._read, args=(snapshot,), name="supervisor-link", daemon=True).start()
 
-    def _read(self, snapshot: Callable[[], Snapshot]) -> None:
+    def _read(self, snapshot: Callable[[bool], Snapshot]) -> None:
         while True:
             try:
                 data = self.channel.sock.recv(65536)
@@ -4223,7 +4230,7 @@ class SupervisorClient:
                 break
             for message in self.channel.feed(data):
                 if isinstance(message, SnapshotRequest):
-                    self.channel.send(SnapshotAnswer(message.id, snapshot()))
+                    self.channel.send(SnapshotAnswer(message.id, snapshot(message.with_streams)))
                 elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
                     with self.arrived:
                         self.replies[message.id] = message
@@ -4265,9 +4272,9 @@ class SupervisorClient:
         """DedupeWindow.release()."""
         self.channel.send(Release(key))
 
-    def metrics(self) -> Snapshot:
+    def metrics(self, with_streams: bool = True) -> Snapshot:
         """The metrics of every worker, summed."""
-        answer = self._call(MetricsRequest)
+        answer = self._call(lambda request_id: MetricsRequest(request_id, with_streams))
         assert isinstance(answer, MetricsAnswer)
         return answer.snapshot
 
@@ -4448,7 +4455,7 @@ class Supervisor:
             self.last_gathering += 1
             self.gatherings[self.last_gathering] = MetricsGathering(index, message.id, self.workers)
             for worker in list(self.workers):
-                self.send(worker, SnapshotRequest(self.last_gathering))
+                self.send(worker, SnapshotRequest(self.last_gathering, message.with_streams))
         elif isinstance(message, SnapshotAnswer):
             gathering = self.gatherings.get(message.id)
             if gathering is not None:
