@@ -32,9 +32,9 @@ Map: the sections below, in dependency order (each uses only those above it):
 One push through them:
     accept        ReceiverServer.accept_pending: a thread per connection
     handshake     ConnectionHandler.handshake: TLS, under the --timeout deadline
-    head          ClientStream.read_head -> parse_request_head, body_framing
+    head          ClientReader.read_head -> parse_request_head, body_framing
     auth          ConnectionHandler.authenticate (before any 100 Continue)
-    body          ClientStream.read_exact, or read_chunked fed through ChunkedDecoder
+    body          ClientReader.read_exact, or read_chunked fed through ChunkedDecoder
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
     store         Storage.store: dedupe claim, DataFile.append of records + batch index entry
@@ -49,6 +49,7 @@ import argparse
 import base64
 import binascii
 import email.utils
+import enum
 import functools
 import gzip
 import hashlib
@@ -76,10 +77,11 @@ import time
 import urllib.parse
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Protocol,
-                    Sequence, Set, Tuple, Union)
+                    Sequence, Set, Tuple, TypeVar, Union)
 __version__ = "0.1.0"
 
 log = logging.getLogger("dsreceiver")
@@ -87,6 +89,7 @@ log = logging.getLogger("dsreceiver")
 Buffer = Union[bytes, bytearray, memoryview]
 Bytes = Union[bytes, bytearray]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+T = TypeVar("T")
 
 DEFAULT_PORT = 8443
 DEFAULT_CERTS_DIR = "certs"
@@ -99,15 +102,6 @@ METRICS_PATH = "/metrics"
 STATUS_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Distinct paths (and streams) given their own series; more would let a client grow /metrics without bound.
-MAX_PATH_LABELS = 100
-MAX_STREAM_LABELS = 100
-# Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of them.
-UPLOADER_WINDOW = 600.0
-MAX_UPLOADERS = 4096
-# The status page's history: records per minute over the last hour, and the last refusals.
-HISTORY_MINUTES = 60
-MAX_REFUSALS = 20
 PUSH_METHODS = ("POST", "PUT")
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
 RETRY_AFTER_SECONDS = 10
@@ -135,7 +129,7 @@ BODY_RATE_GRACE = 5.0
 # Threads mostly wait in recv(); a small stack keeps thousands of idle
 # keep-alive connections cheap.
 THREAD_STACK_SIZE = 512 * 1024
-# A connection waiting this long for its next request gives up its thread (see IdleConnections).
+# A connection waiting this long for its next request gives up its thread (see ParkedConnections).
 IDLE_PARK_AFTER = 1.0
 HOUSEKEEPING_INTERVAL = 1.0
 # How often the lines that the per-client log limit held back are summed up, one line per client.
@@ -147,16 +141,11 @@ AUTH_BRAKE_FAILURES = 10
 RETENTION_INTERVAL = 60.0
 # /healthz writes this much (then discards it) to prove the disk takes data.
 HEALTH_PROBE_SIZE = 65536
-# A push that failed this recently keeps /healthz failing even if the probe passes.
-HEALTH_FAILURE_MEMORY = 10.0
 CERT_EXPIRY_WARNING_DAYS = 14
 X509_V_ERR_HOSTNAME_MISMATCH = 62
 # A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its records.
 BATCH_ENTRY = struct.Struct("<Qd32s")
 NO_DIGEST = bytes(32)
-GAUGES = (("open_connections", "Client connections open now."),
-          ("inflight_bytes", "Body bytes being received or stored now."),
-          ("start_time_seconds", "Unix time the server started."))
 # glibc mallopt(): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX.
 MALLOC_SETTINGS = ((-1, 32 << 20), (-3, 16 << 20), (-8, 2))
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -165,7 +154,6 @@ CRASH_LOOP_RESTARTS = 5
 CRASH_LOOP_WINDOW = 60.0
 # zlib level for pushes compressed here with --store gzip: fast, still about 8x smaller for log lines.
 STORE_GZIP_LEVEL = 1
-FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LISTEN_BACKLOG = 1024
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 1 << 20
@@ -225,6 +213,10 @@ JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
 # ---------------------------------------------------------------------------
 # Configuration and command line
 # ---------------------------------------------------------------------------
+
+# Headers that carry HTTP itself, which --auth-header cannot name.
+RESERVED_HEADERS = ("authorization", "host", "content-length", "transfer-encoding")
+
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line, exit code 2."""
@@ -479,29 +471,119 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_config(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parses and cross-checks the command line; raises ConfigError for bad combinations."""
-    config = build_parser().parse_args(argv)
-    if (config.cert is None) != (config.key is None):
-        raise ConfigError("--cert and --key go together")
-    if config.http and (config.cert or config.key or config.client_ca):
-        raise ConfigError("--http serves plain HTTP: drop --cert, --key and --client-ca")
-    if config.auth_header is not None and not HEADER_NAME_RE.fullmatch(config.auth_header):
-        raise ConfigError("--auth-header must be letters, digits, '-' or '_': %r" % config.auth_header)
-    if config.auth_header is not None and config.auth_header.lower() in ("authorization", "host",
-                                                                       "content-length",
-                                                                       "transfer-encoding"):
-        raise ConfigError("--auth-header cannot be %r" % config.auth_header)
-    if config.group and not config.user:
-        raise ConfigError("--group goes with --user")
-    if config.records == "json" and config.stream_config is None:
-        raise ConfigError("--records json needs --stream-config: the field names of STRUCTURED records")
-    if config.host is None:
-        config.host = "127.0.0.1" if config.http else "0.0.0.0"
-    if config.workers is None:
-        config.workers = os.cpu_count() or 1
-    return config
+@dataclass(frozen=True)
+class CredentialSettings:
+    """Where the accepted credentials come from: what the server and the check command share."""
 
+    basic_auth_file: Optional[Path] = None
+    auth_header: Optional[str] = None
+    auth_header_file: Optional[Path] = None
+    auth_query_param: Optional[str] = None
+    auth_query_file: Optional[Path] = None
+    client_ca: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server's configuration, checked and complete: built once from the command line, read-only."""
+
+    host: str
+    port: int
+    http: bool
+    trusted_proxy: Tuple[IPNetwork, ...]
+    cert: Optional[Path]
+    key: Optional[Path]
+    certs_dir: Path
+    hostname: Optional[str]
+    client_ca: Optional[Path]
+    cert_check_interval: float
+    basic_auth_file: Optional[Path]
+    auth_header: Optional[str]
+    auth_header_file: Optional[Path]
+    auth_query_param: Optional[str]
+    auth_query_file: Optional[Path]
+    auth_brake: float
+    paths: Tuple[str, ...]
+    output_dir: Path
+    route_by_path: bool
+    partition_by_stream: bool
+    stream_config: Optional[Path]
+    records_as_json: bool
+    fsync: str
+    store_gzip: bool
+    rotate: str
+    max_file_size: int
+    compress_rotated: bool
+    retention_days: float
+    dedupe_window: float
+    timeout: float
+    keepalive_timeout: float
+    max_body_size: int
+    max_decompressed_size: int
+    max_connections: int
+    max_client_connections: int
+    max_inflight_bytes: int
+    min_body_rate: float
+    workers: int
+    shutdown_timeout: float
+    user: Optional[str]
+    group: Optional[str]
+    log_level: str
+    log_format: str
+    metrics_public: bool
+    status_public: bool
+
+    @property
+    def credentials(self) -> CredentialSettings:
+        """The credential part, as the check command has it too."""
+        return CredentialSettings(self.basic_auth_file, self.auth_header, self.auth_header_file,
+                                  self.auth_query_param, self.auth_query_file, self.client_ca)
+
+    @property
+    def scheme(self) -> str:
+        """'http' with --http, else 'https'."""
+        return "http" if self.http else "https"
+
+
+def parse_config(argv: Optional[Sequence[str]]) -> Settings:
+    """Parses and cross-checks the command line; raises ConfigError for bad combinations."""
+    options = build_parser().parse_args(argv)
+    if (options.cert is None) != (options.key is None):
+        raise ConfigError("--cert and --key go together")
+    if options.http and (options.cert or options.key or options.client_ca):
+        raise ConfigError("--http serves plain HTTP: drop --cert, --key and --client-ca")
+    header = options.auth_header
+    if header is not None and not HEADER_NAME_RE.fullmatch(header):
+        raise ConfigError("--auth-header must be letters, digits, '-' or '_': %r" % header)
+    if header is not None and header.lower() in RESERVED_HEADERS:
+        raise ConfigError("--auth-header cannot be %r" % header)
+    if options.group and not options.user:
+        raise ConfigError("--group goes with --user")
+    if options.records == "json" and options.stream_config is None:
+        raise ConfigError("--records json needs --stream-config: the field names of STRUCTURED records")
+    return Settings(
+        host=options.host or ("127.0.0.1" if options.http else "0.0.0.0"), port=options.port,
+        http=options.http, trusted_proxy=tuple(options.trusted_proxy), cert=options.cert,
+        key=options.key, certs_dir=options.certs_dir, hostname=options.hostname,
+        client_ca=options.client_ca, cert_check_interval=options.cert_check_interval,
+        basic_auth_file=options.basic_auth_file, auth_header=header,
+        auth_header_file=options.auth_header_file, auth_query_param=options.auth_query_param,
+        auth_query_file=options.auth_query_file, auth_brake=options.auth_brake,
+        paths=tuple(options.paths), output_dir=options.output_dir,
+        route_by_path=options.route_by_path, partition_by_stream=options.partition_by == "stream",
+        stream_config=options.stream_config, records_as_json=options.records == "json",
+        fsync=options.fsync, store_gzip=options.store == "gzip", rotate=options.rotate,
+        max_file_size=options.max_file_size or 0, compress_rotated=options.compress_rotated,
+        retention_days=options.retention_days or 0.0, dedupe_window=options.dedupe_window,
+        timeout=options.timeout, keepalive_timeout=options.keepalive_timeout,
+        max_body_size=options.max_body_size, max_decompressed_size=options.max_decompressed_size,
+        max_connections=options.max_connections,
+        max_client_connections=options.max_client_connections,
+        max_inflight_bytes=options.max_inflight_bytes, min_body_rate=options.min_body_rate,
+        workers=options.workers or os.cpu_count() or 1, shutdown_timeout=options.shutdown_timeout,
+        user=options.user, group=options.group, log_level=options.log_level,
+        log_format=options.log_format, metrics_public=options.metrics_public,
+        status_public=options.status_public)
 
 
 # ---------------------------------------------------------------------------
@@ -583,37 +665,257 @@ class SignalFlags:
 # Metrics
 # ---------------------------------------------------------------------------
 
+# Distinct paths (and streams) given their own series; more would let a client grow /metrics without bound.
+MAX_PATH_LABELS = 100
+MAX_STREAM_LABELS = 100
+# Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of them.
+UPLOADER_WINDOW = 600.0
+MAX_UPLOADERS = 4096
+# The status page's history: records per minute over the last hour, and the last refusals.
+HISTORY_MINUTES = 60
+MAX_REFUSALS = 20
+# A push that failed this recently keeps /healthz failing even if the probe passes.
+HEALTH_FAILURE_MEMORY = 10.0
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GAUGES = (("open_connections", "Client connections open now."),
+          ("inflight_bytes", "Body bytes being received or stored now."),
+          ("start_time_seconds", "Unix time the server started."))
+
+
+@dataclass
+class HistogramCounts:
+    """A histogram's counts at one moment: per bucket of FSYNC_BUCKETS (cumulative), sum and count."""
+
+    counts: List[int] = field(default_factory=lambda: [0] * len(FSYNC_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, other: HistogramCounts) -> None:
+        """Adds another process's counts."""
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts)]
+        self.total += other.total
+        self.count += other.count
+
+    def quantile(self, quantile: float) -> Optional[float]:
+        """The bucket bound under which `quantile` of the observations fall (inf past the last); None if none."""
+        if not self.count:
+            return None
+        for bound, number in zip(FSYNC_BUCKETS, self.counts):
+            if number >= quantile * self.count:
+                return bound
+        return math.inf
+
+
 class Histogram:
     """A cumulative histogram of durations, in the shape Prometheus exposes."""
 
     def __init__(self, buckets: Sequence[float]) -> None:
         self.buckets = list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0.0
-        self.count = 0
+        self.counts = HistogramCounts([0] * len(self.buckets))
         self.lock = threading.Lock()
 
     def observe(self, value: float) -> None:
         """Counts one observation in every bucket it fits."""
         with self.lock:
+            counts = self.counts.counts
             for index, bound in enumerate(self.buckets):
                 if value <= bound:
-                    self.counts[index] += 1
-            self.total += value
-            self.count += 1
+                    counts[index] += 1
+            self.counts.total += value
+            self.counts.count += 1
 
-    def snapshot(self) -> Dict[str, Any]:
-        """The histogram as plain data."""
+    def snapshot(self) -> HistogramCounts:
+        """The counts now, as a copy."""
         with self.lock:
-            return {"counts": list(self.counts), "total": self.total, "count": self.count}
+            return HistogramCounts(list(self.counts.counts), self.counts.total, self.counts.count)
 
 
-# What /metrics shows, as plain data that workers send to the supervisor to be merged.
-Snapshot = Dict[str, Any]
+class Refusal(NamedTuple):
+    """A 4xx or 5xx answer, as the status page lists it."""
+
+    time: float
+    status: int
+    client: str
+    path: str
+    reason: str
+
+
+class StorageFailure(NamedTuple):
+    """The last time storage failed, and why."""
+
+    time: float
+    reason: str
+
+
+def minute_of(moment: float) -> int:
+    """The minute of `moment`, counted since the epoch: the key of per-minute history."""
+    return int(moment // 60)
+
+
+def drop_old_minutes(history: Dict[int, Any], now: float) -> None:
+    """Forgets the minutes of a per-minute history that are more than HISTORY_MINUTES old."""
+    oldest = minute_of(now) - HISTORY_MINUTES
+    for minute in [minute for minute in history if minute <= oldest]:
+        del history[minute]
+
+
+def int_keys(data: Dict[str, T]) -> Dict[int, T]:
+    """A dict that came through JSON (whose keys are strings) with its integer keys back."""
+    return {int(key): value for key, value in data.items()}
+
+
+@dataclass
+class StreamStats:
+    """What the metrics keep about one stream."""
+
+    records: int = 0
+    batches: int = 0
+    unconverted: int = 0
+    dedupe_hits: int = 0
+    last_push: float = 0.0
+    # The newest reqTimeSec of the last push, when its records carry one.
+    newest_event: Optional[float] = None
+    # Uploader address -> when it last pushed.
+    uploaders: Dict[str, float] = field(default_factory=dict)
+    # Minute (see minute_of) -> [batches, records], the last hour only.
+    minutes: Dict[int, List[int]] = field(default_factory=dict)
+    # HTTP status -> refusals.
+    refusals: Dict[int, int] = field(default_factory=dict)
+
+    def copy(self, now: float) -> StreamStats:
+        """A copy that later counting does not change, with only the uploaders of the window."""
+        return StreamStats(self.records, self.batches, self.unconverted, self.dedupe_hits, self.last_push,
+                           self.newest_event,
+                           {address: seen for address, seen in self.uploaders.items()
+                            if now - seen < UPLOADER_WINDOW},
+                           {minute: list(counts) for minute, counts in self.minutes.items()},
+                           dict(self.refusals))
+
+    def add(self, other: StreamStats) -> None:
+        """Adds another process's stats of the same stream; the later push's times win."""
+        self.records += other.records
+        self.batches += other.batches
+        self.unconverted += other.unconverted
+        self.dedupe_hits += other.dedupe_hits
+        if other.last_push >= self.last_push:
+            self.last_push, self.newest_event = other.last_push, other.newest_event
+        for address, seen in other.uploaders.items():
+            self.uploaders[address] = max(seen, self.uploaders.get(address, 0))
+        for minute, (batches, records) in other.minutes.items():
+            counts = self.minutes.setdefault(minute, [0, 0])
+            counts[0] += batches
+            counts[1] += records
+        for status, number in other.refusals.items():
+            self.refusals[status] = self.refusals.get(status, 0) + number
+
+    def to_wire(self) -> Dict[str, Any]:
+        """The stats as JSON-ready data (see MetricsSnapshot.to_wire)."""
+        return {"records": self.records, "batches": self.batches, "unconverted": self.unconverted,
+                "dedupe_hits": self.dedupe_hits, "last_push": self.last_push, "newest_event": self.newest_event,
+                "uploaders": self.uploaders, "minutes": self.minutes, "refusals": self.refusals}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> StreamStats:
+        """Reads to_wire()'s data after its trip through JSON."""
+        return cls(data["records"], data["batches"], data["unconverted"], data["dedupe_hits"], data["last_push"],
+                   data["newest_event"], data["uploaders"], int_keys(data["minutes"]), int_keys(data["refusals"]))
+
+
+class SnapshotScope(enum.Enum):
+    """How much of the metrics a snapshot carries."""
+
+    # Everything /metrics and the status page show.
+    FULL = "full"
+    # Only what /healthz needs (the storage state): the per-stream part, the bulk of it, is left empty.
+    HEALTH = "health"
+
+
+@dataclass
+class MetricsSnapshot:
+    """Everything /metrics, /healthz and the status page show, at one moment, for one process or merged."""
+
+    counters: Dict[str, float] = field(default_factory=dict)
+    # HTTP status -> requests answered.
+    requests: Dict[int, int] = field(default_factory=dict)
+    # URL path -> when a push to it was last stored.
+    last_push: Dict[str, float] = field(default_factory=dict)
+    gauges: Dict[str, float] = field(default_factory=dict)
+    streams: Dict[str, StreamStats] = field(default_factory=dict)
+    # Minute (see minute_of) -> bytes stored, the last hour only.
+    written: Dict[int, int] = field(default_factory=dict)
+    refusals: List[Refusal] = field(default_factory=list)
+    # When a push was last stored, and when the current run of 503 answers began (0: none).
+    last_success: float = 0.0
+    streak_start: float = 0.0
+    storage_error: Optional[StorageFailure] = None
+    fsync: HistogramCounts = field(default_factory=HistogramCounts)
+
+    @classmethod
+    def merge(cls, snapshots: Sequence[MetricsSnapshot]) -> MetricsSnapshot:
+        """Adds up the snapshots of several workers: counts are summed, the latest times win."""
+        merged = cls()
+        for snapshot in snapshots:
+            for name, amount in snapshot.counters.items():
+                merged.counters[name] = merged.counters.get(name, 0) + amount
+            for status, number in snapshot.requests.items():
+                merged.requests[status] = merged.requests.get(status, 0) + number
+            for name, gauge in snapshot.gauges.items():
+                if name == "start_time_seconds":
+                    merged.gauges[name] = min(gauge, merged.gauges.get(name, gauge))
+                else:
+                    merged.gauges[name] = merged.gauges.get(name, 0) + gauge
+            for path, stamp in snapshot.last_push.items():
+                merged.last_push[path] = max(stamp, merged.last_push.get(path, 0))
+            for stream, stats in snapshot.streams.items():
+                merged.streams.setdefault(stream, StreamStats()).add(stats)
+            for minute, written in snapshot.written.items():
+                merged.written[minute] = merged.written.get(minute, 0) + written
+            merged.refusals = sorted(merged.refusals + snapshot.refusals)[-MAX_REFUSALS:]
+            merged.last_success = max(merged.last_success, snapshot.last_success)
+            error = snapshot.storage_error
+            if error is not None and (merged.storage_error is None or error.time > merged.storage_error.time):
+                merged.storage_error = error
+            merged.fsync.add(snapshot.fsync)
+        # A streak of 503s is one no worker has ended since with a stored push.
+        starts = [snapshot.streak_start for snapshot in snapshots if snapshot.streak_start > merged.last_success]
+        merged.streak_start = min(starts) if starts else 0.0
+        return merged
+
+    def storage_failure(self, now: float) -> Optional[str]:
+        """Why storage is failing, when it failed recently and no push was stored since."""
+        error = self.storage_error
+        if error is not None and error.time > self.last_success and now - error.time < HEALTH_FAILURE_MEMORY:
+            return error.reason
+        return None
+
+    def to_wire(self) -> Dict[str, Any]:
+        """The snapshot as JSON-ready data: how workers send it to the supervisor and back.
+
+        The wire form is one JSON object with a key per field of this class;
+        dicts keyed by numbers (minutes, statuses) have them as decimal
+        strings, as JSON keys are; refusals, storage_error and fsync are
+        arrays of their fields in order; streams map to StreamStats.to_wire().
+        """
+        return {"counters": self.counters, "requests": self.requests, "last_push": self.last_push,
+                "gauges": self.gauges, "streams": {name: stats.to_wire() for name, stats in self.streams.items()},
+                "written": self.written, "refusals": [list(refusal) for refusal in self.refusals],
+                "last_success": self.last_success, "streak_start": self.streak_start,
+                "storage_error": None if self.storage_error is None else list(self.storage_error),
+                "fsync": [self.fsync.counts, self.fsync.total, self.fsync.count]}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> MetricsSnapshot:
+        """Reads to_wire()'s data after its trip through JSON."""
+        error = data["storage_error"]
+        return cls(data["counters"], int_keys(data["requests"]), data["last_push"], data["gauges"],
+                   {name: StreamStats.from_wire(stats) for name, stats in data["streams"].items()},
+                   int_keys(data["written"]), [Refusal(*refusal) for refusal in data["refusals"]],
+                   data["last_success"], data["streak_start"], None if error is None else StorageFailure(*error),
+                   HistogramCounts(*data["fsync"]))
 
 
 class Metrics:
-    """Counters behind /metrics, rendered in the Prometheus text format."""
+    """The counters of one process behind /metrics, /healthz and the status page."""
 
     COUNTERS = (
         ("received_bytes", "Request body bytes received on the wire."),
@@ -633,169 +935,108 @@ class Metrics:
         ("storage_errors", "Pushes answered 503 because storage failed."),
     )
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.lock = threading.Lock()
-        self.values: Dict[str, float] = {name: 0 for name, _ in self.COUNTERS}
-        self.requests: Dict[int, int] = {}
-        self.last_push: Dict[str, float] = {}
-        self.streams: Dict[str, Dict[str, Any]] = {}
-        # For the status page and /healthz, kept as plain data so that workers' can be merged:
-        # bytes stored per minute (keyed by str(minute since the epoch), the last hour only),
-        self.written: Dict[str, int] = {}
-        # the last refusals as [time, status, client, path, reason],
-        self.refusals: List[List[Any]] = []
-        # when a push was last stored, when the current run of 503 answers began (0: none),
-        self.last_success = 0.0
-        self.streak_start = 0.0
-        # and the last storage failure as [time, reason].
-        self.storage_error: Optional[List[Any]] = None
+        # Everything but the gauges and the fsync histogram, which the server adds to snapshots.
+        self.state = MetricsSnapshot(counters={name: 0 for name, _ in self.COUNTERS})
 
     def count(self, name: str, amount: float = 1) -> None:
         """Adds to a counter."""
         with self.lock:
-            self.values[name] += amount
+            self.state.counters[name] += amount
 
     def request_done(self, status: int, received: int) -> None:
         """Counts a finished request by status, with the body bytes it brought."""
         with self.lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            self.values["received_bytes"] += received
+            requests = self.state.requests
+            requests[status] = requests.get(status, 0) + 1
+            self.state.counters["received_bytes"] += received
 
     def stored(self, path: str, records: int) -> None:
         """Counts a stored push and stamps its path's last-push time."""
         with self.lock:
-            self.values["records_stored"] += records
-            self.values["batches_stored"] += 1
-            if path in self.last_push or len(self.last_push) < MAX_PATH_LABELS:
-                self.last_push[path] = time.time()
+            state = self.state
+            state.counters["records_stored"] += records
+            state.counters["batches_stored"] += 1
+            if path in state.last_push or len(state.last_push) < MAX_PATH_LABELS:
+                state.last_push[path] = self.clock()
 
-    def _stream(self, stream: str) -> Dict[str, Any]:
+    def _stream(self, stream: str) -> StreamStats:
         """The stats of a stream (call with the lock); streams past MAX_STREAM_LABELS share 'other'."""
-        if stream not in self.streams and len(self.streams) >= MAX_STREAM_LABELS:
+        streams = self.state.streams
+        if stream not in streams and len(streams) >= MAX_STREAM_LABELS:
             stream = "other"
-        return self.streams.setdefault(stream, new_stream_stats())
+        return streams.setdefault(stream, StreamStats())
 
     def stream_stored(self, stream: str, records: int, unconverted: int, newest_event: Optional[float],
                       uploader: str, stored_bytes: int) -> None:
         """Counts a stored push of a stream (whose row is `stream`)."""
-        now = time.time()
-        minute = minute_key(now)
+        now = self.clock()
+        minute = minute_of(now)
         with self.lock:
-            self.last_success, self.streak_start = now, 0.0
-            add_to_minute(self.written, minute, stored_bytes)
+            state = self.state
+            state.last_success, state.streak_start = now, 0.0
+            state.written[minute] = state.written.get(minute, 0) + stored_bytes
+            if len(state.written) > HISTORY_MINUTES:
+                drop_old_minutes(state.written, now)
             stats = self._stream(stream)
-            per_minute = stats["minutes"].setdefault(minute, [0, 0])
+            per_minute = stats.minutes.setdefault(minute, [0, 0])
             per_minute[0] += 1
             per_minute[1] += records
-            if len(stats["minutes"]) > HISTORY_MINUTES:
-                drop_old_minutes(stats["minutes"], now)
-            stats["records"] += records
-            stats["batches"] += 1
-            stats["unconverted"] += unconverted
-            stats["last_push"] = now
-            stats["newest_event"] = newest_event
-            uploaders: Dict[str, float] = stats["uploaders"]
+            if len(stats.minutes) > HISTORY_MINUTES:
+                drop_old_minutes(stats.minutes, now)
+            stats.records += records
+            stats.batches += 1
+            stats.unconverted += unconverted
+            stats.last_push = now
+            stats.newest_event = newest_event
+            uploaders = stats.uploaders
             if uploader in uploaders or len(uploaders) < MAX_UPLOADERS:
                 uploaders[uploader] = now
-            elif len(uploaders) >= MAX_UPLOADERS:
-                stats["uploaders"] = {address: seen for address, seen in uploaders.items()
-                                      if now - seen < UPLOADER_WINDOW}
+            else:
+                stats.uploaders = {address: seen for address, seen in uploaders.items()
+                                   if now - seen < UPLOADER_WINDOW}
 
     def stream_deduplicated(self, stream: str) -> None:
         """Counts a retry of a stream's batch answered without storing it again."""
         with self.lock:
-            self._stream(stream)["dedupe_hits"] += 1
+            self._stream(stream).dedupe_hits += 1
 
     def refused(self, status: int, client: str, path: str, reason: str, stream: Optional[str] = None) -> None:
         """Remembers a 4xx or 5xx answer (the last MAX_REFUSALS of them); a 503 starts or extends a streak."""
-        now = time.time()
+        now = self.clock()
         with self.lock:
-            self.refusals.append([now, status, client, path, reason])
-            del self.refusals[:-MAX_REFUSALS]
-            if status == HTTPStatus.SERVICE_UNAVAILABLE and not self.streak_start:
-                self.streak_start = now
+            state = self.state
+            state.refusals.append(Refusal(now, status, client, path, reason))
+            del state.refusals[:-MAX_REFUSALS]
+            if status == HTTPStatus.SERVICE_UNAVAILABLE and not state.streak_start:
+                state.streak_start = now
             if stream is not None:
-                refusals = self._stream(stream)["refusals"]
-                refusals[str(status)] = refusals.get(str(status), 0) + 1
+                refusals = self._stream(stream).refusals
+                refusals[status] = refusals.get(status, 0) + 1
 
     def storage_failed(self, reason: str) -> None:
         """Remembers a storage failure, for /healthz and the status page."""
         with self.lock:
-            self.storage_error = [time.time(), reason]
+            self.state.storage_error = StorageFailure(self.clock(), reason)
 
-    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram, with_streams: bool = True) -> Snapshot:
-        """Everything /metrics, /healthz and the status page show, as plain data that workers can send and merge();
-        without `with_streams`, the per-stream part (the bulk of it) is left empty, as /healthz needs none."""
-        now = time.time()
+    def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram,
+                 scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
+        """Everything counted so far, with these gauges and fsync times, as a copy that workers can send."""
+        now = self.clock()
         with self.lock:
-            streams = self.streams if with_streams else {}
-            snapshot: Snapshot = {"values": dict(self.values), "last_push": dict(self.last_push),
-                                  "requests": {str(status): n for status, n in self.requests.items()},
-                                  "streams": {stream: copy_stream_stats(stats, now) for stream, stats in streams.items()},
-                                  "written": dict(self.written), "refusals": [list(r) for r in self.refusals],
-                                  "last_success": self.last_success, "streak_start": self.streak_start,
-                                  "storage_error": self.storage_error}
-        snapshot["fsync"] = fsync_seconds.snapshot()
-        snapshot["gauges"] = dict(gauges)
+            state = self.state
+            streams = state.streams if scope is SnapshotScope.FULL else {}
+            snapshot = MetricsSnapshot(dict(state.counters), dict(state.requests), dict(state.last_push),
+                                       dict(gauges), {name: stats.copy(now) for name, stats in streams.items()},
+                                       dict(state.written), list(state.refusals), state.last_success,
+                                       state.streak_start, state.storage_error)
+        snapshot.fsync = fsync_seconds.snapshot()
         return snapshot
 
-    @staticmethod
-    def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
-        """Adds up the snapshots of several workers (the latest last-push time wins)."""
-        merged: Snapshot = {"values": {}, "last_push": {}, "requests": {}, "gauges": {}, "streams": {},
-                            "fsync": {"counts": [0] * len(FSYNC_BUCKETS), "total": 0.0, "count": 0},
-                            "written": {}, "refusals": [], "last_success": 0.0, "streak_start": 0.0,
-                            "storage_error": None}
-        for snapshot in snapshots:
-            for section in ("values", "requests", "gauges"):
-                for name, number in snapshot[section].items():
-                    if section == "gauges" and name == "start_time_seconds":
-                        merged[section][name] = min(number, merged[section].get(name, number))
-                    else:
-                        merged[section][name] = merged[section].get(name, 0) + number
-            for path, stamp in snapshot["last_push"].items():
-                merged["last_push"][path] = max(stamp, merged["last_push"].get(path, 0))
-            for stream, stats in snapshot["streams"].items():
-                into = merged["streams"].setdefault(stream, new_stream_stats())
-                for name in ("records", "batches", "unconverted", "dedupe_hits"):
-                    into[name] += stats[name]
-                if stats["last_push"] >= into["last_push"]:
-                    into["last_push"], into["newest_event"] = stats["last_push"], stats["newest_event"]
-                for address, seen in stats["uploaders"].items():
-                    into["uploaders"][address] = max(seen, into["uploaders"].get(address, 0))
-                for minute, (batches, records) in stats["minutes"].items():
-                    counts = into["minutes"].setdefault(minute, [0, 0])
-                    counts[0] += batches
-                    counts[1] += records
-                for status, number in stats["refusals"].items():
-                    into["refusals"][status] = into["refusals"].get(status, 0) + number
-            for minute, written in snapshot["written"].items():
-                add_to_minute(merged["written"], minute, written)
-            merged["refusals"] = sorted(merged["refusals"] + snapshot["refusals"])[-MAX_REFUSALS:]
-            merged["last_success"] = max(merged["last_success"], snapshot["last_success"])
-            error = snapshot["storage_error"]
-            if error is not None and (merged["storage_error"] is None or error[0] > merged["storage_error"][0]):
-                merged["storage_error"] = error
-            fsync = snapshot["fsync"]
-            merged["fsync"]["counts"] = [a + b for a, b in zip(merged["fsync"]["counts"], fsync["counts"])]
-            merged["fsync"]["total"] += fsync["total"]
-            merged["fsync"]["count"] += fsync["count"]
-        # A streak of 503s is one no worker has ended since with a stored push.
-        starts = [snapshot["streak_start"] for snapshot in snapshots
-                  if snapshot["streak_start"] > merged["last_success"]]
-        merged["streak_start"] = min(starts) if starts else 0.0
-        return merged
-
-    @staticmethod
-    def storage_failure(snapshot: Snapshot, now: float) -> Optional[str]:
-        """Why storage is failing, when a worker's storage failed recently and no push was stored since."""
-        error = snapshot["storage_error"]
-        if error is not None and error[0] > snapshot["last_success"] and now - error[0] < HEALTH_FAILURE_MEMORY:
-            return str(error[1])
-        return None
-
     @classmethod
-    def render(cls, snapshot: Snapshot) -> bytes:
+    def render(cls, snapshot: MetricsSnapshot) -> bytes:
         """The exposition text of a snapshot: counters, gauges, the fsync histogram."""
         out: List[str] = []
 
@@ -804,45 +1045,44 @@ class Metrics:
             out.append("# TYPE dsreceiver_%s %s" % (name, kind))
 
         family("requests_total", "counter", "Requests answered, by HTTP status.")
-        for status, number in sorted(snapshot["requests"].items()):
-            out.append('dsreceiver_requests_total{status="%s"} %d' % (status, number))
+        for status, number in sorted(snapshot.requests.items()):
+            out.append('dsreceiver_requests_total{status="%d"} %d' % (status, number))
         for name, help_text in cls.COUNTERS:
             family(name + "_total", "counter", help_text)
-            out.append("dsreceiver_%s_total %d" % (name, snapshot["values"][name]))
+            out.append("dsreceiver_%s_total %d" % (name, snapshot.counters[name]))
         family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
-        for path, stamp in sorted(snapshot["last_push"].items()):
+        for path, stamp in sorted(snapshot.last_push.items()):
             out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
-        cls.render_streams(snapshot["streams"], family, out)
+        cls.render_streams(snapshot.streams, family, out)
         for name, help_text in GAUGES:
             family(name, "gauge", help_text)
-            out.append("dsreceiver_%s %s" % (name, repr(float(snapshot["gauges"][name]))))
+            out.append("dsreceiver_%s %s" % (name, repr(float(snapshot.gauges[name]))))
         family("fsync_duration_seconds", "histogram", "Time taken by each fdatasync of a data file and its index.")
-        fsync = snapshot["fsync"]
-        for bound, number in zip(FSYNC_BUCKETS, fsync["counts"]):
+        fsync = snapshot.fsync
+        for bound, number in zip(FSYNC_BUCKETS, fsync.counts):
             out.append('dsreceiver_fsync_duration_seconds_bucket{le="%s"} %d' % (bound, number))
-        out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync["count"])
-        out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync["total"])
-        out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync["count"])
+        out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync.count)
+        out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync.total)
+        out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync.count)
         return ("\n".join(out) + "\n").encode("utf-8")
 
-
     @staticmethod
-    def render_streams(streams: Dict[str, Dict[str, Any]], family: Callable[[str, str, str], None],
+    def render_streams(streams: Dict[str, StreamStats], family: Callable[[str, str, str], None],
                        out: List[str]) -> None:
         """The per-stream series."""
         now = time.time()
-        series: List[Tuple[str, str, str, Callable[[Dict[str, Any]], Optional[float]]]] = [
+        series: List[Tuple[str, str, str, Callable[[StreamStats], Optional[float]]]] = [
             ("stream_records_total", "counter", "Records stored, by stream ID ('unknown': records without one, "
-             "'mixed': a push with several).", lambda stats: stats["records"]),
-            ("stream_batches_total", "counter", "Pushes stored, by stream.", lambda stats: stats["batches"]),
-            ("stream_unconverted_records_total", "counter", "STRUCTURED records stored as sent under --records json "
-             "(no definition fits them), by stream.", lambda stats: stats["unconverted"]),
+             "'mixed': a push with several).", lambda stats: stats.records),
+            ("stream_batches_total", "counter", "Pushes stored, by stream.", lambda stats: stats.batches),
+            ("stream_unconverted_records_total", "counter", "STRUCTURED records stored as sent under --records "
+             "json (no definition fits them), by stream.", lambda stats: stats.unconverted),
             ("stream_last_push_timestamp_seconds", "gauge", "Unix time of the stream's last stored push.",
-             lambda stats: stats["last_push"]),
+             lambda stats: stats.last_push),
             ("stream_event_lag_seconds", "gauge", "Now minus the newest reqTimeSec of the stream's last push.",
-             lambda stats: None if stats["newest_event"] is None else now - stats["newest_event"]),
+             lambda stats: None if stats.newest_event is None else now - stats.newest_event),
             ("stream_uploaders", "gauge", "Distinct uploader addresses in the last 10 minutes, by stream.",
-             lambda stats: sum(now - seen < UPLOADER_WINDOW for seen in stats["uploaders"].values())),
+             lambda stats: sum(now - seen < UPLOADER_WINDOW for seen in stats.uploaders.values())),
         ]
         for name, kind, help_text, measure in series:
             family(name, kind, help_text)
@@ -850,39 +1090,6 @@ class Metrics:
                 value = measure(stats)
                 if value is not None:
                     out.append('dsreceiver_%s{stream="%s"} %s' % (name, label_value(stream), repr(float(value))))
-
-
-def new_stream_stats() -> Dict[str, Any]:
-    """What Metrics keeps about one stream (see Metrics.stream_stored)."""
-    return {"records": 0, "batches": 0, "unconverted": 0, "last_push": 0.0, "newest_event": None,
-            "uploaders": {}, "minutes": {}, "dedupe_hits": 0, "refusals": {}}
-
-
-def copy_stream_stats(stats: Dict[str, Any], now: float) -> Dict[str, Any]:
-    """A copy of a stream's stats that later counting does not change (uploaders: those of the window only)."""
-    return dict(stats, refusals=dict(stats["refusals"]),
-                uploaders={address: seen for address, seen in stats["uploaders"].items() if now - seen < UPLOADER_WINDOW},
-                minutes={minute: list(counts) for minute, counts in stats["minutes"].items()})
-
-
-def minute_key(moment: float) -> str:
-    """The key of the minute of `moment` in per-minute history: minutes since the epoch, as a string (JSON keys
-    are strings, and workers send their history as JSON)."""
-    return str(int(moment // 60))
-
-
-def add_to_minute(history: Dict[str, int], minute: str, amount: int) -> None:
-    """Adds to a per-minute total, forgetting minutes older than the history keeps."""
-    history[minute] = history.get(minute, 0) + amount
-    if len(history) > HISTORY_MINUTES:
-        drop_old_minutes(history, int(minute) * 60)
-
-
-def drop_old_minutes(history: Dict[str, Any], now: float) -> None:
-    """Forgets the minutes of a per-minute history that are more than HISTORY_MINUTES old."""
-    oldest = int(now // 60) - HISTORY_MINUTES
-    for minute in [minute for minute in history if int(minute) <= oldest]:
-        del history[minute]
 
 
 def label_value(text: str) -> str:
@@ -1051,17 +1258,6 @@ def latency(seconds: Optional[float]) -> str:
     return "at most %g ms" % (seconds * 1000) if seconds < 1 else "at most %g s" % seconds
 
 
-def histogram_quantile(snapshot: Dict[str, Any], quantile: float) -> Optional[float]:
-    """The bucket bound under which `quantile` of a histogram snapshot's observations fall (inf past the last)."""
-    total = snapshot["count"]
-    if not total:
-        return None
-    for bound, number in zip(FSYNC_BUCKETS, snapshot["counts"]):
-        if number >= quantile * total:
-            return bound
-    return math.inf
-
-
 # ---------------------------------------------------------------------------
 # TLS
 # ---------------------------------------------------------------------------
@@ -1191,18 +1387,18 @@ def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
     os.replace(temp_cert, cert)
 
 
-def resolve_certificate(config: argparse.Namespace) -> Tuple[Path, Path]:
+def resolve_certificate(settings: Settings) -> Tuple[Path, Path]:
     """Returns the (certificate, key) paths, creating a self-signed pair in the default folder when it is empty."""
-    if config.cert is not None:
-        return config.cert, config.key
-    cert, key = config.certs_dir / CERT_FILE_NAME, config.certs_dir / KEY_FILE_NAME
-    is_default_dir = config.certs_dir == Path(DEFAULT_CERTS_DIR)
+    if settings.cert is not None and settings.key is not None:
+        return settings.cert, settings.key
+    cert, key = settings.certs_dir / CERT_FILE_NAME, settings.certs_dir / KEY_FILE_NAME
+    is_default_dir = settings.certs_dir == Path(DEFAULT_CERTS_DIR)
     if is_default_dir and not cert.exists() and not key.exists():
-        hostname = config.hostname or socket.getfqdn()
+        hostname = settings.hostname or socket.getfqdn()
         create_self_signed(cert, key, hostname)
         log.warning("created a self-signed certificate for %s in %s: DataStream accepts it only when "
                     "%s is uploaded as the stream's CA certificate (or use a certificate from a public CA)",
-                    hostname, config.certs_dir, cert)
+                    hostname, settings.certs_dir, cert)
     return cert, key
 
 
@@ -1246,23 +1442,23 @@ class Authenticator:
         self.client_certificates = client_certificates
 
     @classmethod
-    def from_config(cls, config: argparse.Namespace, environ: Dict[str, str]) -> Authenticator:
+    def from_settings(cls, settings: CredentialSettings, environ: Dict[str, str]) -> Authenticator:
         """Loads the accepted secrets from the environment and the configured files."""
         basic = split_secret_list(environ.get(ENV_BASIC_AUTH))
-        if config.basic_auth_file:
-            basic += read_secret_file(config.basic_auth_file)
+        if settings.basic_auth_file:
+            basic += read_secret_file(settings.basic_auth_file)
         for credential in basic:
             if ":" not in credential or credential.startswith(":"):
                 raise ConfigError("Basic credentials must be user:password (check $%s and --basic-auth-file)"
                                   % ENV_BASIC_AUTH)
-        header_values = cls._values(config.auth_header, "--auth-header", environ.get(ENV_AUTH_HEADER_VALUE),
-                                    config.auth_header_file)
-        query_values = cls._values(config.auth_query_param, "--auth-query-param",
-                                   environ.get(ENV_AUTH_QUERY_VALUE), config.auth_query_file)
+        header_values = cls._values(settings.auth_header, "--auth-header", environ.get(ENV_AUTH_HEADER_VALUE),
+                                    settings.auth_header_file)
+        query_values = cls._values(settings.auth_query_param, "--auth-query-param",
+                                   environ.get(ENV_AUTH_QUERY_VALUE), settings.auth_query_file)
         return cls(basic=[item.encode("utf-8") for item in basic],
-                   header_name=config.auth_header, header_values=header_values,
-                   query_param=config.auth_query_param, query_values=query_values,
-                   client_certificates=config.client_ca is not None)
+                   header_name=settings.auth_header, header_values=header_values,
+                   query_param=settings.auth_query_param, query_values=query_values,
+                   client_certificates=settings.client_ca is not None)
 
     @staticmethod
     def _values(name: Optional[str], option: str, env_value: Optional[str], path: Optional[Path]) -> List[bytes]:
@@ -2012,6 +2208,10 @@ def dedupe_key(folder: str, digest: bytes) -> str:
     return (folder or "-") + "/" + digest.hex()
 
 
+class SupervisorGone(Exception):
+    """The supervisor process, which keeps the workers' shared dedupe window and metrics, cannot be reached."""
+
+
 class DedupeWindow(Protocol):
     """Remembers the batches stored recently, so a batch re-sent within the window is stored once.
 
@@ -2021,7 +2221,8 @@ class DedupeWindow(Protocol):
     """
 
     def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate."""
+        """Returns True when the caller should store the batch, False when it is a duplicate; may raise
+        SupervisorGone."""
 
     def commit(self, key: str, stored_at: float) -> None:
         """Records that the claimed batch is stored."""
@@ -2262,6 +2463,23 @@ class Layout:
 # Storage: writing records
 # ---------------------------------------------------------------------------
 
+class FileState(enum.Enum):
+    """Where a DataFile is in its life; Storage makes every transition, under its lock.
+
+    CURRENT -> FINISHED | MOVED | STOPPING, once it stops taking new pushes;
+    then -> CLOSED when the last push writing it is done.
+    """
+
+    CURRENT = "current"
+    # Its period is over or it is full: once closed, housekeeping may compress it.
+    FINISHED = "finished"
+    # logrotate moved or deleted it: once closed, its batch index is set aside for a new file of that name.
+    MOVED = "moved"
+    # The server is stopping.
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
 class DataFile:
     """One append-only output file and its batch index; concurrent appends share fdatasync calls (group commit).
 
@@ -2300,11 +2518,9 @@ class DataFile:
         self.durable_index_size = self.index_size
         # Bumped when unsynced bytes are cut off, so their writers learn their records are gone.
         self.generation = 0
-        # Requests writing it now, and whether it has stopped being the current file of its folder.
+        # Its life (see FileState) and the pushes writing it now: Storage's, under Storage.lock.
+        self.life = FileState.CURRENT
         self.users = 0
-        self.retired = False
-        # Whether it ended because its period or size was over (not because logrotate moved it).
-        self.finished = False
         self.syncing = False
         self.state = threading.Condition()
 
@@ -2321,8 +2537,9 @@ class DataFile:
         with self.state:
             return self.size >= max_size
 
-    def append(self, batch: RecordBatch, stamp: float) -> Tuple[int, int]:
-        """Writes the batch contiguously, then its index entry; returns (progress mark, generation) for sync_through()."""
+    def append(self, batch: RecordBatch, stamp: float, digest: bytes = NO_DIGEST) -> Tuple[int, int]:
+        """Writes the batch contiguously, then its index entry (with `digest`, the batch's dedupe identity, when
+        it has one); returns (progress mark, generation) for sync_through()."""
         with self.state:
             start = os.fstat(self.fd).st_size
             index_start = self.index_size
@@ -2331,7 +2548,7 @@ class DataFile:
                     self._reset_index(start)  # truncated behind our back (copytruncate)
                     index_start = 0
                 batch.write_to(self.fd)
-                write_all(self.index_fd, [BATCH_ENTRY.pack(start + batch.stored_size, stamp, batch.digest or NO_DIGEST)])
+                write_all(self.index_fd, [BATCH_ENTRY.pack(start + batch.stored_size, stamp, digest)])
             except OSError:
                 self._cut_back(start, index_start)
                 raise
@@ -2409,6 +2626,20 @@ class DataFile:
             os.close(fd)
 
 
+class StoreResult(NamedTuple):
+    """What Storage.store() did with a batch."""
+
+    # The data file it went to; None when it was a retry of a stored batch and was not stored again.
+    path: Optional[Path]
+    # It matched a stored batch, but not every record carries a request identity, so it was stored again.
+    kept_duplicate: bool = False
+
+
+def always_unique() -> bool:
+    """The eligibility of a batch whose caller vouches that a matching digest can only mean a retry."""
+    return True
+
+
 class Storage:
     """Appends record batches to the current data file of each folder: the only code that writes records.
 
@@ -2427,16 +2658,25 @@ class Storage:
         self.clock = clock
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self.files: Dict[str, DataFile] = {}
+        # Files logrotate moved that pushes still write, by folder: a new file of that name waits for them.
+        self.moving: Dict[str, DataFile] = {}
         # Files closed for good since housekeeping last looked (see take_finished).
         self.finished: List[Path] = []
         self.lock = threading.Lock()
+        self.moved_closed = threading.Condition(self.lock)
         self.stopped = threading.Event()
         self.interval_sync: Optional[threading.Thread] = None
+
+    @property
+    def dedupes(self) -> bool:
+        """Whether batches are checked against the dedupe window (so a push's digest is worth taking)."""
+        return self.dedupe is not None
 
     def start(self) -> None:
         """Starts the once-a-second fdatasync thread of --fsync interval."""
         if self.fsync_mode == "interval":
-            self.interval_sync = threading.Thread(target=self._sync_every_second, name="fsync-interval", daemon=True)
+            self.interval_sync = threading.Thread(target=self._sync_every_second, name="fsync-interval",
+                                                  daemon=True)
             self.interval_sync.start()
 
     def close(self) -> None:
@@ -2445,69 +2685,80 @@ class Storage:
         if self.interval_sync is not None:
             self.interval_sync.join()
         with self.lock:
-            retired = list(self.files.values())
+            current = list(self.files.values())
             self.files.clear()
-            idle = [data_file for data_file in retired if self._retire(data_file, finished=False)]
+            idle = [data_file for data_file in current if self._retire(data_file, FileState.STOPPING)]
         for data_file in idle:
-            data_file.close()
+            self._close(data_file)
 
     # -- storing ----------------------------------------------------------------
 
-    def store(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer] = None) -> Optional[Path]:
-        """Appends the batch to the current file of `folder` ('' for the root); returns None for a duplicate.
+    def store(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer] = None,
+              is_unique: Callable[[], bool] = always_unique) -> StoreResult:
+        """Appends the batch to the current file of `folder` ('' for the root), unless it is a retry.
 
-        `pushed_gzip`, the body as pushed when it decodes to exactly these
-        records, is what --store gzip keeps.  Durable on return when fsync is
-        'always'.  Raises StorageError, with nothing of the batch left behind,
-        when it cannot be stored now.
+        A batch whose digest matches one stored within the dedupe window is a
+        retry only when is_unique() says every record carries a request
+        identity; otherwise it may be genuine, and is stored again (without a
+        digest, so it never vouches for another).  `pushed_gzip`, the body as
+        pushed when it decodes to exactly these records, is what --store gzip
+        keeps.  Durable on return when fsync is 'always'.  Raises StorageError,
+        with nothing of the batch left behind, when it cannot be stored now.
         """
         self.layout.check_folder(folder)
         dedupe = self.dedupe
         key = dedupe_key(folder, batch.digest) if dedupe is not None and batch.digest else None
-        if dedupe is not None and key is not None and not dedupe.claim(key):
-            return None
-        stamp = self.clock()
+        if dedupe is None or key is None:
+            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0])
+        if not dedupe.claim(key):
+            if is_unique():
+                return StoreResult(None)
+            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0], kept_duplicate=True)
         try:
-            if self.layout.store_gzip:
-                batch.compress(pushed_gzip)
-            path = self._append(folder, batch, stamp)
+            path, stamp = self._append(folder, batch, pushed_gzip, batch.digest or NO_DIGEST)
         except BaseException:
             # Whatever went wrong, a resend of this batch must not wait for this claim forever.
-            if dedupe is not None and key is not None:
-                dedupe.release(key)
+            dedupe.release(key)
             raise
-        if dedupe is not None and key is not None:
-            dedupe.commit(key, stamp)
-        return path
+        dedupe.commit(key, stamp)
+        return StoreResult(path)
 
-    def _append(self, folder: str, batch: RecordBatch, stamp: float) -> Path:
+    def _append(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer],
+                digest: bytes) -> Tuple[Path, float]:
+        """Writes the batch (and its index entry, with `digest`); returns where and when it was stored."""
+        stamp = self.clock()
+        if self.layout.store_gzip:
+            batch.compress(pushed_gzip)
         try:
             data_file = self._acquire(folder)
         except OSError as exc:
             raise StorageError("cannot open a data file in %s: %s"
                                % (self.layout.root / folder, describe_os_error(exc))) from exc
         try:
-            mark, generation = data_file.append(batch, stamp)
+            mark, generation = data_file.append(batch, stamp, digest)
             if self.fsync_mode == "always":
                 data_file.sync_through(mark, generation)
         except OSError as exc:
             raise StorageError("cannot write %s: %s" % (data_file.path, describe_os_error(exc))) from exc
         finally:
             self._release(data_file)
-        return data_file.path
+        return data_file.path, stamp
 
     def _acquire(self, folder: str) -> DataFile:
+        """The current file of `folder`, opening the next one when the period or size says so; counts the
+        caller as one of its users until _release()."""
         period = self.layout.period_name(self.clock())
         idle: Optional[DataFile] = None
         with self.lock:
             current = self.files.get(folder)
             if current is None or current.period != period or current.is_full(self.max_file_size):
+                self._wait_for_moved(folder)
                 if current is not None and current.period == period:
                     sequence = current.sequence + 1
                 else:
                     sequence = self._resume_sequence(folder, period)
                 opened = self._open_file(folder, period, sequence)
-                if current is not None and self._retire(current, finished=True):
+                if current is not None and self._retire(current, FileState.FINISHED):
                     idle = current
                 self.files[folder] = current = opened
             current.users += 1
@@ -2515,10 +2766,16 @@ class Storage:
             self._close(idle)
         return current
 
+    def _wait_for_moved(self, folder: str) -> None:
+        """Waits (with the lock) until no push writes a moved file of `folder`, whose index name a new file of
+        the same name would take."""
+        while folder in self.moving:
+            self.moved_closed.wait()
+
     def _release(self, data_file: DataFile) -> None:
         with self.lock:
             data_file.users -= 1
-            idle = data_file.retired and data_file.users == 0
+            idle = data_file.life is not FileState.CURRENT and data_file.users == 0
         if idle:
             self._close(data_file)
 
@@ -2532,6 +2789,9 @@ class Storage:
         if not index_path.parent.is_dir():
             index_path.parent.mkdir(parents=True, exist_ok=True)
             fsync_directory(index_path.parent.parent)
+        if is_new and index_path.exists():
+            # The index of a file that was moved away before it could be set aside (a crash meanwhile).
+            os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
         index_is_new = not index_path.exists()
         data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds)
         if is_new:
@@ -2552,17 +2812,27 @@ class Storage:
                 return sequence if not taken or plain.exists() and not full else sequence + 1
             sequence += 1
 
-    def _retire(self, data_file: DataFile, finished: bool) -> bool:
-        """Marks a file as no longer current (call with the lock); True when it is idle and can be closed now."""
-        data_file.retired = True
-        data_file.finished = finished
+    def _retire(self, data_file: DataFile, life: FileState) -> bool:
+        """Ends a file's time as current (call with the lock); True when no push writes it, so that the caller
+        closes it now (after releasing the lock), else the last push to finish does."""
+        assert data_file.life is FileState.CURRENT and life not in (FileState.CURRENT, FileState.CLOSED)
+        data_file.life = life
+        if life is FileState.MOVED:
+            self.moving[self.layout.folder_of(data_file.path)] = data_file
         return data_file.users == 0
 
     def _close(self, data_file: DataFile) -> None:
+        """Closes a retired file that no push writes any more, and does what its kind of end asks for."""
         data_file.close()
-        if data_file.finished:
-            with self.lock:
+        with self.lock:
+            life, data_file.life = data_file.life, FileState.CLOSED
+            if life is FileState.FINISHED:
                 self.finished.append(data_file.path)
+            elif life is FileState.MOVED:
+                # Nobody holds the index now: give its name to the new file, keeping it for dedup and recovery.
+                os.replace(str(data_file.index_path), str(self.layout.set_aside_index_path(data_file.path)))
+                del self.moving[self.layout.folder_of(data_file.path)]
+                self.moved_closed.notify_all()
 
     def _sync_every_second(self) -> None:
         while not self.stopped.wait(1.0):
@@ -2584,7 +2854,7 @@ class Storage:
             idle = []
             for folder, data_file in stale:
                 del self.files[folder]
-                if self._retire(data_file, finished=True):
+                if self._retire(data_file, FileState.FINISHED):
                     idle.append(data_file)
         for data_file in idle:
             self._close(data_file)
@@ -2611,9 +2881,7 @@ class Storage:
             idle = []
             for folder, data_file in moved:
                 del self.files[folder]
-                # Requests still writing the moved file keep its index; the new file starts its own.
-                os.replace(str(data_file.index_path), str(self.layout.set_aside_index_path(data_file.path)))
-                if self._retire(data_file, finished=False):
+                if self._retire(data_file, FileState.MOVED):
                     idle.append(data_file)
         for data_file in idle:
             self._close(data_file)
@@ -2874,6 +3142,107 @@ class Housekeeper:
                     index.unlink()
             except FileNotFoundError:
                 continue
+
+
+# ---------------------------------------------------------------------------
+# Push pipeline: a push's body in, an outcome out (no socket, no HTTP)
+# ---------------------------------------------------------------------------
+
+class PushFacts(NamedTuple):
+    """What the pipeline is told about a push besides its body."""
+
+    # The URL path it was sent to (its --route-by-path folder) and the client (its uploader).
+    path: str
+    client: str
+    # Whether Content-Encoding said gzip (the magic bytes are looked at as well).
+    declared_gzip: bool
+
+
+class Verdict(enum.Enum):
+    """How a push ended."""
+
+    STORED = "stored"
+    # A retry of a batch stored within the dedupe window: not stored again.
+    DUPLICATE = "duplicate"
+    # DataStream's "Validate & Save" probe: nothing to store.
+    PROBE = "probe"
+    # The body cannot be decoded, or decodes to more than --max-decompressed-size: sending it again cannot help.
+    UNDECODABLE = "undecodable"
+    TOO_LARGE = "too large"
+    # Storage failed: nothing of the push was kept, and a retry may succeed.
+    STORAGE_FAILED = "storage failed"
+
+
+class Outcome(NamedTuple):
+    """What became of a push."""
+
+    verdict: Verdict
+    records: int = 0
+    # The stream's row in the status page and metrics, once its records named it.
+    stream_row: Optional[str] = None
+    # Why, in a few words, for the access log and the client.
+    reason: str = ""
+
+
+class PushPipeline:
+    """Takes a push body to its Outcome: decode, tell a probe, classify the stream, pick the folder, store
+    (dedupe included), count.  Socket-free and HTTP-free, so it is tested in-process."""
+
+    def __init__(self, settings: Settings, storage: Storage, streams: StreamCatalog, metrics: Metrics) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.streams = streams
+        self.metrics = metrics
+
+    def accept(self, facts: PushFacts, body: bytearray,
+               on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
+        """Decodes and stores a push; on_growth(held) sees the decoded bytes held in memory grow, and may raise
+        to abandon the push before it is stored."""
+        try:
+            push = decode_push(body, facts.declared_gzip, self.settings.max_decompressed_size,
+                               self.storage.layout.spool_dir, self.storage.dedupes, on_growth)
+        except BodyTooLarge as exc:
+            return Outcome(Verdict.TOO_LARGE, reason=str(exc))
+        except BodyError as exc:
+            return Outcome(Verdict.UNDECODABLE, reason=str(exc))
+        try:
+            return self.store(facts, push)
+        finally:
+            push.batch.close()
+
+    def store(self, facts: PushFacts, push: DecodedPush) -> Outcome:
+        """Stores a decoded push's records in its stream's folder."""
+        batch, metrics = push.batch, self.metrics
+        if batch.is_validation_probe():
+            metrics.count("validation_probes")
+            return Outcome(Verdict.PROBE, reason="validation probe")
+        metrics.count("decoded_bytes", batch.size)
+        if not batch.records:
+            metrics.stored(facts.path, 0)
+            return Outcome(Verdict.STORED)
+        records = self.streams.classify(batch)
+        route = folder_for_path(facts.path) if self.settings.route_by_path else ""
+        folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
+        # A stream's row: per route as well with --route-by-path.
+        row = route + "/" + records.stream if route else records.stream
+        pushed_gzip = push.pushed_gzip if records.batch is batch else None
+        try:
+            result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique)
+        except (StorageError, SupervisorGone) as exc:
+            metrics.count("storage_errors")
+            metrics.storage_failed(str(exc))
+            return Outcome(Verdict.STORAGE_FAILED, stream_row=row, reason=str(exc))
+        if result.path is None:
+            metrics.count("dedupe_hits")
+            metrics.stream_deduplicated(row)
+            return Outcome(Verdict.DUPLICATE, batch.records, row,
+                           "duplicate of a batch stored within the dedupe window")
+        if result.kept_duplicate:
+            metrics.count("dedupe_ineligible")
+        metrics.stored(facts.path, batch.records)
+        metrics.stream_stored(row, batch.records, records.unconverted, records.newest_event, facts.client,
+                              records.batch.stored_size)
+        return Outcome(Verdict.STORED, batch.records, row)
 
 
 # ---------------------------------------------------------------------------
@@ -3150,7 +3519,7 @@ class BodyPace:
             raise SlowBody("body arriving at %.0f bytes/s, below --min-body-rate" % (received / elapsed))
 
 
-class ClientStream:
+class ClientReader:
     """Reads from a client socket into a buffer, every read bounded by an absolute deadline; the parsers
     above decide what the bytes mean."""
 
@@ -3285,7 +3654,7 @@ class Exchange:
         self.bytes_in = 0
         self.records = 0
         # The stream's row (status page, metrics) once the records named it.
-        self.stream: Optional[str] = None
+        self.stream_row: Optional[str] = None
         # Why it ended as it did, for the access log.
         self.note = ""
 
@@ -3302,31 +3671,33 @@ class ConnectionHandler:
     """Serves one client connection in its own thread: TLS handshake, then HTTP/1.1 requests.
 
     Override do_<METHOD>(request, exchange) -> Response to serve another
-    method; the handler only speaks HTTP and leaves decoding to decode_push()
-    and writing to Storage.
+    method.  The handler only speaks HTTP: what a push's body becomes is the
+    server's accept_push() (see PushPipeline), and it uses nothing of the
+    server beyond the interface ReceiverServer's docstring lists.
     """
 
     def __init__(self, server: ReceiverServer, sock: socket.socket, address: Tuple[str, int]) -> None:
         self.server = server
-        self.config = server.config
+        self.settings = server.settings
         self.sock = sock
         self.peer = address[0]
         # True while no request is being served: in the handshake, the head, or between requests.
-        self.idle = True
-        self.idle_since = time.monotonic()
+        self.waiting = True
+        self.waiting_since = time.monotonic()
         # Whether it counts against --max-client-connections.
         self.counted = False
-        self.stream = ClientStream(sock)
+        self.reader = ClientReader(sock)
 
     # -- connection -----------------------------------------------------------
 
     def run(self) -> None:
         """Serves a new connection: TLS handshake, then requests; never raises."""
-        if self.server.certificates is not None and not self.handshake():
+        context = self.server.tls_context()
+        if context is not None and not self.handshake(context):
             self.close()
             return
-        self.stream.sock = self.sock
-        self.serve(time.monotonic() + self.config.timeout)
+        self.reader.sock = self.sock
+        self.serve(time.monotonic() + self.settings.timeout)
 
     def serve(self, deadline: float) -> None:
         """Serves requests until the connection closes, or parks it once it waits idle for a while; never raises.
@@ -3339,15 +3710,15 @@ class ConnectionHandler:
             while True:
                 park_at = min(deadline, time.monotonic() + IDLE_PARK_AFTER)
                 try:
-                    if not self.stream.wait_for_request(park_at):
+                    if not self.reader.wait_for_request(park_at):
                         return
                 except DeadlineExceeded:
                     if park_at < deadline:
-                        parked = self.server.idle.park(self, deadline)
+                        parked = self.server.park(self, deadline)
                     return
                 if not self.handle_one_request():
                     return
-                deadline = time.monotonic() + self.config.keepalive_timeout
+                deadline = time.monotonic() + self.settings.keepalive_timeout
         except OSError:
             return  # reset or TLS error while waiting: the client is gone
         except Exception:
@@ -3364,15 +3735,13 @@ class ConnectionHandler:
         except OSError:
             pass
 
-    def handshake(self) -> bool:
+    def handshake(self, context: ssl.SSLContext) -> bool:
         """Runs the TLS handshake in this thread under the --timeout deadline."""
-        assert self.server.certificates is not None
         # CPython applies the socket timeout to the whole do_handshake() call,
         # so a client trickling bytes cannot stretch it.
-        self.sock.settimeout(self.config.timeout)
+        self.sock.settimeout(self.settings.timeout)
         try:
-            tls_sock = self.server.certificates.context.wrap_socket(self.sock, server_side=True,
-                                                                    do_handshake_on_connect=False)
+            tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             self.sock = tls_sock
             tls_sock.do_handshake()
             return True
@@ -3383,9 +3752,9 @@ class ConnectionHandler:
                 log.info("tls handshake from %s failed: %s", self.peer, reason)
             return False
 
-    def interrupt_if_idle(self) -> None:
-        """Wakes an idle connection's thread so it closes (used at shutdown)."""
-        if self.idle:
+    def interrupt_if_waiting(self) -> None:
+        """Wakes the thread of a connection waiting for a request so it closes (shutdown, eviction)."""
+        if self.waiting:
             try:
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
             except OSError:
@@ -3398,10 +3767,9 @@ class ConnectionHandler:
         exchange = Exchange(self.peer)
         close = True
         try:
-            head = self.stream.read_head(exchange.started + self.config.timeout)
+            head = self.reader.read_head(exchange.started + self.settings.timeout)
             exchange.request = request = parse_request_head(head)
-            with self.server.lock:
-                self.idle = False
+            self.server.set_waiting(self, False)
             exchange.client = self.server.client_address(self.peer, request)
             exchange.framing = body_framing(request)
             method: Optional[Callable[[Request, Exchange], Response]] = getattr(self, "do_" + request.method, None)
@@ -3410,7 +3778,7 @@ class ConnectionHandler:
                                 headers=[("Allow", ", ".join(PUSH_METHODS))])
             response = method(request, exchange)
             status = response.status
-            close = request.wants_close() or self.server.stopping.is_set() or exchange.body_pending()
+            close = request.wants_close() or self.server.is_stopping() or exchange.body_pending()
             self.write_response(exchange, response, close)
         except HTTPError as exc:
             status = exc.status
@@ -3434,9 +3802,8 @@ class ConnectionHandler:
         finally:
             self.server.inflight.release(exchange.reserved)
         self.log_request(exchange, status)
-        with self.server.lock:
-            self.idle, self.idle_since = True, time.monotonic()
-        if close or self.server.stopping.is_set():
+        self.server.set_waiting(self, True)
+        if close or self.server.is_stopping():
             if exchange.body_pending():
                 self.linger()
             return False
@@ -3478,11 +3845,17 @@ class ConnectionHandler:
                                 [("Retry-After", str(RETRY_AFTER_SECONDS))])
             return Response(HTTPStatus.OK, b"ok\n")
         if request.path == METRICS_PATH:
-            if not self.config.metrics_public:
+            if not self.settings.metrics_public:
                 self.authenticate(request, exchange)
-            return Response(HTTPStatus.OK, self.server.render_metrics(), [("Content-Type", METRICS_CONTENT_TYPE)])
+            try:
+                exposition = self.server.render_metrics()
+            except SupervisorGone as exc:
+                # Figures of this worker alone would make every counter seem to drop.
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc),
+                                headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
+            return Response(HTTPStatus.OK, exposition, [("Content-Type", METRICS_CONTENT_TYPE)])
         if request.path in (STATUS_PATH, STATUS_JSON_PATH):
-            if not self.config.status_public:
+            if not self.settings.status_public:
                 self.authenticate(request, exchange)
             document = self.server.status_document()
             if request.path == STATUS_JSON_PATH:
@@ -3497,24 +3870,28 @@ class ConnectionHandler:
 
     def do_POST(self, request: Request, exchange: Exchange) -> Response:
         """Receives a push: checks, reads and decodes the body, stores the records."""
-        config = self.config
+        settings = self.settings
         if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, STATUS_JSON_PATH):
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
-        if config.paths and request.path not in config.paths:
+        if settings.paths and request.path not in settings.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
         self.authenticate(request, exchange)
         if exchange.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
-        if isinstance(exchange.framing, int) and exchange.framing > config.max_body_size:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % config.max_body_size)
+        if isinstance(exchange.framing, int) and exchange.framing > settings.max_body_size:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % settings.max_body_size)
         expect = request.header("expect")
         if expect is not None and expect.lower() != "100-continue":
             raise HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported Expect")
         # RFC 9110 10.1.1: an HTTP/1.0 client does not know 100 Continue, so its expectation is ignored.
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return self.store_body(request, exchange, self.read_body(exchange), is_gzip)
+        body = self.read_body(exchange)
+        facts = PushFacts(request.path, exchange.client, is_gzip)
+        # Decoded bytes held in memory count against the in-flight budget too.
+        outcome = self.server.accept_push(facts, body, lambda held: self.reserve_inflight(exchange, len(body) + held))
+        return self.answer_push(exchange, outcome)
 
     do_PUT = do_POST
 
@@ -3529,73 +3906,38 @@ class ConnectionHandler:
 
     def read_body(self, exchange: Exchange) -> bytearray:
         """Reads the whole body under the --timeout deadline and --min-body-rate."""
-        pace = BodyPace(time.monotonic() + self.config.timeout, self.config.min_body_rate,
+        pace = BodyPace(time.monotonic() + self.settings.timeout, self.settings.min_body_rate,
                         lambda size: self.reserve_inflight(exchange, size))
         try:
             if isinstance(exchange.framing, int):
-                body = self.stream.read_exact(exchange.framing, pace)
+                body = self.reader.read_exact(exchange.framing, pace)
             else:
-                body = self.stream.read_chunked(self.config.max_body_size, pace)
+                body = self.reader.read_chunked(self.settings.max_body_size, pace)
         except SlowBody as exc:
             raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, str(exc), close=True) from None
         exchange.body_read = True
         exchange.bytes_in = len(body)
         return body
 
-    def store_body(self, request: Request, exchange: Exchange, body: bytearray, is_gzip: bool) -> Response:
-        """Decodes the body into records and stores them; probes are answered without storing."""
-        storage = self.server.storage
-        try:
-            # Decoded bytes held in memory count against the in-flight budget too.
-            push = decode_push(body, is_gzip, self.config.max_decompressed_size, storage.layout.spool_dir,
-                               storage.dedupe is not None,
-                               lambda held: self.reserve_inflight(exchange, len(body) + held))
-        except BodyTooLarge as exc:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc)) from None
-        except BodyError as exc:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        batch = push.batch
-        metrics = self.server.metrics
-        try:
-            if batch.is_validation_probe():
-                exchange.note = "validation probe"
-                metrics.count("validation_probes")
-                return Response(HTTPStatus.OK, b"validation ok\n")
-            metrics.count("decoded_bytes", batch.size)
-            if not batch.records:
-                metrics.stored(request.path, 0)
-                return Response(HTTPStatus.OK, b"stored 0 records\n")
-            records = self.server.streams.classify(batch)
-            route = folder_for_path(request.path) if self.config.route_by_path else ""
-            folder = Layout.folder(route, records.stream if self.config.partition_by == "stream" else None)
-            # The stream's row in the status page and its metrics: per route as well with --route-by-path.
-            exchange.stream = route + "/" + records.stream if route else records.stream
-            pushed_gzip = push.pushed_gzip if records.batch is batch else None
-            try:
-                stored = storage.store(folder, records.batch, pushed_gzip)
-                if stored is None and not records.is_unique():
-                    # Identical to a stored batch, but a genuine batch can be: never drop it.
-                    metrics.count("dedupe_ineligible")
-                    records.batch.digest = None
-                    stored = storage.store(folder, records.batch, pushed_gzip)
-            except StorageError as exc:
-                metrics.count("storage_errors")
-                metrics.storage_failed(str(exc))
-                log.error("storage failed, answering 503: %s", exc)
-                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
-                                headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]) from None
-            if stored is None:
-                exchange.note = "duplicate of a batch stored within the dedupe window"
-                metrics.count("dedupe_hits")
-                metrics.stream_deduplicated(exchange.stream)
-                return Response(HTTPStatus.OK, b"already stored %d records\n" % batch.records)
-            exchange.records = batch.records
-            metrics.stored(request.path, batch.records)
-            metrics.stream_stored(exchange.stream, batch.records, records.unconverted, records.newest_event,
-                                  exchange.client, records.batch.stored_size)
-            return Response(HTTPStatus.OK, b"stored %d records\n" % batch.records)
-        finally:
-            batch.close()
+    def answer_push(self, exchange: Exchange, outcome: Outcome) -> Response:
+        """Maps what the pipeline made of a push to its HTTP answer."""
+        exchange.stream_row = outcome.stream_row
+        exchange.note = outcome.reason
+        verdict = outcome.verdict
+        if verdict is Verdict.STORED:
+            exchange.records = outcome.records
+            return Response(HTTPStatus.OK, b"stored %d records\n" % outcome.records)
+        if verdict is Verdict.DUPLICATE:
+            return Response(HTTPStatus.OK, b"already stored %d records\n" % outcome.records)
+        if verdict is Verdict.PROBE:
+            return Response(HTTPStatus.OK, b"validation ok\n")
+        if verdict is Verdict.TOO_LARGE:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, outcome.reason)
+        if verdict is Verdict.UNDECODABLE:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, outcome.reason)
+        log.error("storage failed, answering 503: %s", outcome.reason)
+        raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
+                        headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
 
     # -- answers --------------------------------------------------------------
 
@@ -3617,7 +3959,7 @@ class ConnectionHandler:
             lines.append("Connection: keep-alive")
         is_head = request is not None and request.method == "HEAD"
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head else response.body)
-        self.sock.settimeout(self.config.timeout)
+        self.sock.settimeout(self.settings.timeout)
         self.sock.sendall(data)
 
     def write_error(self, exchange: Exchange, error: HTTPError, close: bool) -> None:
@@ -3635,7 +3977,7 @@ class ConnectionHandler:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
         except OSError:
             return
-        self.stream.discard(time.monotonic() + LINGER_SECONDS, LINGER_MAX_BYTES)
+        self.reader.discard(time.monotonic() + LINGER_SECONDS, LINGER_MAX_BYTES)
 
     def log_request(self, exchange: Exchange, status: HTTPStatus) -> None:
         """Counts the request and writes its access log line; refusals are rate-limited per client."""
@@ -3648,7 +3990,7 @@ class ConnectionHandler:
         if status == HTTPStatus.UNAUTHORIZED:
             metrics.count("auth_failures")
         if status >= 400:
-            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream)
+            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream_row)
             # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
@@ -3808,7 +4150,7 @@ class AuthBrake:
                 self.recent[client] = times
 
 
-class IdleConnections:
+class ParkedConnections:
     """Keep-alive connections waiting for their next request, watched by one thread instead of a thread each.
 
     A connection idle for IDLE_PARK_AFTER is parked here; when data arrives a
@@ -3827,7 +4169,7 @@ class IdleConnections:
     def park(self, handler: ConnectionHandler, deadline: float) -> bool:
         """Takes over an idle connection; False once the server is stopping (the caller closes it)."""
         with self.lock:
-            if self.server.stopping.is_set():
+            if self.server.is_stopping():
                 return False
             self.arrivals.append((handler, deadline))
         self.wake()
@@ -3842,7 +4184,7 @@ class IdleConnections:
         while True:
             with self.lock:
                 arrivals, self.arrivals = self.arrivals, []
-                stopping = self.server.stopping.is_set()
+                stopping = self.server.is_stopping()
             for handler, deadline in arrivals:
                 self.selector.register(handler.sock, selectors.EVENT_READ, handler)
                 deadlines[handler] = deadline
@@ -3865,63 +4207,110 @@ class IdleConnections:
 
 
 class ReceiverServer:
-    """Owns the listening socket and the shared state; runs a thread per connection with a request under way."""
+    """Owns the listening socket and the shared state; runs a thread per connection with a request under way.
+
+    What a ConnectionHandler may use, and nothing else:
+        settings, metrics, authenticator, auth_brake, inflight, noisy_log
+        tls_context()                        the context new connections take; None for plain HTTP
+        client_address(peer, request)        whom a request speaks for (X-Forwarded-For from a proxy)
+        accept_push(facts, body, on_growth)  a push's body to its Outcome (the PushPipeline)
+        health(), render_metrics(), status_document()   what the GET paths show
+        set_waiting(handler, waiting)        a connection stops or starts waiting for a request
+        park(handler, deadline)              hands an idle keep-alive connection to one watching thread
+        is_stopping(), connection_finished(handler)
+    """
 
     handler_class = ConnectionHandler
 
-    def __init__(self, config: argparse.Namespace, listener: socket.socket,
+    def __init__(self, settings: Settings, listener: socket.socket,
                  certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 streams: StreamCatalog, merged_metrics: Optional[Callable[[bool], Snapshot]] = None,
+                 streams: StreamCatalog,
+                 merged_metrics: Optional[Callable[[SnapshotScope], MetricsSnapshot]] = None,
                  client_connections: Optional[ClientConnections] = None) -> None:
-        self.config = config
-        # With workers: the metrics of all of them, summed.
+        self.settings = settings
+        # With workers: the metrics of all of them, summed (may raise SupervisorGone).
         self.merged_metrics = merged_metrics
         self.listener = listener
         self.certificates = certificates
         self.authenticator = authenticator
         self.storage = storage
         self.streams = streams
-        self.inflight = InflightBudget(config.max_inflight_bytes)
+        self.inflight = InflightBudget(settings.max_inflight_bytes)
         self.metrics = Metrics()
+        self.pipeline = PushPipeline(settings, storage, streams, self.metrics)
         self.started = time.time()
         self.noisy_log = RateLimitedLog()
-        self.auth_brake = AuthBrake(config.auth_brake)
+        self.auth_brake = AuthBrake(settings.auth_brake)
         self.client_connections = client_connections or ClientConnections(1)
         self.connections: Set[ConnectionHandler] = set()
         self.lock = threading.Lock()
         self.all_closed = threading.Condition(self.lock)
         self.stopping = threading.Event()
-        self.idle = IdleConnections(self)
+        self.parked = ParkedConnections(self)
 
-    def merged_snapshot(self, with_streams: bool = True) -> Snapshot:
-        """The metrics of every worker (of this process alone without workers), merged."""
+    # -- for the handler ------------------------------------------------------------
+
+    def tls_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context a new connection takes (renewed certificates included); None for plain HTTP."""
+        return self.certificates.context if self.certificates is not None else None
+
+    def accept_push(self, facts: PushFacts, body: bytearray, on_growth: Callable[[int], None]) -> Outcome:
+        """Stores a push: see PushPipeline.accept."""
+        return self.pipeline.accept(facts, body, on_growth)
+
+    def set_waiting(self, handler: ConnectionHandler, waiting: bool) -> None:
+        """Records that a connection waits for a request (it may be evicted) or serves one."""
+        with self.lock:
+            handler.waiting = waiting
+            if waiting:
+                handler.waiting_since = time.monotonic()
+
+    def park(self, handler: ConnectionHandler, deadline: float) -> bool:
+        """Takes over an idle keep-alive connection until `deadline`; False once stopping (the caller closes it)."""
+        return self.parked.park(handler, deadline)
+
+    def is_stopping(self) -> bool:
+        """Whether the server is shutting down (connections close after their answer)."""
+        return self.stopping.is_set()
+
+    def merged_snapshot(self, scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
+        """The metrics of every worker (of this process alone without workers), merged; raises SupervisorGone
+        when the workers' figures cannot be had."""
         if self.merged_metrics is not None:
-            return self.merged_metrics(with_streams)
-        return Metrics.merge([self.metrics_snapshot(with_streams)])
+            return self.merged_metrics(scope)
+        return MetricsSnapshot.merge([self.metrics_snapshot(scope)])
 
     def status_document(self) -> Dict[str, Any]:
-        """What /status and /status.json show: every worker's view merged, and this server's facts."""
+        """What /status and /status.json show: every worker's view merged, and this server's facts; this
+        worker's alone (saying so under "partial") when the supervisor cannot be reached."""
         now = time.time()
-        snapshot = self.merged_snapshot()
-        current = int(now // 60)
-        hour = [str(minute) for minute in range(current - HISTORY_MINUTES + 1, current + 1)]
+        partial: Optional[str] = None
+        try:
+            snapshot = self.merged_snapshot()
+        except SupervisorGone as exc:
+            snapshot, partial = self.metrics_snapshot(), "%s: this worker's figures only" % exc
+        current = minute_of(now)
+        hour = range(current - HISTORY_MINUTES + 1, current + 1)
         streams = []
-        for name, stats in sorted(snapshot["streams"].items()):
-            per_minute = [stats["minutes"].get(minute, [0, 0]) for minute in hour]
-            since = now - stats["last_push"] if stats["last_push"] else None
+        for name, stats in sorted(snapshot.streams.items()):
+            per_minute = [stats.minutes.get(minute, [0, 0]) for minute in hour]
+            since = now - stats.last_push if stats.last_push else None
             interval = self.streams.push_interval(name.rsplit("/", 1)[-1])
             streams.append({
-                "stream": name, "last_push": stats["last_push"] or None, "seconds_since_push": since,
-                "push_interval_seconds": interval, "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
+                "stream": name, "last_push": stats.last_push or None, "seconds_since_push": since,
+                "push_interval_seconds": interval,
+                "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
                 "batches_last_hour": sum(batches for batches, _ in per_minute),
                 "records_last_hour": sum(records for _, records in per_minute),
                 "records_per_minute": [records for _, records in per_minute],
-                "uploaders_last_10_minutes": sum(now - seen < UPLOADER_WINDOW for seen in stats["uploaders"].values()),
-                "event_lag_seconds": now - stats["newest_event"] if stats["newest_event"] else None,
-                "dedupe_hits": stats["dedupe_hits"], "refusals": stats["refusals"], "records_total": stats["records"]})
-        gauges = snapshot["gauges"]
+                "uploaders_last_10_minutes": sum(now - seen < UPLOADER_WINDOW for seen in stats.uploaders.values()),
+                "event_lag_seconds": now - stats.newest_event if stats.newest_event else None,
+                "dedupe_hits": stats.dedupe_hits,
+                "refusals": {str(status): number for status, number in stats.refusals.items()},
+                "records_total": stats.records})
+        gauges = snapshot.gauges
         uptime = now - gauges["start_time_seconds"]
-        written = sum(snapshot["written"].get(minute, 0) for minute in hour)
+        written = sum(snapshot.written.get(minute, 0) for minute in hour)
         rate = written / max(60.0, min(uptime, HISTORY_MINUTES * 60.0))
         free: Optional[int] = None
         total: Optional[int] = None
@@ -3930,57 +4319,64 @@ class ReceiverServer:
             free, total = disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
         except OSError:
             pass  # shown as unknown
-        error = snapshot["storage_error"]
-        address = self.listener.getsockname() if self.listener.fileno() >= 0 else (self.config.host, self.config.port)
+        error = snapshot.storage_error
+        address = (self.listener.getsockname() if self.listener.fileno() >= 0
+                   else (self.settings.host, self.settings.port))
         host = "[%s]" % address[0] if ":" in address[0] else address[0]
         return {
             "generated": now,
+            "partial": partial,
             "streams": streams,
             "storage": {
                 "output_dir": str(self.storage.layout.root), "disk_free_bytes": free, "disk_total_bytes": total,
                 "written_last_hour_bytes": written, "write_rate_bytes_per_second": rate,
                 "full_in_seconds": free / rate if free is not None and rate > 0 else None,
-                "fsync_p50_seconds": histogram_quantile(snapshot["fsync"], 0.5),
-                "fsync_p99_seconds": histogram_quantile(snapshot["fsync"], 0.99),
-                "last_error": {"time": error[0], "reason": error[1]} if error else None,
-                "failing": Metrics.storage_failure(snapshot, now),
-                "streak_started": snapshot["streak_start"] or None,
-                "streak_seconds": now - snapshot["streak_start"] if snapshot["streak_start"] else 0.0,
+                "fsync_p50_seconds": snapshot.fsync.quantile(0.5),
+                "fsync_p99_seconds": snapshot.fsync.quantile(0.99),
+                "last_error": {"time": error.time, "reason": error.reason} if error else None,
+                "failing": snapshot.storage_failure(now),
+                "streak_started": snapshot.streak_start or None,
+                "streak_seconds": now - snapshot.streak_start if snapshot.streak_start else 0.0,
                 "retry_horizon_seconds": RETRY_HORIZON},
             "server": {
-                "version": __version__, "uptime_seconds": uptime, "workers": self.config.workers,
-                "listening": "%s://%s:%d" % ("http" if self.config.http else "https", host, address[1]),
-                "plain_http": self.config.http,
+                "version": __version__, "uptime_seconds": uptime, "workers": self.settings.workers,
+                "listening": "%s://%s:%d" % (self.settings.scheme, host, address[1]),
+                "plain_http": self.settings.http,
                 "tls": self.certificates.facts or None if self.certificates is not None else None,
                 "authentication": self.authenticator.methods(),
                 "open_connections": gauges["open_connections"], "inflight_bytes": gauges["inflight_bytes"]},
-            "refusals": [{"time": moment, "status": status, "client": client, "path": path, "reason": reason}
-                         for moment, status, client, path, reason in reversed(snapshot["refusals"])],
-            "requests": snapshot["requests"],
+            "refusals": [refusal._asdict() for refusal in reversed(snapshot.refusals)],
+            "requests": {str(status): number for status, number in snapshot.requests.items()},
         }
 
     def health(self) -> Optional[str]:
         """Why storage fails: a worker's store failed recently and none succeeded since, or the probe fails."""
-        return Metrics.storage_failure(self.merged_snapshot(with_streams=False), time.time()) or self.storage.probe()
+        try:
+            snapshot = self.merged_snapshot(SnapshotScope.HEALTH)
+        except SupervisorGone as exc:
+            return str(exc)
+        return snapshot.storage_failure(time.time()) or self.storage.probe()
 
-    def metrics_snapshot(self, with_streams: bool = True) -> Snapshot:
-        """This process's metrics as plain data."""
+    def metrics_snapshot(self, scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
+        """This process's metrics."""
         with self.lock:
             open_connections = len(self.connections)
-        gauges = {"open_connections": open_connections, "inflight_bytes": self.inflight.used,
+        gauges = {"open_connections": float(open_connections), "inflight_bytes": float(self.inflight.used),
                   "start_time_seconds": self.started}
-        return self.metrics.snapshot(gauges, self.storage.fsync_seconds, with_streams)
+        return self.metrics.snapshot(gauges, self.storage.fsync_seconds, scope)
 
     def render_metrics(self) -> bytes:
-        """The /metrics document: summed over every worker when there are several."""
+        """The /metrics document: summed over every worker when there are several (may raise SupervisorGone)."""
         return Metrics.render(self.merged_snapshot())
+
+    # -- the accept loop and the rest -----------------------------------------------
 
     def reload(self) -> None:
         """SIGHUP: reloads the certificate, credential and stream definition files; reopens moved output files."""
         if self.certificates is not None:
             self.certificates.reload("SIGHUP")
         try:
-            self.authenticator = Authenticator.from_config(self.config, dict(os.environ))
+            self.authenticator = Authenticator.from_settings(self.settings.credentials, dict(os.environ))
             log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods()) or "none configured")
         except ConfigError as exc:
             log.error("credential reload refused, keeping the previous credentials: %s", exc)
@@ -4000,7 +4396,7 @@ class ReceiverServer:
     def serve(self, signals: SignalFlags) -> None:
         """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate files."""
         self.listener.setblocking(False)
-        next_check = time.monotonic() + self.config.cert_check_interval
+        next_check = time.monotonic() + self.settings.cert_check_interval
         next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
@@ -4015,7 +4411,7 @@ class ReceiverServer:
                     self.reload()
                 if self.certificates is not None and time.monotonic() >= next_check:
                     self.certificates.reload_if_changed()
-                    next_check = time.monotonic() + self.config.cert_check_interval
+                    next_check = time.monotonic() + self.settings.cert_check_interval
                 if time.monotonic() >= next_summary:
                     self.noisy_log.log_summary("in the last minute")
                     next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
@@ -4032,11 +4428,11 @@ class ReceiverServer:
                 log.warning("accept failed: %s", describe_os_error(exc))
                 return
             peer = address[0]
-            limited = bool(self.config.max_client_connections) and not self.is_trusted_proxy(peer)
+            limited = bool(self.settings.max_client_connections) and not self.is_trusted_proxy(peer)
             with self.lock:
-                full = len(self.connections) >= self.config.max_connections
+                full = len(self.connections) >= self.settings.max_connections
                 crowded = limited and not full and (self.client_connections.count(peer)
-                                                    >= self.config.max_client_connections)
+                                                    >= self.settings.max_client_connections)
                 if not full and not crowded:
                     handler = self.handler_class(self, sock, address)
                     handler.counted = limited
@@ -4044,8 +4440,8 @@ class ReceiverServer:
                     if limited:
                         self.client_connections.add(peer, 1)
                     # Near the cap, room for a new uploader comes from connections that are not serving a request.
-                    if len(self.connections) >= EVICT_AT * self.config.max_connections:
-                        self.evict_waiting(len(self.connections) - int(EVICT_AT * self.config.max_connections) + 1,
+                    if len(self.connections) >= EVICT_AT * self.settings.max_connections:
+                        self.evict_waiting(len(self.connections) - int(EVICT_AT * self.settings.max_connections) + 1,
                                            handler)
             if full or crowded:
                 sock.close()
@@ -4070,10 +4466,10 @@ class ReceiverServer:
     def evict_waiting(self, count: int, newcomer: ConnectionHandler) -> None:
         """Closes the `count` oldest connections, other than the newcomer they make room for, that are not
         serving a request: still in their handshake or head, or idle between requests (call with the lock)."""
-        waiting = sorted((handler for handler in self.connections if handler.idle and handler is not newcomer),
-                         key=lambda h: h.idle_since)
+        waiting = sorted((handler for handler in self.connections if handler.waiting and handler is not newcomer),
+                         key=lambda h: h.waiting_since)
         for handler in waiting[:count]:
-            handler.interrupt_if_idle()
+            handler.interrupt_if_waiting()
         if waiting[:count]:
             self.metrics.count("connections_evicted", len(waiting[:count]))
 
@@ -4083,7 +4479,7 @@ class ReceiverServer:
             peer_ip = ipaddress.ip_address(peer)
         except ValueError:
             return False
-        return any(peer_ip in network for network in self.config.trusted_proxy)
+        return any(peer_ip in network for network in self.settings.trusted_proxy)
 
     def connection_finished(self, handler: ConnectionHandler) -> None:
         """Forgets a closed connection."""
@@ -4097,19 +4493,19 @@ class ReceiverServer:
     def shutdown(self, timeout: float) -> bool:
         """Stops accepting, closes idle connections, waits for in-flight requests; False if some remain."""
         self.stopping.set()
-        self.idle.wake()
+        self.parked.wake()
         self.listener.close()
         deadline = time.monotonic() + timeout
         with self.lock:
             for handler in list(self.connections):
-                handler.interrupt_if_idle()
+                handler.interrupt_if_waiting()
             while self.connections:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self.all_closed.wait(min(remaining, 0.5))
                 for handler in list(self.connections):
-                    handler.interrupt_if_idle()
+                    handler.interrupt_if_waiting()
         return True
 
 
@@ -4147,32 +4543,31 @@ class Release(NamedTuple):
 
 
 class MetricsRequest(NamedTuple):
-    """Worker to supervisor: the metrics of every worker (with their per-stream part or not), please.
-    Answered by MetricsAnswer."""
+    """Worker to supervisor: the metrics of every worker, please.  Answered by MetricsAnswer."""
 
     id: int
-    with_streams: bool
+    scope: SnapshotScope
 
 
 class MetricsAnswer(NamedTuple):
     """Supervisor to worker: the merged metrics."""
 
     id: int
-    snapshot: Snapshot
+    snapshot: MetricsSnapshot
 
 
 class SnapshotRequest(NamedTuple):
     """Supervisor to worker: your metrics, for gathering `id`.  Answered by SnapshotAnswer."""
 
     id: int
-    with_streams: bool
+    scope: SnapshotScope
 
 
 class SnapshotAnswer(NamedTuple):
     """Worker to supervisor: my metrics, for gathering `id`."""
 
     id: int
-    snapshot: Snapshot
+    snapshot: MetricsSnapshot
 
 
 Message = Union[Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer, SnapshotRequest, SnapshotAnswer]
@@ -4181,8 +4576,27 @@ MESSAGE_TYPES: Dict[str, Callable[..., Message]] = {
                                      SnapshotRequest, SnapshotAnswer)}
 
 
+def wire_value(value: object) -> object:
+    """A message field as JSON can carry it: snapshots in their wire form, scopes by value."""
+    if isinstance(value, MetricsSnapshot):
+        return value.to_wire()
+    if isinstance(value, SnapshotScope):
+        return value.value
+    return value
+
+
+def message_from_wire(kind: str, fields: List[Any]) -> Message:
+    """The message that ControlChannel.send() turned into [kind, *fields]."""
+    if kind in ("MetricsAnswer", "SnapshotAnswer"):
+        fields[1] = MetricsSnapshot.from_wire(fields[1])
+    elif kind in ("MetricsRequest", "SnapshotRequest"):
+        fields[1] = SnapshotScope(fields[1])
+    return MESSAGE_TYPES[kind](*fields)
+
+
 class ControlChannel:
-    """Messages between the supervisor and one worker over a socketpair, one JSON array per line."""
+    """Messages between the supervisor and one worker over a socketpair: one JSON array per line, the
+    message's type name then its fields (see wire_value)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -4191,7 +4605,8 @@ class ControlChannel:
 
     def send(self, message: Message) -> None:
         """Sends one message."""
-        data = json.dumps([type(message).__name__, *message], separators=(",", ":")).encode("utf-8") + b"\n"
+        line = [type(message).__name__, *map(wire_value, message)]
+        data = json.dumps(line, separators=(",", ":")).encode("utf-8") + b"\n"
         with self.send_lock:
             self.sock.sendall(data)
 
@@ -4201,7 +4616,7 @@ class ControlChannel:
         messages = []
         for line in lines:
             kind, *fields = json.loads(line)
-            messages.append(MESSAGE_TYPES[kind](*fields))
+            messages.append(message_from_wire(kind, fields))
         return messages
 
 
@@ -4216,11 +4631,11 @@ class SupervisorClient:
         self.last_id = 0
         self.gone = False
 
-    def start(self, snapshot: Callable[[bool], Snapshot]) -> None:
+    def start(self, snapshot: Callable[[SnapshotScope], MetricsSnapshot]) -> None:
         """Starts reading the supervisor's messages, answering its requests for metrics with `snapshot()`."""
         threading.Thread(target=self._read, args=(snapshot,), name="supervisor-link", daemon=True).start()
 
-    def _read(self, snapshot: Callable[[bool], Snapshot]) -> None:
+    def _read(self, snapshot: Callable[[SnapshotScope], MetricsSnapshot]) -> None:
         while True:
             try:
                 data = self.channel.sock.recv(65536)
@@ -4230,7 +4645,7 @@ class SupervisorClient:
                 break
             for message in self.channel.feed(data):
                 if isinstance(message, SnapshotRequest):
-                    self.channel.send(SnapshotAnswer(message.id, snapshot(message.with_streams)))
+                    self.channel.send(SnapshotAnswer(message.id, snapshot(message.scope)))
                 elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
                     with self.arrived:
                         self.replies[message.id] = message
@@ -4250,11 +4665,11 @@ class SupervisorClient:
         try:
             self.channel.send(make(request_id))
         except OSError as exc:
-            raise StorageError("the supervisor process is gone: %s" % describe_os_error(exc)) from exc
+            raise SupervisorGone("the supervisor process is gone: %s" % describe_os_error(exc)) from exc
         with self.arrived:
             while request_id not in self.replies:
                 if self.gone:
-                    raise StorageError("the supervisor process is gone")
+                    raise SupervisorGone("the supervisor process is gone")
                 self.arrived.wait()
             return self.replies.pop(request_id)
 
@@ -4272,9 +4687,9 @@ class SupervisorClient:
         """DedupeWindow.release()."""
         self.channel.send(Release(key))
 
-    def metrics(self, with_streams: bool = True) -> Snapshot:
-        """The metrics of every worker, summed."""
-        answer = self._call(lambda request_id: MetricsRequest(request_id, with_streams))
+    def metrics(self, scope: SnapshotScope) -> MetricsSnapshot:
+        """The metrics of every worker, summed; raises SupervisorGone."""
+        answer = self._call(lambda request_id: MetricsRequest(request_id, scope))
         assert isinstance(answer, MetricsAnswer)
         return answer.snapshot
 
@@ -4284,11 +4699,31 @@ def worker_tag(index: int) -> str:
     return ".w%d" % (index + 1)
 
 
-class WorkerProcess(NamedTuple):
-    """A running worker: its process and the supervisor's end of its control channel."""
+class WorkerSlot:
+    """One of the --workers places: its number, the tag its files carry, its process while one runs (with the
+    supervisor's end of its control channel) and when it was last restarted."""
 
-    pid: int
-    channel: ControlChannel
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.tag = worker_tag(index)
+        self.pid = 0
+        self.channel: Optional[ControlChannel] = None
+        self.restarts: List[float] = []
+
+    def started(self, pid: int, channel: ControlChannel) -> None:
+        """A process now runs in the slot."""
+        self.pid, self.channel = pid, channel
+
+    def ended(self) -> None:
+        """Its process is gone: nothing more can come from it."""
+        if self.channel is not None:
+            self.channel.sock.close()
+        self.pid, self.channel = 0, None
+
+    def crash_looping(self, now: float) -> bool:
+        """Counts a restart at `now`; True when there were too many within CRASH_LOOP_WINDOW."""
+        self.restarts = [moment for moment in self.restarts if now - moment < CRASH_LOOP_WINDOW] + [now]
+        return len(self.restarts) > CRASH_LOOP_RESTARTS
 
 
 class MetricsGathering:
@@ -4298,7 +4733,7 @@ class MetricsGathering:
         self.worker = worker
         self.request_id = request_id
         self.expected = set(expected)
-        self.snapshots: List[Snapshot] = []
+        self.snapshots: List[MetricsSnapshot] = []
 
 
 class Supervisor:
@@ -4311,8 +4746,7 @@ class Supervisor:
         self.layout = layout
         self.dedupe = dedupe
         self.run_worker = run_worker
-        self.workers: Dict[int, WorkerProcess] = {}
-        self.restarts: Dict[int, List[float]] = {}
+        self.slots = [WorkerSlot(index) for index in range(len(listeners))]
         # The worker storing each claimed batch, and the claims of other workers waiting for its outcome.
         self.owners: Dict[str, int] = {}
         self.waiting: Dict[str, List[Tuple[int, int]]] = {}
@@ -4321,8 +4755,12 @@ class Supervisor:
         self.stopping = False
         self.failed = False
 
-    def spawn(self, index: int) -> None:
-        """Forks worker `index` with its listener and a control socket."""
+    def running(self) -> List[WorkerSlot]:
+        """The slots a worker process runs in now."""
+        return [slot for slot in self.slots if slot.channel is not None]
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        """Forks the worker of `slot` with its listener and a control socket."""
         ours, theirs = socket.socketpair()
         # Held until the worker has its own handlers (SignalFlags.install), so none is lost meanwhile.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -4337,27 +4775,27 @@ class Supervisor:
             code = 1
             try:
                 ours.close()
-                for worker in self.workers.values():
-                    worker.channel.sock.close()
-                for listener in self.listeners:
-                    if listener is not self.listeners[index]:
-                        listener.close()
-                code = self.run_worker(index, self.listeners[index], theirs)
+                for other in self.running():
+                    other.ended()
+                listener = self.listeners[slot.index]
+                for unused in self.listeners:
+                    if unused is not listener:
+                        unused.close()
+                code = self.run_worker(slot.index, listener, theirs)
             except BaseException:
-                log.exception("worker %d failed", index + 1)
+                log.exception("worker %d failed", slot.index + 1)
             finally:
                 os._exit(code)  # never return into the supervisor's loop
         theirs.close()
-        self.workers[index] = WorkerProcess(pid, ControlChannel(ours))
+        slot.started(pid, ControlChannel(ours))
 
     def run(self, signals: SignalFlags) -> int:
         """Runs the workers until a stop signal and all of them have finished; returns the exit code."""
-        for index in range(len(self.listeners)):
-            self.spawn(index)
-        log.info("started %d workers (pids %s)", len(self.workers),
-                 " ".join(str(worker.pid) for worker in self.workers.values()))
-        while self.workers:
-            channels = {worker.channel.sock: index for index, worker in self.workers.items()}
+        for slot in self.slots:
+            self.spawn(slot)
+        log.info("started %d workers (pids %s)", len(self.slots), " ".join(str(slot.pid) for slot in self.slots))
+        while self.running():
+            channels = {slot.channel.sock: slot for slot in self.running() if slot.channel is not None}
             readable, _, _ = select.select([signals.wake_pipe.reader, *channels], [], [], 1.0)
             for sock in readable:
                 if sock is signals.wake_pipe.reader:
@@ -4367,9 +4805,9 @@ class Supervisor:
                     data = sock.recv(65536)
                 except OSError:
                     data = b""
-                index = channels[sock]
-                for message in self.workers[index].channel.feed(data) if data else []:
-                    self.handle(index, message)
+                slot = channels[sock]
+                for message in slot.channel.feed(data) if data and slot.channel is not None else []:
+                    self.handle(slot.index, message)
             if signals.stop_signal is not None and not self.stopping:
                 self.stop("received signal %d" % signals.stop_signal)
             if signals.take_reload():
@@ -4379,58 +4817,67 @@ class Supervisor:
 
     def stop(self, reason: str) -> None:
         """Asks every worker to finish its in-flight requests and exit."""
-        log.info("%s: stopping %d workers", reason, len(self.workers))
+        log.info("%s: stopping %d workers", reason, len(self.running()))
         self.stopping = True
         self.signal_all(signal.SIGTERM)
 
     def signal_all(self, signum: int) -> None:
         """Relays a signal to every worker."""
-        for worker in self.workers.values():
+        for slot in self.running():
             try:
-                os.kill(worker.pid, signum)
+                os.kill(slot.pid, signum)
             except ProcessLookupError:
                 pass
 
     def reap(self) -> None:
-        """Handles workers that exited: their files are recovered and their batches learnt, then they are restarted."""
-        while self.workers:
+        """Handles the workers that exited since the last look."""
+        while self.running():
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            index = next((i for i, worker in self.workers.items() if worker.pid == pid), None)
-            if index is None:
-                continue
-            self.workers.pop(index).channel.sock.close()
-            tag = worker_tag(index)
-            # It can write no more: finish its crash recovery, and learn what it stored, before anyone resends.
-            recover_output(self.layout, tag)
-            self.dedupe.load(indexed_batches(self.layout, self.dedupe.window, time.time(), tag))
-            for key in [key for key, owner in self.owners.items() if owner == index]:
-                self.release(key)
-            for number, gathering in list(self.gatherings.items()):
-                gathering.expected.discard(index)
-                self.finish_gathering(number)
-            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
-            now = time.monotonic()
-            restarts = self.restarts.setdefault(index, [])
-            restarts[:] = [moment for moment in restarts if now - moment < CRASH_LOOP_WINDOW] + [now]
-            if self.stopping:
-                log.info("worker %d (pid %d) stopped", index + 1, pid)
-            elif code == 2 or len(restarts) > CRASH_LOOP_RESTARTS:
-                log.error("worker %d (pid %d) exited with %s%s; stopping", index + 1, pid, code,
-                          "" if code == 2 else " again and again")
-                self.failed = True
-                self.stop("a worker cannot run")
-            else:
-                log.error("worker %d (pid %d) exited with %s; restarting it", index + 1, pid, code)
-                self.spawn(index)
+            slot = next((slot for slot in self.running() if slot.pid == pid), None)
+            if slot is not None:
+                self.after_exit(slot, os.waitstatus_to_exitcode(status)
+                                if hasattr(os, "waitstatus_to_exitcode") else status)
+
+    def after_exit(self, slot: WorkerSlot, code: int) -> None:
+        """Everything that follows a worker's exit, in the one safe order:
+
+        1. its slot forgets the process, so nothing more is read from it;
+        2. its files are recovered: bytes it wrote but never acknowledged are cut;
+        3. the batches it stored are learnt from their indexes into the dedupe window;
+        4. only then are its claims released, so that a retry waiting for one
+           of them is answered as a duplicate, never stored twice;
+        5. gatherings stop waiting for its snapshot;
+        6. it is restarted, unless the supervisor is stopping or it keeps exiting.
+        """
+        pid = slot.pid
+        slot.ended()
+        recover_output(self.layout, slot.tag)
+        self.dedupe.load(indexed_batches(self.layout, self.dedupe.window, time.time(), slot.tag))
+        for key in [key for key, owner in self.owners.items() if owner == slot.index]:
+            self.release(key)
+        for number, gathering in list(self.gatherings.items()):
+            gathering.expected.discard(slot.index)
+            self.finish_gathering(number)
+        looping = slot.crash_looping(time.monotonic())
+        if self.stopping:
+            log.info("worker %d (pid %d) stopped", slot.index + 1, pid)
+        elif code == 2 or looping:
+            log.error("worker %d (pid %d) exited with %s%s; stopping", slot.index + 1, pid, code,
+                      "" if code == 2 else " again and again")
+            self.failed = True
+            self.stop("a worker cannot run")
+        else:
+            log.error("worker %d (pid %d) exited with %s; restarting it", slot.index + 1, pid, code)
+            self.spawn(slot)
 
     def send(self, index: int, message: Message) -> None:
         """Sends to worker `index`, which may have gone meanwhile."""
-        worker = self.workers.get(index)
-        if worker is not None:
+        channel = self.slots[index].channel
+        if channel is not None:
             try:
-                worker.channel.send(message)
+                channel.send(message)
             except OSError:
                 pass
 
@@ -4453,9 +4900,10 @@ class Supervisor:
             self.release(message.key)
         elif isinstance(message, MetricsRequest):
             self.last_gathering += 1
-            self.gatherings[self.last_gathering] = MetricsGathering(index, message.id, self.workers)
-            for worker in list(self.workers):
-                self.send(worker, SnapshotRequest(self.last_gathering, message.with_streams))
+            running = [slot.index for slot in self.running()]
+            self.gatherings[self.last_gathering] = MetricsGathering(index, message.id, running)
+            for worker in running:
+                self.send(worker, SnapshotRequest(self.last_gathering, message.scope))
         elif isinstance(message, SnapshotAnswer):
             gathering = self.gatherings.get(message.id)
             if gathering is not None:
@@ -4483,7 +4931,7 @@ class Supervisor:
         gathering = self.gatherings[number]
         if not gathering.expected:
             del self.gatherings[number]
-            self.send(gathering.worker, MetricsAnswer(gathering.request_id, Metrics.merge(gathering.snapshots)))
+            self.send(gathering.worker, MetricsAnswer(gathering.request_id, MetricsSnapshot.merge(gathering.snapshots)))
 
 
 # ---------------------------------------------------------------------------
@@ -4518,6 +4966,27 @@ def build_check_parser() -> ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class CheckSettings:
+    """What the check command was asked to do."""
+
+    url: str
+    ca: Optional[Path]
+    client_cert: Optional[Path]
+    client_key: Optional[Path]
+    timeout: float
+    credentials: CredentialSettings
+
+
+def parse_check_options(argv: Sequence[str]) -> CheckSettings:
+    """Parses the check command's command line."""
+    options = build_check_parser().parse_args(argv)
+    return CheckSettings(options.url, options.ca, options.client_cert, options.client_key, options.timeout,
+                         CredentialSettings(options.basic_auth_file, options.auth_header,
+                                            options.auth_header_file, options.auth_query_param,
+                                            options.auth_query_file))
+
+
 class CheckReport:
     """Prints one PASS/FAIL/WARN/SKIP line per step and remembers whether any failed."""
 
@@ -4533,7 +5002,7 @@ class CheckReport:
         self.out.flush()
 
 
-def check_endpoint(options: argparse.Namespace, credentials: Authenticator, report: CheckReport) -> None:
+def check_endpoint(options: CheckSettings, credentials: Authenticator, report: CheckReport) -> None:
     """Runs every step DataStream's validation depends on, reporting each."""
     url = urllib.parse.urlsplit(options.url)
     host, port = url.hostname or "", url.port or 443
@@ -4599,7 +5068,7 @@ def check_endpoint(options: argparse.Namespace, credentials: Authenticator, repo
         post_probe(options, credentials, context, url, report, step, body, compressed)
 
 
-def post_probe(options: argparse.Namespace, credentials: Authenticator, context: ssl.SSLContext,
+def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.SSLContext,
                url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes, compressed: bool) -> None:
     """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with compressLogs), with the
     configured credentials, and checks for a 2xx in time."""
@@ -4643,13 +5112,9 @@ def post_probe(options: argparse.Namespace, credentials: Authenticator, context:
 
 def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
     """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad usage."""
-    options = build_check_parser().parse_args(argv)
-    settings = argparse.Namespace(basic_auth_file=options.basic_auth_file, auth_header=options.auth_header,
-                                  auth_header_file=options.auth_header_file,
-                                  auth_query_param=options.auth_query_param,
-                                  auth_query_file=options.auth_query_file, client_ca=None)
+    options = parse_check_options(argv)
     try:
-        credentials = Authenticator.from_config(settings, dict(os.environ))
+        credentials = Authenticator.from_settings(options.credentials, dict(os.environ))
     except ConfigError as exc:
         sys.stderr.write("dsreceiver.py check: error: %s\n" % exc)
         return 2
@@ -4660,6 +5125,7 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         return 1
     out.write("verdict: DataStream would accept %s\n" % options.url)
     return 0
+
 
 # ---------------------------------------------------------------------------
 # Lifecycle and signals
@@ -4762,16 +5228,16 @@ def prepare_output(layout: Layout, dedupe_window: float,
     return dedupe
 
 
-def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: socket.socket,
+def serve_until_stopped(settings: Settings, layout: Layout, listener: socket.socket,
                         certificates: Optional[CertificateSource], authenticator: Authenticator,
                         streams: StreamCatalog, signals: SignalFlags, dedupe: Optional[DedupeWindow],
                         supervisor: Optional[SupervisorClient] = None,
                         client_connections: Optional[ClientConnections] = None) -> int:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns 0."""
-    storage = Storage(layout, config.fsync, config.max_file_size or 0, dedupe)
-    housekeeper = Housekeeper(layout, storage, config.compress_rotated, config.retention_days or 0,
-                              config.dedupe_window)
-    server = ReceiverServer(config, listener, certificates, authenticator, storage, streams,
+    storage = Storage(layout, settings.fsync, settings.max_file_size, dedupe)
+    housekeeper = Housekeeper(layout, storage, settings.compress_rotated, settings.retention_days,
+                              settings.dedupe_window)
+    server = ReceiverServer(settings, listener, certificates, authenticator, storage, streams,
                             supervisor.metrics if supervisor is not None else None, client_connections)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
@@ -4779,8 +5245,8 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
     housekeeper.start()
     server.serve(signals)
     log.info("received signal %d: finishing in-flight requests (up to %gs)", signals.stop_signal or 0,
-             config.shutdown_timeout)
-    finished = server.shutdown(config.shutdown_timeout)
+             settings.shutdown_timeout)
+    finished = server.shutdown(settings.shutdown_timeout)
     server.noisy_log.log_summary("since the last summary (stopping)")
     housekeeper.stop()
     storage.close()
@@ -4790,7 +5256,7 @@ def serve_until_stopped(config: argparse.Namespace, layout: Layout, listener: so
     return 0
 
 
-def run_worker(config: argparse.Namespace, index: int, listener: socket.socket, control: socket.socket,
+def run_worker(settings: Settings, index: int, listener: socket.socket, control: socket.socket,
                layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator,
                streams: StreamCatalog, client_connections: ClientConnections) -> int:
     """The body of worker process `index`: its own files, the supervisor's dedupe window."""
@@ -4798,8 +5264,8 @@ def run_worker(config: argparse.Namespace, index: int, listener: socket.socket, 
     signals.install()
     supervisor = SupervisorClient(control)
     client_connections.take_row(index)
-    return serve_until_stopped(config, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
-                               streams, signals, supervisor if config.dedupe_window else None, supervisor,
+    return serve_until_stopped(settings, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
+                               streams, signals, supervisor if settings.dedupe_window else None, supervisor,
                                client_connections)
 
 
@@ -4809,48 +5275,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if arguments[:1] == ["check"]:
         return run_check(arguments[1:])
     try:
-        config = parse_config(arguments)
+        settings = parse_config(arguments)
     except ConfigError as exc:
         sys.stderr.write("dsreceiver.py: error: %s\n" % exc)
         return 2
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     tune_allocator()
     try:
-        authenticator = Authenticator.from_config(config, dict(os.environ))
-        streams = StreamCatalog(config.stream_config, config.records == "json")
+        authenticator = Authenticator.from_settings(settings.credentials, dict(os.environ))
+        streams = StreamCatalog(settings.stream_config, settings.records_as_json)
         certificates = None
-        if not config.http:
-            cert, key = resolve_certificate(config)
-            certificates = CertificateSource(cert, key, config.client_ca)
-        listeners = bind_listeners(config.host, config.port, config.workers)
-        if config.user:
-            drop_privileges(config.user, config.group)
-        layout = Layout(config.output_dir, config.rotate, store_gzip=config.store == "gzip")
-        dedupe = prepare_output(layout, config.dedupe_window)
+        if not settings.http:
+            cert, key = resolve_certificate(settings)
+            certificates = CertificateSource(cert, key, settings.client_ca)
+        listeners = bind_listeners(settings.host, settings.port, settings.workers)
+        if settings.user:
+            drop_privileges(settings.user, settings.group)
+        layout = Layout(settings.output_dir, settings.rotate, store_gzip=settings.store_gzip)
+        dedupe = prepare_output(layout, settings.dedupe_window)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     threading.stack_size(THREAD_STACK_SIZE)
     signals = SignalFlags()
     signals.install()
-    shown_host = "[%s]" % config.host if ":" in config.host else config.host
-    log.info("listening on %s://%s:%d, storing in %s (fsync %s, %d worker%s)", "http" if config.http else "https",
-             shown_host, listeners[0].getsockname()[1], config.output_dir, config.fsync, config.workers,
-             "" if config.workers == 1 else "s")
+    shown_host = "[%s]" % settings.host if ":" in settings.host else settings.host
+    log.info("listening on %s://%s:%d, storing in %s (fsync %s, %d worker%s)", settings.scheme,
+             shown_host, listeners[0].getsockname()[1], settings.output_dir, settings.fsync, settings.workers,
+             "" if settings.workers == 1 else "s")
     methods = authenticator.methods()
     if methods:
         log.info("authentication required: %s", " + ".join(methods))
     else:
         log.warning("no authentication configured: anyone who can reach this port can push data")
-    if config.workers == 1:
-        return serve_until_stopped(config, layout, listeners[0], certificates, authenticator, streams, signals, dedupe)
+    if settings.workers == 1:
+        return serve_until_stopped(settings, layout, listeners[0], certificates, authenticator, streams, signals, dedupe)
     # Before any worker writes: compress every finished file, whichever run or worker wrote it.
-    startup = Housekeeper(layout, compress=config.compress_rotated)
+    startup = Housekeeper(layout, compress=settings.compress_rotated)
     startup.queue_finished_files(own_only=False)
     startup.compress_finished()
-    client_connections = ClientConnections(config.workers)
+    client_connections = ClientConnections(settings.workers)
     supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0),
-                            lambda index, listener, control: run_worker(config, index, listener, control, layout,
+                            lambda index, listener, control: run_worker(settings, index, listener, control, layout,
                                                                         certificates, authenticator, streams,
                                                                         client_connections))
     return supervisor.run(signals)

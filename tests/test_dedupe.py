@@ -108,11 +108,11 @@ real_append = dsreceiver.DataFile.append
 calls = []
 
 
-def append_failing_once(self, batch, stamp):
+def append_failing_once(self, *arguments):
     calls.append(1)
     if len(calls) == 1:
         raise RuntimeError("unexpected failure while storing")
-    return real_append(self, batch, stamp)
+    return real_append(self, *arguments)
 
 
 dsreceiver.DataFile.append = append_failing_once

@@ -52,7 +52,7 @@ def test_reading_a_request_from_a_socket_only_ends_in_expected_ways(stream: Tupl
     try:
         left.sendall(head + b"\r\n\r\n" + body)
         left.shutdown(socket.SHUT_WR)
-        reader = dsreceiver.ClientStream(right)
+        reader = dsreceiver.ClientReader(right)
         deadline = time.monotonic() + 5
         try:
             if not reader.wait_for_request(deadline):

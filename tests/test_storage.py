@@ -64,7 +64,7 @@ def test_storage_refuses_unsafe_folder_names(tmp_path: Path, folder: str) -> Non
 @pytest.mark.parametrize("folder", ["", "a", "a/b"])
 def test_storage_writes_the_root_and_nested_safe_folders(tmp_path: Path, folder: str) -> None:
     storage = open_storage(tmp_path / "out")
-    path = storage.store(folder, batch_of(b"kept"))
+    path = storage.store(folder, batch_of(b"kept")).path
     storage.close()
     assert path is not None and path.parent == (tmp_path / "out" / folder if folder else tmp_path / "out")
     assert path.read_bytes() == b"kept\n"
@@ -226,7 +226,7 @@ def test_reopen_keeps_files_in_place_and_replaces_moved_ones(tmp_path: Path) -> 
     assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [7]
     restarted = open_storage(tmp_path, dedupe_window=900)
     again = dsreceiver.BatchBuilder(restarted.layout.spool_dir, digest=True).feed_whole(b"first\n")
-    assert restarted.store("", again) is None
+    assert restarted.store("", again).path is None
     restarted.close()
 
 
@@ -250,7 +250,7 @@ def test_set_aside_indexes_are_read_for_their_worker_after_logrotate_and_sighup(
     dsreceiver.prepare_output(layout, 900)
     storage = dsreceiver.Storage(layout, dedupe=dsreceiver.DedupeIndex(900))
     batch = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"before the move\n")
-    path = storage.store("", batch)
+    path = storage.store("", batch).path
     assert path is not None and batch.digest is not None
     path.rename(path.with_name(path.name + ".1"))  # logrotate
     assert storage.reopen() == 1  # SIGHUP: the index is set aside under a new name
