@@ -20,11 +20,13 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(VENV_PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-## lint: ruff over everything, mypy --strict over dsreceiver.py (as Python 3.8) and tests/ (settings: pyproject.toml)
+## lint: ruff over everything, mypy --strict over dsreceiver.py (as Python 3.8), tests/ and tools/ (settings:
+## pyproject.toml), then the shape of dsreceiver.py (tools/check_shape.py: sections, dependency order, lengths)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy dsreceiver.py
-	$(VENV)/bin/mypy --python-version "$$($(VENV_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" tests
+	$(VENV)/bin/mypy --python-version "$$($(VENV_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" tests tools
+	$(VENV_PYTHON) tools/check_shape.py dsreceiver.py
 
 ## fuzz: the fuzz targets with many more examples (FUZZ_EXAMPLES, bounded to 20 minutes)
 FUZZ_EXAMPLES ?= 50000

@@ -23,11 +23,28 @@ bodies have hard size limits, clients never see internal errors, and folder
 names derived from URL paths are sanitised so nothing is written outside
 --output-dir.
 
-Map: the sections below, in dependency order (each uses only those above it):
-    configuration and command line . shared tools . metrics . status page . TLS .
-    authentication . body decoding . DataStream streams . retry dedup . storage: layout,
-    writing, recovery, housekeeping . HTTP parsing (sans-IO) . HTTP handler . server .
-    workers . endpoint checker . lifecycle and signals . main()
+Map: the sections below, in dependency order (checked by tools/check_shape.py):
+    Configuration and command line
+    Shared tools
+    Metrics
+    Status page
+    TLS
+    Authentication
+    Body decoding
+    DataStream streams
+    Retry dedup
+    Storage: layout
+    Storage: writing
+    Storage: recovery
+    Storage: housekeeping
+    Push pipeline
+    HTTP parsing
+    HTTP handler
+    Server
+    Workers
+    Endpoint checker
+    Lifecycle and signals
+and main() last.  Each section uses only names defined above it (annotations aside).
 
 One push through them:
     accept        ReceiverServer.accept_pending: a thread per connection
@@ -35,11 +52,12 @@ One push through them:
     head          ClientReader.read_head -> parse_request_head, body_framing
     auth          ConnectionHandler.authenticate (before any 100 Continue)
     body          ClientReader.read_exact, or read_chunked fed through ChunkedDecoder
+    push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
     store         Storage.store: dedupe claim, DataFile.append of records + batch index entry
     fsync         DataFile.sync_through: one fdatasync pair shared by concurrent pushes
-    200           ConnectionHandler.write_response
+    answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
 Every name under --output-dir comes from Layout.
 """
 
@@ -80,8 +98,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Protocol,
-                    Sequence, Set, Tuple, TypeVar, Union)
+from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn,
+                    Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union)
 __version__ = "0.1.0"
 
 log = logging.getLogger("dsreceiver")
@@ -91,129 +109,40 @@ Bytes = Union[bytes, bytearray]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 T = TypeVar("T")
 
-DEFAULT_PORT = 8443
 DEFAULT_CERTS_DIR = "certs"
 CERT_FILE_NAME = "fullchain.pem"
 KEY_FILE_NAME = "privkey.pem"
-MAX_FOLDER_NAME = 100
 
-HEALTH_PATH = "/healthz"
-METRICS_PATH = "/metrics"
-STATUS_PATH = "/status"
-STATUS_JSON_PATH = "/status.json"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-PUSH_METHODS = ("POST", "PUT")
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
-RETRY_AFTER_SECONDS = 10
-GZIP_MAGIC = b"\x1f\x8b"
 
-MAX_REQUEST_LINE = 8190
-MAX_HEADER_LINE = 8190
-MAX_HEADER_COUNT = 100
-MAX_HEAD_SIZE = 65536
-MAX_CHUNK_LINE = 4096
-RECV_SIZE = 262144
-INFLATE_INPUT_CHUNK = 65536
-INFLATE_OUTPUT_CHUNK = 1 << 20
-# Decoded bodies larger than this go to an unlinked temporary file, so memory
-# per request stays bounded whatever --max-decompressed-size allows.
-SPOOL_THRESHOLD = 8 << 20
-# How much of a batch is read, at first, to find its first or last record (records are rarely longer).
-LINE_WINDOW = 4096
 COPY_CHUNK = 1 << 20
-# A body buffer starts at most this large and doubles as bytes arrive, so a large Content-Length alone
-# holds no memory (DataStream's bodies, up to about 4 MB, take at most two doublings).
-BODY_FIRST_ALLOCATION = 1 << 20
 # --min-body-rate applies once a body has had this long to get going.
 BODY_RATE_GRACE = 5.0
-# Threads mostly wait in recv(); a small stack keeps thousands of idle
-# keep-alive connections cheap.
-THREAD_STACK_SIZE = 512 * 1024
-# A connection waiting this long for its next request gives up its thread (see ParkedConnections).
-IDLE_PARK_AFTER = 1.0
-HOUSEKEEPING_INTERVAL = 1.0
-# How often the lines that the per-client log limit held back are summed up, one line per client.
-LOG_SUMMARY_INTERVAL = 60.0
-# Near --max-connections (this share of it), connections not serving a request make room for new ones.
-EVICT_AT = 0.9
 # Failed authentications from one address, within --auth-brake seconds, that brake it.
 AUTH_BRAKE_FAILURES = 10
-RETENTION_INTERVAL = 60.0
-# /healthz writes this much (then discards it) to prove the disk takes data.
-HEALTH_PROBE_SIZE = 65536
 CERT_EXPIRY_WARNING_DAYS = 14
-X509_V_ERR_HOSTNAME_MISMATCH = 62
-# A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its records.
+# A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its
+# records.
 BATCH_ENTRY = struct.Struct("<Qd32s")
 NO_DIGEST = bytes(32)
-# glibc mallopt(): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX.
-MALLOC_SETTINGS = ((-1, 32 << 20), (-3, 16 << 20), (-8, 2))
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-# A worker restarted more often than this within the window is in a crash loop: stop instead.
-CRASH_LOOP_RESTARTS = 5
-CRASH_LOOP_WINDOW = 60.0
-# zlib level for pushes compressed here with --store gzip: fast, still about 8x smaller for log lines.
-STORE_GZIP_LEVEL = 1
-LISTEN_BACKLOG = 1024
-LINGER_SECONDS = 2.0
-LINGER_MAX_BYTES = 1 << 20
-
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-# Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES"
-
 ENV_BASIC_AUTH = "DSRECEIVER_BASIC_AUTH"
 ENV_AUTH_HEADER_VALUE = "DSRECEIVER_AUTH_HEADER_VALUE"
 ENV_AUTH_QUERY_VALUE = "DSRECEIVER_AUTH_QUERY_VALUE"
 
-# Faster than `b"\n\n" in data`, whose byte-at-a-time search LF-heavy data defeats.
-BLANK_LINE_RE = re.compile(rb"\n\n")
-TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-HEADER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
-VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
-CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 TARGET_RE = re.compile(rb"[\x21-\x7e]+")
-# RFC 9110 5.5: field values are visible characters, SP, HTAB and obs-text; no other control character.
-FIELD_VALUE_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# RFC 9112 2.2: the head is CRLF-delimited; a LF not preceded by CR is refused, never guessed at.
-BARE_LF_RE = re.compile(rb"(?<!\r)\n")
-# RFC 9112 7.1.1: chunk-size [ *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ) ].
-_EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
-CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*"
-                           % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED_STRING))
-SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,%d}" % (MAX_FOLDER_NAME - 1))
-
-# DataStream records (see ../shared/DATASTREAM.md): a JSON record names "version" and "streamId"; a STRUCTURED
-# record starts with version and stream ID; a millisecond reqTimeSec looks like 1764200000.507.
-UNKNOWN_STREAM = "unknown"
-# DataStream pushes every 30 or 60 seconds per uploader; a stream is late after LATE_AFTER_INTERVALS of them.
-DEFAULT_PUSH_INTERVAL = 60.0
-LATE_AFTER_INTERVALS = 3
-# DataStream gives up on a batch after about 5 minutes of 429/5xx answers; the status page turns red sooner.
+# DataStream gives up on a batch after about 5 minutes of 429/5xx answers; the status page turns red
+# sooner.
 RETRY_HORIZON = 300.0
-STREAK_RED_AFTER = 120.0
-MIXED_STREAM = "mixed"
-FIELD_DELIMITERS = {"SPACE": b" ", "TAB": b"\t"}
-DASH = b"-"
-STREAM_ID_RE = re.compile(r"[0-9]{1,12}")
-STREAM_VERSION_RE = re.compile(r"[0-9]{1,6}")
-JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
-JSON_STREAM_ID_RE = re.compile(rb'"streamId"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
-JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
-JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
-JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
-STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])([0-9]{1,12})\2")
-MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
-MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
-# Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
-JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
 
 
 # ---------------------------------------------------------------------------
 # Configuration and command line
 # ---------------------------------------------------------------------------
 
+DEFAULT_PORT = 8443
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+HEADER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 # Headers that carry HTTP itself, which --auth-header cannot name.
 RESERVED_HEADERS = ("authorization", "host", "content-length", "transfer-encoding")
 
@@ -233,7 +162,8 @@ def parse_size(text: str) -> int:
     """Parses a byte count: 4096, 64K, 64M, 1G (powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError("invalid size %r (bytes, or with a K, M or G suffix)" % text)
+        raise argparse.ArgumentTypeError("invalid size %r (bytes, or with a K, M or G suffix)"
+                                         % text)
     size = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
     if size <= 0:
         raise argparse.ArgumentTypeError("size must be greater than 0: %r" % text)
@@ -298,8 +228,10 @@ def ip_network(text: str) -> IPNetwork:
 
 def url_path(text: str) -> str:
     """Parses an exact URL path for --path."""
-    if not text.startswith("/") or "?" in text or not TARGET_RE.fullmatch(text.encode("utf-8", "replace")):
-        raise argparse.ArgumentTypeError("a path starts with / and has no spaces or query: %r" % text)
+    if not text.startswith("/") or "?" in text or not TARGET_RE.fullmatch(text.encode("utf-8",
+                                                                                      "replace")):
+        raise argparse.ArgumentTypeError("a path starts with / and has no spaces or query: %r"
+                                         % text)
     return text
 
 
@@ -341,10 +273,12 @@ def build_parser() -> ArgumentParser:
     listen.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="TCP port; 0 picks a free one (default: %(default)s)")
     listen.add_argument("--http", action="store_true",
-                        help="serve plain HTTP, for use behind a TLS-terminating proxy (default: off)")
-    listen.add_argument("--trusted-proxy", action="append", type=ip_network, default=[], metavar="CIDR",
-                        help="requests from this proxy name their client in X-Forwarded-For; "
-                        "repeatable (default: none)")
+                        help="serve plain HTTP, for use behind a TLS-terminating proxy (default:"
+                        " off)")
+    listen.add_argument("--trusted-proxy", action="append", type=ip_network, default=[],
+                        metavar="CIDR",
+                        help="requests from this proxy name their client in X-Forwarded-For;"
+                        " repeatable (default: none)")
 
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--cert", type=Path, metavar="FILE",
@@ -352,40 +286,43 @@ def build_parser() -> ArgumentParser:
     tls.add_argument("--key", type=Path, metavar="FILE",
                      help="private key, PEM (default: CERTS_DIR/" + KEY_FILE_NAME + ")")
     tls.add_argument("--certs-dir", type=Path, default=Path(DEFAULT_CERTS_DIR), metavar="DIR",
-                     help="folder with %s and %s, as certbot names them; when the default "
-                     "folder has neither, a self-signed pair is created there (default: %%(default)s)"
+                     help="folder with %s and %s, as certbot names them; when the default folder"
+                     " has neither, a self-signed pair is created there (default: %%(default)s)"
                      % (CERT_FILE_NAME, KEY_FILE_NAME))
     tls.add_argument("--hostname", default=None,
-                     help="DNS name put in a self-signed certificate (default: this machine's FQDN)")
+                     help="DNS name put in a self-signed certificate "
+                     "(default: this machine's FQDN)")
     tls.add_argument("--client-ca", type=Path, metavar="FILE",
                      help="require a client certificate signed by this CA: mTLS (default: off)")
-    tls.add_argument("--cert-check-interval", type=positive_seconds, default=30.0, metavar="SECONDS",
-                     help="how often to look for a renewed certificate or key; SIGHUP reloads at once "
-                     "(default: %(default)s)")
+    tls.add_argument("--cert-check-interval", type=positive_seconds, default=30.0,
+                     metavar="SECONDS",
+                     help="how often to look for a renewed certificate or key; SIGHUP reloads at"
+                     " once (default: %(default)s)")
 
     auth = parser.add_argument_group("authentication (all configured methods must pass)")
     auth.add_argument("--basic-auth-file", type=Path, metavar="FILE",
-                      help="accepted user:password lines for Basic auth; adds to $%s (default: none)"
-                      % ENV_BASIC_AUTH)
+                      help="accepted user:password lines for Basic auth; adds to $%s (default:"
+                      " none)" % ENV_BASIC_AUTH)
     auth.add_argument("--auth-header", metavar="NAME",
                       help="require this request header (DataStream's custom header) to hold an "
                       "accepted value (default: off)")
     auth.add_argument("--auth-header-file", type=Path, metavar="FILE",
-                      help="accepted --auth-header values, one per line; adds to $%s (default: none)"
-                      % ENV_AUTH_HEADER_VALUE)
+                      help="accepted --auth-header values, one per line; adds to $%s (default:"
+                      " none)" % ENV_AUTH_HEADER_VALUE)
     auth.add_argument("--auth-query-param", metavar="NAME",
                       help="require this URL query parameter to hold an accepted token; it is "
                       "redacted in logs (default: off)")
     auth.add_argument("--auth-query-file", type=Path, metavar="FILE",
-                      help="accepted --auth-query-param tokens, one per line; adds to $%s (default: none)"
-                      % ENV_AUTH_QUERY_VALUE)
+                      help="accepted --auth-query-param tokens, one per line; adds to $%s (default:"
+                      " none)" % ENV_AUTH_QUERY_VALUE)
     auth.add_argument("--auth-brake", type=non_negative_seconds, default=60.0, metavar="SECONDS",
-                      help="an address failing authentication %d times within SECONDS gets 429 with Retry-After, "
-                      "without a credential check, until SECONDS after its last failure; 0 turns it off "
-                      "(default: %%(default)s)" % AUTH_BRAKE_FAILURES)
-    auth.add_argument("--path", action="append", type=url_path, default=[], dest="paths", metavar="PATH",
-                      help="accept pushes only on this exact URL path, others get 404; repeatable "
-                      "(default: any path)")
+                      help="an address failing authentication %d times within SECONDS gets 429 with"
+                      " Retry-After, without a credential check, until SECONDS after its last"
+                      " failure; 0 turns it off (default: %%(default)s)" % AUTH_BRAKE_FAILURES)
+    auth.add_argument("--path", action="append", type=url_path, default=[], dest="paths",
+                      metavar="PATH",
+                      help="accept pushes only on this exact URL path, others get 404; repeatable"
+                      " (default: any path)")
 
     storage = parser.add_argument_group("storage")
     storage.add_argument("--output-dir", type=Path, default=Path("data"), metavar="DIR",
@@ -393,23 +330,24 @@ def build_parser() -> ArgumentParser:
     storage.add_argument("--route-by-path", action="store_true",
                          help="store each URL path's pushes in its own subfolder (default: off)")
     storage.add_argument("--partition-by", choices=("stream", "none"), default="stream",
-                         help="stream: each DataStream stream in its own stream=ID subfolder, Hive-style ('unknown' "
-                         "for records without a stream ID, 'mixed' for a push with several); none: one folder "
-                         "(default: %(default)s)")
+                         help="stream: each DataStream stream in its own stream=ID subfolder,"
+                         " Hive-style ('unknown' for records without a stream ID, 'mixed' for a"
+                         " push with several); none: one folder (default: %(default)s)")
     storage.add_argument("--stream-config", type=Path, metavar="PATH",
-                         help="stream definitions: a JSON file, or a folder of *.json, as DataStream's API returns "
-                         "them (GET .../log/streams/ID) or {\"streamId\": N, \"fields\": [\"cp\", ...]}; "
-                         "re-read on SIGHUP (default: none)")
+                         help="stream definitions: a JSON file, or a folder of *.json, as"
+                         " DataStream's API returns them (GET .../log/streams/ID) or {\"streamId\":"
+                         " N, \"fields\": [\"cp\", ...]}; re-read on SIGHUP (default: none)")
     storage.add_argument("--records", choices=("as-sent", "json"), default="as-sent",
-                         help="as-sent: store records byte for byte; json: store the STRUCTURED records of a defined "
-                         "stream as the JSON lines its JSON format would send (default: %(default)s)")
+                         help="as-sent: store records byte for byte; json: store the STRUCTURED"
+                         " records of a defined stream as the JSON lines its JSON format would send"
+                         " (default: %(default)s)")
     storage.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
                          help="always: answer 200 only after fdatasync; interval: fdatasync every "
                          "second; never: leave it to the OS (default: %(default)s)")
     storage.add_argument("--store", choices=("plain", "gzip"), default="plain",
-                         help="plain: records as text in .log files; gzip: gzip members in .log.gz files, "
-                         "keeping a gzip'd push's own bytes when they hold exactly its records; zcat gives "
-                         "the records (default: %(default)s)")
+                         help="plain: records as text in .log files; gzip: gzip members in .log.gz"
+                         " files, keeping a gzip'd push's own bytes when they hold exactly its"
+                         " records; zcat gives the records (default: %(default)s)")
     storage.add_argument("--rotate", choices=("hourly", "daily"), default="hourly",
                          help="start a new file every UTC hour or day (default: %(default)s)")
     storage.add_argument("--max-file-size", type=parse_size, default=None, metavar="SIZE",
@@ -418,56 +356,64 @@ def build_parser() -> ArgumentParser:
     storage.add_argument("--compress-rotated", action="store_true",
                          help="gzip each file once it is finished (default: off)")
     storage.add_argument("--retention-days", type=positive_seconds, default=None, metavar="DAYS",
-                         help="delete finished files last written more than DAYS ago (default: keep all)")
-    storage.add_argument("--dedupe-window", type=non_negative_seconds, default=360.0, metavar="SECONDS",
-                         help="answer a retry of a batch stored this recently with 200 without storing it again; "
-                         "only batches whose every record carries a reqId or a millisecond reqTimeSec count, so a "
-                         "genuine batch is never dropped; 0 turns it off (default: %(default)s, DataStream's "
-                         "5-minute retry horizon and a minute)")
+                         help="delete finished files last written more than DAYS ago (default: keep"
+                         " all)")
+    storage.add_argument("--dedupe-window", type=non_negative_seconds, default=360.0,
+                         metavar="SECONDS",
+                         help="answer a retry of a batch stored this recently with 200 without"
+                         " storing it again; only batches whose every record carries a reqId or a"
+                         " millisecond reqTimeSec count, so a genuine batch is never dropped; 0"
+                         " turns it off (default: %(default)s, DataStream's 5-minute retry horizon"
+                         " and a minute)")
 
     limits = parser.add_argument_group("limits")
     limits.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="deadline for the TLS handshake, for a request head, and for a body "
                         "(default: %(default)s)")
-    limits.add_argument("--keepalive-timeout", type=positive_seconds, default=75.0, metavar="SECONDS",
-                        help="how long an idle keep-alive connection may wait for its next request "
-                        "(default: %(default)s)")
+    limits.add_argument("--keepalive-timeout", type=positive_seconds, default=75.0,
+                        metavar="SECONDS",
+                        help="how long an idle keep-alive connection may wait for its next request"
+                        " (default: %(default)s)")
     limits.add_argument("--max-body-size", type=parse_size, default=64 << 20, metavar="SIZE",
                         help="largest body on the wire, else 413 (default: 64M)")
-    limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20, metavar="SIZE",
-                        help="largest body after gunzip, else 413 (default: 512M)")
+    limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20,
+                        metavar="SIZE", help="largest body after gunzip, else 413 (default: 512M)")
     limits.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
-                        help="connections per worker process; beyond it they are closed at once, and from 90%% of "
-                        "it the oldest connections not serving a request are closed to make room "
-                        "(default: %(default)s)")
+                        help="connections per worker process; beyond it they are closed at once,"
+                        " and from 90%% of it the oldest connections not serving a request are"
+                        " closed to make room (default: %(default)s)")
     limits.add_argument("--max-client-connections", type=non_negative_int, default=64, metavar="N",
-                        help="connections one client address may hold open across all workers; more are closed "
-                        "at once; 0 turns it off, and --trusted-proxy addresses are exempt (default: %(default)s)")
+                        help="connections one client address may hold open across all workers; more"
+                        " are closed at once; 0 turns it off, and --trusted-proxy addresses are"
+                        " exempt (default: %(default)s)")
     limits.add_argument("--max-inflight-bytes", type=parse_size, default=256 << 20, metavar="SIZE",
-                        help="body bytes being received or stored at once, counted as they arrive; beyond it "
-                        "pushes get 503 (default: 256M)")
+                        help="body bytes being received or stored at once, counted as they arrive;"
+                        " beyond it pushes get 503 (default: 256M)")
     limits.add_argument("--min-body-rate", type=parse_rate, default=4096.0, metavar="SIZE",
-                        help="a body arriving slower than this many bytes a second, after its first %g s, is cut "
-                        "with 408; 0 turns it off (default: 4K)" % BODY_RATE_GRACE)
+                        help="a body arriving slower than this many bytes a second, after its first"
+                        " %g s, is cut with 408; 0 turns it off (default: 4K)" % BODY_RATE_GRACE)
 
     process = parser.add_argument_group("process")
     process.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                         help="processes sharing the port (SO_REUSEPORT), each writing its own files "
-                         "(default: the number of CPUs)")
-    process.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish "
-                         "(default: %(default)s)")
+                         help="processes sharing the port (SO_REUSEPORT), each writing its own"
+                         " files (default: the number of CPUs)")
+    process.add_argument("--shutdown-timeout", type=positive_seconds, default=30.0,
+                         metavar="SECONDS",
+                         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish"
+                         " (default: %(default)s)")
     process.add_argument("--user", help="switch to this user after binding the port and reading "
                          "certificates (default: stay)")
-    process.add_argument("--group", help="switch to this group, with --user (default: the user's group)")
-    process.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                         help="least severe log level shown (default: %(default)s)")
+    process.add_argument("--group",
+                         help="switch to this group, with --user (default: the user's group)")
+    process.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                         default="info", help="least severe log level shown (default: %(default)s)")
     process.add_argument("--log-format", choices=("text", "json"), default="text",
                          help="text lines, or one JSON object per line (default: %(default)s)")
     process.add_argument("--metrics-public", action="store_true",
                          help="serve /metrics without authentication (default: off)")
     process.add_argument("--status-public", action="store_true",
-                         help="serve the status page (/status, /status.json) without authentication (default: off)")
+                         help="serve the status page (/status, /status.json) without authentication"
+                         " (default: off)")
     return parser
 
 
@@ -485,7 +431,8 @@ class CredentialSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """The server's configuration, checked and complete: built once from the command line, read-only."""
+    """The server's configuration, checked and complete: built once from the command line,
+    read-only."""
 
     host: str
     port: int
@@ -560,7 +507,8 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
     if options.group and not options.user:
         raise ConfigError("--group goes with --user")
     if options.records == "json" and options.stream_config is None:
-        raise ConfigError("--records json needs --stream-config: the field names of STRUCTURED records")
+        raise ConfigError("--records json needs --stream-config: the field names of STRUCTURED"
+                          " records")
     return Settings(
         host=options.host or ("127.0.0.1" if options.http else "0.0.0.0"), port=options.port,
         http=options.http, trusted_proxy=tuple(options.trusted_proxy), cert=options.cert,
@@ -609,8 +557,8 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> None:
 
 
 class WakePipe:
-    """A non-blocking socketpair whose reader end makes a select() loop return when another thread, or a
-    signal, writes to the other end."""
+    """A non-blocking socketpair whose reader end makes a select() loop return when another thread,
+    or a signal, writes to the other end."""
 
     def __init__(self) -> None:
         self.reader, self.writer = socket.socketpair()
@@ -634,7 +582,8 @@ class WakePipe:
 
 
 class SignalFlags:
-    """Records the signals received; handlers only set flags, and the wake pipe makes select() return."""
+    """Records the signals received; handlers only set flags, and the wake pipe makes select()
+    return."""
 
     def __init__(self) -> None:
         self.stop_signal: Optional[int] = None
@@ -665,10 +614,12 @@ class SignalFlags:
 # Metrics
 # ---------------------------------------------------------------------------
 
-# Distinct paths (and streams) given their own series; more would let a client grow /metrics without bound.
+# Distinct paths (and streams) given their own series; more would let a client grow /metrics without
+# bound.
 MAX_PATH_LABELS = 100
 MAX_STREAM_LABELS = 100
-# Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of them.
+# Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of
+# them.
 UPLOADER_WINDOW = 600.0
 MAX_UPLOADERS = 4096
 # The status page's history: records per minute over the last hour, and the last refusals.
@@ -676,7 +627,8 @@ HISTORY_MINUTES = 60
 MAX_REFUSALS = 20
 # A push that failed this recently keeps /healthz failing even if the probe passes.
 HEALTH_FAILURE_MEMORY = 10.0
-FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0)
 GAUGES = (("open_connections", "Client connections open now."),
           ("inflight_bytes", "Body bytes being received or stored now."),
           ("start_time_seconds", "Unix time the server started."))
@@ -684,7 +636,8 @@ GAUGES = (("open_connections", "Client connections open now."),
 
 @dataclass
 class HistogramCounts:
-    """A histogram's counts at one moment: per bucket of FSYNC_BUCKETS (cumulative), sum and count."""
+    """A histogram's counts at one moment: per bucket of FSYNC_BUCKETS (cumulative), sum and
+    count."""
 
     counts: List[int] = field(default_factory=lambda: [0] * len(FSYNC_BUCKETS))
     total: float = 0.0
@@ -697,7 +650,8 @@ class HistogramCounts:
         self.count += other.count
 
     def quantile(self, quantile: float) -> Optional[float]:
-        """The bucket bound under which `quantile` of the observations fall (inf past the last); None if none."""
+        """The bucket bound under which `quantile` of the observations fall (inf past the last);
+        None if none."""
         if not self.count:
             return None
         for bound, number in zip(FSYNC_BUCKETS, self.counts):
@@ -784,10 +738,10 @@ class StreamStats:
 
     def copy(self, now: float) -> StreamStats:
         """A copy that later counting does not change, with only the uploaders of the window."""
-        return StreamStats(self.records, self.batches, self.unconverted, self.dedupe_hits, self.last_push,
-                           self.newest_event,
-                           {address: seen for address, seen in self.uploaders.items()
-                            if now - seen < UPLOADER_WINDOW},
+        return StreamStats(self.records, self.batches, self.unconverted, self.dedupe_hits,
+                           self.last_push, self.newest_event,
+                           {address: seen for address,
+                            seen in self.uploaders.items() if now - seen < UPLOADER_WINDOW},
                            {minute: list(counts) for minute, counts in self.minutes.items()},
                            dict(self.refusals))
 
@@ -811,14 +765,16 @@ class StreamStats:
     def to_wire(self) -> Dict[str, Any]:
         """The stats as JSON-ready data (see MetricsSnapshot.to_wire)."""
         return {"records": self.records, "batches": self.batches, "unconverted": self.unconverted,
-                "dedupe_hits": self.dedupe_hits, "last_push": self.last_push, "newest_event": self.newest_event,
-                "uploaders": self.uploaders, "minutes": self.minutes, "refusals": self.refusals}
+                "dedupe_hits": self.dedupe_hits, "last_push": self.last_push,
+                "newest_event": self.newest_event, "uploaders": self.uploaders,
+                "minutes": self.minutes, "refusals": self.refusals}
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> StreamStats:
         """Reads to_wire()'s data after its trip through JSON."""
-        return cls(data["records"], data["batches"], data["unconverted"], data["dedupe_hits"], data["last_push"],
-                   data["newest_event"], data["uploaders"], int_keys(data["minutes"]), int_keys(data["refusals"]))
+        return cls(data["records"], data["batches"], data["unconverted"], data["dedupe_hits"],
+                   data["last_push"], data["newest_event"], data["uploaders"],
+                   int_keys(data["minutes"]), int_keys(data["refusals"]))
 
 
 class SnapshotScope(enum.Enum):
@@ -826,13 +782,15 @@ class SnapshotScope(enum.Enum):
 
     # Everything /metrics and the status page show.
     FULL = "full"
-    # Only what /healthz needs (the storage state): the per-stream part, the bulk of it, is left empty.
+    # Only what /healthz needs (the storage state): the per-stream part, the bulk of it, is left
+    # empty.
     HEALTH = "health"
 
 
 @dataclass
 class MetricsSnapshot:
-    """Everything /metrics, /healthz and the status page show, at one moment, for one process or merged."""
+    """Everything /metrics, /healthz and the status page show, at one moment, for one process or
+    merged."""
 
     counters: Dict[str, float] = field(default_factory=dict)
     # HTTP status -> requests answered.
@@ -873,18 +831,21 @@ class MetricsSnapshot:
             merged.refusals = sorted(merged.refusals + snapshot.refusals)[-MAX_REFUSALS:]
             merged.last_success = max(merged.last_success, snapshot.last_success)
             error = snapshot.storage_error
-            if error is not None and (merged.storage_error is None or error.time > merged.storage_error.time):
+            if error is not None and (merged.storage_error is None
+                                      or error.time > merged.storage_error.time):
                 merged.storage_error = error
             merged.fsync.add(snapshot.fsync)
         # A streak of 503s is one no worker has ended since with a stored push.
-        starts = [snapshot.streak_start for snapshot in snapshots if snapshot.streak_start > merged.last_success]
+        starts = [snapshot.streak_start for snapshot in snapshots
+                  if snapshot.streak_start > merged.last_success]
         merged.streak_start = min(starts) if starts else 0.0
         return merged
 
     def storage_failure(self, now: float) -> Optional[str]:
         """Why storage is failing, when it failed recently and no push was stored since."""
         error = self.storage_error
-        if error is not None and error.time > self.last_success and now - error.time < HEALTH_FAILURE_MEMORY:
+        if (error is not None and error.time > self.last_success
+                and now - error.time < HEALTH_FAILURE_MEMORY):
             return error.reason
         return None
 
@@ -897,7 +858,8 @@ class MetricsSnapshot:
         arrays of their fields in order; streams map to StreamStats.to_wire().
         """
         return {"counters": self.counters, "requests": self.requests, "last_push": self.last_push,
-                "gauges": self.gauges, "streams": {name: stats.to_wire() for name, stats in self.streams.items()},
+                "gauges": self.gauges,
+                "streams": {name: stats.to_wire() for name, stats in self.streams.items()},
                 "written": self.written, "refusals": [list(refusal) for refusal in self.refusals],
                 "last_success": self.last_success, "streak_start": self.streak_start,
                 "storage_error": None if self.storage_error is None else list(self.storage_error),
@@ -910,7 +872,8 @@ class MetricsSnapshot:
         return cls(data["counters"], int_keys(data["requests"]), data["last_push"], data["gauges"],
                    {name: StreamStats.from_wire(stats) for name, stats in data["streams"].items()},
                    int_keys(data["written"]), [Refusal(*refusal) for refusal in data["refusals"]],
-                   data["last_success"], data["streak_start"], None if error is None else StorageFailure(*error),
+                   data["last_success"], data["streak_start"],
+                   None if error is None else StorageFailure(*error),
                    HistogramCounts(*data["fsync"]))
 
 
@@ -924,14 +887,17 @@ class Metrics:
         ("batches_stored", "Pushes whose records were stored."),
         ("validation_probes", "DataStream validation probes answered."),
         ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
-        ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored again: not every "
-         "record carries a reqId or a millisecond reqTimeSec, so they may be genuine."),
+        ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored "
+         "again: not every record carries a reqId or a millisecond reqTimeSec, so they may be "
+         "genuine."),
         ("auth_failures", "Requests refused for missing or wrong credentials."),
-        ("auth_brakes", "Requests answered 429 without a credential check: their address failed too often."),
+        ("auth_brakes", "Requests answered 429 without a credential check: their address failed "
+         "too often."),
         ("tls_handshake_failures", "TLS handshakes that failed or timed out."),
-        ("connections_refused", "Connections closed at once: the worker was full, or the client address held "
-         "--max-client-connections."),
-        ("connections_evicted", "Connections not serving a request closed to make room near --max-connections."),
+        ("connections_refused", "Connections closed at once: the worker was full, or the client "
+         "address held --max-client-connections."),
+        ("connections_evicted", "Connections not serving a request closed to make room near "
+         "--max-connections."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
     )
 
@@ -963,14 +929,15 @@ class Metrics:
                 state.last_push[path] = self.clock()
 
     def _stream(self, stream: str) -> StreamStats:
-        """The stats of a stream (call with the lock); streams past MAX_STREAM_LABELS share 'other'."""
+        """The stats of a stream (call with the lock); streams past MAX_STREAM_LABELS share
+        'other'."""
         streams = self.state.streams
         if stream not in streams and len(streams) >= MAX_STREAM_LABELS:
             stream = "other"
         return streams.setdefault(stream, StreamStats())
 
-    def stream_stored(self, stream: str, records: int, unconverted: int, newest_event: Optional[float],
-                      uploader: str, stored_bytes: int) -> None:
+    def stream_stored(self, stream: str, records: int, unconverted: int,
+                      newest_event: Optional[float], uploader: str, stored_bytes: int) -> None:
         """Counts a stored push of a stream (whose row is `stream`)."""
         now = self.clock()
         minute = minute_of(now)
@@ -1003,8 +970,10 @@ class Metrics:
         with self.lock:
             self._stream(stream).dedupe_hits += 1
 
-    def refused(self, status: int, client: str, path: str, reason: str, stream: Optional[str] = None) -> None:
-        """Remembers a 4xx or 5xx answer (the last MAX_REFUSALS of them); a 503 starts or extends a streak."""
+    def refused(self, status: int, client: str, path: str, reason: str,
+                stream: Optional[str] = None) -> None:
+        """Remembers a 4xx or 5xx answer (the last MAX_REFUSALS of them); a 503 starts or extends a
+        streak."""
         now = self.clock()
         with self.lock:
             state = self.state
@@ -1023,15 +992,17 @@ class Metrics:
 
     def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram,
                  scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
-        """Everything counted so far, with these gauges and fsync times, as a copy that workers can send."""
+        """Everything counted so far, with these gauges and fsync times, as a copy that workers can
+        send."""
         now = self.clock()
         with self.lock:
             state = self.state
             streams = state.streams if scope is SnapshotScope.FULL else {}
-            snapshot = MetricsSnapshot(dict(state.counters), dict(state.requests), dict(state.last_push),
-                                       dict(gauges), {name: stats.copy(now) for name, stats in streams.items()},
-                                       dict(state.written), list(state.refusals), state.last_success,
-                                       state.streak_start, state.storage_error)
+            snapshot = MetricsSnapshot(dict(state.counters), dict(state.requests),
+                                       dict(state.last_push), dict(gauges),
+                                       {name: stats.copy(now) for name, stats in streams.items()},
+                                       dict(state.written), list(state.refusals),
+                                       state.last_success, state.streak_start, state.storage_error)
         snapshot.fsync = fsync_seconds.snapshot()
         return snapshot
 
@@ -1050,14 +1021,17 @@ class Metrics:
         for name, help_text in cls.COUNTERS:
             family(name + "_total", "counter", help_text)
             out.append("dsreceiver_%s_total %d" % (name, snapshot.counters[name]))
-        family("last_push_timestamp_seconds", "gauge", "Unix time of the last stored push, by URL path.")
+        family("last_push_timestamp_seconds", "gauge",
+               "Unix time of the last stored push, by URL path.")
         for path, stamp in sorted(snapshot.last_push.items()):
-            out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f' % (label_value(path), stamp))
+            out.append('dsreceiver_last_push_timestamp_seconds{path="%s"} %.3f'
+                       % (label_value(path), stamp))
         cls.render_streams(snapshot.streams, family, out)
         for name, help_text in GAUGES:
             family(name, "gauge", help_text)
             out.append("dsreceiver_%s %s" % (name, repr(float(snapshot.gauges[name]))))
-        family("fsync_duration_seconds", "histogram", "Time taken by each fdatasync of a data file and its index.")
+        family("fsync_duration_seconds", "histogram",
+               "Time taken by each fdatasync of a data file and its index.")
         fsync = snapshot.fsync
         for bound, number in zip(FSYNC_BUCKETS, fsync.counts):
             out.append('dsreceiver_fsync_duration_seconds_bucket{le="%s"} %d' % (bound, number))
@@ -1072,16 +1046,20 @@ class Metrics:
         """The per-stream series."""
         now = time.time()
         series: List[Tuple[str, str, str, Callable[[StreamStats], Optional[float]]]] = [
-            ("stream_records_total", "counter", "Records stored, by stream ID ('unknown': records without one, "
-             "'mixed': a push with several).", lambda stats: stats.records),
-            ("stream_batches_total", "counter", "Pushes stored, by stream.", lambda stats: stats.batches),
-            ("stream_unconverted_records_total", "counter", "STRUCTURED records stored as sent under --records "
-             "json (no definition fits them), by stream.", lambda stats: stats.unconverted),
-            ("stream_last_push_timestamp_seconds", "gauge", "Unix time of the stream's last stored push.",
-             lambda stats: stats.last_push),
-            ("stream_event_lag_seconds", "gauge", "Now minus the newest reqTimeSec of the stream's last push.",
+            ("stream_records_total", "counter", "Records stored, by stream ID ('unknown': records "
+             "without one, 'mixed': a push with several).", lambda stats: stats.records),
+            ("stream_batches_total", "counter", "Pushes stored, by stream.",
+             lambda stats: stats.batches),
+            ("stream_unconverted_records_total", "counter", "STRUCTURED records stored as sent "
+             "under --records json (no definition fits them), by stream.",
+             lambda stats: stats.unconverted),
+            ("stream_last_push_timestamp_seconds", "gauge",
+             "Unix time of the stream's last stored push.", lambda stats: stats.last_push),
+            ("stream_event_lag_seconds", "gauge",
+             "Now minus the newest reqTimeSec of the stream's last push.",
              lambda stats: None if stats.newest_event is None else now - stats.newest_event),
-            ("stream_uploaders", "gauge", "Distinct uploader addresses in the last 10 minutes, by stream.",
+            ("stream_uploaders", "gauge",
+             "Distinct uploader addresses in the last 10 minutes, by stream.",
              lambda stats: sum(now - seen < UPLOADER_WINDOW for seen in stats.uploaders.values())),
         ]
         for name, kind, help_text, measure in series:
@@ -1089,7 +1067,8 @@ class Metrics:
             for stream, stats in sorted(streams.items()):
                 value = measure(stats)
                 if value is not None:
-                    out.append('dsreceiver_%s{stream="%s"} %s' % (name, label_value(stream), repr(float(value))))
+                    out.append('dsreceiver_%s{stream="%s"} %s'
+                               % (name, label_value(stream), repr(float(value))))
 
 
 def label_value(text: str) -> str:
@@ -1098,32 +1077,40 @@ def label_value(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Status page: the /status document as HTML (pure: a dict in, bytes out)
+# Status page
 # ---------------------------------------------------------------------------
+# The /status document as HTML: pure, a dict in and bytes out.
+
+STREAK_RED_AFTER = 120.0
+
 
 STATUS_CSS = """\
-:root{color-scheme:light dark;--bg:#fff;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bad:#cf222e;--warn:#9a6700;\
---good:#1a7f37;--spark:#0969da}
-@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;--line:#3d444d;--bad:#ff7b72;\
---warn:#d29922;--good:#3fb950;--spark:#4493f8}}
-body{margin:0;padding:1rem;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,sans-serif}
+:root{color-scheme:light dark;--bg:#fff;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bad:#cf222e;
+--warn:#9a6700;--good:#1a7f37;--spark:#0969da}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;--line:#3d444d;
+--bad:#ff7b72;--warn:#d29922;--good:#3fb950;--spark:#4493f8}}
+body{margin:0;padding:1rem;background:var(--bg);color:var(--fg);
+font:14px/1.45 system-ui,-apple-system,sans-serif}
 h1{font-size:1.3rem;margin:0}h2{font-size:1.05rem;margin:1.5rem 0 .5rem}
-.muted{color:var(--muted)}.bad{color:var(--bad);font-weight:600}.warn{color:var(--warn);font-weight:600}\
-.good{color:var(--good)}
+.muted{color:var(--muted)}.bad{color:var(--bad);font-weight:600}
+.warn{color:var(--warn);font-weight:600}.good{color:var(--good)}
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
 th,td{padding:.35rem .6rem;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
 th{font-weight:600;color:var(--muted)}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1rem;margin-top:1.5rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1rem;
+margin-top:1.5rem}
 .card h2{margin-top:0}
 .card{border:1px solid var(--line);border-radius:6px;padding:.75rem 1rem}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem;margin:0}dt{color:var(--muted)}dd{margin:0}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem;margin:0}
+dt{color:var(--muted)}dd{margin:0}
 svg{vertical-align:middle}polyline{fill:none;stroke:var(--spark);stroke-width:1.5}
 """
 # Only this exact stylesheet may apply: no external asset, no script, no frame around the page.
+STATUS_CSS_HASH = base64.b64encode(hashlib.sha256(STATUS_CSS.encode()).digest()).decode()
 STATUS_HEADERS = (
     ("Content-Type", "text/html; charset=utf-8"),
-    ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-%s'; base-uri 'none'; form-action 'none'; "
-     "frame-ancestors 'none'" % base64.b64encode(hashlib.sha256(STATUS_CSS.encode()).digest()).decode()),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-%s'; base-uri 'none'; "
+     "form-action 'none'; frame-ancestors 'none'" % STATUS_CSS_HASH),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
@@ -1168,13 +1155,14 @@ def sparkline(values: Sequence[float], width: int = 120, height: int = 24) -> st
     step = width / max(1, len(values) - 1)
     points = " ".join("%.1f,%.1f" % (index * step, height - 1 - (height - 2) * value / top)
                       for index, value in enumerate(values))
-    return ('<svg width="%d" height="%d" viewBox="0 0 %d %d" role="img" aria-label="records per minute">'
-            '<polyline points="%s"/></svg>' % (width, height, width, height, points))
+    return ('<svg width="%d" height="%d" viewBox="0 0 %d %d" role="img" '
+            'aria-label="records per minute"><polyline points="%s"/></svg>'
+            % (width, height, width, height, points))
 
 
 def render_status_page(doc: Dict[str, Any]) -> bytes:
-    """The /status page of a status document (see ReceiverServer.status_document); every value a client can
-    influence is HTML-escaped."""
+    """The /status page of a status document (see ReceiverServer.status_document); every value a
+    client can influence is HTML-escaped."""
     def esc(value: object) -> str:
         return html.escape(str(value), quote=True)
 
@@ -1187,57 +1175,75 @@ def render_status_page(doc: Dict[str, Any]) -> bytes:
            % (esc(utc_time(now)), STATUS_REFRESH_SECONDS)]
 
     out.append('<h2>Streams</h2><div class="scroll"><table id="streams"><thead><tr><th>stream</th>'
-               "<th>last push</th><th>batches, last hour</th><th>records, last hour</th><th>records per minute</th>"
-               "<th>uploaders, 10 min</th><th>event lag</th><th>dedupe hits</th><th>refusals</th></tr></thead><tbody>")
+               "<th>last push</th><th>batches, last hour</th><th>records, last hour</th>"
+               "<th>records per minute</th><th>uploaders, 10 min</th><th>event lag</th>"
+               "<th>dedupe hits</th><th>refusals</th></tr></thead><tbody>")
     for row in doc["streams"]:
         late = "bad" if row["late"] else "good"
-        refusals = ", ".join("%s: %d" % (status, n) for status, n in sorted(row["refusals"].items())) or "-"
+        refusals = ", ".join("%s: %d" % (status, n)
+                             for status, n in sorted(row["refusals"].items())) or "-"
         out.append('<tr data-stream="%s"><td>%s</td><td class="%s" data-field="since">%s ago</td>'
-                   '<td class="n" data-field="batches">%d</td><td class="n" data-field="records">%d</td><td>%s</td>'
-                   '<td class="n" data-field="uploaders">%d</td><td class="n">%s</td><td class="n">%d</td><td>%s</td>'
-                   "</tr>" % (esc(row["stream"]), esc(row["stream"]), late, esc(duration(row["seconds_since_push"])),
-                              row["batches_last_hour"], row["records_last_hour"],
-                              sparkline(row["records_per_minute"]), row["uploaders_last_10_minutes"],
-                              esc(duration(row["event_lag_seconds"])), row["dedupe_hits"], esc(refusals)))
+                   '<td class="n" data-field="batches">%d</td>'
+                   '<td class="n" data-field="records">%d</td><td>%s</td>'
+                   '<td class="n" data-field="uploaders">%d</td><td class="n">%s</td>'
+                   '<td class="n">%d</td><td>%s</td></tr>'
+                   % (esc(row["stream"]), esc(row["stream"]), late,
+                      esc(duration(row["seconds_since_push"])), row["batches_last_hour"],
+                      row["records_last_hour"], sparkline(row["records_per_minute"]),
+                      row["uploaders_last_10_minutes"], esc(duration(row["event_lag_seconds"])),
+                      row["dedupe_hits"], esc(refusals)))
     if not doc["streams"]:
-        out.append('<tr><td colspan="9" class="muted">No push stored since the server started.</td></tr>')
+        out.append('<tr><td colspan="9" class="muted">'
+                   "No push stored since the server started.</td></tr>")
     out.append("</tbody></table></div>")
 
     streak = storage["streak_seconds"]
     streak_class = "bad" if streak >= STREAK_RED_AFTER else "warn" if streak else "good"
     error = storage["last_error"]
     out.append('<div class="cards"><section class="card" id="storage"><h2>Storage</h2><dl>')
-    for name, value, css in (
-            ("output folder", storage["output_dir"], ""),
-            ("disk free", "%s of %s" % (byte_size(storage["disk_free_bytes"]), byte_size(storage["disk_total_bytes"])), ""),
-            ("written, last hour", "%s (%s/s)" % (byte_size(storage["written_last_hour_bytes"]),
-                                                   byte_size(storage["write_rate_bytes_per_second"])), ""),
-            ("full in", duration(storage["full_in_seconds"]) if storage["full_in_seconds"] else "not at this rate",
-             "bad" if storage["full_in_seconds"] and storage["full_in_seconds"] < 86400 else ""),
-            ("fsync p50 / p99", "%s / %s" % (latency(storage["fsync_p50_seconds"]),
-                                              latency(storage["fsync_p99_seconds"])), ""),
-            ("last storage error", "%s: %s" % (utc_time(error["time"]), error["reason"]) if error else "none",
-             "bad" if error else ""),
-            ("503 streak", "%s (DataStream drops a batch after about %d min of them)"
-             % (duration(streak), RETRY_HORIZON // 60) if streak else "none", streak_class)):
+    full_in = storage["full_in_seconds"]
+    storage_rows = [
+        ("output folder", storage["output_dir"], ""),
+        ("disk free", "%s of %s" % (byte_size(storage["disk_free_bytes"]),
+                                    byte_size(storage["disk_total_bytes"])), ""),
+        ("written, last hour",
+         "%s (%s/s)" % (byte_size(storage["written_last_hour_bytes"]),
+                        byte_size(storage["write_rate_bytes_per_second"])), ""),
+        ("full in", duration(full_in) if full_in else "not at this rate",
+         "bad" if full_in and full_in < 86400 else ""),
+        ("fsync p50 / p99", "%s / %s" % (latency(storage["fsync_p50_seconds"]),
+                                          latency(storage["fsync_p99_seconds"])), ""),
+        ("last storage error", "%s: %s" % (utc_time(error["time"]), error["reason"]) if error
+         else "none", "bad" if error else ""),
+        ("503 streak", "%s (DataStream drops a batch after about %d min of them)"
+         % (duration(streak), RETRY_HORIZON // 60) if streak else "none", streak_class)]
+    for name, value, css in storage_rows:
         out.append('<dt>%s</dt><dd class="%s">%s</dd>' % (esc(name), css, esc(value)))
     out.append('</dl></section><section class="card" id="server"><h2>Server</h2><dl>')
     tls = server["tls"]
-    for name, value, css in (
-            ("version", server["version"], ""), ("uptime", duration(server["uptime_seconds"]), ""),
-            ("workers", server["workers"], ""), ("listening", server["listening"], ""),
-            ("certificate", tls["subject"] if tls else "none (plain HTTP)" if server["plain_http"] else "unknown", ""),
-            ("issuer", tls["issuer"] if tls else "-", ""),
-            ("expires", "%s (in %s)" % (utc_time(tls["not_after"]), duration(tls["not_after"] - now)) if tls else "-",
-             "bad" if tls and tls["not_after"] - now < CERT_EXPIRY_WARNING_DAYS * 86400 else ""),
-            ("authentication", " + ".join(server["authentication"]) or "none", "" if server["authentication"] else "bad"),
-            ("open connections", server["open_connections"], ""),
-            ("in-flight bytes", byte_size(server["inflight_bytes"]), "")):
+    plain = "none (plain HTTP)" if server["plain_http"] else "unknown"
+    certificate = tls["subject"] if tls else plain
+    expiring = bool(tls) and tls["not_after"] - now < CERT_EXPIRY_WARNING_DAYS * 86400
+    server_rows = [
+        ("version", server["version"], ""),
+        ("uptime", duration(server["uptime_seconds"]), ""),
+        ("workers", server["workers"], ""),
+        ("listening", server["listening"], ""),
+        ("certificate", certificate, ""),
+        ("issuer", tls["issuer"] if tls else "-", ""),
+        ("expires", "%s (in %s)" % (utc_time(tls["not_after"]), duration(tls["not_after"] - now))
+         if tls else "-", "bad" if expiring else ""),
+        ("authentication", " + ".join(server["authentication"]) or "none",
+         "" if server["authentication"] else "bad"),
+        ("open connections", server["open_connections"], ""),
+        ("in-flight bytes", byte_size(server["inflight_bytes"]), "")]
+    for name, value, css in server_rows:
         out.append('<dt>%s</dt><dd class="%s">%s</dd>' % (esc(name), css, esc(value)))
     out.append("</dl></section></div>")
 
-    out.append('<h2>Recent refusals</h2><div class="scroll"><table id="refusals"><thead><tr><th>time</th>'
-               "<th>status</th><th>client</th><th>path</th><th>reason</th></tr></thead><tbody>")
+    out.append('<h2>Recent refusals</h2><div class="scroll"><table id="refusals"><thead><tr>'
+               "<th>time</th><th>status</th><th>client</th><th>path</th><th>reason</th>"
+               "</tr></thead><tbody>")
     for refusal in doc["refusals"]:
         out.append("<tr><td>%s</td><td class=\"n\">%d</td><td>%s</td><td>%s</td><td>%s</td></tr>"
                    % (esc(utc_time(refusal["time"])), refusal["status"], esc(refusal["client"]),
@@ -1262,6 +1268,10 @@ def latency(seconds: Optional[float]) -> str:
 # TLS
 # ---------------------------------------------------------------------------
 
+# Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL.
+TLS12_CIPHERS = ("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+                 ":!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES")
+
 
 def read_pem(path: Path, marker: str, what: str) -> None:
     """Checks that a PEM file is readable and holds `marker`, naming the file if not."""
@@ -1274,7 +1284,8 @@ def read_pem(path: Path, marker: str, what: str) -> None:
 
 
 def make_server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl.SSLContext:
-    """Builds the server TLS context: TLS 1.2+, forward-secret ciphers, optional client certificates."""
+    """Builds the server TLS context: TLS 1.2+, forward-secret ciphers, optional client
+    certificates."""
     read_pem(cert, "-----BEGIN CERTIFICATE-----", "certificate")
     read_pem(key, "PRIVATE KEY-----", "private key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -1286,22 +1297,27 @@ def make_server_context(cert: Path, key: Path, client_ca: Optional[Path]) -> ssl
         context.load_cert_chain(str(cert), str(key))
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
-            raise ConfigError("certificate %s and private key %s do not match" % (cert, key)) from None
-        raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, exc.reason or exc)) from None
+            raise ConfigError("certificate %s and private key %s do not match"
+                              % (cert, key)) from None
+        raise ConfigError("cannot load certificate %s with key %s: %s"
+                          % (cert, key, exc.reason or exc)) from None
     except OSError as exc:
-        raise ConfigError("cannot load certificate %s with key %s: %s" % (cert, key, describe_os_error(exc))) from None
+        raise ConfigError("cannot load certificate %s with key %s: %s"
+                          % (cert, key, describe_os_error(exc))) from None
     if client_ca is not None:
         read_pem(client_ca, "-----BEGIN CERTIFICATE-----", "client CA")
         try:
             context.load_verify_locations(cafile=str(client_ca))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("cannot load client CA %s: %s" % (client_ca, describe_os_error(exc))) from None
+            raise ConfigError("cannot load client CA %s: %s"
+                              % (client_ca, describe_os_error(exc))) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
 class CertificateSource:
-    """Holds the server TLS context and reloads it when the certificate files change or on request."""
+    """Holds the server TLS context and reloads it when the certificate files change or on
+    request."""
 
     def __init__(self, cert: Path, key: Path, client_ca: Optional[Path]) -> None:
         self.cert = cert
@@ -1319,16 +1335,19 @@ class CertificateSource:
                 info = os.stat(str(path)) if path is not None else None
             except OSError:
                 info = None
-            signature.append((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size) if info else None)
+            signature.append((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size) if info
+                             else None)
         return tuple(signature)
 
     def reload(self, reason: str) -> bool:
-        """Loads the files again; a broken pair is refused with one error line and the current one stays."""
+        """Loads the files again; a broken pair is refused with one error line and the current one
+        stays."""
         self.signature = self._signature()
         try:
             context = make_server_context(self.cert, self.key, self.client_ca)
         except ConfigError as exc:
-            log.error("certificate reload (%s) refused, still serving the previous certificate: %s", reason, exc)
+            log.error("certificate reload (%s) refused, still serving the previous certificate: %s",
+                      reason, exc)
             return False
         self.context = context  # new connections take it; established ones keep theirs
         self.facts = certificate_facts(self.cert)
@@ -1342,11 +1361,13 @@ class CertificateSource:
 
 
 def certificate_facts(cert: Path) -> Dict[str, Any]:
-    """Subject, issuer and expiry of the first certificate in `cert`, for the status page, as the openssl command
-    reads them (the ssl module decodes only a peer's certificate); empty when it cannot."""
+    """Subject, issuer and expiry of the first certificate in `cert`, for the status page, as the
+    openssl command reads them (the ssl module decodes only a peer's certificate); empty when it
+    cannot."""
     try:
-        result = subprocess.run(["openssl", "x509", "-noout", "-subject", "-issuer", "-enddate", "-nameopt", "RFC2253",
-                                 "-in", str(cert)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(["openssl", "x509", "-noout", "-subject", "-issuer", "-enddate",
+                                 "-nameopt", "RFC2253", "-in", str(cert)], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {}
     fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
@@ -1354,7 +1375,8 @@ def certificate_facts(cert: Path) -> Dict[str, Any]:
         not_after = ssl.cert_time_to_seconds(fields["notAfter"])
     except (KeyError, ValueError):
         return {}
-    return {"subject": fields.get("subject", ""), "issuer": fields.get("issuer", ""), "not_after": not_after}
+    return {"subject": fields.get("subject", ""), "issuer": fields.get("issuer", ""),
+            "not_after": not_after}
 
 
 def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
@@ -1366,8 +1388,8 @@ def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
     alt_name = ("IP:" if is_ip else "DNS:") + hostname
     cert.parent.mkdir(parents=True, exist_ok=True)
     temp_cert, temp_key = cert.with_name(".new-" + cert.name), key.with_name(".new-" + key.name)
-    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-nodes", "-days", "825",
-               "-subj", "/CN=" + hostname[:64], "-addext", "subjectAltName=" + alt_name,
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-nodes", "-days",
+               "825", "-subj", "/CN=" + hostname[:64], "-addext", "subjectAltName=" + alt_name,
                "-keyout", str(temp_key), "-out", str(temp_cert)]
     old_umask = os.umask(0o077)
     try:
@@ -1377,18 +1399,22 @@ def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
         raise ConfigError("no certificate in %s and no openssl command to create one: "
                           "install openssl or pass --cert/--key" % cert.parent) from None
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError("cannot run openssl to create a certificate: %s" % describe_os_error(exc)) from None
+        raise ConfigError("cannot run openssl to create a certificate: %s"
+                          % describe_os_error(exc)) from None
     finally:
         os.umask(old_umask)
     if result.returncode != 0:
-        last_line = (result.stdout.decode("utf-8", "replace").strip().splitlines() or ["failed"])[-1]
-        raise ConfigError("openssl could not create a certificate in %s: %s" % (cert.parent, last_line))
+        last_line = (result.stdout.decode("utf-8", "replace").strip().splitlines()
+                     or ["failed"])[-1]
+        raise ConfigError("openssl could not create a certificate in %s: %s"
+                          % (cert.parent, last_line))
     os.replace(temp_key, key)
     os.replace(temp_cert, cert)
 
 
 def resolve_certificate(settings: Settings) -> Tuple[Path, Path]:
-    """Returns the (certificate, key) paths, creating a self-signed pair in the default folder when it is empty."""
+    """Returns the (certificate, key) paths, creating a self-signed pair in the default folder when
+    it is empty."""
     if settings.cert is not None and settings.key is not None:
         return settings.cert, settings.key
     cert, key = settings.certs_dir / CERT_FILE_NAME, settings.certs_dir / KEY_FILE_NAME
@@ -1396,9 +1422,9 @@ def resolve_certificate(settings: Settings) -> Tuple[Path, Path]:
     if is_default_dir and not cert.exists() and not key.exists():
         hostname = settings.hostname or socket.getfqdn()
         create_self_signed(cert, key, hostname)
-        log.warning("created a self-signed certificate for %s in %s: DataStream accepts it only when "
-                    "%s is uploaded as the stream's CA certificate (or use a certificate from a public CA)",
-                    hostname, settings.certs_dir, cert)
+        log.warning("created a self-signed certificate for %s in %s: DataStream accepts it only"
+                    " when %s is uploaded as the stream's CA certificate (or use a certificate from"
+                    " a public CA)", hostname, settings.certs_dir, cert)
     return cert, key
 
 
@@ -1412,7 +1438,8 @@ def read_secret_file(path: Path) -> List[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("cannot read %s: %s" % (path, describe_os_error(exc))) from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if line.strip()
+            and not line.lstrip().startswith("#")]
 
 
 def split_secret_list(value: Optional[str]) -> List[str]:
@@ -1449,10 +1476,10 @@ class Authenticator:
             basic += read_secret_file(settings.basic_auth_file)
         for credential in basic:
             if ":" not in credential or credential.startswith(":"):
-                raise ConfigError("Basic credentials must be user:password (check $%s and --basic-auth-file)"
-                                  % ENV_BASIC_AUTH)
-        header_values = cls._values(settings.auth_header, "--auth-header", environ.get(ENV_AUTH_HEADER_VALUE),
-                                    settings.auth_header_file)
+                raise ConfigError("Basic credentials must be user:password (check $%s and"
+                                  " --basic-auth-file)" % ENV_BASIC_AUTH)
+        header_values = cls._values(settings.auth_header, "--auth-header",
+                                    environ.get(ENV_AUTH_HEADER_VALUE), settings.auth_header_file)
         query_values = cls._values(settings.auth_query_param, "--auth-query-param",
                                    environ.get(ENV_AUTH_QUERY_VALUE), settings.auth_query_file)
         return cls(basic=[item.encode("utf-8") for item in basic],
@@ -1461,13 +1488,16 @@ class Authenticator:
                    client_certificates=settings.client_ca is not None)
 
     @staticmethod
-    def _values(name: Optional[str], option: str, env_value: Optional[str], path: Optional[Path]) -> List[bytes]:
-        """Loads the accepted values of a header or query secret and checks they go with their option."""
+    def _values(name: Optional[str], option: str, env_value: Optional[str],
+                path: Optional[Path]) -> List[bytes]:
+        """Loads the accepted values of a header or query secret and checks they go with their
+        option."""
         values = split_secret_list(env_value) + (read_secret_file(path) if path else [])
         if name is None and values:
             raise ConfigError("accepted values are set but %s is not" % option)
         if name is not None and not values:
-            raise ConfigError("%s is set but no accepted values are (environment or %s-file)" % (option, option))
+            raise ConfigError("%s is set but no accepted values are (environment or %s-file)"
+                              % (option, option))
         return [value.encode("utf-8") for value in values]
 
     def methods(self) -> List[str]:
@@ -1476,11 +1506,13 @@ class Authenticator:
                                           ("query-token", self.query_param),
                                           ("mtls", self.client_certificates)) if active]
 
-    def check(self, authorization: Optional[str], header_value: Optional[str], query: str) -> Optional[str]:
+    def check(self, authorization: Optional[str], header_value: Optional[str],
+              query: str) -> Optional[str]:
         """Returns why the request is refused, or None when every configured method passes."""
         if self.basic and not self._basic_ok(authorization):
             return "bad or missing Basic credentials"
-        if self.header_name and not matches_any((header_value or "").encode("latin-1"), self.header_values):
+        if self.header_name and not matches_any((header_value or "").encode("latin-1"),
+                                                self.header_values):
             return "bad or missing %s header" % self.header_name
         if self.query_param:
             tokens = [value for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True)
@@ -1511,11 +1543,25 @@ class Authenticator:
         return "&".join(items)
 
 
-
-
 # ---------------------------------------------------------------------------
 # Body decoding
 # ---------------------------------------------------------------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+INFLATE_INPUT_CHUNK = 65536
+INFLATE_OUTPUT_CHUNK = 1 << 20
+# Decoded bodies larger than this go to an unlinked temporary file, so memory
+# per request stays bounded whatever --max-decompressed-size allows.
+SPOOL_THRESHOLD = 8 << 20
+# How much of a batch is read, at first, to find its first or last record (records are rarely
+# longer).
+LINE_WINDOW = 4096
+# zlib level for pushes compressed here with --store gzip: fast, still about 8x smaller for log
+# lines.
+STORE_GZIP_LEVEL = 1
+# Faster than `b"\n\n" in data`, whose byte-at-a-time search LF-heavy data defeats.
+BLANK_LINE_RE = re.compile(rb"\n\n")
+
 
 class BodyError(Exception):
     """The body cannot be decoded: sending the same bytes again cannot help."""
@@ -1526,7 +1572,8 @@ class BodyTooLarge(BodyError):
 
 
 class Gunzip:
-    """Iterates over the decompressed bytes of every gzip member in `data`; never more than `limit` in all.
+    """Iterates over the decompressed bytes of every gzip member in `data`; never more than `limit`
+    in all.
 
     `exact` ends False when zero padding followed the last member, so the
     bytes are not a plain concatenation of members.
@@ -1574,8 +1621,8 @@ class Gunzip:
 
 
 def normalize_lines(data: Bytes) -> Tuple[Bytes, bool]:
-    """Turns CRLF into LF and drops blank lines in `data` (whole lines, each ending in LF); tells whether
-    anything changed."""
+    """Turns CRLF into LF and drops blank lines in `data` (whole lines, each ending in LF); tells
+    whether anything changed."""
     changed = False
     if b"\r" in data:
         replaced = data.replace(b"\r\n", b"\n")
@@ -1587,7 +1634,8 @@ def normalize_lines(data: Bytes) -> Tuple[Bytes, bool]:
 
 
 def is_clean_range(data: bytes, start: int, end: int) -> bool:
-    """Tells whether normalize_lines() would keep data[start:end] as it is (the usual case), without copying it."""
+    """Tells whether normalize_lines() would keep data[start:end] as it is (the usual case), without
+    copying it."""
     return (data.find(b"\r", start, end) < 0 and data[start:start + 1] != b"\n"
             and not BLANK_LINE_RE.search(data, start, end))
 
@@ -1606,7 +1654,8 @@ def is_validation_probe(data: bytes) -> bool:
 
 
 class RecordBatch:
-    """The records of one push, one per line each ending in LF: in memory, or spooled to a temporary file."""
+    """The records of one push, one per line each ending in LF: in memory, or spooled to a temporary
+    file."""
 
     def __init__(self, parts: List[Buffer], spool: Optional[IO[bytes]], size: int, records: int,
                  digest: Optional[bytes] = None) -> None:
@@ -1633,13 +1682,14 @@ class RecordBatch:
         yield from iter(lambda: spool.read(COPY_CHUNK), b"")
 
     def compress(self, pushed_gzip: Optional[Buffer]) -> None:
-        """Switches the batch to gzip members: the pushed gzip bytes themselves, which the caller vouches
-        decode to exactly these records, or else the records compressed here."""
+        """Switches the batch to gzip members: the pushed gzip bytes themselves, which the caller
+        vouches decode to exactly these records, or else the records compressed here."""
         if pushed_gzip is not None:
             self.gzip_members = pushed_gzip
             return
         compressor = zlib.compressobj(STORE_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        self.gzip_members = b"".join([compressor.compress(chunk) for chunk in self.chunks()] + [compressor.flush()])
+        self.gzip_members = b"".join([compressor.compress(chunk) for chunk in self.chunks()]
+                                     + [compressor.flush()])
 
     def write_to(self, fd: int) -> None:
         """Writes the batch to `fd`: one writev for an in-memory batch."""
@@ -1652,7 +1702,8 @@ class RecordBatch:
                 write_all(fd, [chunk])
 
     def joined(self) -> Optional[bytes]:
-        """The records as one bytes object (kept as the batch's only part), or None when they are spooled."""
+        """The records as one bytes object (kept as the batch's only part), or None when they are
+        spooled."""
         if self.spool is not None:
             return None
         if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
@@ -1716,7 +1767,8 @@ class RecordBatch:
 
 
 class BatchBuilder:
-    """Collects decoded body chunks into a RecordBatch, normalising lines and spooling big bodies."""
+    """Collects decoded body chunks into a RecordBatch, normalising lines and spooling big
+    bodies."""
 
     def __init__(self, spool_dir: Path, digest: bool = False) -> None:
         self.spool_dir = spool_dir
@@ -1727,7 +1779,8 @@ class BatchBuilder:
         self.carry = b""
         # True once part of a very long line has been emitted ahead of its end.
         self.mid_line = False
-        # True once the records differ from the decoded body (CRs, blank lines, a final LF, an array).
+        # True once the records differ from the decoded body (CRs, blank lines, a final LF, an
+        # array).
         self.altered = False
         self.size = 0
         self.records = 0
@@ -1777,7 +1830,8 @@ class BatchBuilder:
         self.mid_line = True
 
     def finish(self) -> RecordBatch:
-        """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one record per element."""
+        """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one
+        record per element."""
         last = self.carry[:-1] if self.carry.endswith(b"\r") else self.carry
         # Anything left over gains a final LF or loses a lone CR: the records differ from the body.
         self.altered |= bool(self.carry) or self.mid_line
@@ -1790,7 +1844,8 @@ class BatchBuilder:
         return RecordBatch(self.parts, self.spool, self.size, self.records, digest)
 
     def feed_whole(self, body: Bytes) -> RecordBatch:
-        """Builds the batch from a complete undecoded body without copying it when it is already clean."""
+        """Builds the batch from a complete undecoded body without copying it when it is already
+        clean."""
         if body.endswith(b"\n"):
             self._emit_normalized(body)
         else:
@@ -1824,7 +1879,8 @@ class BatchBuilder:
             return
         if not isinstance(elements, list):
             return
-        lines = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for item in elements]
+        lines = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                 for item in elements]
         self.parts, self.size, self.records = [], 0, 0
         self.altered = True
         if self.hasher is not None:
@@ -1834,8 +1890,8 @@ class BatchBuilder:
 
 
 class DecodedPush(NamedTuple):
-    """A push body decoded: its records, and the pushed bytes when they are exactly gzip members of those
-    records (what --store gzip may keep as they are)."""
+    """A push body decoded: its records, and the pushed bytes when they are exactly gzip members of
+    those records (what --store gzip may keep as they are)."""
 
     batch: RecordBatch
     pushed_gzip: Optional[Buffer]
@@ -1843,7 +1899,8 @@ class DecodedPush(NamedTuple):
 
 def decode_push(body: bytearray, declared_gzip: bool, limit: int, spool_dir: Path, digest: bool,
                 on_growth: Callable[[int], None]) -> DecodedPush:
-    """Decodes a push body into records: gunzip when the header says so or the magic bytes do, then lines.
+    """Decodes a push body into records: gunzip when the header says so or the magic bytes do, then
+    lines.
 
     on_growth(size) sees the decoded bytes held in memory grow (spooled ones
     are not); raises BodyError, or BodyTooLarge past `limit` decoded bytes.
@@ -1860,11 +1917,37 @@ def decode_push(body: bytearray, declared_gzip: bool, limit: int, spool_dir: Pat
 
 
 # ---------------------------------------------------------------------------
-# DataStream streams: which stream a push carries, stream definitions, STRUCTURED records as JSON
+# DataStream streams
 # ---------------------------------------------------------------------------
+# Which stream a push carries, stream definitions, STRUCTURED records as JSON.
+
+# DataStream records (see ../shared/DATASTREAM.md): a JSON record names "version" and "streamId"; a
+# STRUCTURED record starts with version and stream ID; a millisecond reqTimeSec looks like
+# 1764200000.507.
+UNKNOWN_STREAM = "unknown"
+# DataStream pushes every 30 or 60 seconds per uploader; a stream is late after LATE_AFTER_INTERVALS
+# of them.
+DEFAULT_PUSH_INTERVAL = 60.0
+MIXED_STREAM = "mixed"
+FIELD_DELIMITERS = {"SPACE": b" ", "TAB": b"\t"}
+DASH = b"-"
+STREAM_ID_RE = re.compile(r"[0-9]{1,12}")
+STREAM_VERSION_RE = re.compile(r"[0-9]{1,6}")
+JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+JSON_STREAM_ID_RE = re.compile(rb'"streamId"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
+JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
+JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
+JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
+STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])([0-9]{1,12})\2")
+MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
+MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
+# Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
+JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
+
 
 class StreamDefinition(NamedTuple):
-    """What a STRUCTURED line of one stream holds: version, stream ID, then values for these JSON keys in order."""
+    """What a STRUCTURED line of one stream holds: version, stream ID, then values for these JSON
+    keys in order."""
 
     stream_id: str
     # The stream version it describes; None (the short form without streamVersion) for any version.
@@ -1876,15 +1959,17 @@ class StreamDefinition(NamedTuple):
 
 
 def parse_stream_definition(document: object) -> StreamDefinition:
-    """Reads a stream definition: the JSON DataStream's API returns for "get a stream", or the short form
-    {"streamId": 61234, "fields": ["cp", "reqId", ...]}.  Raises ValueError saying what is wrong."""
+    """Reads a stream definition: the JSON DataStream's API returns for "get a stream", or the short
+    form {"streamId": 61234, "fields": ["cp", "reqId", ...]}.  Raises ValueError saying what is
+    wrong."""
     if not isinstance(document, dict):
         raise ValueError("expected a JSON object")
     stream_id = document.get("streamId")
     if isinstance(stream_id, bool) or not STREAM_ID_RE.fullmatch(str(stream_id)):
         raise ValueError("streamId must be a decimal number, not %r" % (stream_id,))
     version = document.get("streamVersion")
-    if version is not None and (isinstance(version, bool) or not STREAM_VERSION_RE.fullmatch(str(version))):
+    if version is not None and (isinstance(version, bool)
+                                or not STREAM_VERSION_RE.fullmatch(str(version))):
         raise ValueError("streamVersion must be a number, not %r" % (version,))
     delivery = document.get("deliveryConfiguration", {})
     if not isinstance(delivery, dict):
@@ -1898,7 +1983,8 @@ def parse_stream_definition(document: object) -> StreamDefinition:
             raise ValueError("datasetFields must be a list of objects")
         fields = [entry.get("datasetFieldJsonKey") for entry in entries]
         if None in fields:
-            raise ValueError("datasetFields entry %d has no datasetFieldJsonKey" % (fields.index(None) + 1))
+            raise ValueError("datasetFields entry %d has no datasetFieldJsonKey"
+                             % (fields.index(None) + 1))
     elif "fields" in document:
         fields = document["fields"]
         if not isinstance(fields, list):
@@ -1906,26 +1992,30 @@ def parse_stream_definition(document: object) -> StreamDefinition:
     else:
         raise ValueError("no datasetFields (the API's form) or fields (the short form)")
     for key in fields:
-        if not isinstance(key, str) or not JSON_KEY_RE.fullmatch(key) or key in ("version", "streamId"):
+        if (not isinstance(key, str) or not JSON_KEY_RE.fullmatch(key)
+                or key in ("version", "streamId")):
             raise ValueError("%r is not a usable JSON key (letters, digits, '_')" % (key,))
     if not fields or len(set(fields)) != len(fields):
         raise ValueError("the field list is empty or names a key twice")
     frequency = delivery.get("frequency", {})
     interval = frequency.get("intervalInSeconds") if isinstance(frequency, dict) else None
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0):
-        raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r" % (interval,))
-    return StreamDefinition(str(stream_id), None if version is None else str(version), tuple(fields),
-                            FIELD_DELIMITERS[delimiter], interval)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int)
+                                 or interval <= 0):
+        raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r"
+                         % (interval,))
+    return StreamDefinition(str(stream_id), None if version is None else str(version),
+                            tuple(fields), FIELD_DELIMITERS[delimiter], interval)
 
 
 def load_stream_definitions(path: Path) -> List[StreamDefinition]:
-    """Reads --stream-config: a JSON file, or every *.json file of a folder, each holding one definition or a
-    list of them.  Raises ConfigError naming the file and the problem."""
+    """Reads --stream-config: a JSON file, or every *.json file of a folder, each holding one
+    definition or a list of them.  Raises ConfigError naming the file and the problem."""
     try:
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
         texts = [(file, file.read_text(encoding="utf-8")) for file in files]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("cannot read stream definitions %s: %s" % (path, describe_os_error(exc))) from None
+        raise ConfigError("cannot read stream definitions %s: %s"
+                          % (path, describe_os_error(exc))) from None
     definitions: List[StreamDefinition] = []
     seen: Dict[Tuple[str, Optional[str]], str] = {}
     for file, text in texts:
@@ -1945,8 +2035,9 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
 
 
 class StructuredConverter:
-    """Turns the STRUCTURED lines of one stream definition into the JSON lines the stream's JSON format would
-    have carried: version, streamId, then every field's key with its value as a string, '-' values left out.
+    """Turns the STRUCTURED lines of one stream definition into the JSON lines the stream's JSON
+    format would have carried: version, streamId, then every field's key with its value as a string,
+    '-' values left out.
 
     The output of a line is one %-format of its values with a template made
     for its pattern of '-' values (a '-' slot is '%.0s', which prints
@@ -1960,10 +2051,14 @@ class StructuredConverter:
         self.width = 2 + len(definition.fields)
         self.slots = [b',"' + key.encode("ascii") + b'":"%s"' for key in definition.fields]
         self.templates: Dict[Tuple[bool, ...], bytes] = {}
-        # Where a line holds its reqId, if the stream has one: a record whose value there is not '-' is unique.
-        self.request_id = 2 + definition.fields.index("reqId") if "reqId" in definition.fields else None
-        # Control characters that need escaping in JSON: all but LF (never inside a record) and the delimiter.
-        self.controls = bytes(byte for byte in range(0x20) if byte not in (0x0A, definition.delimiter[0]))
+        # Where a line holds its reqId, if the stream has one: a record whose value there is not '-'
+        # is unique.
+        fields = definition.fields
+        self.request_id = 2 + fields.index("reqId") if "reqId" in fields else None
+        # Control characters that need escaping in JSON: all but LF (never inside a record) and the
+        # delimiter.
+        self.controls = bytes(byte for byte in range(0x20)
+                              if byte not in (0x0A, definition.delimiter[0]))
 
     def template(self, dashes: Tuple[bool, ...]) -> bytes:
         """The format of a line whose values are '-' where `dashes` says so."""
@@ -1976,21 +2071,22 @@ class StructuredConverter:
         return template
 
     def convert(self, values: List[bytes]) -> Optional[bytes]:
-        """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None when the
-        number of values does not fit the definition."""
+        """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None
+        when the number of values does not fit the definition."""
         if len(values) != self.width:
             return None
         return self.template(tuple(map(DASH.__eq__, values))) % tuple(values)
 
     def needs_escaping(self, data: bytes) -> bool:
-        """Tells whether any value in `data` needs JSON escaping (or is not ASCII), so convert_lines() cannot
-        take it; checked in C over the whole batch."""
+        """Tells whether any value in `data` needs JSON escaping (or is not ASCII), so
+        convert_lines() cannot take it; checked in C over the whole batch."""
         return (not data.isascii() or b'"' in data or b"\\" in data
                 or len(data.translate(None, self.controls)) != len(data))
 
     def convert_lines(self, lines: List[bytes]) -> Tuple[List[bytes], int, bool]:
-        """Converts lines that need no JSON escaping: (the lines, those that do not fit kept as they are; how many
-        did not fit; whether every converted one has a reqId).  The hot loop of --records json."""
+        """Converts lines that need no JSON escaping: (the lines, those that do not fit kept as they
+        are; how many did not fit; whether every converted one has a reqId).  The hot loop of
+        --records json."""
         width, delimiter, request_id = self.width, self.definition.delimiter, self.request_id
         cached, template, is_dash = self.templates.get, self.template, DASH.__eq__
         out: List[bytes] = []
@@ -2009,15 +2105,16 @@ class StructuredConverter:
         return out, unfit, request_id is not None and not without_id
 
     def convert_escaping(self, values: List[bytes]) -> Optional[bytes]:
-        """Like convert(), for values that may hold quotes, backslashes or control characters; None also when a
-        value is not UTF-8, which JSON text cannot carry."""
+        """Like convert(), for values that may hold quotes, backslashes or control characters; None
+        also when a value is not UTF-8, which JSON text cannot carry."""
         if len(values) != self.width:
             return None
         escaped = []
         for value in values:
             if JSON_UNSAFE_RE.search(value):
                 try:
-                    value = json.dumps(value.decode("utf-8"), ensure_ascii=False)[1:-1].encode("utf-8")
+                    value = json.dumps(value.decode("utf-8"),
+                                       ensure_ascii=False)[1:-1].encode("utf-8")
                 except UnicodeDecodeError:
                     return None
             escaped.append(value)
@@ -2030,17 +2127,20 @@ class StreamRecords(NamedTuple):
     stream: str
     version: str
     batch: RecordBatch
-    # STRUCTURED records kept as sent although --records json asked for JSON (no matching definition).
+    # STRUCTURED records kept as sent although --records json asked for JSON (no matching
+    # definition).
     unconverted: int
     # The newer of the first and last records' reqTimeSec, when they have one.
     newest_event: Optional[float]
-    # Whether every record carries a per-request identity, so that an identical batch can only be a retry;
-    # a scan of the whole batch, so it is asked only of a batch that matches one already stored.
+    # Whether every record carries a per-request identity, so that an identical batch can only be a
+    # retry; a scan of the whole batch, so it is asked only of a batch that matches one already
+    # stored.
     is_unique: Callable[[], bool]
 
 
 class StreamCatalog:
-    """The stream definitions of --stream-config (replaced whole on reload) and what they make of a push."""
+    """The stream definitions of --stream-config (replaced whole on reload) and what they make of a
+    push."""
 
     def __init__(self, path: Optional[Path], to_json: bool) -> None:
         self.path = path
@@ -2057,7 +2157,8 @@ class StreamCatalog:
             self.warned.clear()
 
     def reload(self) -> None:
-        """SIGHUP: reads the definitions again; broken ones are refused and the previous ones kept."""
+        """SIGHUP: reads the definitions again; broken ones are refused and the previous ones
+        kept."""
         if self.path is None:
             return
         try:
@@ -2074,8 +2175,10 @@ class StreamCatalog:
         return converters.get((stream, version)) or converters.get((stream, None))
 
     def push_interval(self, stream: str) -> float:
-        """How often each uploader of a stream pushes: its definition's interval, else DataStream's longest (60 s)."""
-        intervals = [converter.definition.interval for (stream_id, _), converter in self.converters.items()
+        """How often each uploader of a stream pushes: its definition's interval, else DataStream's
+        longest (60 s)."""
+        intervals = [converter.definition.interval
+                     for (stream_id, _), converter in self.converters.items()
                      if stream_id == stream and converter.definition.interval]
         return float(max(intervals)) if intervals else DEFAULT_PUSH_INTERVAL
 
@@ -2088,8 +2191,8 @@ class StreamCatalog:
         log.warning(message, *args)
 
     def classify(self, batch: RecordBatch) -> StreamRecords:
-        """Reads a push's stream from its records and, with --records json, turns STRUCTURED records of a
-        defined stream into JSON.
+        """Reads a push's stream from its records and, with --records json, turns STRUCTURED records
+        of a defined stream into JSON.
 
         DataStream sends one stream per push, so the stream is read from the
         first and the last record (reading every record would cost a pass over
@@ -2099,24 +2202,32 @@ class StreamCatalog:
         first, last = batch.first_line(), batch.last_line()
         if first[:1] == b"{":
             found, found_last = JSON_STREAM_ID_RE.search(first), JSON_STREAM_ID_RE.search(last)
-            stream = stream_of(found.group(1) if found else None, found_last.group(1) if found_last else None)
+            stream = stream_of(found.group(1) if found else None,
+                               found_last.group(1) if found_last else None)
             found_version = JSON_VERSION_RE.search(first)
-            return StreamRecords(stream, found_version.group(1).decode("ascii") if found_version else "", batch, 0,
-                                 json_event_time(first, last), lambda: json_records_are_unique(batch))
+            return StreamRecords(stream,
+                                 found_version.group(1).decode("ascii") if found_version else "",
+                                 batch, 0, json_event_time(first, last),
+                                 lambda: json_records_are_unique(batch))
         head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
-        stream = stream_of(head.group(3) if head else None, head_last.group(3) if head_last else None)
+        stream = stream_of(head.group(3) if head else None,
+                           head_last.group(3) if head_last else None)
         version = head.group(1).decode("ascii") if head else ""
-        data = batch.joined() if head is not None and self.to_json and stream != MIXED_STREAM else None
+        convertible = head is not None and self.to_json and stream != MIXED_STREAM
+        data = batch.joined() if convertible else None
         if head is None or data is None:
-            # Stored as sent: not converted, or a batch too large to hold twice (DataStream's are far smaller).
-            return StreamRecords(stream, version, batch, batch.records if self.to_json and head else 0,
+            # Stored as sent: not converted, or a batch too large to hold twice (DataStream's are
+            # far smaller).
+            kept_as_sent = batch.records if self.to_json and head else 0
+            return StreamRecords(stream, version, batch, kept_as_sent,
                                  structured_event_time(first, last),
                                  lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
         return self._convert(batch, data, head, stream, version)
 
     def _convert(self, batch: RecordBatch, data: bytes, head: re.Match[bytes], stream: str,
                  version: str) -> StreamRecords:
-        """--records json: the batch with its STRUCTURED records of defined streams turned into JSON."""
+        """--records json: the batch with its STRUCTURED records of defined streams turned into
+        JSON."""
         lines = data.split(b"\n")
         lines.pop()
         # Usually every line starts as the first does (one stream, one version): the fast path.
@@ -2125,36 +2236,44 @@ class StreamCatalog:
         out: Optional[List[bytes]] = None
         unconverted, identified = len(lines), False
         if uniform and (converter is None or converter.definition.delimiter != head.group(2)):
-            self.warn_once(stream, "stream %s version %s has no definition for its STRUCTURED records: they are "
-                           "stored as sent (add it to --stream-config and send SIGHUP)", stream, version)
+            self.warn_once(stream,
+                           "stream %s version %s has no definition for its STRUCTURED records: they"
+                           " are stored as sent (add it to --stream-config and send SIGHUP)",
+                           stream, version)
         elif uniform and converter is not None and not converter.needs_escaping(data):
             out, unconverted, identified = converter.convert_lines(lines)
         else:
             out, unconverted = self._convert_each(lines)
         if unconverted:
-            self.warn_once(stream, "stream %s: %d of %d STRUCTURED records do not fit its definition (field count, "
-                           "version or encoding): they are stored as sent", stream, unconverted, len(lines))
+            self.warn_once(stream,
+                           "stream %s: %d of %d STRUCTURED records do not fit its definition (field"
+                           " count, version or encoding): they are stored as sent", stream,
+                           unconverted, len(lines))
         if out is None or unconverted == len(lines):
-            return StreamRecords(stream, version, batch, unconverted, structured_event_time(lines[0], lines[-1]),
+            return StreamRecords(stream, version, batch, unconverted,
+                                 structured_event_time(lines[0], lines[-1]),
                                  lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
         out.append(b"")
         converted = b"\n".join(out)
         json_batch = RecordBatch([converted], None, len(converted), batch.records, batch.digest)
         return StreamRecords(stream, version, json_batch, unconverted,
                              json_event_time(json_batch.first_line(), json_batch.last_line()),
-                             lambda: not unconverted and (identified or json_records_are_unique(json_batch)))
+                             lambda: not unconverted
+                             and (identified or json_records_are_unique(json_batch)))
 
     def _convert_each(self, lines: List[bytes]) -> Tuple[List[bytes], int]:
-        """Converts line by line, each with the definition of its own stream and version, escaping where needed;
-        returns (the lines, those that do not fit kept as they are; how many did not fit)."""
+        """Converts line by line, each with the definition of its own stream and version, escaping
+        where needed; returns (the lines, those that do not fit kept as they are; how many did not
+        fit)."""
         out: List[bytes] = []
         unconverted = 0
         for line in lines:
             head = STRUCTURED_HEAD_RE.match(line)
-            converter = (self.converter(head.group(3).decode("ascii"), head.group(1).decode("ascii"))
-                         if head else None)
+            converter = (self.converter(head.group(3).decode("ascii"),
+                                        head.group(1).decode("ascii")) if head else None)
             json_line = None
-            if converter is not None and head is not None and head.group(2) == converter.definition.delimiter:
+            if (converter is not None and head is not None
+                    and head.group(2) == converter.definition.delimiter):
                 values = line.split(head.group(2))
                 json_line = (converter.convert_escaping(values) if JSON_UNSAFE_RE.search(line)
                              else converter.convert(values))
@@ -2187,15 +2306,15 @@ def json_records_are_unique(batch: RecordBatch) -> bool:
 
 def json_event_time(first: bytes, last: bytes) -> Optional[float]:
     """The newer reqTimeSec of two JSON records."""
-    times = [float(found.group(1)) for found in (JSON_REQ_TIME_RE.search(first), JSON_REQ_TIME_RE.search(last))
-             if found]
+    times = [float(found.group(1))
+             for found in (JSON_REQ_TIME_RE.search(first), JSON_REQ_TIME_RE.search(last)) if found]
     return max(times) if times else None
 
 
 def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
     """The newer millisecond Unix time found in two STRUCTURED records (where reqTimeSec is)."""
-    times = [float(found.group(1)) for found in (MS_TIME_TOKEN_RE.search(first), MS_TIME_TOKEN_RE.search(last))
-             if found]
+    times = [float(found.group(1))
+             for found in (MS_TIME_TOKEN_RE.search(first), MS_TIME_TOKEN_RE.search(last)) if found]
     return max(times) if times else None
 
 
@@ -2204,12 +2323,14 @@ def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
 # ---------------------------------------------------------------------------
 
 def dedupe_key(folder: str, digest: bytes) -> str:
-    """Identifies a batch for retry dedup: its folder ('' for the root) and the SHA-256 of its records."""
+    """Identifies a batch for retry dedup: its folder ('' for the root) and the SHA-256 of its
+    records."""
     return (folder or "-") + "/" + digest.hex()
 
 
 class SupervisorGone(Exception):
-    """The supervisor process, which keeps the workers' shared dedupe window and metrics, cannot be reached."""
+    """The supervisor process, which keeps the workers' shared dedupe window and metrics, cannot be
+    reached."""
 
 
 class DedupeWindow(Protocol):
@@ -2221,8 +2342,8 @@ class DedupeWindow(Protocol):
     """
 
     def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate; may raise
-        SupervisorGone."""
+        """Returns True when the caller should store the batch, False when it is a duplicate; may
+        raise SupervisorGone."""
 
     def commit(self, key: str, stored_at: float) -> None:
         """Records that the claimed batch is stored."""
@@ -2256,8 +2377,8 @@ class DedupeIndex:
                     self.seen.move_to_end(key)
 
     def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate; waits while
-        another request stores the same batch."""
+        """Returns True when the caller should store the batch, False when it is a duplicate; waits
+        while another request stores the same batch."""
         with self.state:
             while True:
                 outcome = self.try_claim(key)
@@ -2293,8 +2414,13 @@ class DedupeIndex:
 
 
 # ---------------------------------------------------------------------------
-# Storage: the layout of the output folder
+# Storage: layout
 # ---------------------------------------------------------------------------
+# Every name under the output folder.
+
+MAX_FOLDER_NAME = 100
+SAFE_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,%d}" % (MAX_FOLDER_NAME - 1))
+
 
 class StorageError(Exception):
     """Records could not be stored now; nothing of them is left behind, and a retry may succeed."""
@@ -2310,13 +2436,15 @@ def fsync_directory(path: Path) -> None:
 
 
 def folder_for_path(url_path: str) -> str:
-    """Maps a URL path to one safe folder name: no separator, no leading dot, at most 100 characters."""
+    """Maps a URL path to one safe folder name: no separator, no leading dot, at most 100
+    characters."""
     decoded = urllib.parse.unquote(url_path, errors="replace")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", decoded.strip("/")) or "_root"
     if name.startswith("."):
         name = "_" + name
     if len(name) > MAX_FOLDER_NAME:
-        name = name[:MAX_FOLDER_NAME - 17] + "-" + hashlib.sha256(decoded.encode("utf-8", "replace")).hexdigest()[:16]
+        digest = hashlib.sha256(decoded.encode("utf-8", "replace")).hexdigest()
+        name = name[:MAX_FOLDER_NAME - 17] + "-" + digest[:16]
     return name
 
 
@@ -2332,14 +2460,16 @@ class DataName(NamedTuple):
 class Layout:
     """Every name under --output-dir, and the one parser of them.
 
-    OUTPUT_DIR/[FOLDER/]PERIOD[TAG][.N].log[.gz]      records: PERIOD is the UTC hour
-                                                      (2026-11-27T15Z) or day, TAG a worker's (.w1),
-                                                      N the file number within the period
-    .dsreceiver/batches/FOLDER/NAME.idx               the batch index of data file NAME ('-' for no FOLDER)
-    .dsreceiver/batches/FOLDER/NAME.moved-T.idx       an index SIGHUP set aside when logrotate moved NAME
-    .dsreceiver/partial/, .dsreceiver/torn/           bytes that recovery cut from data files
-    .dsreceiver/spool/                                large decoded bodies (unlinked temporary files)
-    OUTPUT_DIR/[FOLDER/].NAME.gz.tmp                  a compression under way
+    OUTPUT_DIR/[FOLDER/]PERIOD[TAG][.N].log[.gz]   records: PERIOD is the UTC hour
+                                                   (2026-11-27T15Z) or day, TAG a worker's (.w1),
+                                                   N the file number within the period
+    .dsreceiver/batches/FOLDER/NAME.idx            the batch index of data file NAME
+                                                   ('-' for no FOLDER)
+    .dsreceiver/batches/FOLDER/NAME.moved-T.idx    an index SIGHUP set aside when logrotate moved
+                                                   NAME
+    .dsreceiver/partial/, .dsreceiver/torn/        bytes that recovery cut from data files
+    .dsreceiver/spool/                             large decoded bodies (unlinked temporary files)
+    OUTPUT_DIR/[FOLDER/].NAME.gz.tmp               a compression under way
 
     FOLDER is empty, or safe folder names: a --route-by-path folder, then stream=ID
     (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed').
@@ -2353,7 +2483,8 @@ class Layout:
     INDEX_NAME_RE = re.compile(r"(.+?)(?:\.moved-\d+)?\.idx")
     COMPRESSION_TEMP_RE = re.compile(r"\.(.+)\.gz\.tmp")
 
-    def __init__(self, root: Path, rotate: str = "hourly", tag: str = "", store_gzip: bool = False) -> None:
+    def __init__(self, root: Path, rotate: str = "hourly", tag: str = "",
+                 store_gzip: bool = False) -> None:
         self.root = root
         self.rotate = rotate
         self.tag = tag
@@ -2375,12 +2506,15 @@ class Layout:
 
     def period_name(self, now: float) -> str:
         """Names the period of `now`: 2026-11-27T15Z (hourly) or 2026-11-27 (daily), in UTC."""
-        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d", time.gmtime(now))
+        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d",
+                             time.gmtime(now))
 
     def data_path(self, folder: str, period: str, sequence: int) -> Path:
-        """Where this layout writes file number `sequence` of `period` in `folder` ('' for the root)."""
+        """Where this layout writes file number `sequence` of `period` in `folder` ('' for the
+        root)."""
         self.check_folder(folder)
-        name = period + self.tag + (".%d" % sequence if sequence else "") + (".log.gz" if self.store_gzip else ".log")
+        number = ".%d" % sequence if sequence else ""
+        name = period + self.tag + number + (".log.gz" if self.store_gzip else ".log")
         return self.root / folder / name if folder else self.root / name
 
     @classmethod
@@ -2389,16 +2523,20 @@ class Layout:
         match = cls.DATA_NAME_RE.fullmatch(name)
         if match is None:
             return None
-        return DataName(match.group(1), match.group(2), int(match.group(3) or 0), bool(match.group(4)))
+        return DataName(match.group(1), match.group(2), int(match.group(3) or 0),
+                        bool(match.group(4)))
 
     @staticmethod
     def folder(route: str, stream: Optional[str]) -> str:
-        """The folder of a push: its --route-by-path folder, then its stream's (stream=ID, Hive-style), as used."""
-        return "/".join(part for part in (route, "stream=" + stream if stream is not None else "") if part)
+        """The folder of a push: its --route-by-path folder, then its stream's (stream=ID,
+        Hive-style), as used."""
+        partition = "stream=" + stream if stream is not None else ""
+        return "/".join(part for part in (route, partition) if part)
 
     @staticmethod
     def check_folder(folder: str) -> None:
-        """Refuses a folder that is not made of safe names, so nothing lands outside the output folder."""
+        """Refuses a folder that is not made of safe names, so nothing lands outside the output
+        folder."""
         if folder and not all(SAFE_FOLDER_RE.fullmatch(part) for part in folder.split("/")):
             raise ValueError("unsafe folder name %r" % folder)
 
@@ -2408,11 +2546,14 @@ class Layout:
 
     def index_path(self, data_path: Path) -> Path:
         """Where the batch index of a data file lives."""
-        return self.index_dir / (self.folder_of(data_path) or self.ROOT_FOLDER) / (data_path.name + ".idx")
+        folder = self.folder_of(data_path) or self.ROOT_FOLDER
+        return self.index_dir / folder / (data_path.name + ".idx")
 
     def set_aside_index_path(self, data_path: Path) -> Path:
-        """A new name for the index of a data file that logrotate moved, still read by dedup and recovery."""
-        return self.index_path(data_path).with_name("%s.moved-%d.idx" % (data_path.name, time.time_ns()))
+        """A new name for the index of a data file that logrotate moved, still read by dedup and
+        recovery."""
+        aside = "%s.moved-%d.idx" % (data_path.name, time.time_ns())
+        return self.index_path(data_path).with_name(aside)
 
     @staticmethod
     def compressed_path(data_path: Path) -> Path:
@@ -2432,16 +2573,19 @@ class Layout:
     # -- listings ---------------------------------------------------------------
 
     def data_files(self, compressed: bool = False) -> Iterator[Tuple[Path, DataName]]:
-        """Every data file this layout appends to (and with `compressed`, every gzip'd one as well)."""
+        """Every data file this layout appends to (and with `compressed`, every gzip'd one as
+        well)."""
         for path in self.root.rglob("*"):
             name = self.parse(path.name)
             if name is None or not (compressed or name.compressed == self.store_gzip):
                 continue
-            if not any(part.startswith(".") for part in path.relative_to(self.root).parts) and path.is_file():
+            hidden = any(part.startswith(".") for part in path.relative_to(self.root).parts)
+            if not hidden and path.is_file():
                 yield path, name
 
     def indexes(self) -> Iterator[Tuple[Path, str, DataName]]:
-        """Every batch index, set-aside ones included: (index path, folder, name of its data file)."""
+        """Every batch index, set-aside ones included: (index path, folder, name of its data
+        file)."""
         for index in self.index_dir.rglob("*.idx"):
             match = self.INDEX_NAME_RE.fullmatch(index.name)
             name = self.parse(match.group(1)) if match else None
@@ -2451,7 +2595,8 @@ class Layout:
             yield index, "" if folder == self.ROOT_FOLDER else folder, name
 
     def compression_temps(self) -> Iterator[Tuple[Path, DataName]]:
-        """Every unfinished compression: (temporary file, name of the data file being compressed)."""
+        """Every unfinished compression: (temporary file, name of the data file being
+        compressed)."""
         for temp in self.root.rglob(".*.gz.tmp"):
             match = self.COMPRESSION_TEMP_RE.fullmatch(temp.name)
             name = self.parse(match.group(1)) if match else None
@@ -2460,8 +2605,12 @@ class Layout:
 
 
 # ---------------------------------------------------------------------------
-# Storage: writing records
+# Storage: writing
 # ---------------------------------------------------------------------------
+
+# /healthz writes this much (then discards it) to prove the disk takes data.
+HEALTH_PROBE_SIZE = 65536
+
 
 class FileState(enum.Enum):
     """Where a DataFile is in its life; Storage makes every transition, under its lock.
@@ -2473,7 +2622,8 @@ class FileState(enum.Enum):
     CURRENT = "current"
     # Its period is over or it is full: once closed, housekeeping may compress it.
     FINISHED = "finished"
-    # logrotate moved or deleted it: once closed, its batch index is set aside for a new file of that name.
+    # logrotate moved or deleted it: once closed, its batch index is set aside for a new file of
+    # that name.
     MOVED = "moved"
     # The server is stopping.
     STOPPING = "stopping"
@@ -2481,7 +2631,8 @@ class FileState(enum.Enum):
 
 
 class DataFile:
-    """One append-only output file and its batch index; concurrent appends share fdatasync calls (group commit).
+    """One append-only output file and its batch index; concurrent appends share fdatasync calls
+    (group commit).
 
     After each batch, a fixed-size entry (end offset, time, digest) goes to the
     batch index under the dot-path, and both files are synced before any 200.
@@ -2537,9 +2688,10 @@ class DataFile:
         with self.state:
             return self.size >= max_size
 
-    def append(self, batch: RecordBatch, stamp: float, digest: bytes = NO_DIGEST) -> Tuple[int, int]:
-        """Writes the batch contiguously, then its index entry (with `digest`, the batch's dedupe identity, when
-        it has one); returns (progress mark, generation) for sync_through()."""
+    def append(self, batch: RecordBatch, stamp: float,
+               digest: bytes = NO_DIGEST) -> Tuple[int, int]:
+        """Writes the batch contiguously, then its index entry (with `digest`, the batch's dedupe
+        identity, when it has one); returns (progress mark, generation) for sync_through()."""
         with self.state:
             start = os.fstat(self.fd).st_size
             index_start = self.index_size
@@ -2548,7 +2700,8 @@ class DataFile:
                     self._reset_index(start)  # truncated behind our back (copytruncate)
                     index_start = 0
                 batch.write_to(self.fd)
-                write_all(self.index_fd, [BATCH_ENTRY.pack(start + batch.stored_size, stamp, digest)])
+                write_all(self.index_fd,
+                          [BATCH_ENTRY.pack(start + batch.stored_size, stamp, digest)])
             except OSError:
                 self._cut_back(start, index_start)
                 raise
@@ -2558,12 +2711,14 @@ class DataFile:
             return self.appended, self.generation
 
     def sync_through(self, mark: int, generation: int) -> None:
-        """Returns once the bytes up to `mark` and their index entries are durable; one sync serves every writer waiting."""
+        """Returns once the bytes up to `mark` and their index entries are durable; one sync serves
+        every writer waiting."""
         while True:
             with self.state:
                 while True:
                     if self.generation != generation:
-                        raise StorageError("fdatasync of %s failed; unsynced records were discarded" % self.path)
+                        raise StorageError("fdatasync of %s failed; unsynced records were discarded"
+                                           % self.path)
                     if self.synced >= mark:
                         return
                     if not self.syncing:
@@ -2631,17 +2786,20 @@ class StoreResult(NamedTuple):
 
     # The data file it went to; None when it was a retry of a stored batch and was not stored again.
     path: Optional[Path]
-    # It matched a stored batch, but not every record carries a request identity, so it was stored again.
+    # It matched a stored batch, but not every record carries a request identity, so it was stored
+    # again.
     kept_duplicate: bool = False
 
 
 def always_unique() -> bool:
-    """The eligibility of a batch whose caller vouches that a matching digest can only mean a retry."""
+    """The eligibility of a batch whose caller vouches that a matching digest can only mean a
+    retry."""
     return True
 
 
 class Storage:
-    """Appends record batches to the current data file of each folder: the only code that writes records.
+    """Appends record batches to the current data file of each folder: the only code that writes
+    records.
 
     Files are named by the UTC period of receipt (hour or day) and numbered
     within a period when --max-file-size rolls them.  A file stays open while
@@ -2650,7 +2808,8 @@ class Storage:
     """
 
     def __init__(self, layout: Layout, fsync_mode: str = "always", max_file_size: int = 0,
-                 dedupe: Optional[DedupeWindow] = None, clock: Callable[[], float] = time.time) -> None:
+                 dedupe: Optional[DedupeWindow] = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.layout = layout
         self.fsync_mode = fsync_mode
         self.max_file_size = max_file_size
@@ -2658,7 +2817,8 @@ class Storage:
         self.clock = clock
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self.files: Dict[str, DataFile] = {}
-        # Files logrotate moved that pushes still write, by folder: a new file of that name waits for them.
+        # Files logrotate moved that pushes still write, by folder: a new file of that name waits
+        # for them.
         self.moving: Dict[str, DataFile] = {}
         # Files closed for good since housekeeping last looked (see take_finished).
         self.finished: List[Path] = []
@@ -2669,14 +2829,15 @@ class Storage:
 
     @property
     def dedupes(self) -> bool:
-        """Whether batches are checked against the dedupe window (so a push's digest is worth taking)."""
+        """Whether batches are checked against the dedupe window (so a push's digest is worth
+        taking)."""
         return self.dedupe is not None
 
     def start(self) -> None:
         """Starts the once-a-second fdatasync thread of --fsync interval."""
         if self.fsync_mode == "interval":
-            self.interval_sync = threading.Thread(target=self._sync_every_second, name="fsync-interval",
-                                                  daemon=True)
+            self.interval_sync = threading.Thread(target=self._sync_every_second,
+                                                  name="fsync-interval", daemon=True)
             self.interval_sync.start()
 
     def close(self) -> None:
@@ -2687,7 +2848,8 @@ class Storage:
         with self.lock:
             current = list(self.files.values())
             self.files.clear()
-            idle = [data_file for data_file in current if self._retire(data_file, FileState.STOPPING)]
+            idle = [data_file for data_file in current
+                    if self._retire(data_file, FileState.STOPPING)]
         for data_file in idle:
             self._close(data_file)
 
@@ -2695,7 +2857,8 @@ class Storage:
 
     def store(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer] = None,
               is_unique: Callable[[], bool] = always_unique) -> StoreResult:
-        """Appends the batch to the current file of `folder` ('' for the root), unless it is a retry.
+        """Appends the batch to the current file of `folder` ('' for the root), unless it is a
+        retry.
 
         A batch whose digest matches one stored within the dedupe window is a
         retry only when is_unique() says every record carries a request
@@ -2713,7 +2876,8 @@ class Storage:
         if not dedupe.claim(key):
             if is_unique():
                 return StoreResult(None)
-            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0], kept_duplicate=True)
+            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0],
+                               kept_duplicate=True)
         try:
             path, stamp = self._append(folder, batch, pushed_gzip, batch.digest or NO_DIGEST)
         except BaseException:
@@ -2725,7 +2889,8 @@ class Storage:
 
     def _append(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer],
                 digest: bytes) -> Tuple[Path, float]:
-        """Writes the batch (and its index entry, with `digest`); returns where and when it was stored."""
+        """Writes the batch (and its index entry, with `digest`); returns where and when it was
+        stored."""
         stamp = self.clock()
         if self.layout.store_gzip:
             batch.compress(pushed_gzip)
@@ -2739,14 +2904,15 @@ class Storage:
             if self.fsync_mode == "always":
                 data_file.sync_through(mark, generation)
         except OSError as exc:
-            raise StorageError("cannot write %s: %s" % (data_file.path, describe_os_error(exc))) from exc
+            raise StorageError("cannot write %s: %s"
+                               % (data_file.path, describe_os_error(exc))) from exc
         finally:
             self._release(data_file)
         return data_file.path, stamp
 
     def _acquire(self, folder: str) -> DataFile:
-        """The current file of `folder`, opening the next one when the period or size says so; counts the
-        caller as one of its users until _release()."""
+        """The current file of `folder`, opening the next one when the period or size says so;
+        counts the caller as one of its users until _release()."""
         period = self.layout.period_name(self.clock())
         idle: Optional[DataFile] = None
         with self.lock:
@@ -2767,8 +2933,8 @@ class Storage:
         return current
 
     def _wait_for_moved(self, folder: str) -> None:
-        """Waits (with the lock) until no push writes a moved file of `folder`, whose index name a new file of
-        the same name would take."""
+        """Waits (with the lock) until no push writes a moved file of `folder`, whose index name a
+        new file of the same name would take."""
         while folder in self.moving:
             self.moved_closed.wait()
 
@@ -2790,7 +2956,8 @@ class Storage:
             index_path.parent.mkdir(parents=True, exist_ok=True)
             fsync_directory(index_path.parent.parent)
         if is_new and index_path.exists():
-            # The index of a file that was moved away before it could be set aside (a crash meanwhile).
+            # The index of a file that was moved away before it could be set aside (a crash
+            # meanwhile).
             os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
         index_is_new = not index_path.exists()
         data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds)
@@ -2801,36 +2968,42 @@ class Storage:
         return data_file
 
     def _resume_sequence(self, folder: str, period: str) -> int:
-        """Picks the file number to append to after a restart: the last one, unless it is full or compressed."""
+        """Picks the file number to append to after a restart: the last one, unless it is full or
+        compressed."""
         sequence = 0
         while True:
             plain = self.layout.data_path(folder, period, sequence)
             taken = plain.exists() or self.layout.compressed_path(plain).exists()
             following = self.layout.data_path(folder, period, sequence + 1)
             if not (following.exists() or self.layout.compressed_path(following).exists()):
-                full = self.max_file_size and plain.exists() and plain.stat().st_size >= self.max_file_size
+                full = (self.max_file_size and plain.exists()
+                        and plain.stat().st_size >= self.max_file_size)
                 return sequence if not taken or plain.exists() and not full else sequence + 1
             sequence += 1
 
     def _retire(self, data_file: DataFile, life: FileState) -> bool:
-        """Ends a file's time as current (call with the lock); True when no push writes it, so that the caller
-        closes it now (after releasing the lock), else the last push to finish does."""
-        assert data_file.life is FileState.CURRENT and life not in (FileState.CURRENT, FileState.CLOSED)
+        """Ends a file's time as current (call with the lock); True when no push writes it, so that
+        the caller closes it now (after releasing the lock), else the last push to finish does."""
+        assert data_file.life is FileState.CURRENT and life not in (FileState.CURRENT,
+                                                                    FileState.CLOSED)
         data_file.life = life
         if life is FileState.MOVED:
             self.moving[self.layout.folder_of(data_file.path)] = data_file
         return data_file.users == 0
 
     def _close(self, data_file: DataFile) -> None:
-        """Closes a retired file that no push writes any more, and does what its kind of end asks for."""
+        """Closes a retired file that no push writes any more, and does what its kind of end asks
+        for."""
         data_file.close()
         with self.lock:
             life, data_file.life = data_file.life, FileState.CLOSED
             if life is FileState.FINISHED:
                 self.finished.append(data_file.path)
             elif life is FileState.MOVED:
-                # Nobody holds the index now: give its name to the new file, keeping it for dedup and recovery.
-                os.replace(str(data_file.index_path), str(self.layout.set_aside_index_path(data_file.path)))
+                # Nobody holds the index now: give its name to the new file, keeping it for dedup
+                # and recovery.
+                os.replace(str(data_file.index_path),
+                           str(self.layout.set_aside_index_path(data_file.path)))
                 del self.moving[self.layout.folder_of(data_file.path)]
                 self.moved_closed.notify_all()
 
@@ -2842,7 +3015,8 @@ class Storage:
                 try:
                     data_file.sync_through(data_file.appended, data_file.generation)
                 except (OSError, StorageError) as exc:
-                    log.error("interval fdatasync of %s failed: %s", data_file.path, describe_os_error(exc))
+                    log.error("interval fdatasync of %s failed: %s", data_file.path,
+                              describe_os_error(exc))
 
     # -- for housekeeping and SIGHUP ------------------------------------------------
 
@@ -2850,7 +3024,8 @@ class Storage:
         """Closes the files of a period that has passed, even when no push has arrived since."""
         period = self.layout.period_name(self.clock())
         with self.lock:
-            stale = [(folder, data_file) for folder, data_file in self.files.items() if data_file.period != period]
+            stale = [(folder, data_file) for folder,
+                     data_file in self.files.items() if data_file.period != period]
             idle = []
             for folder, data_file in stale:
                 del self.files[folder]
@@ -2871,13 +3046,15 @@ class Storage:
             return {data_file.path for data_file in self.files.values()}
 
     def reopen(self) -> int:
-        """After logrotate moved or deleted an output file, makes the next push open a new one by name.
+        """After logrotate moved or deleted an output file, makes the next push open a new one by
+        name.
 
         A file still in place is kept: two descriptors appending to one file
         and one index could interleave their batches and index entries.
         """
         with self.lock:
-            moved = [(folder, data_file) for folder, data_file in self.files.items() if data_file.moved()]
+            moved = [(folder, data_file) for folder,
+                     data_file in self.files.items() if data_file.moved()]
             idle = []
             for folder, data_file in moved:
                 del self.files[folder]
@@ -2888,7 +3065,8 @@ class Storage:
         return len(moved)
 
     def probe(self) -> Optional[str]:
-        """Writes and syncs HEALTH_PROBE_SIZE bytes beside the records; returns why that failed, or None."""
+        """Writes and syncs HEALTH_PROBE_SIZE bytes beside the records; returns why that failed, or
+        None."""
         try:
             with tempfile.TemporaryFile(dir=str(self.layout.state_dir)) as probe:
                 probe.write(b"\0" * HEALTH_PROBE_SIZE)
@@ -2900,12 +3078,13 @@ class Storage:
 
 
 # ---------------------------------------------------------------------------
-# Storage: recovery after a crash
+# Storage: recovery
 # ---------------------------------------------------------------------------
+# After a crash: every data file keeps exactly its acknowledged batches.
 
 def recover_output(layout: Layout, tag: Optional[str] = None) -> None:
-    """Run at start, and by the supervisor for a dead worker's files (its `tag`): finishes interrupted
-    compressions and leaves every data file holding exactly its acknowledged batches."""
+    """Run at start, and by the supervisor for a dead worker's files (its `tag`): finishes
+    interrupted compressions and leaves every data file holding exactly its acknowledged batches."""
     for temp, name in list(layout.compression_temps()):
         if tag is None or name.tag == tag:
             temp.unlink()
@@ -2913,7 +3092,8 @@ def recover_output(layout: Layout, tag: Optional[str] = None) -> None:
         if tag is not None and name.tag != tag:
             continue
         if layout.compressed_path(path).exists():
-            # The .gz was complete and durable before the original was removed: it is the copy that counts.
+            # The .gz was complete and durable before the original was removed: it is the copy that
+            # counts.
             path.unlink()
             log.info("removed %s: its compressed copy was completed before the restart", path)
             continue
@@ -2947,8 +3127,8 @@ def recover_file(layout: Layout, path: Path) -> None:
             os.fsync(handle.fileno())
     if size > keep:
         kept_as = _set_aside(layout, path, keep, "partial")
-        log.warning("moved %d bytes of an unacknowledged batch out of %s into %s (DataStream resends it)",
-                    size - keep, path, kept_as)
+        log.warning("moved %d bytes of an unacknowledged batch out of %s into %s (DataStream"
+                    " resends it)", size - keep, path, kept_as)
 
 
 def _repair_torn_tail(layout: Layout, path: Path) -> None:
@@ -2996,8 +3176,9 @@ def _last_newline_end(handle: IO[bytes], size: int) -> int:
 
 def indexed_batches(layout: Layout, window: float, now: float,
                     tag: Optional[str] = None) -> Iterator[Tuple[float, str]]:
-    """Yields (time stored, dedupe key) for the batches of indexes touched within the window, set-aside
-    indexes included (only those of one worker's files, with `tag`): what refills a DedupeIndex."""
+    """Yields (time stored, dedupe key) for the batches of indexes touched within the window,
+    set-aside indexes included (only those of one worker's files, with `tag`): what refills a
+    DedupeIndex."""
     for index, folder, name in list(layout.indexes()):
         if tag is not None and name.tag != tag:
             continue
@@ -3017,6 +3198,10 @@ def indexed_batches(layout: Layout, window: float, now: float,
 # Storage: housekeeping
 # ---------------------------------------------------------------------------
 
+HOUSEKEEPING_INTERVAL = 1.0
+RETENTION_INTERVAL = 60.0
+
+
 class Housekeeper:
     """Upkeep in a background thread: closes files whose period passed, gzips finished files
     (--compress-rotated), deletes expired ones (--retention-days) and prunes old batch indexes.
@@ -3025,7 +3210,8 @@ class Housekeeper:
     """
 
     def __init__(self, layout: Layout, storage: Optional[Storage] = None, compress: bool = False,
-                 retention_days: float = 0, dedupe_window: float = 0, clock: Callable[[], float] = time.time) -> None:
+                 retention_days: float = 0, dedupe_window: float = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.layout = layout
         self.storage = storage
         # --store gzip files are gzip'd as they are written.
@@ -3038,7 +3224,8 @@ class Housekeeper:
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Queues the finished files for compression (a worker: only its own), then runs upkeep every second."""
+        """Queues the finished files for compression (a worker: only its own), then runs upkeep
+        every second."""
         self.queue_finished_files(own_only=bool(self.layout.tag))
         self.thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
         self.thread.start()
@@ -3065,8 +3252,9 @@ class Housekeeper:
                 log.exception("housekeeping failed; will try again")
 
     def queue_finished_files(self, own_only: bool) -> None:
-        """Queues for compression the data files that will not be appended to again: other periods and
-        workers, and all but the last number of the current period (only this worker's, with `own_only`)."""
+        """Queues for compression the data files that will not be appended to again: other periods
+        and workers, and all but the last number of the current period (only this worker's, with
+        `own_only`)."""
         if not self.compress:
             return
         current = self.layout.period_name(self.clock())
@@ -3095,7 +3283,8 @@ class Housekeeper:
             try:
                 self._compress(path)
             except OSError as exc:
-                log.error("cannot compress %s (left uncompressed): %s", path, describe_os_error(exc))
+                log.error("cannot compress %s (left uncompressed): %s", path,
+                          describe_os_error(exc))
 
     def _compress(self, path: Path) -> None:
         target = self.layout.compressed_path(path)
@@ -3119,7 +3308,8 @@ class Housekeeper:
         log.info("compressed %s", target)
 
     def apply_retention(self) -> None:
-        """Deletes data files last written more than --retention-days ago; open files are never touched."""
+        """Deletes data files last written more than --retention-days ago; open files are never
+        touched."""
         cutoff = self.clock() - self.retention_days * 86400
         keep = set(self.to_compress)
         if self.storage is not None:
@@ -3145,8 +3335,9 @@ class Housekeeper:
 
 
 # ---------------------------------------------------------------------------
-# Push pipeline: a push's body in, an outcome out (no socket, no HTTP)
+# Push pipeline
 # ---------------------------------------------------------------------------
+# A push's body in, an outcome out: no socket, no HTTP.
 
 class PushFacts(NamedTuple):
     """What the pipeline is told about a push besides its body."""
@@ -3166,7 +3357,8 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"
     # DataStream's "Validate & Save" probe: nothing to store.
     PROBE = "probe"
-    # The body cannot be decoded, or decodes to more than --max-decompressed-size: sending it again cannot help.
+    # The body cannot be decoded, or decodes to more than --max-decompressed-size: sending it again
+    # cannot help.
     UNDECODABLE = "undecodable"
     TOO_LARGE = "too large"
     # Storage failed: nothing of the push was kept, and a retry may succeed.
@@ -3185,10 +3377,11 @@ class Outcome(NamedTuple):
 
 
 class PushPipeline:
-    """Takes a push body to its Outcome: decode, tell a probe, classify the stream, pick the folder, store
-    (dedupe included), count.  Socket-free and HTTP-free, so it is tested in-process."""
+    """Takes a push body to its Outcome: decode, tell a probe, classify the stream, pick the folder,
+    store (dedupe included), count.  Socket-free and HTTP-free, so it is tested in-process."""
 
-    def __init__(self, settings: Settings, storage: Storage, streams: StreamCatalog, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, storage: Storage, streams: StreamCatalog,
+                 metrics: Metrics) -> None:
         self.settings = settings
         self.storage = storage
         self.streams = streams
@@ -3196,8 +3389,8 @@ class PushPipeline:
 
     def accept(self, facts: PushFacts, body: bytearray,
                on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
-        """Decodes and stores a push; on_growth(held) sees the decoded bytes held in memory grow, and may raise
-        to abandon the push before it is stored."""
+        """Decodes and stores a push; on_growth(held) sees the decoded bytes held in memory grow,
+        and may raise to abandon the push before it is stored."""
         try:
             push = decode_push(body, facts.declared_gzip, self.settings.max_decompressed_size,
                                self.storage.layout.spool_dir, self.storage.dedupes, on_growth)
@@ -3240,17 +3433,39 @@ class PushPipeline:
         if result.kept_duplicate:
             metrics.count("dedupe_ineligible")
         metrics.stored(facts.path, batch.records)
-        metrics.stream_stored(row, batch.records, records.unconverted, records.newest_event, facts.client,
-                              records.batch.stored_size)
+        metrics.stream_stored(row, batch.records, records.unconverted, records.newest_event,
+                              facts.client, records.batch.stored_size)
         return Outcome(Verdict.STORED, batch.records, row)
 
 
 # ---------------------------------------------------------------------------
-# HTTP parsing (sans-IO: functions over bytes; the socket code only feeds them)
+# HTTP parsing
 # ---------------------------------------------------------------------------
+# Sans-IO: functions over bytes; the socket code only feeds them.
+
+MAX_REQUEST_LINE = 8190
+MAX_HEADER_LINE = 8190
+MAX_HEADER_COUNT = 100
+MAX_HEAD_SIZE = 65536
+MAX_CHUNK_LINE = 4096
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+# RFC 9110 5.5: field values are visible characters, SP, HTAB and obs-text; no other control
+# character.
+FIELD_VALUE_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 2.2: the head is CRLF-delimited; a LF not preceded by CR is refused, never guessed at.
+BARE_LF_RE = re.compile(rb"(?<!\r)\n")
+# RFC 9112 7.1.1: chunk-size [ *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ) ].
+_EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*"
+                           % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED_STRING))
+
 
 class HTTPError(Exception):
-    """An error answer: status, a short reason for client and log, extra headers, whether to close."""
+    """An error answer: status, a short reason for client and log, extra headers, whether to
+    close."""
 
     def __init__(self, status: HTTPStatus, reason: str, headers: Sequence[Tuple[str, str]] = (),
                  close: bool = False) -> None:
@@ -3295,9 +3510,9 @@ Framing = Union[None, int, str]
 
 
 def head_length(buffer: Bytes, scanned: int = 0) -> int:
-    """Returns the length of the request head at the start of `buffer` through its empty line, or 0 while it
-    is incomplete; the first `scanned` bytes were looked at before.  Refuses a head past the size limits or
-    with a line not ended by CRLF (RFC 9112 2.2)."""
+    """Returns the length of the request head at the start of `buffer` through its empty line, or 0
+    while it is incomplete; the first `scanned` bytes were looked at before.  Refuses a head past
+    the size limits or with a line not ended by CRLF (RFC 9112 2.2)."""
     end = buffer.find(b"\r\n\r\n", max(0, scanned - 3))
     checked_end = len(buffer) if end < 0 else end + 4
     if BARE_LF_RE.search(buffer, max(0, scanned - 1), checked_end):
@@ -3311,8 +3526,8 @@ def head_length(buffer: Bytes, scanned: int = 0) -> int:
 
 
 def parse_request_head(head: bytes) -> Request:
-    """Parses a request line and header fields (the head without its final empty line) strictly; anything
-    ambiguous is refused."""
+    """Parses a request line and header fields (the head without its final empty line) strictly;
+    anything ambiguous is refused."""
     lines = head.split(b"\r\n")
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE:
@@ -3347,7 +3562,8 @@ def parse_request_head(head: bytes) -> Request:
 
 
 def parse_field_line(line: bytes) -> Tuple[str, str]:
-    """Parses one header (or trailer) field line: (lower-case name, value without surrounding SP/HTAB)."""
+    """Parses one header (or trailer) field line: (lower-case name, value without surrounding
+    SP/HTAB)."""
     if len(line) > MAX_HEADER_LINE:
         raise framing_error("header field too long", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
     name, colon, value = line.partition(b":")
@@ -3360,13 +3576,15 @@ def parse_field_line(line: bytes) -> Tuple[str, str]:
 
 
 def body_framing(request: Request) -> Framing:
-    """Returns the body's framing: None (no body), its Content-Length, or 'chunked'; smuggling shapes are 400."""
+    """Returns the body's framing: None (no body), its Content-Length, or 'chunked'; smuggling
+    shapes are 400."""
     transfer_encoding = request.headers.get("transfer-encoding")
     content_length = request.headers.get("content-length")
     if transfer_encoding is not None:
         if content_length is not None:
             raise framing_error("both Content-Length and Transfer-Encoding")
-        if len(transfer_encoding) != 1 or transfer_encoding[0].lower() != "chunked" or request.version < (1, 1):
+        chunked = len(transfer_encoding) == 1 and transfer_encoding[0].lower() == "chunked"
+        if not chunked or request.version < (1, 1):
             raise framing_error("unsupported Transfer-Encoding")
         return "chunked"
     if content_length is None:
@@ -3382,7 +3600,8 @@ def body_framing(request: Request) -> Framing:
 
 
 class ChunkedDecoder:
-    """Decodes a chunked body (RFC 9112 7.1) from bytes fed as they arrive, refusing more than `limit`.
+    """Decodes a chunked body (RFC 9112 7.1) from bytes fed as they arrive, refusing more than
+    `limit`.
 
     feed() takes the bytes received so far and returns how many it used; an
     incomplete framing line is left for the caller to feed again with more.
@@ -3451,7 +3670,8 @@ class ChunkedDecoder:
             if not size:
                 self.state = self.TRAILER
             elif len(self.body) + size > self.limit:
-                raise framing_error("body exceeds %d bytes" % self.limit, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                raise framing_error("body exceeds %d bytes" % self.limit,
+                                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             else:
                 self.remaining, self.state = size, self.DATA
         elif not line:
@@ -3459,13 +3679,31 @@ class ChunkedDecoder:
         else:
             self.trailers += 1
             if self.trailers > MAX_HEADER_COUNT:
-                raise framing_error("too many trailer fields", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                raise framing_error("too many trailer fields",
+                                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
             parse_field_line(line)
 
 
 # ---------------------------------------------------------------------------
 # HTTP handler
 # ---------------------------------------------------------------------------
+
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+STATUS_PATH = "/status"
+STATUS_JSON_PATH = "/status.json"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PUSH_METHODS = ("POST", "PUT")
+RETRY_AFTER_SECONDS = 10
+RECV_SIZE = 262144
+# A body buffer starts at most this large and doubles as bytes arrive, so a large Content-Length
+# alone holds no memory (DataStream's bodies, up to about 4 MB, take at most two doublings).
+BODY_FIRST_ALLOCATION = 1 << 20
+# A connection waiting this long for its next request gives up its thread (see ParkedConnections).
+IDLE_PARK_AFTER = 1.0
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1 << 20
+
 
 class DeadlineExceeded(Exception):
     """The client did not complete a handshake, head or body before its deadline."""
@@ -3492,8 +3730,9 @@ class SlowBody(Exception):
 
 
 class BodyPace:
-    """The limits on one body while it arrives: the --timeout deadline, --min-body-rate after a grace period,
-    and a reservation of --max-inflight-bytes that grows with the bytes (on_growth may refuse with 503)."""
+    """The limits on one body while it arrives: the --timeout deadline, --min-body-rate after a
+    grace period, and a reservation of --max-inflight-bytes that grows with the bytes (on_growth may
+    refuse with 503)."""
 
     def __init__(self, deadline: float, min_rate: float, on_growth: Callable[[int], None]) -> None:
         self.started = time.monotonic()
@@ -3506,22 +3745,25 @@ class BodyPace:
         self.on_growth(total)
 
     def next_check(self) -> float:
-        """When to stop waiting for bytes and check the pace again: the deadline, or a second from now."""
+        """When to stop waiting for bytes and check the pace again: the deadline, or a second from
+        now."""
         return min(self.deadline, time.monotonic() + 1.0) if self.min_rate else self.deadline
 
     def check(self, received: int) -> None:
-        """Refuses a body past its deadline, or below the minimum rate once the grace period is over."""
+        """Refuses a body past its deadline, or below the minimum rate once the grace period is
+        over."""
         now = time.monotonic()
         if now >= self.deadline:
             raise DeadlineExceeded
         elapsed = now - self.started
         if self.min_rate and elapsed > BODY_RATE_GRACE and received < self.min_rate * elapsed:
-            raise SlowBody("body arriving at %.0f bytes/s, below --min-body-rate" % (received / elapsed))
+            raise SlowBody("body arriving at %.0f bytes/s, below --min-body-rate"
+                           % (received / elapsed))
 
 
 class ClientReader:
-    """Reads from a client socket into a buffer, every read bounded by an absolute deadline; the parsers
-    above decide what the bytes mean."""
+    """Reads from a client socket into a buffer, every read bounded by an absolute deadline; the
+    parsers above decide what the bytes mean."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -3571,8 +3813,8 @@ class ClientReader:
             self.buffer += self.recv(deadline)
 
     def read_exact(self, size: int, pace: BodyPace) -> bytearray:
-        """Reads exactly `size` body bytes into one buffer, which grows (with the pace's reservation) only as
-        the bytes arrive: a large Content-Length alone holds no memory."""
+        """Reads exactly `size` body bytes into one buffer, which grows (with the pace's
+        reservation) only as the bytes arrive: a large Content-Length alone holds no memory."""
         body = bytearray(min(size, BODY_FIRST_ALLOCATION))
         have = min(len(self.buffer), size)
         body[:have] = self.buffer[:have]
@@ -3619,7 +3861,8 @@ class ClientReader:
             pace.check(received)
 
     def discard(self, deadline: float, most: int) -> None:
-        """Reads and drops what the client sends until it closes, `deadline` passes or `most` bytes came."""
+        """Reads and drops what the client sends until it closes, `deadline` passes or `most` bytes
+        came."""
         self.buffer.clear()
         dropped = 0
         try:
@@ -3659,11 +3902,13 @@ class Exchange:
         self.note = ""
 
     def body_pending(self) -> bool:
-        """Tells whether the request has body bytes we have not read, so the connection cannot be reused."""
+        """Tells whether the request has body bytes we have not read, so the connection cannot be
+        reused."""
         return self.framing not in (None, 0) and not self.body_read
 
     def wants_close(self) -> bool:
-        """Tells whether the connection must close after the answer (always for a request not understood)."""
+        """Tells whether the connection must close after the answer (always for a request not
+        understood)."""
         return self.request is None or self.request.wants_close()
 
 
@@ -3676,7 +3921,8 @@ class ConnectionHandler:
     server beyond the interface ReceiverServer's docstring lists.
     """
 
-    def __init__(self, server: ReceiverServer, sock: socket.socket, address: Tuple[str, int]) -> None:
+    def __init__(self, server: ReceiverServer, sock: socket.socket,
+                 address: Tuple[str, int]) -> None:
         self.server = server
         self.settings = server.settings
         self.sock = sock
@@ -3700,7 +3946,8 @@ class ConnectionHandler:
         self.serve(time.monotonic() + self.settings.timeout)
 
     def serve(self, deadline: float) -> None:
-        """Serves requests until the connection closes, or parks it once it waits idle for a while; never raises.
+        """Serves requests until the connection closes, or parks it once it waits idle for a while;
+        never raises.
 
         `deadline` bounds the wait for the next request: --timeout for the
         first one, --keepalive-timeout after that.
@@ -3741,19 +3988,22 @@ class ConnectionHandler:
         # so a client trickling bytes cannot stretch it.
         self.sock.settimeout(self.settings.timeout)
         try:
-            tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            tls_sock = context.wrap_socket(self.sock, server_side=True,
+                                           do_handshake_on_connect=False)
             self.sock = tls_sock
             tls_sock.do_handshake()
             return True
         except (ssl.SSLError, socket.timeout, OSError) as exc:
-            reason = "timed out" if isinstance(exc, socket.timeout) else getattr(exc, "reason", None) or str(exc)
+            reason = "timed out" if isinstance(exc, socket.timeout) else getattr(exc, "reason",
+                                                                                 None) or str(exc)
             self.server.metrics.count("tls_handshake_failures")
             if self.server.noisy_log.allow(self.peer):
                 log.info("tls handshake from %s failed: %s", self.peer, reason)
             return False
 
     def interrupt_if_waiting(self) -> None:
-        """Wakes the thread of a connection waiting for a request so it closes (shutdown, eviction)."""
+        """Wakes the thread of a connection waiting for a request so it closes (shutdown,
+        eviction)."""
         if self.waiting:
             try:
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
@@ -3763,7 +4013,8 @@ class ConnectionHandler:
     # -- one request ----------------------------------------------------------
 
     def handle_one_request(self) -> bool:
-        """Reads, answers and logs the request whose first bytes arrived; returns whether to keep the connection open."""
+        """Reads, answers and logs the request whose first bytes arrived; returns whether to keep
+        the connection open."""
         exchange = Exchange(self.peer)
         close = True
         try:
@@ -3772,7 +4023,10 @@ class ConnectionHandler:
             self.server.set_waiting(self, False)
             exchange.client = self.server.client_address(self.peer, request)
             exchange.framing = body_framing(request)
-            method: Optional[Callable[[Request, Exchange], Response]] = getattr(self, "do_" + request.method, None)
+            method: Optional[Callable[[Request, Exchange], Response]] = getattr(self,
+                                                                                "do_"
+                                                                                + request.method,
+                                                                                None)
             if method is None:
                 raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed",
                                 headers=[("Allow", ", ".join(PUSH_METHODS))])
@@ -3788,7 +4042,8 @@ class ConnectionHandler:
         except DeadlineExceeded:
             status = HTTPStatus.REQUEST_TIMEOUT
             exchange.note = "deadline passed"
-            self.write_error(exchange, HTTPError(status, "request not received in time"), close=True)
+            self.write_error(exchange, HTTPError(status, "request not received in time"),
+                             close=True)
         except ClientGone:
             status = HTTPStatus.BAD_REQUEST
             exchange.note = "client closed the connection mid-request"
@@ -3810,29 +4065,34 @@ class ConnectionHandler:
         return True
 
     def reserve_inflight(self, exchange: Exchange, total: int) -> None:
-        """Grows the request's share of --max-inflight-bytes to `total`, or refuses the push with 503."""
+        """Grows the request's share of --max-inflight-bytes to `total`, or refuses the push with
+        503."""
         extra = total - exchange.reserved
         if extra > 0:
             if not self.server.inflight.reserve(extra):
-                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "too much data in flight, retry later",
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too much data in flight, retry later",
                                 headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])
             exchange.reserved = total
 
     def authenticate(self, request: Request, exchange: Exchange) -> None:
-        """Refuses the request with 401 unless every configured credential check passes, or with 429 while
-        its client is braked for failing too often."""
+        """Refuses the request with 401 unless every configured credential check passes, or with 429
+        while its client is braked for failing too often."""
         authenticator = self.server.authenticator
         brake = self.server.auth_brake
         wait = brake.retry_after(exchange.client)
         if wait is not None:
             self.server.metrics.count("auth_brakes")
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications from this address",
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS,
+                            "too many failed authentications from this address",
                             headers=[("Retry-After", str(math.ceil(wait)))])
         refusal = authenticator.check(request.header("authorization"),
-                                      request.header(authenticator.header_name or ""), request.query)
+                                      request.header(authenticator.header_name or ""),
+                                      request.query)
         if refusal is not None:
             brake.failed(exchange.client)
-            challenge = [("WWW-Authenticate", 'Basic realm="dsreceiver"')] if authenticator.basic else []
+            challenge = [("WWW-Authenticate",
+                          'Basic realm="dsreceiver"')] if authenticator.basic else []
             raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
     def do_GET(self, request: Request, exchange: Exchange) -> Response:
@@ -3841,7 +4101,8 @@ class ConnectionHandler:
             failure = self.server.health()
             if failure is not None:
                 exchange.note = failure
-                return Response(HTTPStatus.SERVICE_UNAVAILABLE, ("storage failing: %s\n" % failure).encode(),
+                return Response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                ("storage failing: %s\n" % failure).encode(),
                                 [("Retry-After", str(RETRY_AFTER_SECONDS))])
             return Response(HTTPStatus.OK, b"ok\n")
         if request.path == METRICS_PATH:
@@ -3860,7 +4121,8 @@ class ConnectionHandler:
             document = self.server.status_document()
             if request.path == STATUS_JSON_PATH:
                 return Response(HTTPStatus.OK, json.dumps(document, indent=1).encode("utf-8"),
-                                [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                                [("Content-Type", "application/json"),
+                                 ("Cache-Control", "no-store"),
                                  ("X-Content-Type-Options", "nosniff")])
             return Response(HTTPStatus.OK, render_status_page(document), STATUS_HEADERS)
         raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "pushes use POST or PUT",
@@ -3872,7 +4134,8 @@ class ConnectionHandler:
         """Receives a push: checks, reads and decodes the body, stores the records."""
         settings = self.settings
         if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, STATUS_JSON_PATH):
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD", headers=[("Allow", "GET, HEAD")])
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD",
+                            headers=[("Allow", "GET, HEAD")])
         if settings.paths and request.path not in settings.paths:
             raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
         self.authenticate(request, exchange)
@@ -3880,17 +4143,21 @@ class ConnectionHandler:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
         if isinstance(exchange.framing, int) and exchange.framing > settings.max_body_size:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body exceeds %d bytes" % settings.max_body_size)
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "body exceeds %d bytes" % settings.max_body_size)
         expect = request.header("expect")
         if expect is not None and expect.lower() != "100-continue":
             raise HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported Expect")
-        # RFC 9110 10.1.1: an HTTP/1.0 client does not know 100 Continue, so its expectation is ignored.
+        # RFC 9110 10.1.1: an HTTP/1.0 client does not know 100 Continue, so its expectation is
+        # ignored.
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.read_body(exchange)
         facts = PushFacts(request.path, exchange.client, is_gzip)
         # Decoded bytes held in memory count against the in-flight budget too.
-        outcome = self.server.accept_push(facts, body, lambda held: self.reserve_inflight(exchange, len(body) + held))
+        outcome = self.server.accept_push(facts, body,
+                                          lambda held: self.reserve_inflight(exchange,
+                                                                             len(body) + held))
         return self.answer_push(exchange, outcome)
 
     do_PUT = do_POST
@@ -3902,7 +4169,8 @@ class ConnectionHandler:
             return True
         if encoding in ("identity", ""):
             return False
-        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Encoding %r" % encoding[:40])
+        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported Content-Encoding %r" % encoding[:40])
 
     def read_body(self, exchange: Exchange) -> bytearray:
         """Reads the whole body under the --timeout deadline and --min-body-rate."""
@@ -3946,8 +4214,9 @@ class ConnectionHandler:
 
         Unlike http.server's send_response(), which only starts a response.
         """
-        lines = ["HTTP/1.1 %d %s" % (response.status.value, response.status.phrase), "Date: " + http_date(),
-                 "Server: dsreceiver", "Content-Length: %d" % len(response.body)]
+        lines = ["HTTP/1.1 %d %s" % (response.status.value, response.status.phrase),
+                 "Date: " + http_date(), "Server: dsreceiver",
+                 "Content-Length: %d" % len(response.body)]
         if not any(name == "Content-Type" for name, _ in response.headers):
             lines.append("Content-Type: text/plain; charset=utf-8")
         lines.extend("%s: %s" % header for header in response.headers)
@@ -3958,20 +4227,24 @@ class ConnectionHandler:
             # HTTP/1.0 closes by default: confirm that this connection stays open.
             lines.append("Connection: keep-alive")
         is_head = request is not None and request.method == "HEAD"
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head else response.body)
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if is_head
+                                                                      else response.body)
         self.sock.settimeout(self.settings.timeout)
         self.sock.sendall(data)
 
     def write_error(self, exchange: Exchange, error: HTTPError, close: bool) -> None:
         """Sends an error answer; a client that is gone is ignored."""
         try:
-            self.write_response(exchange, Response(error.status, ("%s\n" % error.reason).encode("utf-8", "replace"),
-                                                   error.headers), close)
+            self.write_response(exchange,
+                                Response(error.status,
+                                         ("%s\n" % error.reason).encode("utf-8", "replace"),
+                                         error.headers), close)
         except (OSError, ValueError):
             pass
 
     def linger(self) -> None:
-        """Reads and drops what the client still sends, briefly, so it sees our answer instead of a reset."""
+        """Reads and drops what the client still sends, briefly, so it sees our answer instead of a
+        reset."""
         try:
             # Half-close first: the client sees our answer and EOF at once.
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
@@ -3980,17 +4253,20 @@ class ConnectionHandler:
         self.reader.discard(time.monotonic() + LINGER_SECONDS, LINGER_MAX_BYTES)
 
     def log_request(self, exchange: Exchange, status: HTTPStatus) -> None:
-        """Counts the request and writes its access log line; refusals are rate-limited per client."""
+        """Counts the request and writes its access log line; refusals are rate-limited per
+        client."""
         metrics = self.server.metrics
         metrics.request_done(status.value, exchange.bytes_in)
         request = exchange.request
         shown = "-"
         if request is not None:
-            shown = request.path + ("?" + self.server.authenticator.redact(request.query) if request.query else "")
+            shown = request.path + ("?" + self.server.authenticator.redact(request.query)
+                                    if request.query else "")
         if status == HTTPStatus.UNAUTHORIZED:
             metrics.count("auth_failures")
         if status >= 400:
-            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase, exchange.stream_row)
+            metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase,
+                            exchange.stream_row)
             # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
@@ -4001,14 +4277,22 @@ class ConnectionHandler:
                   "ms": round(seconds * 1000, 1)}
         if exchange.note:
             fields["note"] = exchange.note
-        log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", exchange.client, method, shown, status.value,
-                 exchange.bytes_in, exchange.records, seconds * 1000,
+        log.info("access %s %s %s %d bytes=%d records=%d ms=%.1f%s", exchange.client, method, shown,
+                 status.value, exchange.bytes_in, exchange.records, seconds * 1000,
                  " (%s)" % exchange.note if exchange.note else "", extra={"fields": fields})
 
 
 # ---------------------------------------------------------------------------
 # Server
 # ---------------------------------------------------------------------------
+
+# How often the lines that the per-client log limit held back are summed up, one line per client.
+LOG_SUMMARY_INTERVAL = 60.0
+# Near --max-connections (this share of it), connections not serving a request make room for new
+# ones.
+EVICT_AT = 0.9
+LATE_AFTER_INTERVALS = 3
+
 
 class InflightBudget:
     """Counts the body bytes being received or stored, refusing reservations beyond the limit."""
@@ -4019,7 +4303,8 @@ class InflightBudget:
         self.lock = threading.Lock()
 
     def reserve(self, size: int) -> bool:
-        """Takes `size` bytes of the budget; False when that would exceed it (one body alone always fits)."""
+        """Takes `size` bytes of the budget; False when that would exceed it (one body alone always
+        fits)."""
         with self.lock:
             if self.used and self.used + size > self.limit:
                 return False
@@ -4033,8 +4318,8 @@ class InflightBudget:
 
 
 class RateLimitedLog:
-    """Allows at most one log line per key (a client address) per interval, so no client can flood the log;
-    counts the lines it holds back, for a summary line a minute."""
+    """Allows at most one log line per key (a client address) per interval, so no client can flood
+    the log; counts the lines it holds back, for a summary line a minute."""
 
     MAX_KEYS = 10000
 
@@ -4059,15 +4344,17 @@ class RateLimitedLog:
             return True
 
     def log_summary(self, period: str) -> None:
-        """Logs one line per key whose lines were held back since the last summary (`period` says when)."""
+        """Logs one line per key whose lines were held back since the last summary (`period` says
+        when)."""
         with self.lock:
             suppressed, self.suppressed = self.suppressed, {}
         for key, count in sorted(suppressed.items(), key=lambda item: -item[1]):
             log.warning("suppressed %d refusals from %s %s", count, key, period)
 
 class ClientConnections:
-    """Open connections per client address, across every worker: counters in memory mapped before the workers
-    fork, a row per worker so that each writes only its own (no lock between processes); a count sums the rows.
+    """Open connections per client address, across every worker: counters in memory mapped before
+    the workers fork, a row per worker so that each writes only its own (no lock between processes);
+    a count sums the rows.
 
     Addresses share a counter when their hash collides (one in 65,536).
     """
@@ -4083,30 +4370,36 @@ class ClientConnections:
         self.lock = threading.Lock()
 
     def take_row(self, row: int) -> None:
-        """Makes this process worker `row`, starting from zero: a restarted worker's connections died with it."""
+        """Makes this process worker `row`, starting from zero: a restarted worker's connections
+        died with it."""
         self.row = row
         size = self.SLOTS * self.COUNTER.size
         self.memory[row * size:(row + 1) * size] = bytes(size)
 
     def _offset(self, row: int, address: str) -> int:
-        return (row * self.SLOTS + (zlib.crc32(address.encode()) & (self.SLOTS - 1))) * self.COUNTER.size
+        return (row * self.SLOTS
+                + (zlib.crc32(address.encode()) & (self.SLOTS - 1))) * self.COUNTER.size
 
     def count(self, address: str) -> int:
         """Connections `address` holds open on every worker."""
-        return sum(self.COUNTER.unpack_from(self.memory, self._offset(row, address))[0] for row in range(self.workers))
+        return sum(self.COUNTER.unpack_from(self.memory, self._offset(row, address))[0]
+                   for row in range(self.workers))
 
     def add(self, address: str, delta: int) -> None:
         """Counts connections of `address` opened (+1) or closed (-1) by this worker."""
         offset = self._offset(self.row, address)
         with self.lock:
-            self.COUNTER.pack_into(self.memory, offset, self.COUNTER.unpack_from(self.memory, offset)[0] + delta)
+            self.COUNTER.pack_into(self.memory, offset,
+                                   self.COUNTER.unpack_from(self.memory, offset)[0] + delta)
 
 
 class AuthBrake:
-    """Slows password guessing: a client address that fails authentication AUTH_BRAKE_FAILURES times within
-    `seconds` gets 429 with Retry-After, without a credential check, until `seconds` after its last failure.
+    """Slows password guessing: a client address that fails authentication AUTH_BRAKE_FAILURES times
+    within `seconds` gets 429 with Retry-After, without a credential check, until `seconds` after
+    its last failure.
 
-    Kept per worker process, so with N workers a client can fail up to N times as often before it is braked.
+    Kept per worker process, so with N workers a client can fail up to N times as often before it is
+    braked.
     """
 
     MAX_CLIENTS = 10000
@@ -4137,21 +4430,25 @@ class AuthBrake:
         now = time.monotonic()
         with self.lock:
             if len(self.recent) > self.MAX_CLIENTS:
-                self.recent = {key: times for key, times in self.recent.items() if now - times[-1] < self.seconds}
-            times = [moment for moment in self.recent.get(client, []) if now - moment < self.seconds] + [now]
+                self.recent = {key: times for key,
+                               times in self.recent.items() if now - times[-1] < self.seconds}
+            times = [moment for moment in self.recent.get(client, [])
+                     if now - moment < self.seconds] + [now]
             if len(times) >= self.failures:
                 self.recent.pop(client, None)
                 if len(self.braked_until) > self.MAX_CLIENTS:
-                    self.braked_until = {key: until for key, until in self.braked_until.items() if until > now}
+                    self.braked_until = {key: until for key,
+                                         until in self.braked_until.items() if until > now}
                 self.braked_until[client] = now + self.seconds
-                log.warning("authentication brake on %s: %d failures within %gs; 429 for the next %gs",
-                            client, len(times), self.seconds, self.seconds)
+                log.warning("authentication brake on %s: %d failures within %gs; 429 for the next"
+                            " %gs", client, len(times), self.seconds, self.seconds)
             else:
                 self.recent[client] = times
 
 
 class ParkedConnections:
-    """Keep-alive connections waiting for their next request, watched by one thread instead of a thread each.
+    """Keep-alive connections waiting for their next request, watched by one thread instead of a
+    thread each.
 
     A connection idle for IDLE_PARK_AFTER is parked here; when data arrives a
     new thread resumes it, and when its deadline passes it is closed.
@@ -4167,7 +4464,8 @@ class ParkedConnections:
         threading.Thread(target=self._watch, name="idle-connections", daemon=True).start()
 
     def park(self, handler: ConnectionHandler, deadline: float) -> bool:
-        """Takes over an idle connection; False once the server is stopping (the caller closes it)."""
+        """Takes over an idle connection; False once the server is stopping (the caller closes
+        it)."""
         with self.lock:
             if self.server.is_stopping():
                 return False
@@ -4207,24 +4505,25 @@ class ParkedConnections:
 
 
 class ReceiverServer:
-    """Owns the listening socket and the shared state; runs a thread per connection with a request under way.
+    """Owns the listening socket and the shared state; runs a thread per connection with a request
+    under way.
 
     What a ConnectionHandler may use, and nothing else:
         settings, metrics, authenticator, auth_brake, inflight, noisy_log
         tls_context()                        the context new connections take; None for plain HTTP
-        client_address(peer, request)        whom a request speaks for (X-Forwarded-For from a proxy)
+        client_address(peer, request)        whom a request speaks for (X-Forwarded-For of a proxy)
         accept_push(facts, body, on_growth)  a push's body to its Outcome (the PushPipeline)
         health(), render_metrics(), status_document()   what the GET paths show
         set_waiting(handler, waiting)        a connection stops or starts waiting for a request
-        park(handler, deadline)              hands an idle keep-alive connection to one watching thread
+        park(handler, deadline)              hands an idle keep-alive connection to one thread
         is_stopping(), connection_finished(handler)
     """
 
     handler_class = ConnectionHandler
 
     def __init__(self, settings: Settings, listener: socket.socket,
-                 certificates: Optional[CertificateSource], authenticator: Authenticator, storage: Storage,
-                 streams: StreamCatalog,
+                 certificates: Optional[CertificateSource], authenticator: Authenticator,
+                 storage: Storage, streams: StreamCatalog,
                  merged_metrics: Optional[Callable[[SnapshotScope], MetricsSnapshot]] = None,
                  client_connections: Optional[ClientConnections] = None) -> None:
         self.settings = settings
@@ -4251,10 +4550,12 @@ class ReceiverServer:
     # -- for the handler ------------------------------------------------------------
 
     def tls_context(self) -> Optional[ssl.SSLContext]:
-        """The TLS context a new connection takes (renewed certificates included); None for plain HTTP."""
+        """The TLS context a new connection takes (renewed certificates included); None for plain
+        HTTP."""
         return self.certificates.context if self.certificates is not None else None
 
-    def accept_push(self, facts: PushFacts, body: bytearray, on_growth: Callable[[int], None]) -> Outcome:
+    def accept_push(self, facts: PushFacts, body: bytearray,
+                    on_growth: Callable[[int], None]) -> Outcome:
         """Stores a push: see PushPipeline.accept."""
         return self.pipeline.accept(facts, body, on_growth)
 
@@ -4266,7 +4567,8 @@ class ReceiverServer:
                 handler.waiting_since = time.monotonic()
 
     def park(self, handler: ConnectionHandler, deadline: float) -> bool:
-        """Takes over an idle keep-alive connection until `deadline`; False once stopping (the caller closes it)."""
+        """Takes over an idle keep-alive connection until `deadline`; False once stopping (the
+        caller closes it)."""
         return self.parked.park(handler, deadline)
 
     def is_stopping(self) -> bool:
@@ -4274,15 +4576,15 @@ class ReceiverServer:
         return self.stopping.is_set()
 
     def merged_snapshot(self, scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
-        """The metrics of every worker (of this process alone without workers), merged; raises SupervisorGone
-        when the workers' figures cannot be had."""
+        """The metrics of every worker (of this process alone without workers), merged; raises
+        SupervisorGone when the workers' figures cannot be had."""
         if self.merged_metrics is not None:
             return self.merged_metrics(scope)
         return MetricsSnapshot.merge([self.metrics_snapshot(scope)])
 
     def status_document(self) -> Dict[str, Any]:
-        """What /status and /status.json show: every worker's view merged, and this server's facts; this
-        worker's alone (saying so under "partial") when the supervisor cannot be reached."""
+        """What /status and /status.json show: every worker's view merged, and this server's facts;
+        this worker's alone (saying so under "partial") when the supervisor cannot be reached."""
         now = time.time()
         partial: Optional[str] = None
         try:
@@ -4296,18 +4598,19 @@ class ReceiverServer:
             per_minute = [stats.minutes.get(minute, [0, 0]) for minute in hour]
             since = now - stats.last_push if stats.last_push else None
             interval = self.streams.push_interval(name.rsplit("/", 1)[-1])
-            streams.append({
-                "stream": name, "last_push": stats.last_push or None, "seconds_since_push": since,
-                "push_interval_seconds": interval,
-                "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
-                "batches_last_hour": sum(batches for batches, _ in per_minute),
-                "records_last_hour": sum(records for _, records in per_minute),
-                "records_per_minute": [records for _, records in per_minute],
-                "uploaders_last_10_minutes": sum(now - seen < UPLOADER_WINDOW for seen in stats.uploaders.values()),
-                "event_lag_seconds": now - stats.newest_event if stats.newest_event else None,
-                "dedupe_hits": stats.dedupe_hits,
-                "refusals": {str(status): number for status, number in stats.refusals.items()},
-                "records_total": stats.records})
+            streams.append({"stream": name, "last_push": stats.last_push or None,
+                            "seconds_since_push": since, "push_interval_seconds": interval,
+                            "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
+                            "batches_last_hour": sum(batches for batches, _ in per_minute),
+                            "records_last_hour": sum(records for _, records in per_minute),
+                            "records_per_minute": [records for _, records in per_minute],
+                            "uploaders_last_10_minutes": sum(now - seen < UPLOADER_WINDOW
+                                                             for seen in stats.uploaders.values()),
+                            "event_lag_seconds": now - stats.newest_event if stats.newest_event
+                            else None, "dedupe_hits": stats.dedupe_hits,
+                            "refusals": {str(status): number for status,
+                                         number in stats.refusals.items()},
+                            "records_total": stats.records})
         gauges = snapshot.gauges
         uptime = now - gauges["start_time_seconds"]
         written = sum(snapshot.written.get(minute, 0) for minute in hour)
@@ -4323,34 +4626,33 @@ class ReceiverServer:
         address = (self.listener.getsockname() if self.listener.fileno() >= 0
                    else (self.settings.host, self.settings.port))
         host = "[%s]" % address[0] if ":" in address[0] else address[0]
-        return {
-            "generated": now,
-            "partial": partial,
-            "streams": streams,
-            "storage": {
-                "output_dir": str(self.storage.layout.root), "disk_free_bytes": free, "disk_total_bytes": total,
-                "written_last_hour_bytes": written, "write_rate_bytes_per_second": rate,
-                "full_in_seconds": free / rate if free is not None and rate > 0 else None,
-                "fsync_p50_seconds": snapshot.fsync.quantile(0.5),
-                "fsync_p99_seconds": snapshot.fsync.quantile(0.99),
-                "last_error": {"time": error.time, "reason": error.reason} if error else None,
-                "failing": snapshot.storage_failure(now),
-                "streak_started": snapshot.streak_start or None,
-                "streak_seconds": now - snapshot.streak_start if snapshot.streak_start else 0.0,
-                "retry_horizon_seconds": RETRY_HORIZON},
-            "server": {
-                "version": __version__, "uptime_seconds": uptime, "workers": self.settings.workers,
-                "listening": "%s://%s:%d" % (self.settings.scheme, host, address[1]),
-                "plain_http": self.settings.http,
-                "tls": self.certificates.facts or None if self.certificates is not None else None,
-                "authentication": self.authenticator.methods(),
-                "open_connections": gauges["open_connections"], "inflight_bytes": gauges["inflight_bytes"]},
-            "refusals": [refusal._asdict() for refusal in reversed(snapshot.refusals)],
-            "requests": {str(status): number for status, number in snapshot.requests.items()},
-        }
+        return {"generated": now, "partial": partial, "streams": streams,
+                "storage": {"output_dir": str(self.storage.layout.root), "disk_free_bytes": free,
+                            "disk_total_bytes": total, "written_last_hour_bytes": written,
+                            "write_rate_bytes_per_second": rate,
+                            "full_in_seconds": free / rate if free is not None
+                            and rate > 0 else None,
+                            "fsync_p50_seconds": snapshot.fsync.quantile(0.5),
+                            "fsync_p99_seconds": snapshot.fsync.quantile(0.99),
+                            "last_error": {"time": error.time, "reason": error.reason} if error
+                            else None, "failing": snapshot.storage_failure(now),
+                            "streak_started": snapshot.streak_start or None,
+                            "streak_seconds": now - snapshot.streak_start if snapshot.streak_start
+                            else 0.0, "retry_horizon_seconds": RETRY_HORIZON},
+                "server": {"version": __version__, "uptime_seconds": uptime,
+                           "workers": self.settings.workers,
+                           "listening": "%s://%s:%d" % (self.settings.scheme, host, address[1]),
+                           "plain_http": self.settings.http, "tls": self.certificates.facts
+                           or None if self.certificates is not None else None,
+                           "authentication": self.authenticator.methods(),
+                           "open_connections": gauges["open_connections"],
+                           "inflight_bytes": gauges["inflight_bytes"]},
+                "refusals": [refusal._asdict() for refusal in reversed(snapshot.refusals)],
+                "requests": {str(status): number for status, number in snapshot.requests.items()},}
 
     def health(self) -> Optional[str]:
-        """Why storage fails: a worker's store failed recently and none succeeded since, or the probe fails."""
+        """Why storage fails: a worker's store failed recently and none succeeded since, or the
+        probe fails."""
         try:
             snapshot = self.merged_snapshot(SnapshotScope.HEALTH)
         except SupervisorGone as exc:
@@ -4361,30 +4663,35 @@ class ReceiverServer:
         """This process's metrics."""
         with self.lock:
             open_connections = len(self.connections)
-        gauges = {"open_connections": float(open_connections), "inflight_bytes": float(self.inflight.used),
-                  "start_time_seconds": self.started}
+        gauges = {"open_connections": float(open_connections),
+                  "inflight_bytes": float(self.inflight.used), "start_time_seconds": self.started}
         return self.metrics.snapshot(gauges, self.storage.fsync_seconds, scope)
 
     def render_metrics(self) -> bytes:
-        """The /metrics document: summed over every worker when there are several (may raise SupervisorGone)."""
+        """The /metrics document: summed over every worker when there are several (may raise
+        SupervisorGone)."""
         return Metrics.render(self.merged_snapshot())
 
     # -- the accept loop and the rest -----------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: reloads the certificate, credential and stream definition files; reopens moved output files."""
+        """SIGHUP: reloads the certificate, credential and stream definition files; reopens moved
+        output files."""
         if self.certificates is not None:
             self.certificates.reload("SIGHUP")
         try:
-            self.authenticator = Authenticator.from_settings(self.settings.credentials, dict(os.environ))
-            log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods()) or "none configured")
+            self.authenticator = Authenticator.from_settings(self.settings.credentials,
+                                                             dict(os.environ))
+            log.info("credentials reloaded: %s", " + ".join(self.authenticator.methods())
+                     or "none configured")
         except ConfigError as exc:
             log.error("credential reload refused, keeping the previous credentials: %s", exc)
         self.streams.reload()
         log.info("reopened %d output files that were moved or deleted", self.storage.reopen())
 
     def client_address(self, peer: str, request: Request) -> str:
-        """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted proxy."""
+        """Names the client for logs: X-Forwarded-For's last hop when the peer is a trusted
+        proxy."""
         forwarded = request.header("x-forwarded-for")
         if not forwarded or not self.is_trusted_proxy(peer):
             return peer
@@ -4394,7 +4701,8 @@ class ReceiverServer:
             return peer
 
     def serve(self, signals: SignalFlags) -> None:
-        """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate files."""
+        """Accepts connections until a stop signal; acts on SIGHUP and on renewed certificate
+        files."""
         self.listener.setblocking(False)
         next_check = time.monotonic() + self.settings.cert_check_interval
         next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
@@ -4402,7 +4710,9 @@ class ReceiverServer:
             selector.register(self.listener, selectors.EVENT_READ)
             selector.register(signals.wake_pipe.reader, selectors.EVENT_READ)
             while signals.stop_signal is None:
-                for key, _ in selector.select(max(0.0, min(next_check, next_summary) - time.monotonic())):
+                for key, _ in selector.select(max(0.0,
+                                                  min(next_check,
+                                                      next_summary) - time.monotonic())):
                     if key.fileobj is signals.wake_pipe.reader:
                         signals.wake_pipe.drain()
                     else:
@@ -4439,16 +4749,18 @@ class ReceiverServer:
                     self.connections.add(handler)
                     if limited:
                         self.client_connections.add(peer, 1)
-                    # Near the cap, room for a new uploader comes from connections that are not serving a request.
+                    # Near the cap, room for a new uploader comes from connections that are not
+                    # serving a request.
                     if len(self.connections) >= EVICT_AT * self.settings.max_connections:
-                        self.evict_waiting(len(self.connections) - int(EVICT_AT * self.settings.max_connections) + 1,
-                                           handler)
+                        room = int(EVICT_AT * self.settings.max_connections)
+                        self.evict_waiting(len(self.connections) - room + 1, handler)
             if full or crowded:
                 sock.close()
                 self.metrics.count("connections_refused")
                 if self.noisy_log.allow(peer):
-                    log.warning("closed a connection from %s: %s", peer, "the server is full" if full else
-                                "it holds --max-client-connections already")
+                    log.warning("closed a connection from %s: %s", peer,
+                                "the server is full" if full
+                                else "it holds --max-client-connections already")
                 continue
             sock.setblocking(True)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -4456,7 +4768,8 @@ class ReceiverServer:
             self.start_thread(handler, handler.run)
 
     def start_thread(self, handler: ConnectionHandler, target: Callable[[], None]) -> None:
-        """Runs `target` for a connection in a new thread, closing the connection if none can start."""
+        """Runs `target` for a connection in a new thread, closing the connection if none can
+        start."""
         try:
             threading.Thread(target=target, name="conn-%s" % handler.peer, daemon=True).start()
         except RuntimeError:
@@ -4464,10 +4777,11 @@ class ReceiverServer:
             handler.close()
 
     def evict_waiting(self, count: int, newcomer: ConnectionHandler) -> None:
-        """Closes the `count` oldest connections, other than the newcomer they make room for, that are not
-        serving a request: still in their handshake or head, or idle between requests (call with the lock)."""
-        waiting = sorted((handler for handler in self.connections if handler.waiting and handler is not newcomer),
-                         key=lambda h: h.waiting_since)
+        """Closes the `count` oldest connections, other than the newcomer they make room for, that
+        are not serving a request: still in their handshake or head, or idle between requests (call
+        with the lock)."""
+        waiting = sorted((handler for handler in self.connections if handler.waiting
+                          and handler is not newcomer), key=lambda h: h.waiting_since)
         for handler in waiting[:count]:
             handler.interrupt_if_waiting()
         if waiting[:count]:
@@ -4491,7 +4805,8 @@ class ReceiverServer:
                 self.all_closed.notify_all()
 
     def shutdown(self, timeout: float) -> bool:
-        """Stops accepting, closes idle connections, waits for in-flight requests; False if some remain."""
+        """Stops accepting, closes idle connections, waits for in-flight requests; False if some
+        remain."""
         self.stopping.set()
         self.parked.wake()
         self.listener.close()
@@ -4509,21 +4824,27 @@ class ReceiverServer:
         return True
 
 
-
-
 # ---------------------------------------------------------------------------
-# Workers: several processes sharing the port
+# Workers
 # ---------------------------------------------------------------------------
+# Several processes sharing the port, and their supervisor.
+
+# A worker restarted more often than this within the window is in a crash loop: stop instead.
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_WINDOW = 60.0
+
 
 class Claim(NamedTuple):
-    """Worker to supervisor: may I store the batch with this dedupe key?  Answered by ClaimAnswer."""
+    """Worker to supervisor: may I store the batch with this dedupe key?  Answered by
+    ClaimAnswer."""
 
     id: int
     key: str
 
 
 class ClaimAnswer(NamedTuple):
-    """Supervisor to worker: whether the claimed batch is a duplicate (if not, the worker stores it)."""
+    """Supervisor to worker: whether the claimed batch is a duplicate (if not, the worker stores
+    it)."""
 
     id: int
     duplicate: bool
@@ -4570,10 +4891,13 @@ class SnapshotAnswer(NamedTuple):
     snapshot: MetricsSnapshot
 
 
-Message = Union[Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer, SnapshotRequest, SnapshotAnswer]
-MESSAGE_TYPES: Dict[str, Callable[..., Message]] = {
-    kind.__name__: kind for kind in (Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer,
-                                     SnapshotRequest, SnapshotAnswer)}
+Message = Union[Claim, ClaimAnswer, Commit, Release, MetricsRequest, MetricsAnswer, SnapshotRequest,
+                SnapshotAnswer]
+MESSAGE_TYPES: Dict[str,
+                    Callable[..., Message]] = {kind.__name__: kind
+                                               for kind in (Claim, ClaimAnswer, Commit, Release,
+                                                            MetricsRequest, MetricsAnswer,
+                                                            SnapshotRequest, SnapshotAnswer)}
 
 
 def wire_value(value: object) -> object:
@@ -4595,8 +4919,8 @@ def message_from_wire(kind: str, fields: List[Any]) -> Message:
 
 
 class ControlChannel:
-    """Messages between the supervisor and one worker over a socketpair: one JSON array per line, the
-    message's type name then its fields (see wire_value)."""
+    """Messages between the supervisor and one worker over a socketpair: one JSON array per line,
+    the message's type name then its fields (see wire_value)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -4621,8 +4945,8 @@ class ControlChannel:
 
 
 class SupervisorClient:
-    """A worker's line to the supervisor: the DedupeWindow all workers share, so a batch re-sent to another
-    worker is still stored once, and the metrics summed over every worker."""
+    """A worker's line to the supervisor: the DedupeWindow all workers share, so a batch re-sent to
+    another worker is still stored once, and the metrics summed over every worker."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.channel = ControlChannel(sock)
@@ -4632,8 +4956,10 @@ class SupervisorClient:
         self.gone = False
 
     def start(self, snapshot: Callable[[SnapshotScope], MetricsSnapshot]) -> None:
-        """Starts reading the supervisor's messages, answering its requests for metrics with `snapshot()`."""
-        threading.Thread(target=self._read, args=(snapshot,), name="supervisor-link", daemon=True).start()
+        """Starts reading the supervisor's messages, answering its requests for metrics with
+        `snapshot()`."""
+        threading.Thread(target=self._read, args=(snapshot,), name="supervisor-link",
+                         daemon=True).start()
 
     def _read(self, snapshot: Callable[[SnapshotScope], MetricsSnapshot]) -> None:
         while True:
@@ -4653,7 +4979,8 @@ class SupervisorClient:
         with self.arrived:
             self.gone = True
             self.arrived.notify_all()
-        # The supervisor died without stopping us: finish in-flight requests and exit, never serve orphaned.
+        # The supervisor died without stopping us: finish in-flight requests and exit, never serve
+        # orphaned.
         log.error("the supervisor process is gone: stopping this worker")
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -4665,7 +4992,8 @@ class SupervisorClient:
         try:
             self.channel.send(make(request_id))
         except OSError as exc:
-            raise SupervisorGone("the supervisor process is gone: %s" % describe_os_error(exc)) from exc
+            raise SupervisorGone("the supervisor process is gone: %s"
+                                 % describe_os_error(exc)) from exc
         with self.arrived:
             while request_id not in self.replies:
                 if self.gone:
@@ -4700,8 +5028,8 @@ def worker_tag(index: int) -> str:
 
 
 class WorkerSlot:
-    """One of the --workers places: its number, the tag its files carry, its process while one runs (with the
-    supervisor's end of its control channel) and when it was last restarted."""
+    """One of the --workers places: its number, the tag its files carry, its process while one runs
+    (with the supervisor's end of its control channel) and when it was last restarted."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -4722,12 +5050,14 @@ class WorkerSlot:
 
     def crash_looping(self, now: float) -> bool:
         """Counts a restart at `now`; True when there were too many within CRASH_LOOP_WINDOW."""
-        self.restarts = [moment for moment in self.restarts if now - moment < CRASH_LOOP_WINDOW] + [now]
+        self.restarts = [moment for moment in self.restarts
+                         if now - moment < CRASH_LOOP_WINDOW] + [now]
         return len(self.restarts) > CRASH_LOOP_RESTARTS
 
 
 class MetricsGathering:
-    """A MetricsRequest being answered: the snapshots in so far, and the workers still to send theirs."""
+    """A MetricsRequest being answered: the snapshots in so far, and the workers still to send
+    theirs."""
 
     def __init__(self, worker: int, request_id: int, expected: Iterable[int]) -> None:
         self.worker = worker
@@ -4737,17 +5067,19 @@ class MetricsGathering:
 
 
 class Supervisor:
-    """The parent of --workers processes: starts and restarts them, relays signals, keeps their shared
-    dedupe window and sums their metrics.  It runs no threads, so forking a worker is safe."""
+    """The parent of --workers processes: starts and restarts them, relays signals, keeps their
+    shared dedupe window and sums their metrics.  It runs no threads, so forking a worker is
+    safe."""
 
     def __init__(self, listeners: List[socket.socket], layout: Layout, dedupe: DedupeIndex,
-                 run_worker: Callable[[int, socket.socket, socket.socket], int]) -> None:
+                 worker_main: Callable[[int, socket.socket, socket.socket], int]) -> None:
         self.listeners = listeners
         self.layout = layout
         self.dedupe = dedupe
-        self.run_worker = run_worker
+        self.worker_main = worker_main
         self.slots = [WorkerSlot(index) for index in range(len(listeners))]
-        # The worker storing each claimed batch, and the claims of other workers waiting for its outcome.
+        # The worker storing each claimed batch, and the claims of other workers waiting for its
+        # outcome.
         self.owners: Dict[str, int] = {}
         self.waiting: Dict[str, List[Tuple[int, int]]] = {}
         self.gatherings: Dict[int, MetricsGathering] = {}
@@ -4762,7 +5094,8 @@ class Supervisor:
     def spawn(self, slot: WorkerSlot) -> None:
         """Forks the worker of `slot` with its listener and a control socket."""
         ours, theirs = socket.socketpair()
-        # Held until the worker has its own handlers (SignalFlags.install), so none is lost meanwhile.
+        # Held until the worker has its own handlers (SignalFlags.install), so none is lost
+        # meanwhile.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
@@ -4781,7 +5114,7 @@ class Supervisor:
                 for unused in self.listeners:
                     if unused is not listener:
                         unused.close()
-                code = self.run_worker(slot.index, listener, theirs)
+                code = self.worker_main(slot.index, listener, theirs)
             except BaseException:
                 log.exception("worker %d failed", slot.index + 1)
             finally:
@@ -4790,12 +5123,15 @@ class Supervisor:
         slot.started(pid, ControlChannel(ours))
 
     def run(self, signals: SignalFlags) -> int:
-        """Runs the workers until a stop signal and all of them have finished; returns the exit code."""
+        """Runs the workers until a stop signal and all of them have finished; returns the exit
+        code."""
         for slot in self.slots:
             self.spawn(slot)
-        log.info("started %d workers (pids %s)", len(self.slots), " ".join(str(slot.pid) for slot in self.slots))
+        log.info("started %d workers (pids %s)", len(self.slots),
+                 " ".join(str(slot.pid) for slot in self.slots))
         while self.running():
-            channels = {slot.channel.sock: slot for slot in self.running() if slot.channel is not None}
+            channels = {slot.channel.sock: slot for slot in self.running()
+                        if slot.channel is not None}
             readable, _, _ = select.select([signals.wake_pipe.reader, *channels], [], [], 1.0)
             for sock in readable:
                 if sock is signals.wake_pipe.reader:
@@ -4931,30 +5267,42 @@ class Supervisor:
         gathering = self.gatherings[number]
         if not gathering.expected:
             del self.gatherings[number]
-            self.send(gathering.worker, MetricsAnswer(gathering.request_id, MetricsSnapshot.merge(gathering.snapshots)))
+            self.send(gathering.worker,
+                      MetricsAnswer(gathering.request_id,
+                                    MetricsSnapshot.merge(gathering.snapshots)))
 
 
 # ---------------------------------------------------------------------------
-# Endpoint checker: `dsreceiver.py check URL`
+# Endpoint checker
 # ---------------------------------------------------------------------------
+# `dsreceiver.py check URL`: what DataStream's "Validate & Save" would make of an endpoint.
+
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+
 
 def build_check_parser() -> ArgumentParser:
     """Returns the parser of the check command."""
-    parser = ArgumentParser(
-        prog="dsreceiver.py check",
-        description="Test an endpoint the way DataStream's \"Validate & Save\" does, explaining every "
-        "failure: name, TLS, certificate, then both validation probes (JSON and STRUCTURED streams), plain and "
-        "gzip'd. Credentials come from the same settings as the server's: $%s (first entry), "
-        "--auth-header with $%s, --auth-query-param with $%s, or their files."
-        % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
-    parser.add_argument("url", help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
+    parser = ArgumentParser(prog="dsreceiver.py check",
+                            description="Test an endpoint the way DataStream's \"Validate & Save\""
+                            " does, explaining every failure: name, TLS, certificate, then both"
+                            " validation probes (JSON and STRUCTURED streams), plain and gzip'd."
+                            " Credentials come from the same settings as the server's: $%s (first"
+                            " entry), --auth-header with $%s, --auth-query-param with $%s, or their"
+                            " files."
+                            % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
+    parser.add_argument("url",
+                        help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
     parser.add_argument("--ca", type=Path, metavar="FILE",
-                        help="CA certificate to trust, as uploaded to the stream (default: the system store)")
-    parser.add_argument("--client-cert", type=Path, metavar="FILE", help="client certificate for mTLS (default: none)")
-    parser.add_argument("--client-key", type=Path, metavar="FILE", help="its private key (default: none)")
+                        help="CA certificate to trust, as uploaded to the stream (default: the"
+                        " system store)")
+    parser.add_argument("--client-cert", type=Path, metavar="FILE",
+                        help="client certificate for mTLS (default: none)")
+    parser.add_argument("--client-key", type=Path, metavar="FILE",
+                        help="its private key (default: none)")
     parser.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                         help="use the first user:password line (default: $%s)" % ENV_BASIC_AUTH)
-    parser.add_argument("--auth-header", metavar="NAME", help="send this custom header (default: none)")
+    parser.add_argument("--auth-header", metavar="NAME",
+                        help="send this custom header (default: none)")
     parser.add_argument("--auth-header-file", type=Path, metavar="FILE",
                         help="its value, first line (default: $%s)" % ENV_AUTH_HEADER_VALUE)
     parser.add_argument("--auth-query-param", metavar="NAME",
@@ -4981,7 +5329,8 @@ class CheckSettings:
 def parse_check_options(argv: Sequence[str]) -> CheckSettings:
     """Parses the check command's command line."""
     options = build_check_parser().parse_args(argv)
-    return CheckSettings(options.url, options.ca, options.client_cert, options.client_key, options.timeout,
+    return CheckSettings(options.url, options.ca, options.client_cert, options.client_key,
+                         options.timeout,
                          CredentialSettings(options.basic_auth_file, options.auth_header,
                                             options.auth_header_file, options.auth_query_param,
                                             options.auth_query_file))
@@ -5007,36 +5356,43 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
     url = urllib.parse.urlsplit(options.url)
     host, port = url.hostname or "", url.port or 443
     if url.scheme != "https" or not host:
-        report.line("FAIL", "URL is https://NAME/...", "DataStream pushes only to https:// URLs with a host")
+        report.line("FAIL", "URL is https://NAME/...",
+                    "DataStream pushes only to https:// URLs with a host")
         return
     try:
         ipaddress.ip_address(host)
-        report.line("FAIL", "URL host is a DNS name", "%s is an IP address; DataStream refuses those" % host)
+        report.line("FAIL", "URL host is a DNS name",
+                    "%s is an IP address; DataStream refuses those" % host)
         return
     except ValueError:
         report.line("PASS", "URL host is a DNS name", host)
     try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        addresses = sorted({info[4][0]
+                            for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
         report.line("PASS", "DNS resolves", ", ".join(addresses))
     except OSError as exc:
         report.line("FAIL", "DNS resolves", "%s: %s" % (host, describe_os_error(exc)))
         return
     negotiation = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     negotiation.check_hostname = False
-    negotiation.verify_mode = ssl.CERT_NONE  # this step tests only the protocol; trust is the next step
+    # This step tests only the protocol; trust is the next step.
+    negotiation.verify_mode = ssl.CERT_NONE
     negotiation.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         with socket.create_connection((host, port), timeout=options.timeout) as raw:
             with negotiation.wrap_socket(raw, server_hostname=host) as tls:
-                report.line("PASS", "TLS 1.2+ negotiates", "%s, %s" % (tls.version(), (tls.cipher() or ("?",))[0]))
+                report.line("PASS", "TLS 1.2+ negotiates",
+                            "%s, %s" % (tls.version(), (tls.cipher() or ("?",))[0]))
     except (OSError, ssl.SSLError) as exc:
-        report.line("FAIL", "TLS 1.2+ negotiates", "%s port %d: %s" % (host, port, describe_os_error(exc)))
+        report.line("FAIL", "TLS 1.2+ negotiates",
+                    "%s port %d: %s" % (host, port, describe_os_error(exc)))
         return
     context = ssl.create_default_context(cafile=str(options.ca) if options.ca else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if options.client_cert:
         try:
-            context.load_cert_chain(str(options.client_cert), str(options.client_key or options.client_cert))
+            context.load_cert_chain(str(options.client_cert),
+                                    str(options.client_key or options.client_cert))
         except (OSError, ssl.SSLError) as exc:
             report.line("FAIL", "client certificate loads", describe_os_error(exc))
             return
@@ -5046,32 +5402,38 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
                 certificate = tls.getpeercert()
     except ssl.SSLCertVerificationError as exc:
         if exc.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
-            report.line("PASS", "certificate chain is trusted", "by " + (str(options.ca) if options.ca else "the system store"))
+            report.line("PASS", "certificate chain is trusted",
+                        "by " + (str(options.ca) if options.ca else "the system store"))
             report.line("FAIL", "certificate matches " + host, exc.verify_message)
         else:
-            report.line("FAIL", "certificate chain is trusted", "%s (upload the issuing CA to the stream and pass "
-                        "it with --ca)" % exc.verify_message)
+            report.line("FAIL", "certificate chain is trusted",
+                        "%s (upload the issuing CA to the stream and pass it with --ca)"
+                        % exc.verify_message)
         return
     except (OSError, ssl.SSLError) as exc:
         report.line("FAIL", "certificate chain is trusted", describe_os_error(exc))
         return
-    report.line("PASS", "certificate chain is trusted", "by " + (str(options.ca) if options.ca else "the system store"))
+    report.line("PASS", "certificate chain is trusted",
+                "by " + (str(options.ca) if options.ca else "the system store"))
     report.line("PASS", "certificate matches " + host, "")
     assert certificate is not None  # a verified peer always presents one
     days_left = (ssl.cert_time_to_seconds(str(certificate["notAfter"])) - time.time()) / 86400
-    report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS", "certificate is not expiring",
+    report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS",
+                "certificate is not expiring",
                 "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
     for step, body, compressed in (("JSON probe gets a 2xx", VALIDATION_PROBES[0], False),
                                    ("JSON probe, gzip'd, gets a 2xx", VALIDATION_PROBES[0], True),
                                    ("STRUCTURED probe gets a 2xx", VALIDATION_PROBES[1], False),
-                                   ("STRUCTURED probe, gzip'd, gets 2xx", VALIDATION_PROBES[1], True)):
+                                   ("STRUCTURED probe, gzip'd, gets 2xx", VALIDATION_PROBES[1],
+                                    True)):
         post_probe(options, credentials, context, url, report, step, body, compressed)
 
 
 def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.SSLContext,
-               url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes, compressed: bool) -> None:
-    """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with compressLogs), with the
-    configured credentials, and checks for a 2xx in time."""
+               url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes,
+               compressed: bool) -> None:
+    """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with
+    compressLogs), with the configured credentials, and checks for a 2xx in time."""
     query = url.query
     if credentials.query_param:
         query = (query + "&" if query else "") + urllib.parse.urlencode(
@@ -5085,8 +5447,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
     if compressed:
         body = gzip.compress(body, mtime=0)
         headers["Content-Encoding"] = "gzip"
-    connection = http.client.HTTPSConnection(url.hostname or "", url.port or 443, timeout=options.timeout,
-                                             context=context)
+    connection = http.client.HTTPSConnection(url.hostname or "", url.port or 443,
+                                             timeout=options.timeout, context=context)
     try:
         started = time.monotonic()
         connection.request("POST", target, body=body, headers=headers)
@@ -5111,7 +5473,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
 
 
 def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
-    """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad usage."""
+    """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad
+    usage."""
     options = parse_check_options(argv)
     try:
         credentials = Authenticator.from_settings(options.credentials, dict(os.environ))
@@ -5131,9 +5494,18 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
 # Lifecycle and signals
 # ---------------------------------------------------------------------------
 
+# Threads mostly wait in recv(); a small stack keeps thousands of idle
+# keep-alive connections cheap.
+THREAD_STACK_SIZE = 512 * 1024
+# glibc mallopt(): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX.
+MALLOC_SETTINGS = ((-1, 32 << 20), (-3, 16 << 20), (-8, 2))
+LISTEN_BACKLOG = 1024
+
+
 def bind_listeners(host: str, port: int, count: int) -> List[socket.socket]:
-    """Binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads connections over them;
-    without SO_REUSEPORT, the workers share one.  '::' accepts IPv4 too where the OS allows."""
+    """Binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads connections
+    over them; without SO_REUSEPORT, the workers share one.  '::' accepts IPv4 too where the OS
+    allows."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
     reuse_port = count > 1 and hasattr(socket, "SO_REUSEPORT")
@@ -5142,31 +5514,34 @@ def bind_listeners(host: str, port: int, count: int) -> List[socket.socket]:
         while len(listeners) < (count if reuse_port else 1):
             # The first bind may pick the port (--port 0); the others join it.
             bound_port = listeners[0].getsockname()[1] if listeners else port
-            listeners.append(socket.create_server((host, bound_port), family=family, backlog=LISTEN_BACKLOG,
-                                                  reuse_port=reuse_port, dualstack_ipv6=dualstack))
+            listeners.append(socket.create_server((host, bound_port), family=family,
+                                                  backlog=LISTEN_BACKLOG, reuse_port=reuse_port,
+                                                  dualstack_ipv6=dualstack))
     except OSError as exc:
         for listener in listeners:
             listener.close()
-        raise ConfigError("cannot listen on %s port %d: %s" % (host, port, describe_os_error(exc))) from None
+        raise ConfigError("cannot listen on %s port %d: %s"
+                          % (host, port, describe_os_error(exc))) from None
     return listeners if reuse_port else listeners * count
 
 
 def drop_privileges(user: str, group: Optional[str]) -> None:
-    """Switches to `user` (and `group`) for good, after the port is bound and certificates are read."""
+    """Switches to `user` (and `group`) for good, after the port is bound and certificates are
+    read."""
     import grp
     import pwd
     try:
         account = pwd.getpwnam(user)
         gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
     except KeyError as exc:
-        raise ConfigError("no such user or group: %s" % exc.args[0].split(":")[-1].strip()) from None
+        raise ConfigError("no such user or group: %s"
+                          % exc.args[0].split(":")[-1].strip()) from None
     try:
         os.setgroups([gid])
         os.setgid(gid)
         os.setuid(account.pw_uid)
     except PermissionError:
         raise ConfigError("cannot switch to user %s: only root can" % user) from None
-
 
 
 class TextLogFormatter(logging.Formatter):
@@ -5202,8 +5577,9 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 
 def tune_allocator() -> None:
-    """Keeps freed request buffers (about 1 MB each) in the heap instead of returning them to the kernel
-    after every request, which costs about 15% of throughput; bounded, so memory stays bounded (glibc only)."""
+    """Keeps freed request buffers (about 1 MB each) in the heap instead of returning them to the
+    kernel after every request, which costs about 15% of throughput; bounded, so memory stays
+    bounded (glibc only)."""
     try:
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
@@ -5215,8 +5591,9 @@ def tune_allocator() -> None:
 
 def prepare_output(layout: Layout, dedupe_window: float,
                    clock: Callable[[], float] = time.time) -> Optional[DedupeIndex]:
-    """Creates the output folders, recovers them after a crash and returns the dedupe window (None when it
-    is off), refilled from the batch indexes; a folder that cannot be used is a ConfigError."""
+    """Creates the output folders, recovers them after a crash and returns the dedupe window (None
+    when it is off), refilled from the batch indexes; a folder that cannot be used is a
+    ConfigError."""
     dedupe = DedupeIndex(dedupe_window, clock) if dedupe_window else None
     try:
         layout.create()
@@ -5224,48 +5601,55 @@ def prepare_output(layout: Layout, dedupe_window: float,
         if dedupe is not None:
             dedupe.load(indexed_batches(layout, dedupe_window, clock()))
     except OSError as exc:
-        raise ConfigError("cannot use output folder %s: %s" % (layout.root, describe_os_error(exc))) from None
+        raise ConfigError("cannot use output folder %s: %s"
+                          % (layout.root, describe_os_error(exc))) from None
     return dedupe
 
 
 def serve_until_stopped(settings: Settings, layout: Layout, listener: socket.socket,
                         certificates: Optional[CertificateSource], authenticator: Authenticator,
-                        streams: StreamCatalog, signals: SignalFlags, dedupe: Optional[DedupeWindow],
+                        streams: StreamCatalog, signals: SignalFlags,
+                        dedupe: Optional[DedupeWindow],
                         supervisor: Optional[SupervisorClient] = None,
                         client_connections: Optional[ClientConnections] = None) -> int:
-    """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns 0."""
+    """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns
+    0."""
     storage = Storage(layout, settings.fsync, settings.max_file_size, dedupe)
     housekeeper = Housekeeper(layout, storage, settings.compress_rotated, settings.retention_days,
                               settings.dedupe_window)
     server = ReceiverServer(settings, listener, certificates, authenticator, storage, streams,
-                            supervisor.metrics if supervisor is not None else None, client_connections)
+                            supervisor.metrics if supervisor is not None else None,
+                            client_connections)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
     storage.start()
     housekeeper.start()
     server.serve(signals)
-    log.info("received signal %d: finishing in-flight requests (up to %gs)", signals.stop_signal or 0,
-             settings.shutdown_timeout)
+    log.info("received signal %d: finishing in-flight requests (up to %gs)", signals.stop_signal
+             or 0, settings.shutdown_timeout)
     finished = server.shutdown(settings.shutdown_timeout)
     server.noisy_log.log_summary("since the last summary (stopping)")
     housekeeper.stop()
     storage.close()
     if not finished:
-        log.warning("shutdown timeout: closed with requests still in flight (they were not acknowledged)")
+        log.warning("shutdown timeout: closed with requests still in flight (they were not"
+                    " acknowledged)")
     log.info("stopped")
     return 0
 
 
 def run_worker(settings: Settings, index: int, listener: socket.socket, control: socket.socket,
-               layout: Layout, certificates: Optional[CertificateSource], authenticator: Authenticator,
-               streams: StreamCatalog, client_connections: ClientConnections) -> int:
+               layout: Layout, certificates: Optional[CertificateSource],
+               authenticator: Authenticator, streams: StreamCatalog,
+               client_connections: ClientConnections) -> int:
     """The body of worker process `index`: its own files, the supervisor's dedupe window."""
     signals = SignalFlags()
     signals.install()
     supervisor = SupervisorClient(control)
     client_connections.take_row(index)
-    return serve_until_stopped(settings, layout.for_worker(worker_tag(index)), listener, certificates, authenticator,
-                               streams, signals, supervisor if settings.dedupe_window else None, supervisor,
+    return serve_until_stopped(settings, layout.for_worker(worker_tag(index)), listener,
+                               certificates, authenticator, streams, signals,
+                               supervisor if settings.dedupe_window else None, supervisor,
                                client_connections)
 
 
@@ -5301,24 +5685,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signals.install()
     shown_host = "[%s]" % settings.host if ":" in settings.host else settings.host
     log.info("listening on %s://%s:%d, storing in %s (fsync %s, %d worker%s)", settings.scheme,
-             shown_host, listeners[0].getsockname()[1], settings.output_dir, settings.fsync, settings.workers,
-             "" if settings.workers == 1 else "s")
+             shown_host, listeners[0].getsockname()[1], settings.output_dir, settings.fsync,
+             settings.workers, "" if settings.workers == 1 else "s")
     methods = authenticator.methods()
     if methods:
         log.info("authentication required: %s", " + ".join(methods))
     else:
         log.warning("no authentication configured: anyone who can reach this port can push data")
     if settings.workers == 1:
-        return serve_until_stopped(settings, layout, listeners[0], certificates, authenticator, streams, signals, dedupe)
+        return serve_until_stopped(settings, layout, listeners[0], certificates, authenticator,
+                                   streams, signals, dedupe)
     # Before any worker writes: compress every finished file, whichever run or worker wrote it.
     startup = Housekeeper(layout, compress=settings.compress_rotated)
     startup.queue_finished_files(own_only=False)
     startup.compress_finished()
     client_connections = ClientConnections(settings.workers)
-    supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0),
-                            lambda index, listener, control: run_worker(settings, index, listener, control, layout,
-                                                                        certificates, authenticator, streams,
-                                                                        client_connections))
+    supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0), lambda index, listener,
+                            control: run_worker(settings, index, listener, control, layout,
+                                                certificates, authenticator, streams,
+                                                client_connections))
     return supervisor.run(signals)
 
 
