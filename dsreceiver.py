@@ -4404,9 +4404,11 @@ class AuthBrake:
 
     MAX_CLIENTS = 10000
 
-    def __init__(self, seconds: float, failures: int = AUTH_BRAKE_FAILURES) -> None:
+    def __init__(self, seconds: float, failures: int = AUTH_BRAKE_FAILURES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
         self.failures = failures
+        self.clock = clock
         self.recent: Dict[str, List[float]] = {}
         self.braked_until: Dict[str, float] = {}
         self.lock = threading.Lock()
@@ -4417,7 +4419,7 @@ class AuthBrake:
             until = self.braked_until.get(client)
             if until is None:
                 return None
-            remaining = until - time.monotonic()
+            remaining = until - self.clock()
             if remaining <= 0:
                 del self.braked_until[client]
                 return None
@@ -4427,7 +4429,7 @@ class AuthBrake:
         """Counts a failed authentication of `client`, braking it at the limit."""
         if not self.seconds:
             return
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             if len(self.recent) > self.MAX_CLIENTS:
                 self.recent = {key: times for key,

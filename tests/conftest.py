@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import pytest
 import trustme
@@ -370,3 +370,52 @@ def push_held_after_continue(server: ServerProcess, body_size: int) -> Iterator[
                      % body_size)
         assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         yield sock
+
+
+# -- /metrics -------------------------------------------------------------------
+
+Sample = Tuple[str, Dict[str, str], float]
+SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> Tuple[List[Sample], Dict[str, str]]:
+    """A small parser of the Prometheus text format (0.0.4): samples, and the TYPE of each family."""
+    samples: List[Sample] = []
+    types: Dict[str, str] = {}
+    helped = set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped")
+            assert name in helped, "TYPE before HELP for " + name
+            types[name] = kind
+        elif line and not line.startswith("#"):
+            match = SAMPLE_RE.match(line)
+            assert match, "malformed sample line: %r" % line
+            labels = dict(LABEL_RE.findall(match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    for name, _, _ in samples:
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types, "sample without TYPE: " + name
+        assert name.startswith("dsreceiver_")
+    return samples, types
+
+
+def value(samples: List[Sample], name: str, **labels: str) -> float:
+    """The value of the sample `name` with these labels."""
+    for sample_name, sample_labels, number in samples:
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+            return number
+    raise AssertionError("no sample %s %s" % (name, labels))
+
+
+def scrape(server: ServerProcess, headers: Optional[Dict[str, str]] = None) -> List[Sample]:
+    """GETs /metrics (with these headers) and parses it, checking the answer is a valid exposition."""
+    with server.simulator() as ds:
+        response = ds.request("GET", path="/metrics", headers=headers)
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse_prometheus(response.body.decode())[0]

@@ -17,9 +17,9 @@ from typing import Callable, List
 
 import pytest
 
-from conftest import ServerProcess, wait_until
+import dsreceiver
+from conftest import ServerProcess, scrape, value, wait_until
 from simulator import batch_of_lines, sample_lines
-from test_metrics import parse_prometheus, value
 
 CREDENTIALS = {"DSRECEIVER_BASIC_AUTH": "akamai:s3cret"}
 GOOD = {"Authorization": "Basic " + base64.b64encode(b"akamai:s3cret").decode()}
@@ -75,11 +75,6 @@ def attacker_log_lines(server: ServerProcess) -> int:
     return sum("127.0.0.2" in line for line in server.log_text().splitlines())
 
 
-def scrape(server: ServerProcess) -> str:
-    with server.simulator(headers=GOOD) as ds:
-        return ds.request("GET", path="/metrics").body.decode()
-
-
 def test_a_refusal_flood_keeps_the_log_bounded(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(env=CREDENTIALS)
     per_connection = 1500
@@ -99,7 +94,7 @@ def test_a_refusal_flood_keeps_the_log_bounded(start_server: Callable[..., Serve
         for thread in floods:
             thread.join()
     assert legitimate.statuses and set(legitimate.statuses) == {200}
-    samples = parse_prometheus(scrape(server))[0]
+    samples = scrape(server, GOOD)
     assert value(samples, "dsreceiver_requests_total", status="405") == 8 * per_connection  # all counted
     logged = len(re.findall(r"access 127\.0\.0\.2 GET /x 405", server.log_text()))
     assert 1 <= logged < 100, "%d access lines for one flooding client" % logged
@@ -129,7 +124,7 @@ def test_a_credential_holder_sending_no_body_cannot_starve_pushes(start_server: 
     finally:
         for sock in held:
             sock.close()
-    samples = parse_prometheus(scrape(server))[0]
+    samples = scrape(server, GOOD)
     answered = {labels["status"] for name, labels, _ in samples if name == "dsreceiver_requests_total"}
     assert "503" not in answered and "408" in answered
     assert attacker_log_lines(server) <= 8
@@ -152,7 +147,7 @@ def test_password_guessing_is_braked_for_that_address_only(start_server: Callabl
                    what="the brake to lift")
     server.wait_for_log(r"authentication brake on 127\.0\.0\.2: 10 failures within 3s")
     assert attacker_log_lines(server) < 15  # 15 refusals in about a second: a few lines, not one each
-    samples = parse_prometheus(scrape(server))[0]
+    samples = scrape(server, GOOD)
     assert value(samples, "dsreceiver_auth_brakes_total") >= 5
 
 
@@ -195,6 +190,40 @@ def test_new_uploaders_get_in_while_idle_connections_fill_the_server(
     finally:
         for sock in crowd:
             sock.close()
-    samples = parse_prometheus(scrape(server))[0]
+    samples = scrape(server, GOOD)
     assert value(samples, "dsreceiver_connections_evicted_total") >= 20
     assert attacker_log_lines(server) < 30
+
+
+# -- the brake, in-process ------------------------------------------------------------------------
+
+
+def test_the_brake_engages_at_the_limit_and_lets_go_after_its_seconds() -> None:
+    now = [1000.0]
+    brake = dsreceiver.AuthBrake(60.0, failures=3, clock=lambda: now[0])
+    for _ in range(2):
+        brake.failed("192.0.2.1")
+        now[0] += 10
+    assert brake.retry_after("192.0.2.1") is None
+    brake.failed("192.0.2.1")  # the third failure within 60 s
+    assert brake.retry_after("192.0.2.1") == 60.0
+    assert brake.retry_after("192.0.2.2") is None  # only that address
+    now[0] += 59.5
+    assert brake.retry_after("192.0.2.1") == pytest.approx(0.5)
+    now[0] += 1
+    assert brake.retry_after("192.0.2.1") is None
+
+
+def test_failures_spread_wider_than_the_window_never_brake() -> None:
+    now = [1000.0]
+    brake = dsreceiver.AuthBrake(60.0, failures=3, clock=lambda: now[0])
+    for _ in range(10):
+        brake.failed("192.0.2.1")
+        now[0] += 31  # never three within 60 s
+        assert brake.retry_after("192.0.2.1") is None
+
+
+def test_a_brake_of_zero_seconds_is_off() -> None:
+    brake = dsreceiver.AuthBrake(0.0, failures=1)
+    brake.failed("192.0.2.1")
+    assert brake.retry_after("192.0.2.1") is None

@@ -12,14 +12,8 @@ from typing import Callable
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, push_concurrently
+from conftest import ROOT, ServerProcess, push_concurrently, scrape, value
 from simulator import batch_of_lines, make_batch, sample_lines
-from test_metrics import parse_prometheus, value
-
-
-def scrape_metrics(server: ServerProcess) -> str:
-    with server.simulator() as ds:
-        return ds.request("GET", path="/metrics").body.decode()
 
 
 def test_same_batch_twice_is_stored_once(server: ServerProcess) -> None:
@@ -148,7 +142,7 @@ def test_identical_low_cardinality_batches_from_two_uploaders_are_both_stored(
             response = ds.push(batch)
             assert response.status == 200 and response.body == b"stored 1 records\n"
     assert server.stored_lines() == batch.lines * 2
-    samples = parse_prometheus(scrape_metrics(server))[0]
+    samples = scrape(server)
     # The second matched the first in the window and was stored anyway, counted: the case dedup must not drop.
     assert value(samples, "dsreceiver_dedupe_ineligible_total") == 1
     assert value(samples, "dsreceiver_dedupe_hits_total") == 0

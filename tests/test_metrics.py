@@ -3,61 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 import pytest
 
-from conftest import ServerProcess, read_until_close, wait_until
+import dsreceiver
+from conftest import ServerProcess, read_until_close, scrape, value, wait_until
 from simulator import make_batch
-
-Sample = Tuple[str, Dict[str, str], float]
-SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_prometheus(text: str) -> Tuple[List[Sample], Dict[str, str]]:
-    """A small parser of the Prometheus text format (0.0.4): samples, and the TYPE of each family."""
-    samples: List[Sample] = []
-    types: Dict[str, str] = {}
-    helped = set()
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            helped.add(line.split()[2])
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge", "histogram", "summary", "untyped")
-            assert name in helped, "TYPE before HELP for " + name
-            types[name] = kind
-        elif line and not line.startswith("#"):
-            match = SAMPLE_RE.match(line)
-            assert match, "malformed sample line: %r" % line
-            labels = dict(LABEL_RE.findall(match.group(2) or ""))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    for name, _, _ in samples:
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
-        assert family in types, "sample without TYPE: " + name
-        assert name.startswith("dsreceiver_")
-    return samples, types
-
-
-def value(samples: List[Sample], name: str, **labels: str) -> float:
-    for sample_name, sample_labels, number in samples:
-        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
-            return number
-    raise AssertionError("no sample %s %s" % (name, labels))
-
-
-def scrape(server: ServerProcess, headers: Optional[Dict[str, str]] = None) -> List[Sample]:
-    with server.simulator() as ds:
-        response = ds.request("GET", path="/metrics", headers=headers)
-    assert response.status == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return parse_prometheus(response.body.decode())[0]
-
 
 def test_metrics_count_what_happened(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
@@ -133,3 +88,96 @@ def test_json_log_format(start_server: Callable[..., ServerProcess]) -> None:
     access = [entry for entry in entries if entry.get("event") == "access"]
     assert access[0]["status"] == 200 and access[0]["records"] == 3 and access[0]["method"] == "POST"
     assert all({"time", "level", "message"} <= set(entry) for entry in entries)
+
+
+# -- snapshots, in-process ------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def worker_metrics(clock: Clock, stream: str, records: int, uploader: str) -> dsreceiver.Metrics:
+    metrics = dsreceiver.Metrics(clock)
+    metrics.request_done(200, 1000)
+    metrics.stored("/ds", records)
+    metrics.stream_stored(stream, records, 0, clock.now - 30, uploader, 5000)
+    return metrics
+
+
+def snapshot_of(metrics: dsreceiver.Metrics, started: float) -> dsreceiver.MetricsSnapshot:
+    gauges = {"open_connections": 2.0, "inflight_bytes": 0.0, "start_time_seconds": started}
+    return metrics.snapshot(gauges, dsreceiver.Histogram(dsreceiver.FSYNC_BUCKETS))
+
+
+def test_snapshots_survive_the_wire_between_processes() -> None:
+    clock = Clock(1_764_200_000.0)
+    metrics = worker_metrics(clock, "61234", 40, "192.0.2.1")
+    metrics.refused(503, "192.0.2.9", "/ds", "storage unavailable", "61234")
+    metrics.storage_failed("disk full")
+    snapshot = snapshot_of(metrics, clock.now - 100)
+    travelled = dsreceiver.MetricsSnapshot.from_wire(json.loads(json.dumps(snapshot.to_wire())))
+    assert travelled == snapshot
+    assert travelled.streams["61234"].minutes == {int(clock.now // 60): [1, 40]}
+    assert travelled.requests == {200: 1} and travelled.streams["61234"].refusals == {503: 1}
+
+
+def test_merge_sums_counts_and_keeps_the_latest_times() -> None:
+    clock = Clock(1_764_200_000.0)
+    first = worker_metrics(clock, "61234", 10, "192.0.2.1")
+    first_snapshot = snapshot_of(first, clock.now - 50)
+    clock.now += 5
+    second = worker_metrics(clock, "61234", 15, "192.0.2.2")
+    stored_at = clock.now
+    clock.now += 1
+    second.refused(503, "192.0.2.2", "/ds", "storage unavailable")
+    merged = dsreceiver.MetricsSnapshot.merge([first_snapshot, snapshot_of(second, stored_at - 20)])
+    assert merged.counters["records_stored"] == 25 and merged.requests == {200: 2}
+    assert merged.gauges["open_connections"] == 4 and merged.gauges["start_time_seconds"] == stored_at - 55
+    stats = merged.streams["61234"]
+    assert (stats.records, stats.batches, stats.last_push) == (25, 2, stored_at)
+    assert set(stats.uploaders) == {"192.0.2.1", "192.0.2.2"}
+    assert sum(records for _, records in stats.minutes.values()) == 25
+    # The second worker's 503 came after both stored pushes: the streak is on.
+    assert merged.streak_start == clock.now and merged.last_success == stored_at
+
+
+def test_a_stored_push_on_any_worker_ends_the_503_streak() -> None:
+    clock = Clock(1_764_200_000.0)
+    failing = dsreceiver.Metrics(clock)
+    failing.refused(503, "192.0.2.1", "/ds", "storage unavailable")
+    failing.storage_failed("disk full")
+    clock.now += 1
+    healthy = worker_metrics(clock, "61234", 1, "192.0.2.2")
+    merged = dsreceiver.MetricsSnapshot.merge([snapshot_of(failing, clock.now), snapshot_of(healthy, clock.now)])
+    assert merged.streak_start == 0.0
+    assert merged.storage_failure(clock.now) is None
+    assert dsreceiver.MetricsSnapshot.merge([snapshot_of(failing, clock.now)]).storage_failure(clock.now) == "disk full"
+
+
+def test_the_health_scope_leaves_the_streams_out() -> None:
+    clock = Clock(1_764_200_000.0)
+    metrics = worker_metrics(clock, "61234", 3, "192.0.2.1")
+    gauges = {"open_connections": 0.0, "inflight_bytes": 0.0, "start_time_seconds": clock.now}
+    health = metrics.snapshot(gauges, dsreceiver.Histogram(dsreceiver.FSYNC_BUCKETS), dsreceiver.SnapshotScope.HEALTH)
+    assert health.streams == {} and health.last_success == clock.now
+
+
+def test_refusals_keep_the_latest_across_workers() -> None:
+    clock = Clock(1_764_200_000.0)
+    snapshots = []
+    for worker in range(3):
+        metrics = dsreceiver.Metrics(clock)
+        for _ in range(dsreceiver.MAX_REFUSALS):
+            clock.now += 1
+            metrics.refused(401, "192.0.2.%d" % worker, "/ds", "bad credentials")
+        snapshots.append(snapshot_of(metrics, clock.now))
+    merged = dsreceiver.MetricsSnapshot.merge(snapshots)
+    assert len(merged.refusals) == dsreceiver.MAX_REFUSALS
+    assert {refusal.client for refusal in merged.refusals} == {"192.0.2.2"}

@@ -10,9 +10,8 @@ from typing import Callable, Dict, List
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess
+from conftest import ServerProcess, scrape, value
 from simulator import SAMPLE_DEFINITION, batch_of_lines, restreamed, sample_lines
-from test_metrics import parse_prometheus, value
 
 FIELDS = [entry["datasetFieldJsonKey"] for entry in json.loads(SAMPLE_DEFINITION.read_text())["datasetFields"]]
 
@@ -153,7 +152,7 @@ def test_records_that_do_not_fit_a_definition_are_stored_as_sent_and_counted(
         assert ds.push(batch_of_lines(other_version[2:4])).status == 200
         assert ds.push(batch_of_lines(other_version[4:])).status == 200
         assert ds.push(batch_of_lines(unconfigured)).status == 200
-        samples = parse_prometheus(ds.request("GET", path="/metrics").body.decode())[0]
+        samples = scrape(server)
     stored = stream_files(server)
     # Nothing is dropped: version 4 records become JSON, the rest stays byte for byte as sent.
     assert stored["stream=61234"] == sample_lines("json")[:3] + short + other_version
@@ -212,7 +211,7 @@ def test_per_stream_metrics(start_server: Callable[..., ServerProcess]) -> None:
     with server.simulator() as ds:
         assert ds.push(batch_of_lines(lines[300:400])).status == 200
         assert ds.push(batch_of_lines(restreamed(lines[500:505], "70001"))).status == 200
-        samples = parse_prometheus(ds.request("GET", path="/metrics").body.decode())[0]
+        samples = scrape(server)
     assert value(samples, "dsreceiver_stream_records_total", stream="61234") == 400
     assert value(samples, "dsreceiver_stream_batches_total", stream="61234") == 4
     assert value(samples, "dsreceiver_stream_uploaders", stream="61234") == 3  # .2, .3 and 127.0.0.1

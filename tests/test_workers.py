@@ -10,9 +10,9 @@ from typing import Callable, List
 
 import trustme
 
-from conftest import ServerProcess, install_pair, push_concurrently, push_held_after_continue, serial_seen, status_of, wait_until
+from conftest import (ServerProcess, install_pair, push_concurrently, push_held_after_continue,
+                      scrape, serial_seen, status_of, value, wait_until)
 from simulator import count_lines, expected_lines, make_batch
-from test_metrics import parse_prometheus, value
 
 
 def worker_pids(server: ServerProcess) -> List[int]:
@@ -43,9 +43,7 @@ def test_metrics_are_summed_over_workers(start_server: Callable[..., ServerProce
     batches = [make_batch("counted-%02d" % i, count=10) for i in range(30)]
     assert push_concurrently(server, batches) == [200] * 30
     for _ in range(4):  # whichever worker answers, the sum is the same
-        with server.simulator() as ds:
-            response = ds.request("GET", path="/metrics")
-        samples = parse_prometheus(response.body.decode())[0]
+        samples = scrape(server)
         assert value(samples, "dsreceiver_records_stored_total") == 300
         assert value(samples, "dsreceiver_batches_stored_total") == 30
 

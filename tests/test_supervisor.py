@@ -1,0 +1,135 @@
+"""The supervisor's side of --workers in-process: its messages, and the steps after a worker exits."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+import dsreceiver
+from conftest import batch_of
+from dsreceiver import Claim, ClaimAnswer, Commit, MetricsAnswer, MetricsRequest, Release, SnapshotAnswer, SnapshotRequest
+
+
+class WorkerEnd:
+    """The worker's end of a slot's control channel, read by the test."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.channel = dsreceiver.ControlChannel(sock)
+        sock.settimeout(5)
+        self.pending: List[dsreceiver.Message] = []
+
+    def receive(self) -> dsreceiver.Message:
+        while not self.pending:
+            self.pending = self.channel.feed(self.channel.sock.recv(65536))
+        return self.pending.pop(0)
+
+    def nothing_waiting(self) -> bool:
+        self.channel.sock.setblocking(False)
+        try:
+            return not self.pending and not self.channel.sock.recv(65536)
+        except BlockingIOError:
+            return True
+        finally:
+            self.channel.sock.settimeout(5)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[dsreceiver.Supervisor]:
+    layout = dsreceiver.Layout(tmp_path)
+    layout.create()
+    listeners = [socket.socket(), socket.socket()]
+    chief = dsreceiver.Supervisor(listeners, layout, dsreceiver.DedupeIndex(900), lambda *args: 0)
+    yield chief
+    for slot in chief.slots:
+        slot.ended()
+    for listener in listeners:
+        listener.close()
+
+
+def attach(supervisor: dsreceiver.Supervisor) -> List[WorkerEnd]:
+    """Gives every slot a (pretend) running worker: a control channel whose other end the test holds."""
+    ends = []
+    for slot in supervisor.slots:
+        ours, theirs = socket.socketpair()
+        slot.started(0, dsreceiver.ControlChannel(ours))
+        ends.append(WorkerEnd(theirs))
+    return ends
+
+
+def test_a_claimed_batch_makes_other_claims_wait_for_its_outcome(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    supervisor.handle(0, Claim(1, "-/batch"))
+    assert first.receive() == ClaimAnswer(1, False)
+    supervisor.handle(1, Claim(7, "-/batch"))
+    assert second.nothing_waiting()  # the answer waits for worker 1's outcome
+    supervisor.handle(0, Commit("-/batch", time.time()))
+    assert second.receive() == ClaimAnswer(7, True)
+
+
+def test_a_released_claim_passes_to_the_next_worker_waiting(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    supervisor.handle(0, Claim(1, "-/batch"))
+    first.receive()
+    supervisor.handle(1, Claim(2, "-/batch"))
+    supervisor.handle(0, Release("-/batch"))
+    assert second.receive() == ClaimAnswer(2, False)  # worker 2 stores it now
+    assert supervisor.owners == {"-/batch": 1}
+
+
+def test_metrics_are_gathered_from_every_worker_and_merged(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    supervisor.handle(1, MetricsRequest(5, dsreceiver.SnapshotScope.FULL))
+    requests = [first.receive(), second.receive()]
+    assert isinstance(requests[0], SnapshotRequest) and requests == [requests[0]] * 2
+    gathering = requests[0].id
+    for index, records in ((0, 3), (1, 4)):
+        snapshot = dsreceiver.MetricsSnapshot(counters={"records_stored": records})
+        supervisor.handle(index, SnapshotAnswer(gathering, snapshot))
+    answer = second.receive()
+    assert isinstance(answer, MetricsAnswer) and answer.id == 5
+    assert answer.snapshot.counters == {"records_stored": 7}
+
+
+def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_released(
+        supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    # Worker 1 stores a batch and dies before it can send its Commit.
+    storage = dsreceiver.Storage(supervisor.layout.for_worker(supervisor.slots[0].tag), dedupe=dsreceiver.DedupeIndex(900))
+    batch = batch_of(b"stored by worker 1")
+    batch.digest = b"\x01" * 32
+    key = dsreceiver.dedupe_key("", batch.digest)
+    supervisor.handle(0, Claim(1, key))
+    first.receive()
+    storage.store("", batch)
+    storage.close()
+    supervisor.handle(1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
+    supervisor.stopping = True  # no restart: this test has no process to fork
+    supervisor.after_exit(supervisor.slots[0], -9)
+    assert supervisor.slots[0].channel is None and supervisor.owners == {}
+    assert second.receive() == ClaimAnswer(9, True)  # a duplicate: it is never stored twice
+
+
+def test_after_an_exit_nothing_waits_for_its_snapshot(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    supervisor.handle(1, MetricsRequest(3, dsreceiver.SnapshotScope.HEALTH))
+    request = first.receive()
+    assert isinstance(request, SnapshotRequest) and request.scope is dsreceiver.SnapshotScope.HEALTH
+    assert second.receive() == request
+    gathering = request.id
+    supervisor.handle(1, SnapshotAnswer(gathering, dsreceiver.MetricsSnapshot(counters={"records_stored": 2})))
+    supervisor.stopping = True
+    supervisor.after_exit(supervisor.slots[0], 0)
+    answer = second.receive()
+    assert isinstance(answer, MetricsAnswer) and answer.snapshot.counters == {"records_stored": 2}
+
+
+def test_a_worker_that_keeps_exiting_is_a_crash_loop() -> None:
+    slot = dsreceiver.WorkerSlot(0)
+    now = 1000.0
+    assert not any(slot.crash_looping(now + step) for step in range(dsreceiver.CRASH_LOOP_RESTARTS))
+    assert slot.crash_looping(now + dsreceiver.CRASH_LOOP_RESTARTS)
+    assert not dsreceiver.WorkerSlot(1).crash_looping(now) and slot.tag == ".w1"
