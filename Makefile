@@ -16,9 +16,9 @@ $(VENV)/.installed: requirements-test.txt
 test: $(VENV)/.installed
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
-## test-fast: the suite without tests marked slow
+## test-fast: the suite without tests marked slow, three at a time (they wait on servers as much as they compute)
 test-fast: $(VENV)/.installed
-	$(VENV_PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV_PYTHON) -m pytest -m "not slow" -n 3 $(PYTEST_ARGS)
 
 ## lint: ruff over everything, mypy --strict over dsreceiver.py (as Python 3.8), tests/ and tools/ (settings:
 ## pyproject.toml), then the shape of dsreceiver.py (tools/check_shape.py: sections, dependency order, lengths)

@@ -66,14 +66,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import email.utils
 import enum
 import functools
 import gzip
 import hashlib
 import hmac
 import html
-import http.client
 import ipaddress
 import json
 import logging
@@ -87,15 +85,12 @@ import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn,
@@ -417,8 +412,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True)
-class CredentialSettings:
+class CredentialSettings(NamedTuple):
     """Where the accepted credentials come from: what the server and the check command share."""
 
     basic_auth_file: Optional[Path] = None
@@ -429,8 +423,7 @@ class CredentialSettings:
     client_ca: Optional[Path] = None
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """The server's configuration, checked and complete: built once from the command line,
     read-only."""
 
@@ -634,14 +627,26 @@ GAUGES = (("open_connections", "Client connections open now."),
           ("start_time_seconds", "Unix time the server started."))
 
 
-@dataclass
-class HistogramCounts:
+class Record:
+    """A plain record of mutable fields, equal to another of its class with equal fields."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__name__,
+                           ", ".join("%s=%r" % field for field in vars(self).items()))
+
+
+class HistogramCounts(Record):
     """A histogram's counts at one moment: per bucket of FSYNC_BUCKETS (cumulative), sum and
     count."""
 
-    counts: List[int] = field(default_factory=lambda: [0] * len(FSYNC_BUCKETS))
-    total: float = 0.0
-    count: int = 0
+    def __init__(self, counts: Optional[List[int]] = None, total: float = 0.0,
+                 count: int = 0) -> None:
+        self.counts = counts if counts is not None else [0] * len(FSYNC_BUCKETS)
+        self.total = total
+        self.count = count
 
     def add(self, other: HistogramCounts) -> None:
         """Adds another process's counts."""
@@ -718,23 +723,27 @@ def int_keys(data: Dict[str, T]) -> Dict[int, T]:
     return {int(key): value for key, value in data.items()}
 
 
-@dataclass
-class StreamStats:
+class StreamStats(Record):
     """What the metrics keep about one stream."""
 
-    records: int = 0
-    batches: int = 0
-    unconverted: int = 0
-    dedupe_hits: int = 0
-    last_push: float = 0.0
-    # The newest reqTimeSec of the last push, when its records carry one.
-    newest_event: Optional[float] = None
-    # Uploader address -> when it last pushed.
-    uploaders: Dict[str, float] = field(default_factory=dict)
-    # Minute (see minute_of) -> [batches, records], the last hour only.
-    minutes: Dict[int, List[int]] = field(default_factory=dict)
-    # HTTP status -> refusals.
-    refusals: Dict[int, int] = field(default_factory=dict)
+    def __init__(self, records: int = 0, batches: int = 0, unconverted: int = 0,
+                 dedupe_hits: int = 0, last_push: float = 0.0, newest_event: Optional[float] = None,
+                 uploaders: Optional[Dict[str, float]] = None,
+                 minutes: Optional[Dict[int, List[int]]] = None,
+                 refusals: Optional[Dict[int, int]] = None) -> None:
+        self.records = records
+        self.batches = batches
+        self.unconverted = unconverted
+        self.dedupe_hits = dedupe_hits
+        self.last_push = last_push
+        # The newest reqTimeSec of the last push, when its records carry one.
+        self.newest_event = newest_event
+        # Uploader address -> when it last pushed.
+        self.uploaders: Dict[str, float] = uploaders if uploaders is not None else {}
+        # Minute (see minute_of) -> [batches, records], the last hour only.
+        self.minutes: Dict[int, List[int]] = minutes if minutes is not None else {}
+        # HTTP status -> refusals.
+        self.refusals: Dict[int, int] = refusals if refusals is not None else {}
 
     def copy(self, now: float) -> StreamStats:
         """A copy that later counting does not change, with only the uploaders of the window."""
@@ -787,26 +796,34 @@ class SnapshotScope(enum.Enum):
     HEALTH = "health"
 
 
-@dataclass
-class MetricsSnapshot:
+class MetricsSnapshot(Record):
     """Everything /metrics, /healthz and the status page show, at one moment, for one process or
     merged."""
 
-    counters: Dict[str, float] = field(default_factory=dict)
-    # HTTP status -> requests answered.
-    requests: Dict[int, int] = field(default_factory=dict)
-    # URL path -> when a push to it was last stored.
-    last_push: Dict[str, float] = field(default_factory=dict)
-    gauges: Dict[str, float] = field(default_factory=dict)
-    streams: Dict[str, StreamStats] = field(default_factory=dict)
-    # Minute (see minute_of) -> bytes stored, the last hour only.
-    written: Dict[int, int] = field(default_factory=dict)
-    refusals: List[Refusal] = field(default_factory=list)
-    # When a push was last stored, and when the current run of 503 answers began (0: none).
-    last_success: float = 0.0
-    streak_start: float = 0.0
-    storage_error: Optional[StorageFailure] = None
-    fsync: HistogramCounts = field(default_factory=HistogramCounts)
+    def __init__(self, counters: Optional[Dict[str, float]] = None,
+                 requests: Optional[Dict[int, int]] = None,
+                 last_push: Optional[Dict[str, float]] = None,
+                 gauges: Optional[Dict[str, float]] = None,
+                 streams: Optional[Dict[str, StreamStats]] = None,
+                 written: Optional[Dict[int, int]] = None, refusals: Optional[List[Refusal]] = None,
+                 last_success: float = 0.0, streak_start: float = 0.0,
+                 storage_error: Optional[StorageFailure] = None,
+                 fsync: Optional[HistogramCounts] = None) -> None:
+        self.counters: Dict[str, float] = counters if counters is not None else {}
+        # HTTP status -> requests answered.
+        self.requests: Dict[int, int] = requests if requests is not None else {}
+        # URL path -> when a push to it was last stored.
+        self.last_push: Dict[str, float] = last_push if last_push is not None else {}
+        self.gauges: Dict[str, float] = gauges if gauges is not None else {}
+        self.streams: Dict[str, StreamStats] = streams if streams is not None else {}
+        # Minute (see minute_of) -> bytes stored, the last hour only.
+        self.written: Dict[int, int] = written if written is not None else {}
+        self.refusals: List[Refusal] = refusals if refusals is not None else []
+        # When a push was last stored, and when the current run of 503 answers began (0: none).
+        self.last_success = last_success
+        self.streak_start = streak_start
+        self.storage_error = storage_error
+        self.fsync = fsync if fsync is not None else HistogramCounts()
 
     @classmethod
     def merge(cls, snapshots: Sequence[MetricsSnapshot]) -> MetricsSnapshot:
@@ -1325,7 +1342,15 @@ class CertificateSource:
         self.client_ca = client_ca
         self.context = make_server_context(cert, key, client_ca)
         self.signature = self._signature()
-        self.facts = certificate_facts(cert)
+        self._facts: Optional[Dict[str, Any]] = None
+
+    @property
+    def facts(self) -> Dict[str, Any]:
+        """Subject, issuer and expiry of the certificate served (see certificate_facts), read when
+        first asked for: they cost a run of the openssl command."""
+        if self._facts is None:
+            self._facts = certificate_facts(self.cert)
+        return self._facts
 
     def _signature(self) -> Tuple[Optional[Tuple[int, int, int, int]], ...]:
         """Identifies the current files; os.stat follows certbot's symlinks to the real files."""
@@ -1350,7 +1375,7 @@ class CertificateSource:
                       reason, exc)
             return False
         self.context = context  # new connections take it; established ones keep theirs
-        self.facts = certificate_facts(self.cert)
+        self._facts = None
         log.info("certificate reloaded (%s) from %s", reason, self.cert)
         return True
 
@@ -1364,6 +1389,8 @@ def certificate_facts(cert: Path) -> Dict[str, Any]:
     """Subject, issuer and expiry of the first certificate in `cert`, for the status page, as the
     openssl command reads them (the ssl module decodes only a peer's certificate); empty when it
     cannot."""
+    import subprocess  # here, as in create_self_signed: the server starts faster without it
+
     try:
         result = subprocess.run(["openssl", "x509", "-noout", "-subject", "-issuer", "-enddate",
                                  "-nameopt", "RFC2253", "-in", str(cert)], stdin=subprocess.DEVNULL,
@@ -1381,6 +1408,8 @@ def certificate_facts(cert: Path) -> Dict[str, Any]:
 
 def create_self_signed(cert: Path, key: Path, hostname: str) -> None:
     """Creates a self-signed certificate and key for `hostname` with the openssl command."""
+    import subprocess
+
     try:
         is_ip = bool(ipaddress.ip_address(hostname))
     except ValueError:
@@ -1857,6 +1886,7 @@ class BatchBuilder:
         if not len(data):
             return
         if self.spool is None and self.size + len(data) > SPOOL_THRESHOLD:
+            import tempfile  # here: only bodies this large need it, and the server starts faster
             self.spool = tempfile.TemporaryFile(dir=str(self.spool_dir))
             for part in self.parts:
                 self.spool.write(part)
@@ -3068,6 +3098,7 @@ class Storage:
         """Writes and syncs HEALTH_PROBE_SIZE bytes beside the records; returns why that failed, or
         None."""
         try:
+            import tempfile
             with tempfile.TemporaryFile(dir=str(self.layout.state_dir)) as probe:
                 probe.write(b"\0" * HEALTH_PROBE_SIZE)
                 probe.flush()
@@ -3721,7 +3752,8 @@ def http_date() -> str:
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        # RFC 9110 5.6.7's IMF-fixdate: strftime's names are English, as LC_TIME stays "C".
+        _date_cache = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
     return _date_cache[1]
 
 
@@ -5316,8 +5348,7 @@ def build_check_parser() -> ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True)
-class CheckSettings:
+class CheckSettings(NamedTuple):
     """What the check command was asked to do."""
 
     url: str
@@ -5436,6 +5467,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
                compressed: bool) -> None:
     """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with
     compressLogs), with the configured credentials, and checks for a 2xx in time."""
+    import http.client  # here: only the check command needs an HTTP client
+
     query = url.query
     if credentials.query_param:
         query = (query + "&" if query else "") + urllib.parse.urlencode(

@@ -75,6 +75,7 @@ def attacker_log_lines(server: ServerProcess) -> int:
     return sum("127.0.0.2" in line for line in server.log_text().splitlines())
 
 
+@pytest.mark.slow
 def test_a_refusal_flood_keeps_the_log_bounded(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(env=CREDENTIALS)
     per_connection = 1500

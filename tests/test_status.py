@@ -105,6 +105,7 @@ def check_stream_rows(rows: Dict[str, Dict[str, str]]) -> None:
     assert (rows["70001"]["batches"], rows["70001"]["records"], rows["70001"]["uploaders"]) == ("1", "50", "1")
 
 
+@pytest.mark.slow
 def test_status_page_in_a_real_browser(busy_server: ServerProcess, tmp_path: Path, cert_dir: Path) -> None:
     dom = StatusDom()
     dom.feed(chromium(busy_server, tmp_path, cert_dir, "/status", "--dump-dom"))
@@ -119,6 +120,7 @@ def test_status_page_in_a_real_browser(busy_server: ServerProcess, tmp_path: Pat
         shutil.copy(str(screenshot), os.environ["STATUS_SCREENSHOT"])
 
 
+@pytest.mark.slow
 def test_status_page_works_without_javascript(busy_server: ServerProcess, tmp_path: Path, cert_dir: Path) -> None:
     dom = StatusDom()
     dom.feed(chromium(busy_server, tmp_path, cert_dir, "/status", "--dump-dom",
