@@ -120,7 +120,8 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
 class Server:
     """One server under test in its own folder; `stored_lines()` counts what it wrote."""
 
-    def __init__(self, kind: str, workdir: Path, cert: Path, key: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, kind: str, workdir: Path, cert: Path, key: Path, extra: Sequence[str] = (),
+                 script: Path = ROOT / "dsreceiver.py") -> None:
         self.kind = kind
         self.workdir = workdir
         self.port = free_port()
@@ -128,7 +129,7 @@ class Server:
         self.output.mkdir(parents=True)
         log = (workdir / "server.log").open("wb")
         if kind.startswith("dsreceiver"):
-            command = [sys.executable, str(ROOT / "dsreceiver.py"), "--host", "127.0.0.1", "--port", str(self.port),
+            command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(self.port),
                        "--cert", str(cert), "--key", str(key), "--output-dir", str(self.output),
                        "--log-level", "warning", *extra]
         elif kind == "flask":
@@ -374,9 +375,11 @@ def poll_status(port: int, cert: Path, stop: threading.Event, answers: List[int]
 
 
 def run_one(kind: str, scenario: str, workdir: Path, cert: Path, key: Path, bodies: Dict[str, Path],
-            seconds: float, use_wrk: bool, extra: Sequence[str], status_poll: bool = False) -> Dict[str, object]:
+            seconds: float, use_wrk: bool, extra: Sequence[str], status_poll: bool = False,
+            script: Path = ROOT / "dsreceiver.py") -> Dict[str, object]:
     _, body_name, mode, connections = SCENARIOS[scenario]
-    server = Server(kind, workdir / ("%s-%s" % (kind, scenario)), cert, key, extra)
+    server = Server(kind, Path(tempfile.mkdtemp(prefix="%s-%s-" % (kind, scenario), dir=str(workdir))), cert, key,
+                    extra, script)
     idle: Optional[multiprocessing.Process] = None
     memory = MemorySampler(server.process.pid)
     stop_polling = threading.Event()
@@ -477,11 +480,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="report file")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="FILE",
+                        help="also run this other dsreceiver.py (e.g. main's, from git show) as dsreceiver-baseline, "
+                        "with the same options, and print the ratios")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each server per scenario, alternating their order; the median is reported "
+                        "(default: 1)")
     parser.add_argument("--poll-status", action="store_true",
                         help="load dsreceiver's /status once a second during each run, as an open browser tab would")
     options = parser.parse_args(argv)
     use_wrk = shutil.which("wrk") is not None
     servers = [s for s in options.servers.split(",") if s != "nginx" or shutil.which("nginx")]
+    if options.baseline is not None:
+        servers.insert(servers.index("dsreceiver") + 1 if "dsreceiver" in servers else 0, "dsreceiver-baseline")
     workdir = Path(tempfile.mkdtemp(prefix="dsreceiver-bench-", dir=str(options.workdir) if options.workdir else None))
     cert, key = workdir / "fullchain.pem", workdir / "privkey.pem"
     dsreceiver.create_self_signed(cert, key, "localhost")
@@ -494,15 +505,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           % (disk, inflate, facts["nproc"]), flush=True)
     results: Dict[Tuple[str, str], Dict[str, object]] = {}
     for scenario in options.scenarios:
-        for kind in servers:
-            if kind == "dsreceiver-gzip" and scenario != "A" or kind != "dsreceiver" and scenario == "F":
-                continue
-            extra = options.dsreceiver_args.split() + (["--store", "gzip"] if kind == "dsreceiver-gzip" else [])
-            extra += STRUCTURED_OPTIONS if scenario == "F" else []
-            print("running %s %s ..." % (kind, scenario), flush=True)
-            results[(kind, scenario)] = run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
-                                                use_wrk, extra, options.poll_status)
-            print("  " + json.dumps(results[(kind, scenario)]), flush=True)
+        kinds = [kind for kind in servers if not (kind == "dsreceiver-gzip" and scenario != "A"
+                                                  or not kind.startswith("dsreceiver") and scenario == "F")]
+        runs: Dict[str, List[Dict[str, object]]] = {kind: [] for kind in kinds}
+        for round_number in range(options.rounds):
+            # Alternating the order spreads any drift of the machine over every server alike.
+            for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
+                extra = options.dsreceiver_args.split() + (["--store", "gzip"] if kind == "dsreceiver-gzip" else [])
+                extra += STRUCTURED_OPTIONS if scenario == "F" else []
+                script = options.baseline if kind == "dsreceiver-baseline" else ROOT / "dsreceiver.py"
+                print("running %s %s (round %d) ..." % (kind, scenario, round_number + 1), flush=True)
+                runs[kind].append(run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
+                                          use_wrk, extra, options.poll_status, script))
+                print("  " + json.dumps(runs[kind][-1]), flush=True)
+        for kind, done in runs.items():
+            results[(kind, scenario)] = median_run(done)
     report = render(results, facts, disk, inflate, options, use_wrk, bodies)
     print(report)
     previous = options.output.read_text() if options.output.exists() else ""
@@ -510,6 +527,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options.output.write_text(report + "\n" + MARKER + kept)
     shutil.rmtree(str(workdir))
     return 0
+
+
+def rate_of(result: Dict[str, object]) -> float:
+    """Acknowledged requests a second."""
+    return result["acknowledged"] / result["seconds"]  # type: ignore[operator]
+
+
+def median_run(runs: List[Dict[str, object]]) -> Dict[str, object]:
+    """The run with the median rate (the lower middle one of an even count), with every run's rate."""
+    chosen = dict(sorted(runs, key=rate_of)[(len(runs) - 1) // 2])
+    chosen["rates"] = [round(rate_of(run), 1) for run in runs]
+    return chosen
 
 
 def stored_verdict(result: Dict[str, object], connections: int) -> str:
@@ -583,6 +612,12 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
             if b:
                 parts.append("%.2fx B in records/s" % (records / (b["expected_lines"] / b["seconds"])))  # type: ignore[operator]
         lines.append("- " + ", ".join(parts))
+    for scenario in options.scenarios:
+        ours, base = results.get(("dsreceiver", scenario)), results.get(("dsreceiver-baseline", scenario))
+        if ours and base and base["acknowledged"]:
+            lines.append("- **%s against the baseline** (%s): %.2fx (medians of %d rounds: %s vs %s req/s)"
+                         % (scenario, options.baseline, rate_of(ours) / rate_of(base), options.rounds,
+                            ours["rates"], base["rates"]))
     gz = results.get(("dsreceiver-gzip", "A"))
     flask_a = results.get(("flask", "A"))
     if gz and flask_a:
