@@ -248,7 +248,8 @@ Secrets are never taken from the command line, where `ps` would show them.
 Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of receipt;
 YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per line;
 ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
-left out with --partition-by none.
+left out with --partition-by none.  Records that name no stream (security events) take
+the stream their endpoint URL names: https://HOST/PATH?stream=ID.
 """ % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
 
 
@@ -330,8 +331,9 @@ def build_parser() -> ArgumentParser:
                          " push with several); none: one folder (default: %(default)s)")
     storage.add_argument("--stream-config", type=Path, metavar="PATH",
                          help="stream definitions: a JSON file, or a folder of *.json, as"
-                         " DataStream's API returns them (GET .../log/streams/ID) or {\"streamId\":"
-                         " N, \"fields\": [\"cp\", ...]}; re-read on SIGHUP (default: none)")
+                         " DataStream's API (v2 or v3) returns them (GET .../streams/ID), or"
+                         " {\"streamId\": N, \"fields\": [\"cp\", 1002, ...]} with JSON keys or"
+                         " data set field IDs; re-read on SIGHUP (default: none)")
     storage.add_argument("--records", choices=("as-sent", "json"), default="as-sent",
                          help="as-sent: store records byte for byte; json: store the STRUCTURED"
                          " records of a defined stream as the JSON lines its JSON format would send"
@@ -356,8 +358,9 @@ def build_parser() -> ArgumentParser:
     storage.add_argument("--dedupe-window", type=non_negative_seconds, default=360.0,
                          metavar="SECONDS",
                          help="answer a retry of a batch stored this recently with 200 without"
-                         " storing it again; only batches whose every record carries a reqId or a"
-                         " millisecond reqTimeSec count, so a genuine batch is never dropped; 0"
+                         " storing it again; only batches whose every record carries a reqId, a"
+                         " millisecond reqTimeSec or an httpMessage.requestId count, so a genuine"
+                         " batch is never dropped; 0"
                          " turns it off (default: %(default)s, DataStream's 5-minute retry horizon"
                          " and a minute)")
 
@@ -1968,35 +1971,95 @@ JSON_STREAM_ID_RE = re.compile(rb'"streamId"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
 JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
 JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
 JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
-STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])([0-9]{1,12})\2")
+# version, delimiter, isMidgress (0, 1 or 2) when in second place, stream ID (never 0, 1 or 2).
+STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])(?:([012])\2)?([0-9]{1,12})\2")
+MIDGRESS_VALUES = (b"0", b"1", b"2")
+# A security event's time: httpMessage.start, in seconds.
+JSON_START_TIME_RE = re.compile(rb'"start"\s*:\s*"?([0-9]{9,11})"?')
 MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
 MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
 # Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
 JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
 
 
+# Data set field ID -> the JSON key of its values, for definitions that name fields by ID only (a
+# STRUCTURED stream's saved definition, Terraform's dataset_fields).  From Akamai's published data
+# set list (see ../shared/DATASTREAM.md); a definition's own datasetFieldJsonKey wins, as Akamai
+# adds fields.
+DATASET_FIELDS = {
+    999: "streamId", 1000: "cp", 1002: "reqId", 1100: "reqTimeSec", 1005: "bytes", 1006: "cliIP",
+    1008: "statusCode", 1009: "proto", 1011: "reqHost", 1012: "reqMethod", 1013: "reqPath",
+    1014: "reqPort", 1015: "rspContentLen", 1016: "rspContentType", 1017: "UA", 1019: "accLang",
+    1023: "cookie", 1031: "range", 1032: "referer", 1037: "xForwardedFor", 1033: "reqEndTimeMSec",
+    1066: "edgeIP", 1068: "errorCode", 1082: "customField", 1102: "turnAroundTimeMSec",
+    1103: "transferTimeMSec", 2001: "tlsOverheadTimeMSec", 2002: "tlsVersion", 2003: "objSize",
+    2004: "uncompressedSize", 2005: "maxAgeSec", 2006: "overheadBytes", 2007: "dnsLookupTimeMSec",
+    2008: "totalBytes", 2009: "queryStr", 2010: "cacheStatus", 2012: "country", 2013: "state",
+    2014: "city", 2019: "cacheable", 2020: "breadcrumbs", 2021: "lastByte", 2022: "asn",
+    2023: "fileSizeBucket", 2024: "edgeAttempts", 2025: "timeToFirstByte", 2026: "startupError",
+    2027: "downloadTime", 2028: "throughput", 2084: "prefetchMidgressHits", 2050: "securityRules",
+    2051: "isMidgress", 2052: "serverCountry", 2053: "billingRegion", 2060: "brotliStatus",
+    2061: "originContentLen", 2080: "cmcd", 3000: "ewUsageInfo", 3001: "ewExecutionInfo",
+    3011: "contentProtection",
+}
+
+
 class StreamDefinition(NamedTuple):
     """What a STRUCTURED line of one stream holds: version, stream ID, then values for these JSON
-    keys in order."""
+    keys in order (see LineLayout for where isMidgress and a repeated streamId go)."""
 
     stream_id: str
     # The stream version it describes; None (the short form without streamVersion) for any version.
     version: Optional[str]
+    # Empty for a JSON stream saved without its fields: it needs no conversion.
     fields: Tuple[str, ...]
     delimiter: bytes
     # deliveryConfiguration.frequency.intervalInSeconds: how often each uploader pushes, when given.
     interval: Optional[int] = None
 
 
+def field_key(entry: object, position: int) -> str:
+    """The JSON key of one entry of a definition's field list: a key, a data set field ID, or an API
+    datasetFields object (whose own datasetFieldJsonKey wins over the catalog)."""
+    if isinstance(entry, dict):
+        key = entry.get("datasetFieldJsonKey")
+        if key is not None:
+            return str(key)
+        if "datasetFieldId" not in entry:
+            raise ValueError("datasetFields entry %d has neither datasetFieldJsonKey nor "
+                             "datasetFieldId" % position)
+        entry = entry["datasetFieldId"]
+    if isinstance(entry, str) and not entry.isdigit():
+        return entry
+    if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+        raise ValueError("field %d must be a JSON key or a data set field ID, not %r"
+                         % (position, entry))
+    key = DATASET_FIELDS.get(int(entry))
+    if key is None:
+        raise ValueError("field %d is data set field ID %s, whose JSON key dsreceiver does not "
+                         "know: give it as {\"datasetFieldId\": %s, \"datasetFieldJsonKey\": "
+                         "\"KEY\"} with the key its JSON format uses" % (position, entry, entry))
+    return key
+
+
 def parse_stream_definition(document: object) -> StreamDefinition:
-    """Reads a stream definition: the JSON DataStream's API returns for "get a stream", or the short
-    form {"streamId": 61234, "fields": ["cp", "reqId", ...]}.  Raises ValueError saying what is
-    wrong."""
+    """Reads one stream definition: the JSON that DataStream's API (v2 or v3) returns for "get a
+    stream", or the short form {"streamId": 61234, "fields": ["cp", 1002, ...]} whose fields are
+    JSON keys or data set field IDs (Terraform's dataset_fields).  Raises ValueError saying what is
+    wrong, naming the stream once its ID is known."""
     if not isinstance(document, dict):
         raise ValueError("expected a JSON object")
     stream_id = document.get("streamId")
     if isinstance(stream_id, bool) or not STREAM_ID_RE.fullmatch(str(stream_id)):
         raise ValueError("streamId must be a decimal number, not %r" % (stream_id,))
+    try:
+        return parse_stream_fields(str(stream_id), document)
+    except ValueError as exc:
+        raise ValueError("stream %s: %s" % (stream_id, exc)) from None
+
+
+def parse_stream_fields(stream_id: str, document: Dict[str, Any]) -> StreamDefinition:
+    """The rest of parse_stream_definition, once the stream's ID is known."""
     version = document.get("streamVersion")
     if version is not None and (isinstance(version, bool)
                                 or not STREAM_VERSION_RE.fullmatch(str(version))):
@@ -2007,25 +2070,20 @@ def parse_stream_definition(document: object) -> StreamDefinition:
     delimiter = document.get("fieldDelimiter", delivery.get("fieldDelimiter", "SPACE"))
     if not isinstance(delimiter, str) or delimiter not in FIELD_DELIMITERS:
         raise ValueError("fieldDelimiter must be SPACE or TAB, not %r" % (delimiter,))
-    if "datasetFields" in document:
-        entries = document["datasetFields"]
-        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-            raise ValueError("datasetFields must be a list of objects")
-        fields = [entry.get("datasetFieldJsonKey") for entry in entries]
-        if None in fields:
-            raise ValueError("datasetFields entry %d has no datasetFieldJsonKey"
-                             % (fields.index(None) + 1))
-    elif "fields" in document:
-        fields = document["fields"]
-        if not isinstance(fields, list):
-            raise ValueError("fields must be a list of JSON keys")
-    else:
-        raise ValueError("no datasetFields (the API's form) or fields (the short form)")
+    listed = next((document[name] for name in ("datasetFields", "fields", "dataset_fields")
+                   if name in document), None)
+    if listed is None and delivery.get("format") == "JSON":
+        listed = []  # a JSON stream's records carry their keys: nothing to convert
+    elif listed is None:
+        raise ValueError("no datasetFields (the API's form) or fields (the short form): save the "
+                         "answer of \"get a stream\" for it, which lists its fields")
+    if not isinstance(listed, list):
+        raise ValueError("datasetFields must be a list of objects, fields a list of keys or IDs")
+    fields = [field_key(entry, position) for position, entry in enumerate(listed, 1)]
     for key in fields:
-        if (not isinstance(key, str) or not JSON_KEY_RE.fullmatch(key)
-                or key in ("version", "streamId")):
+        if not JSON_KEY_RE.fullmatch(key) or key == "version":
             raise ValueError("%r is not a usable JSON key (letters, digits, '_')" % (key,))
-    if not fields or len(set(fields)) != len(fields):
+    if len(set(fields)) != len(fields) or not fields and delivery.get("format") != "JSON":
         raise ValueError("the field list is empty or names a key twice")
     frequency = delivery.get("frequency", {})
     interval = frequency.get("intervalInSeconds") if isinstance(frequency, dict) else None
@@ -2033,13 +2091,25 @@ def parse_stream_definition(document: object) -> StreamDefinition:
                                  or interval <= 0):
         raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r"
                          % (interval,))
-    return StreamDefinition(str(stream_id), None if version is None else str(version),
-                            tuple(fields), FIELD_DELIMITERS[delimiter], interval)
+    return StreamDefinition(stream_id, None if version is None else str(version), tuple(fields),
+                            FIELD_DELIMITERS[delimiter], interval)
+
+
+def definitions_in(document: object) -> List[object]:
+    """The stream definitions a saved JSON document holds: one ("get a stream", or the short form),
+    a list of them, or the API's list-streams answer ({"streams": [...]})."""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict) and "streamId" not in document:
+        listed = document.get("streams")
+        if isinstance(listed, list):
+            return listed
+    return [document]
 
 
 def load_stream_definitions(path: Path) -> List[StreamDefinition]:
-    """Reads --stream-config: a JSON file, or every *.json file of a folder, each holding one
-    definition or a list of them.  Raises ConfigError naming the file and the problem."""
+    """Reads --stream-config: a JSON file, or every *.json file of a folder, each holding
+    definitions (see definitions_in).  Raises ConfigError naming the file and the problem."""
     try:
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
         texts = [(file, file.read_text(encoding="utf-8")) for file in files]
@@ -2050,8 +2120,7 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     seen: Dict[Tuple[str, Optional[str]], str] = {}
     for file, text in texts:
         try:
-            document = json.loads(text)
-            for item in document if isinstance(document, list) else [document]:
+            for item in definitions_in(json.loads(text)):
                 definition = parse_stream_definition(item)
                 key = (definition.stream_id, definition.version)
                 if key in seen:
@@ -2064,48 +2133,89 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     return definitions
 
 
+class LineLayout:
+    """Where the values of one shape of STRUCTURED line go in its JSON record.
+
+    A line reads "version streamId values..." or, with collectMidgress,
+    "version isMidgress streamId values..." (a stream ID is never 0, 1 or 2,
+    so the second value tells which).  The converter first swaps such a head
+    into "version streamId isMidgress", then the values after the stream ID
+    follow `keys`: None marks a value left out of the record (the stream ID
+    again, when the definition lists field 999).
+    """
+
+    def __init__(self, keys: Sequence[Optional[str]], midgress_head: bool) -> None:
+        self.keys = tuple(keys)
+        self.midgress_head = midgress_head
+        self.width = 2 + len(self.keys)
+        self.slots = [b"%.0s" if key is None else b',"' + key.encode("ascii") + b'":"%s"'
+                      for key in self.keys]
+        # Where a line holds its reqId, if the stream has one: a record whose value there is not '-'
+        # is unique.
+        self.request_id = 2 + self.keys.index("reqId") if "reqId" in self.keys else None
+        self.templates: Dict[Tuple[bool, ...], bytes] = {}
+
+
+def line_layouts(fields: Sequence[str]) -> Dict[Tuple[bool, int], LineLayout]:
+    """Every line shape a definition's fields allow, by (isMidgress in second place, value count):
+    isMidgress in second place or at its listed position; a listed streamId repeated or not."""
+    layouts: Dict[Tuple[bool, int], LineLayout] = {}
+    for midgress_head in (False, True):
+        body = [key for key in fields if not (midgress_head and key == "isMidgress")]
+        head = ["isMidgress"] if midgress_head else []
+        for repeats_stream_id in (True, False):
+            keys = head + [None if key == "streamId" else key for key in body
+                           if repeats_stream_id or key != "streamId"]
+            layout = LineLayout(keys, midgress_head)
+            layouts.setdefault((midgress_head, layout.width), layout)
+    return layouts
+
+
 class StructuredConverter:
     """Turns the STRUCTURED lines of one stream definition into the JSON lines the stream's JSON
     format would have carried: version, streamId, then every field's key with its value as a string,
-    '-' values left out.
+    '-' values left out ('^' is a value, kept as the JSON format keeps it).
 
     The output of a line is one %-format of its values with a template made
-    for its pattern of '-' values (a '-' slot is '%.0s', which prints
-    nothing), so a line costs one split and one format, all in C.
+    for its layout and pattern of '-' values (a '-' slot is '%.0s', which
+    prints nothing), so a line costs one split and one format, all in C.
     """
 
     MAX_TEMPLATES = 4096
 
     def __init__(self, definition: StreamDefinition) -> None:
         self.definition = definition
-        self.width = 2 + len(definition.fields)
-        self.slots = [b',"' + key.encode("ascii") + b'":"%s"' for key in definition.fields]
-        self.templates: Dict[Tuple[bool, ...], bytes] = {}
-        # Where a line holds its reqId, if the stream has one: a record whose value there is not '-'
-        # is unique.
-        fields = definition.fields
-        self.request_id = 2 + fields.index("reqId") if "reqId" in fields else None
+        self.layouts = line_layouts(definition.fields)
         # Control characters that need escaping in JSON: all but LF (never inside a record) and the
         # delimiter.
         self.controls = bytes(byte for byte in range(0x20)
                               if byte not in (0x0A, definition.delimiter[0]))
 
-    def template(self, dashes: Tuple[bool, ...]) -> bytes:
-        """The format of a line whose values are '-' where `dashes` says so."""
-        template = self.templates.get(dashes)
+    def layout(self, values: List[bytes]) -> Optional[LineLayout]:
+        """The layout of a line split into `values`; None when no layout has as many values."""
+        midgress_head = len(values) > 2 and values[1] in MIDGRESS_VALUES
+        return self.layouts.get((midgress_head, len(values)))
+
+    @staticmethod
+    def template(layout: LineLayout, dashes: Tuple[bool, ...]) -> bytes:
+        """The format of a line of `layout` whose values are '-' where `dashes` says so."""
+        template = layout.templates.get(dashes)
         if template is None:
             template = b'{"version":"%s","streamId":"%s"' + b"".join(
-                b"%.0s" if dash else slot for dash, slot in zip(dashes[2:], self.slots)) + b"}"
-            if len(self.templates) < self.MAX_TEMPLATES:
-                self.templates[dashes] = template
+                b"%.0s" if dash else slot for dash, slot in zip(dashes[2:], layout.slots)) + b"}"
+            if len(layout.templates) < StructuredConverter.MAX_TEMPLATES:
+                layout.templates[dashes] = template
         return template
 
     def convert(self, values: List[bytes]) -> Optional[bytes]:
         """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None
-        when the number of values does not fit the definition."""
-        if len(values) != self.width:
+        when the number of values fits no layout of the definition."""
+        layout = self.layout(values)
+        if layout is None:
             return None
-        return self.template(tuple(map(DASH.__eq__, values))) % tuple(values)
+        if layout.midgress_head:
+            values[1], values[2] = values[2], values[1]
+        return self.template(layout, tuple(map(DASH.__eq__, values))) % tuple(values)
 
     def needs_escaping(self, data: bytes) -> bool:
         """Tells whether any value in `data` needs JSON escaping (or is not ASCII), so
@@ -2114,31 +2224,42 @@ class StructuredConverter:
                 or len(data.translate(None, self.controls)) != len(data))
 
     def convert_lines(self, lines: List[bytes]) -> Tuple[List[bytes], int, bool]:
-        """Converts lines that need no JSON escaping: (the lines, those that do not fit kept as they
-        are; how many did not fit; whether every converted one has a reqId).  The hot loop of
-        --records json."""
-        width, delimiter, request_id = self.width, self.definition.delimiter, self.request_id
-        cached, template, is_dash = self.templates.get, self.template, DASH.__eq__
+        """Converts lines that need no JSON escaping, of the layout of the first: (the lines, those
+        that do not fit kept as they are; how many did not fit; whether every converted one has a
+        reqId).  The hot loop of --records json."""
+        delimiter = self.definition.delimiter
+        layout = self.layout(lines[0].split(delimiter)) if lines else None
+        if layout is None:
+            return list(lines), len(lines), False
+        width, request_id, swap = layout.width, layout.request_id, layout.midgress_head
+        cached, template, is_dash = layout.templates.get, self.template, DASH.__eq__
         out: List[bytes] = []
         append = out.append
         unfit = without_id = 0
         for line in lines:
             values = line.split(delimiter)
             if len(values) == width:
+                if swap:
+                    values[1], values[2] = values[2], values[1]
                 dashes = tuple(map(is_dash, values))
-                append((cached(dashes) or template(dashes)) % tuple(values))
+                append((cached(dashes) or template(layout, dashes)) % tuple(values))
                 if request_id is not None:
                     without_id += dashes[request_id]
             else:
-                unfit += 1
-                append(line)
+                converted = self.convert(values)
+                unfit += converted is None
+                without_id += 1
+                append(line if converted is None else converted)
         return out, unfit, request_id is not None and not without_id
 
     def convert_escaping(self, values: List[bytes]) -> Optional[bytes]:
         """Like convert(), for values that may hold quotes, backslashes or control characters; None
         also when a value is not UTF-8, which JSON text cannot carry."""
-        if len(values) != self.width:
+        layout = self.layout(values)
+        if layout is None:
             return None
+        if layout.midgress_head:
+            values[1], values[2] = values[2], values[1]
         escaped = []
         for value in values:
             if JSON_UNSAFE_RE.search(value):
@@ -2148,7 +2269,7 @@ class StructuredConverter:
                 except UnicodeDecodeError:
                     return None
             escaped.append(value)
-        return self.template(tuple(map(DASH.__eq__, values))) % tuple(escaped)
+        return self.template(layout, tuple(map(DASH.__eq__, values))) % tuple(escaped)
 
 
 class StreamRecords(NamedTuple):
@@ -2175,6 +2296,7 @@ class StreamCatalog:
     def __init__(self, path: Optional[Path], to_json: bool) -> None:
         self.path = path
         self.to_json = to_json
+        self.definitions: List[StreamDefinition] = []
         self.converters: Dict[Tuple[str, Optional[str]], StructuredConverter] = {}
         self.warned: Set[Tuple[str, str]] = set()
         self.lock = threading.Lock()
@@ -2182,7 +2304,9 @@ class StreamCatalog:
             self._install(load_stream_definitions(path))
 
     def _install(self, definitions: Sequence[StreamDefinition]) -> None:
-        self.converters = {(d.stream_id, d.version): StructuredConverter(d) for d in definitions}
+        self.definitions = list(definitions)
+        self.converters = {(d.stream_id, d.version): StructuredConverter(d) for d in definitions
+                           if d.fields}
         with self.lock:
             self.warned.clear()
 
@@ -2207,9 +2331,8 @@ class StreamCatalog:
     def push_interval(self, stream: str) -> float:
         """How often each uploader of a stream pushes: its definition's interval, else DataStream's
         longest (60 s)."""
-        intervals = [converter.definition.interval
-                     for (stream_id, _), converter in self.converters.items()
-                     if stream_id == stream and converter.definition.interval]
+        intervals = [definition.interval for definition in self.definitions
+                     if definition.stream_id == stream and definition.interval]
         return float(max(intervals)) if intervals else DEFAULT_PUSH_INTERVAL
 
     def warn_once(self, stream: str, message: str, *args: object) -> None:
@@ -2240,8 +2363,8 @@ class StreamCatalog:
                                  batch, 0, json_event_time(first, last),
                                  lambda: json_records_are_unique(batch))
         head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
-        stream = stream_of(head.group(3) if head else None,
-                           head_last.group(3) if head_last else None)
+        stream = stream_of(head.group(4) if head else None,
+                           head_last.group(4) if head_last else None)
         version = head.group(1).decode("ascii") if head else ""
         convertible = head is not None and self.to_json and stream != MIXED_STREAM
         data = batch.joined() if convertible else None
@@ -2261,7 +2384,7 @@ class StreamCatalog:
         lines = data.split(b"\n")
         lines.pop()
         # Usually every line starts as the first does (one stream, one version): the fast path.
-        uniform = data.count(b"\n" + head.group(0)) == batch.records - 1
+        uniform = lines_headed_alike(data, head) == batch.records
         converter = self.converter(stream, version)
         out: Optional[List[bytes]] = None
         unconverted, identified = len(lines), False
@@ -2299,7 +2422,7 @@ class StreamCatalog:
         unconverted = 0
         for line in lines:
             head = STRUCTURED_HEAD_RE.match(line)
-            converter = (self.converter(head.group(3).decode("ascii"),
+            converter = (self.converter(head.group(4).decode("ascii"),
                                         head.group(1).decode("ascii")) if head else None)
             json_line = None
             if (converter is not None and head is not None
@@ -2321,6 +2444,16 @@ def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
     return first.decode("ascii") if first == last and first is not None else MIXED_STREAM
 
 
+def lines_headed_alike(data: bytes, head: re.Match[bytes]) -> int:
+    """How many lines of `data` start with the version and stream ID of `head` (the first line's),
+    laid out the same way (isMidgress in second place or not, whatever its value)."""
+    if head.group(3) is None:
+        return data.count(b"\n" + head.group(0)) + 1
+    version, delimiter, stream = head.group(1, 2, 4)
+    pattern = rb"(?m)^%s%s[012]%s%s%s" % (version, delimiter, delimiter, stream, delimiter)
+    return len(re.findall(pattern, data))
+
+
 def count_lines(pattern: re.Pattern[bytes], batch: RecordBatch) -> int:
     """How many records match `pattern` (a multi-line pattern matching once per record at most)."""
     data = batch.joined()
@@ -2328,16 +2461,35 @@ def count_lines(pattern: re.Pattern[bytes], batch: RecordBatch) -> int:
 
 
 def json_records_are_unique(batch: RecordBatch) -> bool:
-    """Whether every JSON record carries a reqId, or else a reqTimeSec with milliseconds."""
+    """Whether every JSON record carries a reqId, or else a reqTimeSec with milliseconds, or (a
+    security event) an httpMessage.requestId."""
     if batch.count(b'"reqId":"') == batch.records:
+        return True
+    if batch.count(b'"requestId":') == batch.records and all_events_identified(batch):
         return True
     return count_lines(JSON_MS_TIME_LINE_RE, batch) == batch.records
 
 
+def all_events_identified(batch: RecordBatch) -> bool:
+    """Whether every record is a security event naming its request: httpMessage.requestId."""
+    data = batch.joined()
+    if data is None:
+        return False  # spooled: far larger than DataStream sends; never taken for a retry
+    for line in data.split(b"\n")[:-1]:
+        try:
+            message = json.loads(line).get("httpMessage")
+        except (ValueError, AttributeError):
+            return False
+        if not isinstance(message, dict) or not message.get("requestId"):
+            return False
+    return True
+
+
 def json_event_time(first: bytes, last: bytes) -> Optional[float]:
-    """The newer reqTimeSec of two JSON records."""
-    times = [float(found.group(1))
-             for found in (JSON_REQ_TIME_RE.search(first), JSON_REQ_TIME_RE.search(last)) if found]
+    """The newer reqTimeSec (a security event's httpMessage.start) of two JSON records."""
+    times = [float(found.group(1)) for record in (first, last)
+             for found in [JSON_REQ_TIME_RE.search(record) or JSON_START_TIME_RE.search(record)]
+             if found]
     return max(times) if times else None
 
 
@@ -3370,6 +3522,11 @@ class Housekeeper:
 # ---------------------------------------------------------------------------
 # A push's body in, an outcome out: no socket, no HTTP.
 
+# The query parameter of an endpoint URL that names the stream of records carrying no stream ID
+# (security events): https://logs.example.com/datastream?stream=80001
+STREAM_QUERY_PARAMETER = "stream"
+
+
 class PushFacts(NamedTuple):
     """What the pipeline is told about a push besides its body."""
 
@@ -3378,6 +3535,8 @@ class PushFacts(NamedTuple):
     client: str
     # Whether Content-Encoding said gzip (the magic bytes are looked at as well).
     declared_gzip: bool
+    # The stream the endpoint URL names (?stream=ID), for records that carry no stream ID.
+    named_stream: Optional[str] = None
 
 
 class Verdict(enum.Enum):
@@ -3392,6 +3551,8 @@ class Verdict(enum.Enum):
     # cannot help.
     UNDECODABLE = "undecodable"
     TOO_LARGE = "too large"
+    # The endpoint URL names something that is not a stream ID.
+    BAD_STREAM = "bad stream"
     # Storage failed: nothing of the push was kept, and a retry may succeed.
     STORAGE_FAILED = "storage failed"
 
@@ -3422,6 +3583,10 @@ class PushPipeline:
                on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
         """Decodes and stores a push; on_growth(held) sees the decoded bytes held in memory grow,
         and may raise to abandon the push before it is stored."""
+        named = facts.named_stream
+        if named is not None and (not STREAM_ID_RE.fullmatch(named) or named in ("0", "1", "2")):
+            return Outcome(Verdict.BAD_STREAM, reason="the URL's %s= names no stream ID: %r"
+                           % (STREAM_QUERY_PARAMETER, named[:40]))
         try:
             push = decode_push(body, facts.declared_gzip, self.settings.max_decompressed_size,
                                self.storage.layout.spool_dir, self.storage.dedupes, on_growth)
@@ -3437,6 +3602,7 @@ class PushPipeline:
     def store(self, facts: PushFacts, push: DecodedPush) -> Outcome:
         """Stores a decoded push's records in its stream's folder."""
         batch, metrics = push.batch, self.metrics
+        named = facts.named_stream
         if batch.is_validation_probe():
             metrics.count("validation_probes")
             return Outcome(Verdict.PROBE, reason="validation probe")
@@ -3445,6 +3611,8 @@ class PushPipeline:
             metrics.stored(facts.path, 0)
             return Outcome(Verdict.STORED)
         records = self.streams.classify(batch)
+        if records.stream == UNKNOWN_STREAM and named is not None:
+            records = records._replace(stream=named)
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
         # A stream's row: per route as well with --route-by-path.
@@ -4174,6 +4342,11 @@ class ConnectionHandler:
         if exchange.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
+        query = urllib.parse.parse_qsl(request.query, keep_blank_values=True)
+        named = [value for name, value in query if name == STREAM_QUERY_PARAMETER]
+        if len(named) > 1:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL names its stream more than once")
+        named_stream = named[0] if named else None
         if isinstance(exchange.framing, int) and exchange.framing > settings.max_body_size:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             "body exceeds %d bytes" % settings.max_body_size)
@@ -4185,7 +4358,7 @@ class ConnectionHandler:
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.read_body(exchange)
-        facts = PushFacts(request.path, exchange.client, is_gzip)
+        facts = PushFacts(request.path, exchange.client, is_gzip, named_stream)
         # Decoded bytes held in memory count against the in-flight budget too.
         outcome = self.server.accept_push(facts, body,
                                           lambda held: self.reserve_inflight(exchange,
@@ -4233,7 +4406,7 @@ class ConnectionHandler:
             return Response(HTTPStatus.OK, b"validation ok\n")
         if verdict is Verdict.TOO_LARGE:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, outcome.reason)
-        if verdict is Verdict.UNDECODABLE:
+        if verdict in (Verdict.UNDECODABLE, Verdict.BAD_STREAM):
             raise HTTPError(HTTPStatus.BAD_REQUEST, outcome.reason)
         log.error("storage failed, answering 503: %s", outcome.reason)
         raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",

@@ -51,9 +51,10 @@ def test_the_api_definition_is_read_in_log_order() -> None:
     ({"streamId": 1, "fields": []}, "empty"),
     ({"streamId": 1, "fields": ["cp", "cp"]}, "names a key twice"),
     ({"streamId": 1, "fields": ["c p"]}, "not a usable JSON key"),
-    ({"streamId": 1, "fields": ["streamId"]}, "not a usable JSON key"),
-    ({"streamId": 1, "datasetFields": [{"datasetFieldJsonKey": "cp"}, {"datasetFieldId": 1000}]},
-     "entry 2 has no datasetFieldJsonKey"),
+    ({"streamId": 1, "fields": ["version"]}, "not a usable JSON key"),
+    ({"streamId": 1, "datasetFields": [{"datasetFieldJsonKey": "cp"}, {"datasetFieldId": 9999}]},
+     "stream 1: field 2 is data set field ID 9999, whose JSON key dsreceiver does not know"),
+    ({"streamId": 1, "datasetFields": [{"datasetFieldName": "CP code"}]}, "neither datasetFieldJsonKey nor"),
     ({"streamId": 1, "datasetFields": "cp"}, "datasetFields must be a list of objects"),
     ({"streamId": 1, "fields": ["cp"], "fieldDelimiter": "COMMA"}, "fieldDelimiter must be SPACE or TAB"),
     ({"streamId": 1, "fields": ["cp"], "fieldDelimiter": ["TAB"]}, "fieldDelimiter must be SPACE or TAB"),
@@ -72,13 +73,13 @@ def test_sample_structured_records_become_exactly_the_sample_json_records() -> N
 
 
 def test_conversion_escapes_every_byte_json_needs_escaped() -> None:
-    converter = dsreceiver.StructuredConverter(dsreceiver.StreamDefinition("1", None, ("a", "b", "c"), b"\t"))
-    line = b'4\t1\tsay "hi"\\there\tcaf\xc3\xa9 \x01\x1f\x7f\t-'
+    converter = dsreceiver.StructuredConverter(dsreceiver.StreamDefinition("7", None, ("a", "b", "c"), b"\t"))
+    line = b'4\t7\tsay "hi"\\there\tcaf\xc3\xa9 \x01\x1f\x7f\t-'
     converted = converter.convert_escaping(line.split(b"\t"))
     assert converted is not None
-    assert json.loads(converted) == {"version": "4", "streamId": "1", "a": 'say "hi"\\there', "b": "caf\u00e9 \x01\x1f\x7f"}
-    assert converter.convert_escaping(b"4\t1\t\xff\t-\t-".split(b"\t")) is None  # not UTF-8: JSON cannot carry it
-    assert converter.convert(b"4\t1\tonly-one".split(b"\t")) is None  # field count does not fit
+    assert json.loads(converted) == {"version": "4", "streamId": "7", "a": 'say "hi"\\there', "b": "caf\u00e9 \x01\x1f\x7f"}
+    assert converter.convert_escaping(b"4\t7\t\xff\t-\t-".split(b"\t")) is None  # not UTF-8: JSON cannot carry it
+    assert converter.convert(b"4\t7\tonly-one".split(b"\t")) is None  # field count does not fit
 
 
 def test_a_broken_definition_file_is_named_at_start(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ def test_a_broken_definition_file_is_named_at_start(start_server: Callable[..., 
     (folder / "2.json").write_text('{"streamId": 2, "fields": ["cp", "cp"]}')
     server = start_server("--stream-config", str(folder), "--records", "json", wait=False)
     assert server.wait_exit() == 2
-    server.wait_for_log(r"ERROR stream definition .*2\.json: the field list is empty or names a key twice")
+    server.wait_for_log(r"ERROR stream definition .*2\.json: stream 2: the field list is empty or names a key twice")
     assert "Traceback" not in server.log_text()
 
 

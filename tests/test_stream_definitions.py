@@ -1,0 +1,211 @@
+"""DataStream as it is today: definitions by field ID (API v3, Terraform), every saved shape, midgress lines in
+both layouts, field 999 among the fields, security events named by the endpoint URL, values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import pytest
+
+import dsreceiver
+from conftest import ServerProcess, scrape, value
+from simulator import SAMPLES, batch_of_lines
+from test_streams import stream_files
+
+MIDGRESS_DEFINITION = SAMPLES / "ds2-stream-70077-v3-ids-only.json"
+MIDGRESS_LINES = (SAMPLES / "ds2-structured-midgress-200.txt").read_bytes().split(b"\n")[:-1]
+MIDGRESS_JSON = (SAMPLES / "ds2-json-midgress-200.ndjson").read_bytes().split(b"\n")[:-1]
+SECURITY_EVENTS = (SAMPLES / "siem-events-20.ndjson").read_bytes().split(b"\n")[:-1]
+# The midgress stream's field IDs in log order, as Terraform lists them (2051, isMidgress, first).
+MIDGRESS_IDS = [entry["datasetFieldId"] for entry in json.loads(MIDGRESS_DEFINITION.read_text())["datasetFields"]]
+
+
+def midgress_document(**changes: Any) -> Dict[str, Any]:
+    """The v3 sample definition of stream 70077, with `changes`."""
+    return dict(json.loads(MIDGRESS_DEFINITION.read_text()), **changes)
+
+
+def converted(definition: dsreceiver.StreamDefinition, lines: List[bytes]) -> List[bytes]:
+    """What the converter's hot loop makes of `lines`, checking that every one fitted."""
+    out, unfit, _ = dsreceiver.StructuredConverter(definition).convert_lines(list(lines))
+    assert unfit == 0
+    return out
+
+
+def with_midgress_among_fields(line: bytes) -> bytes:
+    """A sample line laid out 'version streamId isMidgress ...': the value at its listed position (first)."""
+    version, midgress, stream, rest = line.split(b" ", 3)
+    return b" ".join([version, stream, midgress, rest])
+
+
+# -- definitions, in-process ------------------------------------------------------------------------------
+
+
+def test_a_v3_definition_with_field_ids_only_is_named_from_the_catalog() -> None:
+    definition = dsreceiver.parse_stream_definition(midgress_document())
+    assert (definition.stream_id, definition.version, definition.interval) == ("70077", "2", 60)
+    assert definition.fields == ("isMidgress", "cp", "reqId", "reqTimeSec", "bytes", "cliIP", "statusCode",
+                                 "reqHost", "reqPath", "UA", "cacheStatus", "country")
+
+
+def test_a_key_given_in_the_file_wins_over_the_catalog() -> None:
+    entries = [{"datasetFieldId": 1000, "datasetFieldJsonKey": "cpCode"}, {"datasetFieldId": 1002}]
+    definition = dsreceiver.parse_stream_definition({"streamId": 5, "datasetFields": entries})
+    assert definition.fields == ("cpCode", "reqId")
+
+
+@pytest.mark.parametrize("short", [
+    {"streamId": 70077, "streamVersion": 2, "dataset_fields": MIDGRESS_IDS},
+    {"streamId": 70077, "streamVersion": 2, "fields": MIDGRESS_IDS},
+    {"streamId": 70077, "streamVersion": 2, "fields": ["isMidgress"] + MIDGRESS_IDS[1:6] + ["statusCode"]
+     + MIDGRESS_IDS[7:]},
+])
+def test_terraform_ids_and_mixed_short_forms_mean_the_same_stream(short: Dict[str, Any]) -> None:
+    assert dsreceiver.parse_stream_definition(short).fields == dsreceiver.parse_stream_definition(
+        midgress_document()).fields
+
+
+def test_every_saved_shape_loads(tmp_path: Path) -> None:
+    one = midgress_document()
+    other = dict(midgress_document(streamId=70078, streamVersion=1))
+    json_stream = {"streamId": 70079, "streamVersion": 3,
+                   "deliveryConfiguration": {"format": "JSON", "frequency": {"intervalInSeconds": 30}}}
+    shapes = {"get.json": one, "list.json": [other], "answer.json": {"streams": [json_stream]}}
+    for name, document in shapes.items():
+        (tmp_path / name).write_text(json.dumps(document))
+    loaded = {d.stream_id: d for d in dsreceiver.load_stream_definitions(tmp_path)}
+    assert sorted(loaded) == ["70077", "70078", "70079"]
+    assert loaded["70079"].fields == () and loaded["70079"].interval == 30  # JSON: nothing to convert
+    catalog = dsreceiver.StreamCatalog(tmp_path, to_json=True)
+    assert catalog.push_interval("70079") == 30 and catalog.converter("70079", "3") is None
+
+
+def test_a_structured_stream_from_a_list_without_fields_is_refused(tmp_path: Path) -> None:
+    listed = {"streams": [{"streamId": 70080, "streamName": "web", "streamVersion": 1}]}
+    (tmp_path / "list.json").write_text(json.dumps(listed))
+    with pytest.raises(dsreceiver.ConfigError, match=r"list\.json: stream 70080: no datasetFields .*get a stream"):
+        dsreceiver.load_stream_definitions(tmp_path)
+
+
+# -- conversion and classification, in-process ----------------------------------------------------------
+
+
+def test_midgress_in_second_place_converts_to_the_json_format_record_by_record() -> None:
+    definition = dsreceiver.parse_stream_definition(midgress_document())
+    assert converted(definition, MIDGRESS_LINES) == MIDGRESS_JSON
+    converter = dsreceiver.StructuredConverter(definition)
+    assert [converter.convert(line.split(b" ")) for line in MIDGRESS_LINES] == MIDGRESS_JSON
+
+
+def test_midgress_at_its_listed_place_converts_alike() -> None:
+    definition = dsreceiver.parse_stream_definition(midgress_document())
+    assert converted(definition, [with_midgress_among_fields(line) for line in MIDGRESS_LINES]) == MIDGRESS_JSON
+
+
+def test_collect_midgress_without_field_2051_listed_still_converts() -> None:
+    # Akamai's own example of a midgress stream lists its fields without isMidgress.
+    document = midgress_document(datasetFields=json.loads(MIDGRESS_DEFINITION.read_text())["datasetFields"][1:])
+    definition = dsreceiver.parse_stream_definition(document)
+    assert "isMidgress" not in definition.fields
+    assert converted(definition, MIDGRESS_LINES) == MIDGRESS_JSON
+
+
+def test_field_999_among_the_fields_converts_with_the_stream_id_repeated_or_not() -> None:
+    definition = dsreceiver.parse_stream_definition(midgress_document(
+        datasetFields=[{"datasetFieldId": 999}] + json.loads(MIDGRESS_DEFINITION.read_text())["datasetFields"]))
+    assert definition.fields[:2] == ("streamId", "isMidgress")
+    repeated = [line.replace(b" 70077 ", b" 70077 70077 ", 1) for line in MIDGRESS_LINES]
+    assert converted(definition, repeated) == MIDGRESS_JSON
+    assert converted(definition, MIDGRESS_LINES) == MIDGRESS_JSON
+
+
+def test_the_stream_id_of_a_midgress_line_is_read_from_its_place_without_a_definition() -> None:
+    catalog = dsreceiver.StreamCatalog(None, to_json=False)
+    for lines in (MIDGRESS_LINES, [with_midgress_among_fields(line) for line in MIDGRESS_LINES]):
+        data = b"\n".join(lines) + b"\n"
+        assert catalog.classify(dsreceiver.RecordBatch([data], None, len(data), len(lines))).stream == "70077"
+
+
+def test_caret_is_a_value_and_dash_is_left_out() -> None:
+    definition = dsreceiver.StreamDefinition("70090", None, ("accLang", "cookie", "overheadBytes"), b" ")
+    [record] = converted(definition, [b"3 70090 ^ - ^"])
+    assert json.loads(record) == {"version": "3", "streamId": "70090", "accLang": "^", "overheadBytes": "^"}
+
+
+def test_a_tab_stream_splits_on_tab_only() -> None:
+    definition = dsreceiver.StreamDefinition("70091", None, ("UA", "reqPath"), b"\t")
+    [record] = converted(definition, [b"3\t70091\tcurl 8.5 (raw space)\tindex.html"])
+    assert json.loads(record)["UA"] == "curl 8.5 (raw space)"
+
+
+# -- the server, over TLS -----------------------------------------------------------------------------------
+
+
+def test_a_definition_with_ids_only_starts_the_server_and_converts_midgress(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--stream-config", str(MIDGRESS_DEFINITION), "--records", "json")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(MIDGRESS_LINES[:120], compress=True)).status == 200
+        assert ds.push(batch_of_lines([with_midgress_among_fields(line) for line in MIDGRESS_LINES[120:]])).status == 200
+    assert stream_files(server) == {"stream=70077": MIDGRESS_JSON}
+    assert value(scrape(server), "dsreceiver_stream_unconverted_records_total", stream="70077") == 0
+
+
+def test_midgress_lines_without_a_definition_go_to_their_stream(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(MIDGRESS_LINES)).status == 200
+    assert stream_files(server) == {"stream=70077": MIDGRESS_LINES}
+
+
+def test_an_unknown_field_id_stops_the_start_with_one_line(start_server: Callable[..., ServerProcess],
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "70077.json"
+    path.write_text(json.dumps({"streamId": 70077, "dataset_fields": [1000, 4242]}))
+    server = start_server("--stream-config", str(path), "--records", "json", wait=False)
+    assert server.wait_exit() == 2
+    server.wait_for_log(r"ERROR stream definition \S+70077\.json: stream 70077: field 2 is data set field ID 4242, "
+                        r"whose JSON key dsreceiver does not know: give it as")
+    assert "Traceback" not in server.log_text()
+
+
+def test_security_events_go_to_the_stream_their_url_names_and_a_retry_is_stored_once(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    events = batch_of_lines(SECURITY_EVENTS, compress=True)
+    with server.simulator(path="/datastream?stream=80001") as ds:
+        assert ds.push(events).body == b"stored 20 records\n"
+        assert ds.push(events).body == b"already stored 20 records\n"  # DataStream's retry
+    with server.simulator() as ds:  # the same endpoint without the stream's name
+        assert ds.push(batch_of_lines(SECURITY_EVENTS[:5])).status == 200
+        document = json.loads(ds.request("GET", path="/status.json").body)
+    assert stream_files(server) == {"stream=80001": SECURITY_EVENTS, "stream=unknown": SECURITY_EVENTS[:5]}
+    rows = {row["stream"]: row for row in document["streams"]}
+    assert rows["80001"]["records_total"] == 20 and rows["80001"]["dedupe_hits"] == 1
+    assert rows["80001"]["event_lag_seconds"] is not None  # from httpMessage.start
+    samples = scrape(server)
+    assert value(samples, "dsreceiver_stream_records_total", stream="80001") == 20
+
+
+def test_a_security_batch_with_an_event_lacking_its_request_id_is_never_dropped(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    anonymous = json.loads(SECURITY_EVENTS[3])
+    del anonymous["httpMessage"]["requestId"]
+    lines = SECURITY_EVENTS[:3] + [json.dumps(anonymous, separators=(",", ":")).encode()]
+    with server.simulator(path="/datastream?stream=80001") as ds:
+        assert ds.push(batch_of_lines(lines)).status == 200
+        assert ds.push(batch_of_lines(lines)).body == b"stored 4 records\n"  # may be genuine: stored again
+    assert stream_files(server) == {"stream=80001": lines * 2}
+
+
+@pytest.mark.parametrize("query", ["stream=abc", "stream=1", "stream=", "stream=80001&stream=80002"])
+def test_a_url_naming_no_valid_stream_is_refused_and_stores_nothing(
+        start_server: Callable[..., ServerProcess], query: str) -> None:
+    server = start_server()
+    with server.simulator(path="/datastream?" + query) as ds:
+        answer = ds.push(batch_of_lines(SECURITY_EVENTS[:2]))
+    assert answer.status == 400 and b"stream" in answer.body
+    assert server.data_files() == []
