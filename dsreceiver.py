@@ -116,6 +116,9 @@ BODY_RATE_GRACE = 5.0
 # Failed authentications from one address, within --auth-brake seconds, that brake it.
 AUTH_BRAKE_FAILURES = 10
 CERT_EXPIRY_WARNING_DAYS = 14
+# Records hold client addresses, cookies and query strings: readable by the service's user and group
+# only (folders get the search bit wherever the mode grants read: 0750).
+DEFAULT_FILE_MODE = 0o640
 # A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its
 # records.
 BATCH_ENTRY = struct.Struct("<Qd32s")
@@ -211,6 +214,16 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError("port out of range: %r" % text)
     return port
+
+
+def file_mode(text: str) -> int:
+    """Parses an octal file mode such as 0640; the owner must keep read and write."""
+    if not re.fullmatch(r"0?[0-7]{3}", text.strip()):
+        raise argparse.ArgumentTypeError("invalid file mode %r (octal, such as 0640)" % text)
+    mode = int(text, 8)
+    if mode & 0o600 != 0o600:
+        raise argparse.ArgumentTypeError("the owner needs read and write: %r" % text)
+    return mode
 
 
 def ip_network(text: str) -> IPNetwork:
@@ -345,6 +358,11 @@ def build_parser() -> ArgumentParser:
                          help="plain: records as text in .log files; gzip: gzip members in .log.gz"
                          " files, keeping a gzip'd push's own bytes when they hold exactly its"
                          " records; zcat gives the records (default: %(default)s)")
+    storage.add_argument("--file-mode", type=file_mode, default=DEFAULT_FILE_MODE, metavar="MODE",
+                         help="mode of every file created under the output folder (records,"
+                         " indexes, what recovery sets aside); folders get the search bit where it"
+                         " grants read, 0750 for 0640 (default: %04o: no access for other users)"
+                         % DEFAULT_FILE_MODE)
     storage.add_argument("--rotate", choices=("hourly", "daily"), default="hourly",
                          help="start a new file every UTC hour or day (default: %(default)s)")
     storage.add_argument("--max-file-size", type=parse_size, default=None, metavar="SIZE",
@@ -454,6 +472,7 @@ class Settings(NamedTuple):
     records_as_json: bool
     fsync: str
     store_gzip: bool
+    file_mode: int
     rotate: str
     max_file_size: int
     compress_rotated: bool
@@ -516,7 +535,8 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
         paths=tuple(options.paths), output_dir=options.output_dir,
         route_by_path=options.route_by_path, partition_by_stream=options.partition_by == "stream",
         stream_config=options.stream_config, records_as_json=options.records == "json",
-        fsync=options.fsync, store_gzip=options.store == "gzip", rotate=options.rotate,
+        fsync=options.fsync, store_gzip=options.store == "gzip", file_mode=options.file_mode,
+        rotate=options.rotate,
         max_file_size=options.max_file_size or 0, compress_rotated=options.compress_rotated,
         retention_days=options.retention_days or 0.0, dedupe_window=options.dedupe_window,
         timeout=options.timeout, keepalive_timeout=options.keepalive_timeout,
@@ -2665,24 +2685,46 @@ class Layout:
     INDEX_NAME_RE = re.compile(r"(.+?)(?:\.moved-\d+)?\.idx")
     COMPRESSION_TEMP_RE = re.compile(r"\.(.+)\.gz\.tmp")
 
-    def __init__(self, root: Path, rotate: str = "hourly", tag: str = "",
-                 store_gzip: bool = False) -> None:
+    def __init__(self, root: Path, rotate: str = "hourly", tag: str = "", store_gzip: bool = False,
+                 file_mode: int = DEFAULT_FILE_MODE) -> None:
         self.root = root
         self.rotate = rotate
         self.tag = tag
         self.store_gzip = store_gzip
+        self.file_mode = file_mode
+        self.folder_mode = file_mode | (file_mode & 0o444) >> 2
         self.state_dir = root / self.STATE_DIR
         self.index_dir = self.state_dir / "batches"
         self.spool_dir = self.state_dir / "spool"
 
     def for_worker(self, tag: str) -> Layout:
         """The same layout, naming its new files with a worker's tag."""
-        return Layout(self.root, self.rotate, tag, self.store_gzip)
+        return Layout(self.root, self.rotate, tag, self.store_gzip, self.file_mode)
 
     def create(self) -> None:
         """Creates the output folder and the server's own folders."""
         for folder in (self.root, self.state_dir, self.spool_dir, self.index_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            self.make_folder(folder)
+
+    # -- making files and folders ------------------------------------------------
+
+    def make_folder(self, folder: Path) -> bool:
+        """Creates `folder` and its missing parents with folder_mode (less what the umask takes
+        away); returns whether it had to."""
+        if folder.is_dir():
+            return False
+        self.make_folder(folder.parent)
+        try:
+            folder.mkdir(self.folder_mode)
+        except FileExistsError:
+            return False
+        return True
+
+    def create_file(self, path: Path, append: bool = False) -> IO[bytes]:
+        """Creates (or, with `append`, opens for appending) `path` with file_mode, for writing."""
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        fd = os.open(str(path), flags | getattr(os, "O_CLOEXEC", 0), self.file_mode)
+        return os.fdopen(fd, "ab" if append else "wb")
 
     # -- names ------------------------------------------------------------------
 
@@ -2826,16 +2868,16 @@ class DataFile:
     """
 
     def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
-                 fsync_seconds: Optional[Histogram] = None) -> None:
+                 fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE) -> None:
         self.path = path
         self.index_path = index_path
         self.period = period
         self.sequence = sequence
         self.fsync_seconds = fsync_seconds
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(str(path), flags, 0o644)
+        self.fd = os.open(str(path), flags, mode)
         try:
-            self.index_fd = os.open(str(index_path), flags, 0o644)
+            self.index_fd = os.open(str(index_path), flags, mode)
         except OSError:
             os.close(self.fd)
             raise
@@ -3129,20 +3171,19 @@ class Storage:
 
     def _open_file(self, folder: str, period: str, sequence: int) -> DataFile:
         path = self.layout.data_path(folder, period, sequence)
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if self.layout.make_folder(path.parent):
             fsync_directory(path.parent.parent)
         is_new = not path.exists()
         index_path = self.layout.index_path(path)
-        if not index_path.parent.is_dir():
-            index_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.layout.make_folder(index_path.parent):
             fsync_directory(index_path.parent.parent)
         if is_new and index_path.exists():
             # The index of a file that was moved away before it could be set aside (a crash
             # meanwhile).
             os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
         index_is_new = not index_path.exists()
-        data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds)
+        data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds,
+                             self.layout.file_mode)
         if is_new:
             fsync_directory(path.parent)
         if index_is_new:
@@ -3331,8 +3372,8 @@ def _repair_torn_tail(layout: Layout, path: Path) -> None:
 def _set_aside(layout: Layout, path: Path, keep: int, kind: str) -> Path:
     """Moves the bytes of `path` after offset `keep` to a file under .dsreceiver/KIND/."""
     kept_as = layout.aside_path(kind, path, time.time())
-    kept_as.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("r+b") as handle, kept_as.open("ab") as aside:
+    layout.make_folder(kept_as.parent)
+    with path.open("r+b") as handle, layout.create_file(kept_as, append=True) as aside:
         handle.seek(keep)
         for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
             aside.write(chunk)
@@ -3473,7 +3514,7 @@ class Housekeeper:
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
         try:
-            with path.open("rb") as source, temp.open("wb") as raw:
+            with path.open("rb") as source, self.layout.create_file(temp) as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed:
                     for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
                         compressed.write(chunk)
@@ -5883,7 +5924,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         listeners = bind_listeners(settings.host, settings.port, settings.workers)
         if settings.user:
             drop_privileges(settings.user, settings.group)
-        layout = Layout(settings.output_dir, settings.rotate, store_gzip=settings.store_gzip)
+        layout = Layout(settings.output_dir, settings.rotate, store_gzip=settings.store_gzip,
+                        file_mode=settings.file_mode)
         dedupe = prepare_output(layout, settings.dedupe_window)
     except ConfigError as exc:
         log.error("%s", exc)

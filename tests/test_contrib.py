@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+import shutil
+import subprocess
 from typing import Dict, List
+
+import pytest
 
 from conftest import ROOT
 from dsreceiver import build_parser
@@ -33,3 +38,28 @@ def test_systemd_unit_hardening() -> None:
                           ("ExecReload", "/bin/kill -HUP $MAINPID"), ("EnvironmentFile", "/etc/dsreceiver/env")):
         assert settings[key] == [expected], key
     assert settings["User"] != ["root"]
+
+
+UNIT = ROOT / "contrib" / "dsreceiver.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_rates_the_unit_hardened_and_finds_nothing_wrong_with_it() -> None:
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+                              capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for dsreceiver\.service: ([0-9.]+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= 2.0, security.stdout
+    verify = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+
+def test_the_hardened_unit_still_lets_the_service_do_its_job() -> None:
+    settings = unit_settings()
+    options = build_parser().parse_args(shlex.split(settings["ExecStart"][0])[2:])
+    assert options.port == 443 and settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert str(options.output_dir).startswith(settings["ReadWritePaths"][0])  # writes its records
+    assert not str(options.certs_dir).startswith(("/home", "/root", "/tmp"))  # readable under ProtectHome
+    assert settings["UMask"] == ["0027"] and options.file_mode == 0o640  # private files, both ways
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"][0]  # the workers' socketpairs
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]

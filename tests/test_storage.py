@@ -15,7 +15,7 @@ from typing import Callable, List
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, batch_of, open_storage, wait_until
+from conftest import ROOT, ServerProcess, batch_of, open_storage, wait_until
 from simulator import Batch, expected_lines, make_batch
 
 
@@ -260,3 +260,58 @@ def test_set_aside_indexes_are_read_for_their_worker_after_logrotate_and_sighup(
     learnt = [key for _, key in dsreceiver.indexed_batches(layout, 900, time.time(), ".w1")]
     assert learnt == [dsreceiver.dedupe_key("", batch.digest)]
     assert not list(dsreceiver.indexed_batches(layout, 900, time.time(), ".w2"))
+
+
+# -- private files ------------------------------------------------------------------------------------
+
+PERMISSIVE_UMASK = """\
+import os
+import sys
+sys.path.insert(0, {root!r})
+import dsreceiver
+
+os.umask(0)  # whatever umask the service gets, its files must stay private
+sys.exit(dsreceiver.main())
+"""
+
+
+def modes_under(root: Path) -> dict:
+    """The permission bits of every file and folder under `root`, the root itself included."""
+    return {path.relative_to(root).as_posix(): path.stat().st_mode & 0o777
+            for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("arguments, file_mode, folder_mode", [((), 0o640, 0o750),
+                                                                (("--file-mode", "0600"), 0o600, 0o700)])
+def test_no_file_or_folder_it_creates_is_open_to_other_users(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, arguments: tuple, file_mode: int,
+        folder_mode: int) -> None:
+    wrapper = tmp_path / "permissive_umask.py"
+    wrapper.write_text(PERMISSIVE_UMASK.format(root=str(ROOT)))
+    output = tmp_path / "out"
+    os.makedirs(str(output / "stream=61234"), mode=0o700)
+    old = output / "stream=61234" / "2020-01-01T00Z.log"  # a finished file from a past hour: compressed
+    old.write_bytes(b"kept\n")
+    torn = output / "stream=61234" / "2020-01-01T01Z.log"  # cut mid-line by a crash: the tail is set aside
+    torn.write_bytes(b"whole\nhal")
+    server = start_server("--compress-rotated", "--route-by-path", *arguments, output_dir=output, script=wrapper)
+    with server.simulator() as ds:
+        for batch in (make_batch("private", count=5), make_batch("again", count=3)):
+            assert ds.push(batch, path="/edge/logs").status == 200
+    server.wait_for_log(r"compressed \S+2020-01-01T00Z\.log\.gz")
+    server.stop()
+    modes = modes_under(output)
+    created = {name: mode for name, mode in modes.items()
+               if not name.startswith("stream=61234/2020-01-01T01Z.log") and name not in (".", "stream=61234")}
+    assert "edge_logs/stream=61234" in created and "stream=61234/2020-01-01T00Z.log.gz" in created
+    assert any(name.startswith(".dsreceiver/torn/") for name in created)
+    assert any(name.startswith(".dsreceiver/batches/edge_logs/stream=61234/") for name in created)
+    for name, mode in created.items():
+        expected = folder_mode if (output / name).is_dir() else file_mode
+        assert mode == expected, "%s is %04o, not %04o" % (name, mode, expected)
+
+
+def test_a_file_mode_without_owner_write_is_refused(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--file-mode", "0440", wait=False)
+    assert server.wait_exit() == 2
+    server.wait_for_log(r"--file-mode: the owner needs read and write")
