@@ -262,7 +262,7 @@ Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of rec
 YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per line;
 ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
 left out with --partition-by none.  Records that name no stream (security events) take
-the stream their endpoint URL names: https://HOST/PATH?stream=ID.
+the stream their endpoint URL names: https://HOST/PATH?streamId=ID.
 """ % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
 
 
@@ -939,6 +939,7 @@ class Metrics:
         ("connections_evicted", "Connections not serving a request closed to make room near "
          "--max-connections."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
+        ("worker_restarts", "Worker processes restarted after they exited (--workers)."),
     )
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -1047,8 +1048,9 @@ class Metrics:
         return snapshot
 
     @classmethod
-    def render(cls, snapshot: MetricsSnapshot) -> bytes:
-        """The exposition text of a snapshot: counters, gauges, the fsync histogram."""
+    def render(cls, snapshot: MetricsSnapshot, facts: ServerFacts) -> bytes:
+        """The exposition text of a snapshot, with the facts of the whole server: counters, gauges,
+        the fsync histogram."""
         out: List[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -1070,6 +1072,22 @@ class Metrics:
         for name, help_text in GAUGES:
             family(name, "gauge", help_text)
             out.append("dsreceiver_%s %s" % (name, repr(float(snapshot.gauges[name]))))
+        server_gauges = (
+            ("unavailable_since_timestamp_seconds", "Unix time the current run of 503 answers "
+             "began; 0 while pushes are stored.", snapshot.streak_start),
+            ("disk_free_bytes", "Bytes free for the output folder.", facts.disk_free_bytes),
+            ("disk_size_bytes", "Size of the output folder's filesystem.", facts.disk_size_bytes),
+            ("certificate_expiry_timestamp_seconds", "Unix time the served certificate expires.",
+             facts.certificate_expiry))
+        for name, help_text, measured in server_gauges:
+            if measured is not None:
+                family(name, "gauge", help_text)
+                out.append("dsreceiver_%s %s" % (name, repr(float(measured))))
+        family("stream_push_interval_seconds", "gauge", "How often each uploader of the stream "
+               "pushes: its definition's interval, else 60.")
+        for stream in sorted(snapshot.streams):
+            out.append('dsreceiver_stream_push_interval_seconds{stream="%s"} %s'
+                       % (label_value(stream), repr(facts.push_interval(stream))))
         family("fsync_duration_seconds", "histogram",
                "Time taken by each fdatasync of a data file and its index.")
         fsync = snapshot.fsync
@@ -1109,6 +1127,16 @@ class Metrics:
                 if value is not None:
                     out.append('dsreceiver_%s{stream="%s"} %s'
                                % (name, label_value(stream), repr(float(value))))
+
+
+class ServerFacts(NamedTuple):
+    """What /metrics shows of the whole server besides the counts of its workers."""
+
+    disk_free_bytes: Optional[float]
+    disk_size_bytes: Optional[float]
+    certificate_expiry: Optional[float]
+    # A stream's row name -> its push interval in seconds.
+    push_interval: Callable[[str], float]
 
 
 def label_value(text: str) -> str:
@@ -3564,8 +3592,8 @@ class Housekeeper:
 # A push's body in, an outcome out: no socket, no HTTP.
 
 # The query parameter of an endpoint URL that names the stream of records carrying no stream ID
-# (security events): https://logs.example.com/datastream?stream=80001
-STREAM_QUERY_PARAMETER = "stream"
+# (security events): https://logs.example.com/datastream?streamId=80001
+STREAM_QUERY_PARAMETER = "streamId"
 
 
 class PushFacts(NamedTuple):
@@ -3576,7 +3604,7 @@ class PushFacts(NamedTuple):
     client: str
     # Whether Content-Encoding said gzip (the magic bytes are looked at as well).
     declared_gzip: bool
-    # The stream the endpoint URL names (?stream=ID), for records that carry no stream ID.
+    # The stream the endpoint URL names (?streamId=ID), for records that carry no stream ID.
     named_stream: Optional[str] = None
 
 
@@ -4863,13 +4891,7 @@ class ReceiverServer:
         uptime = now - gauges["start_time_seconds"]
         written = sum(snapshot.written.get(minute, 0) for minute in hour)
         rate = written / max(60.0, min(uptime, HISTORY_MINUTES * 60.0))
-        free: Optional[int] = None
-        total: Optional[int] = None
-        try:
-            disk = os.statvfs(str(self.storage.layout.root))
-            free, total = disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
-        except OSError:
-            pass  # shown as unknown
+        free, total = self.disk_usage()
         error = snapshot.storage_error
         address = (self.listener.getsockname() if self.listener.fileno() >= 0
                    else (self.settings.host, self.settings.port))
@@ -4918,7 +4940,19 @@ class ReceiverServer:
     def render_metrics(self) -> bytes:
         """The /metrics document: summed over every worker when there are several (may raise
         SupervisorGone)."""
-        return Metrics.render(self.merged_snapshot())
+        free, size = self.disk_usage()
+        tls = self.certificates.facts if self.certificates is not None else {}
+        facts = ServerFacts(free, size, tls.get("not_after"),
+                            lambda row: self.streams.push_interval(row.rsplit("/", 1)[-1]))
+        return Metrics.render(self.merged_snapshot(), facts)
+
+    def disk_usage(self) -> Tuple[Optional[int], Optional[int]]:
+        """(bytes free, bytes in all) of the output folder's filesystem; Nones when unknown."""
+        try:
+            disk = os.statvfs(str(self.storage.layout.root))
+        except OSError:
+            return None, None
+        return disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
 
     # -- the accept loop and the rest -----------------------------------------------
 
@@ -5334,6 +5368,8 @@ class Supervisor:
         self.last_gathering = 0
         self.stopping = False
         self.failed = False
+        # Workers restarted after they exited: the one count workers cannot keep themselves.
+        self.restarted = 0
 
     def running(self) -> List[WorkerSlot]:
         """The slots a worker process runs in now."""
@@ -5454,6 +5490,7 @@ class Supervisor:
             self.stop("a worker cannot run")
         else:
             log.error("worker %d (pid %d) exited with %s; restarting it", slot.index + 1, pid, code)
+            self.restarted += 1
             self.spawn(slot)
 
     def send(self, index: int, message: Message) -> None:
@@ -5515,9 +5552,9 @@ class Supervisor:
         gathering = self.gatherings[number]
         if not gathering.expected:
             del self.gatherings[number]
-            self.send(gathering.worker,
-                      MetricsAnswer(gathering.request_id,
-                                    MetricsSnapshot.merge(gathering.snapshots)))
+            merged = MetricsSnapshot.merge(gathering.snapshots)
+            merged.counters["worker_restarts"] = self.restarted
+            self.send(gathering.worker, MetricsAnswer(gathering.request_id, merged))
 
 
 # ---------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_security_events_go_to_the_stream_their_url_names_and_a_retry_is_stored_
         start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
     events = batch_of_lines(SECURITY_EVENTS, compress=True)
-    with server.simulator(path="/datastream?stream=80001") as ds:
+    with server.simulator(path="/datastream?streamId=80001") as ds:
         assert ds.push(events).body == b"stored 20 records\n"
         assert ds.push(events).body == b"already stored 20 records\n"  # DataStream's retry
     with server.simulator() as ds:  # the same endpoint without the stream's name
@@ -195,13 +195,13 @@ def test_a_security_batch_with_an_event_lacking_its_request_id_is_never_dropped(
     anonymous = json.loads(SECURITY_EVENTS[3])
     del anonymous["httpMessage"]["requestId"]
     lines = SECURITY_EVENTS[:3] + [json.dumps(anonymous, separators=(",", ":")).encode()]
-    with server.simulator(path="/datastream?stream=80001") as ds:
+    with server.simulator(path="/datastream?streamId=80001") as ds:
         assert ds.push(batch_of_lines(lines)).status == 200
         assert ds.push(batch_of_lines(lines)).body == b"stored 4 records\n"  # may be genuine: stored again
     assert stream_files(server) == {"stream=80001": lines * 2}
 
 
-@pytest.mark.parametrize("query", ["stream=abc", "stream=1", "stream=", "stream=80001&stream=80002"])
+@pytest.mark.parametrize("query", ["streamId=abc", "streamId=1", "streamId=", "streamId=80001&streamId=80002"])
 def test_a_url_naming_no_valid_stream_is_refused_and_stores_nothing(
         start_server: Callable[..., ServerProcess], query: str) -> None:
     server = start_server()
