@@ -110,3 +110,24 @@ def test_readme_jq_example_counts_right(output: ServerProcess) -> None:
     for line in lines:
         count, pair = line.strip().split(" ", 1)
         assert failing[pair] == int(count), line
+
+
+CLICKHOUSE_EXAMPLES = [re.search(r'clickhouse local --query "(.*?)"', block, re.S)
+                       for block in re.findall(r"```sh\n(.*?)```", README_QUERIES, re.S) if "clickhouse local" in block]
+
+
+def test_readme_clickhouse_example_runs_in_clickhouse_and_agrees_with_duckdb(output: ServerProcess) -> None:
+    chdb = pytest.importorskip("chdb")  # ClickHouse's engine in-process (requirements-test.txt)
+    [example] = CLICKHOUSE_EXAMPLES
+    assert example is not None, "README's ClickHouse example is not a clickhouse local --query"
+    previous = os.getcwd()
+    os.chdir(output.workdir)  # file() paths are relative to where clickhouse local runs
+    try:
+        answer = json.loads(chdb.query(example.group(1), "JSONCompact").bytes())
+    finally:
+        os.chdir(previous)
+    clickhouse = sorted((bool(row[0]), row[1] or "", int(row[2])) for row in answer["data"])
+    duck = query(output, "SELECT filename LIKE '%%stream=61234%%' AS one, statusCode, count(*) AS n FROM %s "
+                 "GROUP BY ALL" % ALL_RECORDS)
+    assert clickhouse == sorted((row["one"], row["statusCode"] or "", row["n"]) for row in duck)
+    assert sum(n for one, _, n in clickhouse if one) == 1000  # every record of stream 61234, plain or gzip'd

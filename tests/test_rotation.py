@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+import shutil
+import subprocess
+import textwrap
+import threading
 from pathlib import Path
 from typing import Callable, List
 
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, batch_of, open_storage
+from conftest import ROOT, ServerProcess, batch_of, open_storage, wait_until
 from simulator import make_batch
 
 HOUR = 3600.0
@@ -136,3 +141,46 @@ def test_compression_runs_within_seconds_in_the_server(start_server: Callable[..
         stored += gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     assert sorted(stored.splitlines()) == sorted(line for batch in batches for line in batch.lines)
     assert sum(path.name.endswith(".gz") for path in server.data_files()) == 2
+
+
+README_LOGROTATE = re.search(r"```logrotate\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed (.ci/run installs it)")
+def test_the_readme_logrotate_recipe_under_pushes_loses_nothing_and_doubles_nothing(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    assert README_LOGROTATE, "README has no logrotate configuration"
+    output = tmp_path / "data"
+    server = start_server("--rotate", "daily", "--workers", "2", output_dir=output)
+    assert server.process is not None
+    recipe = textwrap.dedent(README_LOGROTATE.group(1).replace("/var/lib/dsreceiver/data", str(output))
+                             .replace("systemctl reload dsreceiver", "kill -HUP %d" % server.process.pid))
+    config = tmp_path / "logrotate.conf"
+    config.write_text(recipe)
+    config.chmod(0o644)  # logrotate refuses a configuration others may write
+    batches = [make_batch("rotated-%03d" % number, count=20) for number in range(120)]
+    answers: List[int] = []
+
+    def push_all() -> None:
+        with server.simulator() as ds:
+            answers.extend(ds.push(batch).status for batch in batches)
+
+    pusher = threading.Thread(target=push_all)
+    pusher.start()
+    wait_until(lambda: len(answers) >= 30, 30, "pushes before the rotation")
+    rotated = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(config)],
+                             capture_output=True, text=True, timeout=120)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    server.wait_for_log(r"reopened [12] output files that were moved")
+    pusher.join(timeout=120)
+    assert answers == [200] * len(batches)
+    second = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(config)],
+                            capture_output=True, text=True, timeout=120)  # delaycompress: now the .1 files are gzip'd
+    assert second.returncode == 0, second.stdout + second.stderr
+    server.stop()
+    names = sorted(path.name for path in output.glob("stream=*/2*.log*"))  # the README's query glob
+    assert any(name.endswith(".log.1") for name in names) and any(name.endswith(".log.2.gz") for name in names)
+    stored = [line for path in output.glob("stream=*/2*.log*")
+              for line in (gzip.decompress(path.read_bytes()) if path.name.endswith(".gz")
+                           else path.read_bytes()).split(b"\n")[:-1]]
+    assert sorted(stored) == sorted(line for batch in batches for line in batch.lines)
