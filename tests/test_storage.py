@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -275,7 +275,7 @@ sys.exit(dsreceiver.main())
 """
 
 
-def modes_under(root: Path) -> dict:
+def modes_under(root: Path) -> Dict[str, int]:
     """The permission bits of every file and folder under `root`, the root itself included."""
     return {path.relative_to(root).as_posix(): path.stat().st_mode & 0o777
             for path in [root, *root.rglob("*")]}
@@ -284,7 +284,7 @@ def modes_under(root: Path) -> dict:
 @pytest.mark.parametrize("arguments, file_mode, folder_mode", [((), 0o640, 0o750),
                                                                 (("--file-mode", "0600"), 0o600, 0o700)])
 def test_no_file_or_folder_it_creates_is_open_to_other_users(
-        start_server: Callable[..., ServerProcess], tmp_path: Path, arguments: tuple, file_mode: int,
+        start_server: Callable[..., ServerProcess], tmp_path: Path, arguments: Tuple[str, ...], file_mode: int,
         folder_mode: int) -> None:
     wrapper = tmp_path / "permissive_umask.py"
     wrapper.write_text(PERMISSIVE_UMASK.format(root=str(ROOT)))
