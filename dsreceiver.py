@@ -43,6 +43,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Server
     Workers
     Endpoint checker
+    Akamai APIs
     Lifecycle and signals
 and main() last.  Each section uses only names defined above it (annotations aside).
 
@@ -5774,6 +5775,90 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         return 1
     out.write("verdict: DataStream would accept %s\n" % options.url)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Akamai APIs
+# ---------------------------------------------------------------------------
+# EdgeGrid, the signature every Akamai API call carries (EG1-HMAC-SHA256), with the credentials of
+# an .edgerc file: what the commands that talk to Akamai build on.
+
+EDGEGRID_MAX_BODY = 131072
+EDGERC_KEYS = ("host", "client_token", "client_secret", "access_token")
+
+
+class EdgeGridCredentials(NamedTuple):
+    """One section of an .edgerc file: an API client's host and secrets."""
+
+    host: str
+    client_token: str
+    client_secret: str
+    access_token: str
+    # How much of a POST body the signature covers.
+    max_body: int = EDGEGRID_MAX_BODY
+
+
+def read_edgerc(path: Path, section: str = "default") -> EdgeGridCredentials:
+    """Reads `section` of the .edgerc file at `path`; raises ConfigError naming what is missing."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)  # secrets may hold '%'
+    try:
+        if not parser.read(str(path), encoding="utf-8"):
+            raise ConfigError("cannot read %s: no such file" % path)
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError("cannot read %s: %s" % (path, str(exc).splitlines()[0])) from None
+    if not parser.has_section(section):
+        raise ConfigError("%s has no [%s] section (it has: %s)"
+                          % (path, section, ", ".join(parser.sections()) or "none"))
+    values = parser[section]
+    missing = [key for key in EDGERC_KEYS if not values.get(key, "").strip()]
+    if missing:
+        raise ConfigError("[%s] of %s lacks %s" % (section, path, ", ".join(missing)))
+    try:
+        max_body = int(values.get("max_body", str(EDGEGRID_MAX_BODY)))
+    except ValueError:
+        raise ConfigError("[%s] of %s: max_body must be a number of bytes"
+                          % (section, path)) from None
+    host = values["host"].strip().split("://", 1)[-1].rstrip("/")
+    return EdgeGridCredentials(host, values["client_token"].strip(),
+                               values["client_secret"].strip(), values["access_token"].strip(),
+                               max_body)
+
+
+def edgegrid_timestamp(moment: float) -> str:
+    """EdgeGrid's timestamp of `moment`: 20261201T23:05:00+0000."""
+    return time.strftime("%Y%m%dT%H:%M:%S+0000", time.gmtime(moment))
+
+
+def base64_hmac_sha256(data: str, key: str) -> str:
+    """base64(HMAC-SHA256(key, data)), as EdgeGrid uses it."""
+    digest = hmac.new(key.encode("utf-8"), data.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def edgegrid_authorization(credentials: EdgeGridCredentials, method: str, url: str,
+                           body: bytes = b"", timestamp: str = "", nonce: str = "") -> str:
+    """The Authorization header of one request to an Akamai API (EG1-HMAC-SHA256): a signature of
+    the method, scheme, host, path and query, and (for POST) the SHA-256 of the body's first
+    max_body bytes, keyed by an HMAC of the timestamp.  `timestamp` and `nonce` default to now and
+    a random UUID; tests give their own."""
+    import uuid
+
+    timestamp = timestamp or edgegrid_timestamp(time.time())
+    nonce = nonce or str(uuid.uuid4())
+    parts = urllib.parse.urlsplit(url)
+    header = ("EG1-HMAC-SHA256 client_token=%s;access_token=%s;timestamp=%s;nonce=%s;"
+              % (credentials.client_token, credentials.access_token, timestamp, nonce))
+    content_hash = ""
+    if method.upper() == "POST" and body:
+        body_hash = hashlib.sha256(body[:credentials.max_body]).digest()
+        content_hash = base64.b64encode(body_hash).decode("ascii")
+    data_to_sign = "\t".join([method.upper(), parts.scheme, parts.netloc.lower(),
+                              parts.path + ("?" + parts.query if parts.query else ""),
+                              "", content_hash, header])
+    signing_key = base64_hmac_sha256(timestamp, credentials.client_secret)
+    return header + "signature=" + base64_hmac_sha256(data_to_sign, signing_key)
 
 
 # ---------------------------------------------------------------------------
