@@ -91,7 +91,7 @@ def test_metrics_are_gathered_from_every_worker_and_merged(supervisor: dsreceive
         supervisor.handle(index, SnapshotAnswer(gathering, snapshot))
     answer = second.receive()
     assert isinstance(answer, MetricsAnswer) and answer.id == 5
-    assert answer.snapshot.counters == {"records_stored": 7}
+    assert answer.snapshot.counters == {"records_stored": 7, "worker_restarts": 0}
 
 
 def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_released(
@@ -124,7 +124,7 @@ def test_after_an_exit_nothing_waits_for_its_snapshot(supervisor: dsreceiver.Sup
     supervisor.stopping = True
     supervisor.after_exit(supervisor.slots[0], 0)
     answer = second.receive()
-    assert isinstance(answer, MetricsAnswer) and answer.snapshot.counters == {"records_stored": 2}
+    assert isinstance(answer, MetricsAnswer) and answer.snapshot.counters == {"records_stored": 2, "worker_restarts": 0}
 
 
 def test_a_worker_that_keeps_exiting_is_a_crash_loop() -> None:

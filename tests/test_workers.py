@@ -90,6 +90,7 @@ def test_a_killed_worker_is_recovered_and_restarted(start_server: Callable[..., 
     after = make_batch("after-kill", count=50)
     assert push_concurrently(server, [after]) == [200]
     assert count_lines(server.stored_lines()) == count_lines(stored.lines + after.lines)
+    assert value(scrape(server), "dsreceiver_worker_restarts_total") == 1  # what the restart alert watches
     assert server.stop() == 0
 
 
