@@ -2701,6 +2701,8 @@ class Layout:
     .dsreceiver/partial/, .dsreceiver/torn/        bytes that recovery cut from data files
     .dsreceiver/spool/                             large decoded bodies (unlinked temporary files)
     OUTPUT_DIR/[FOLDER/].NAME.gz.tmp               a compression under way
+    OUTPUT_DIR/[FOLDER/].NAME.sealed.json          the manifest of finished data file NAME (.tmp:
+                                                   being written)
 
     FOLDER is empty, or safe folder names: a --route-by-path folder, then stream=ID
     (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed').
@@ -2818,6 +2820,11 @@ class Layout:
         """Where the gzip'd copy is written before it is complete."""
         return data_path.with_name("." + data_path.name + ".gz.tmp")
 
+    @staticmethod
+    def manifest_path(data_path: Path) -> Path:
+        """The manifest of a finished (sealed) data file, beside it under a dot-name."""
+        return data_path.with_name("." + data_path.name + ".sealed.json")
+
     def aside_path(self, kind: str, data_path: Path, stamp: float) -> Path:
         """Where recovery keeps bytes cut from a data file: .dsreceiver/KIND/FOLDER__NAME.STAMP."""
         flat = "__".join(data_path.relative_to(self.root).parts)
@@ -2846,6 +2853,13 @@ class Layout:
                 continue
             folder = index.parent.relative_to(self.index_dir).as_posix()
             yield index, "" if folder == self.ROOT_FOLDER else folder, name
+
+    def manifest_temps(self) -> Iterator[Tuple[Path, DataName]]:
+        """Every manifest whose writing was cut short: (temporary file, name of its data file)."""
+        for temp in self.root.rglob(".*.sealed.json.tmp"):
+            name = self.parse(temp.name[1:-len(".sealed.json.tmp")])
+            if name is not None and self.STATE_DIR not in temp.relative_to(self.root).parts:
+                yield temp, name
 
     def compression_temps(self) -> Iterator[Tuple[Path, DataName]]:
         """Every unfinished compression: (temporary file, name of the data file being
@@ -3341,6 +3355,9 @@ def recover_output(layout: Layout, tag: Optional[str] = None) -> None:
     for temp, name in list(layout.compression_temps()):
         if tag is None or name.tag == tag:
             temp.unlink()
+    for temp, name in list(layout.manifest_temps()):
+        if tag is None or name.tag == tag:
+            temp.unlink()
     for path, name in list(layout.data_files()):
         if tag is not None and name.tag != tag:
             continue
@@ -3455,9 +3472,62 @@ HOUSEKEEPING_INTERVAL = 1.0
 RETENTION_INTERVAL = 60.0
 
 
+# The version of the manifests' format, its first key.
+MANIFEST_FORMAT = 1
+EVENT_TIME_RES = (JSON_REQ_TIME_RE, JSON_START_TIME_RE, MS_TIME_TOKEN_RE)
+
+
+def record_chunks(path: Path) -> Iterator[bytes]:
+    """The records of a data file (gunzip'd when it ends in .gz), in pieces that end with a
+    record."""
+    with (gzip.open(str(path), "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+        carry = b""
+        for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                yield carry + chunk[:cut]
+                carry = chunk[cut:]
+            else:
+                carry += chunk
+        if carry:
+            yield carry
+
+
+def seal_facts(path: Path, index: Path, now: float) -> Dict[str, Any]:
+    """What the manifest of a finished data file says: its records, its size and the SHA-256 of its
+    bytes as they are on disk, when its first and last batches were received (from its batch index,
+    None once that is pruned), and its earliest and latest event times (reqTimeSec, or a security
+    event's httpMessage.start), all times in Unix seconds."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
+            digest.update(chunk)
+    records, events = 0, []
+    for chunk in record_chunks(path):
+        records += chunk.count(b"\n")
+        found = [float(match) for pattern in EVENT_TIME_RES for match in pattern.findall(chunk)]
+        events += [min(found), max(found)] if found else []
+    received: List[float] = []
+    try:
+        raw = index.read_bytes()
+        received = [BATCH_ENTRY.unpack_from(raw, offset)[1]
+                    for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size)]
+    except FileNotFoundError:
+        pass
+    folder = path.parent.name
+    return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
+            if folder.startswith("stream=") else None, "records": records,
+            "bytes": path.stat().st_size, "sha256": digest.hexdigest(),
+            "first_received": min(received, default=None),
+            "last_received": max(received, default=None),
+            "first_event": min(events, default=None), "last_event": max(events, default=None),
+            "sealed_at": now}
+
+
 class Housekeeper:
-    """Upkeep in a background thread: closes files whose period passed, gzips finished files
-    (--compress-rotated), deletes expired ones (--retention-days) and prunes old batch indexes.
+    """Upkeep in a background thread: closes files whose period passed, finishes the files no push
+    will write again (gzips them with --compress-rotated, then seals them: see seal), deletes
+    expired ones (--retention-days) and prunes old batch indexes.
 
     Nothing here touches a file that is still being written.
     """
@@ -3472,12 +3542,13 @@ class Housekeeper:
         self.retention_days = retention_days
         self.dedupe_window = dedupe_window
         self.clock = clock
-        self.to_compress: List[Path] = []
+        # Data files no push writes any more, still to compress or seal.
+        self.to_finish: List[Path] = []
         self.stopped = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Queues the finished files for compression (a worker: only its own), then runs upkeep
+        """Queues the finished files not yet sealed (a worker: only its own), then runs upkeep
         every second."""
         self.queue_finished_files(own_only=bool(self.layout.tag))
         self.thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
@@ -3495,7 +3566,7 @@ class Housekeeper:
             try:
                 if self.storage is not None:
                     self.storage.retire_stale()
-                self.compress_finished()
+                self.finish_files()
                 if time.monotonic() >= next_retention:
                     if self.retention_days:
                         self.apply_retention()
@@ -3505,41 +3576,44 @@ class Housekeeper:
                 log.exception("housekeeping failed; will try again")
 
     def queue_finished_files(self, own_only: bool) -> None:
-        """Queues for compression the data files that will not be appended to again: other periods
-        and workers, and all but the last number of the current period (only this worker's, with
-        `own_only`)."""
-        if not self.compress:
-            return
+        """Queues the data files that will not be appended to again and are not sealed yet: other
+        periods and workers, and all but the last number of the current period (only this
+        worker's, with `own_only`)."""
         current = self.layout.period_name(self.clock())
         latest: Dict[Path, Tuple[int, Path]] = {}
-        for path, name in self.layout.data_files():
+        for path, name in self.layout.data_files(compressed=True):
             if own_only and name.tag != self.layout.tag:
                 continue
-            if (name.period, name.tag) != (current, self.layout.tag):
-                self.to_compress.append(path)
+            if self.layout.manifest_path(path).exists():
+                continue
+            appendable = name.compressed == self.layout.store_gzip
+            if not appendable or (name.period, name.tag) != (current, self.layout.tag):
+                self.to_finish.append(path)
                 continue
             previous = latest.get(path.parent)
             if previous is not None and previous[0] > name.sequence:
-                self.to_compress.append(path)
+                self.to_finish.append(path)
                 continue
             if previous is not None:
-                self.to_compress.append(previous[1])
+                self.to_finish.append(previous[1])
             latest[path.parent] = (name.sequence, path)
 
-    def compress_finished(self) -> None:
-        """Gzips every finished file: temporary file, fsync, rename, then remove the original."""
-        finished = self.storage.take_finished() if self.storage is not None else []
-        if self.compress:
-            self.to_compress.extend(finished)
-        queue, self.to_compress = self.to_compress, []
+    def finish_files(self) -> None:
+        """Gzips (with --compress-rotated) and seals every file no push writes any more."""
+        if self.storage is not None:
+            self.to_finish.extend(self.storage.take_finished())
+        queue, self.to_finish = self.to_finish, []
         for path in queue:
             try:
-                self._compress(path)
+                sealed = path
+                if self.compress and not path.name.endswith(".gz"):
+                    sealed = self._compress(path)
+                self.seal(sealed, indexed_as=path)
             except OSError as exc:
-                log.error("cannot compress %s (left uncompressed): %s", path,
-                          describe_os_error(exc))
+                log.error("cannot finish %s (left as it is): %s", path, describe_os_error(exc))
 
-    def _compress(self, path: Path) -> None:
+    def _compress(self, path: Path) -> Path:
+        """Gzips a finished file: temporary file, fsync, rename, then remove the original."""
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
         try:
@@ -3559,18 +3633,36 @@ class Housekeeper:
         path.unlink()
         fsync_directory(path.parent)
         log.info("compressed %s", target)
+        return target
+
+    def seal(self, path: Path, indexed_as: Path) -> None:
+        """Writes the manifest of a finished data file beside it, atomically: what a loader checks
+        before it takes the file (see seal_facts); `indexed_as` is the name its batch index has."""
+        manifest = self.layout.manifest_path(path)
+        temp = manifest.with_name(manifest.name + ".tmp")
+        facts = seal_facts(path, self.layout.index_path(indexed_as), self.clock())
+        with self.layout.create_file(temp) as handle:
+            handle.write(json.dumps(facts, indent=1).encode("utf-8") + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temp), str(manifest))
+        fsync_directory(manifest.parent)
+        log.info("sealed %s: %d records", path, facts["records"])
 
     def apply_retention(self) -> None:
         """Deletes data files last written more than --retention-days ago; open files are never
         touched."""
         cutoff = self.clock() - self.retention_days * 86400
-        keep = set(self.to_compress)
+        keep = set(self.to_finish)
         if self.storage is not None:
             keep |= self.storage.open_paths()
         for path, _ in list(self.layout.data_files(compressed=True)):
             try:
                 if path not in keep and path.stat().st_mtime < cutoff:
                     path.unlink()
+                    manifest = self.layout.manifest_path(path)
+                    if manifest.exists():
+                        manifest.unlink()
                     log.info("deleted %s: older than %g days", path, self.retention_days)
             except FileNotFoundError:
                 continue
@@ -6070,7 +6162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Before any worker writes: compress every finished file, whichever run or worker wrote it.
     startup = Housekeeper(layout, compress=settings.compress_rotated)
     startup.queue_finished_files(own_only=False)
-    startup.compress_finished()
+    startup.finish_files()
     client_connections = ClientConnections(settings.workers)
     supervisor = Supervisor(listeners, layout, dedupe or DedupeIndex(0), lambda index, listener,
                             control: run_worker(settings, index, listener, control, layout,

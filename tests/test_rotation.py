@@ -83,17 +83,18 @@ def test_finished_files_are_compressed_safely_and_open_ones_never(tmp_path: Path
     storage = open_storage(tmp_path, clock=clock)
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=clock)
     storage.store("", batch_of(b"old hour 1", b"old hour 2"))
-    housekeeper.compress_finished()
+    housekeeper.finish_files()
     assert names(tmp_path) == ["2025-11-26T23Z.log"]  # still being written: untouched
     clock.now += 1
     storage.retire_stale()  # the hour passed with no push: the file is finished anyway
     storage.store("", batch_of(b"new hour"))
-    housekeeper.compress_finished()
-    assert names(tmp_path) == ["2025-11-26T23Z.log.gz", "2025-11-27T00Z.log"]
+    housekeeper.finish_files()
+    sealed = [".2025-11-26T23Z.log.gz.sealed.json", "2025-11-26T23Z.log.gz", "2025-11-27T00Z.log"]
+    assert names(tmp_path) == sealed
     assert gzip.decompress((tmp_path / "2025-11-26T23Z.log.gz").read_bytes()) == b"old hour 1\nold hour 2\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     storage.close()
-    assert names(tmp_path) == ["2025-11-26T23Z.log.gz", "2025-11-27T00Z.log"]  # the current file is kept as is
+    assert names(tmp_path) == sealed  # the current file is kept as is, and not sealed
 
 
 def test_interrupted_compression_is_finished_at_start(tmp_path: Path) -> None:
@@ -106,11 +107,13 @@ def test_interrupted_compression_is_finished_at_start(tmp_path: Path) -> None:
     storage = open_storage(tmp_path, clock=Clock(BEFORE_MIDNIGHT))
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=Clock(BEFORE_MIDNIGHT))
     housekeeper.queue_finished_files(own_only=False)
-    housekeeper.compress_finished()
+    housekeeper.finish_files()
     storage.close()
-    assert names(tmp_path) == ["2025-11-26T21Z.log.gz", "2025-11-26T22Z.log.gz"]
+    assert [name for name in names(tmp_path) if not name.startswith(".")] == ["2025-11-26T21Z.log.gz",
+                                                                              "2025-11-26T22Z.log.gz"]
     assert gzip.decompress((tmp_path / "2025-11-26T21Z.log.gz").read_bytes()) == b"b\n"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != STATE] == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != STATE) == [
+        ".2025-11-26T21Z.log.gz.sealed.json", ".2025-11-26T22Z.log.gz.sealed.json"]  # no temporary left
 
 
 def test_retention_deletes_old_finished_files_only(tmp_path: Path) -> None:

@@ -1,0 +1,100 @@
+"""Sealed files: a finished data file gets a manifest beside it (records, bytes, SHA-256, receipt and event
+times), written atomically, that a loader checks before it takes the file."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import dsreceiver
+from conftest import ServerProcess, batch_of, open_storage
+from simulator import batch_of_lines, sample_lines
+
+
+def manifest_of(path: Path) -> Dict[str, Any]:
+    return dict(json.loads(dsreceiver.Layout.manifest_path(path).read_text()))
+
+
+def records_of(path: Path) -> List[bytes]:
+    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    return data.split(b"\n")[:-1]
+
+
+def test_finished_files_are_sealed_with_facts_a_loader_can_check(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--compress-rotated", "--max-file-size", "64K", "--workers", "2")
+    started = time.time()
+    lines = sample_lines("json")
+    with server.simulator() as ds:
+        for start in range(0, 1000, 100):
+            assert ds.push(batch_of_lines(lines[start:start + 100], compress=True)).status == 200
+    server.wait_for_log(r"sealed \S+\.log\.gz: \d+ records")
+    server.stop()
+    folder = server.output_dir / "stream=61234"
+    sealed = sorted(path for path in folder.glob("2*.log*") if dsreceiver.Layout.manifest_path(path).exists())
+    assert sealed and all(path.name.endswith(".log.gz") for path in sealed)
+    for path in sealed:
+        manifest, records = manifest_of(path), records_of(path)
+        assert manifest["file"] == path.name and manifest["stream"] == "61234" and manifest["format"] == 1
+        assert manifest["records"] == len(records) and manifest["bytes"] == path.stat().st_size
+        assert manifest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        times = [float(json.loads(record)["reqTimeSec"]) for record in records]
+        assert (manifest["first_event"], manifest["last_event"]) == (min(times), max(times))
+        assert started <= manifest["first_received"] <= manifest["last_received"] <= manifest["sealed_at"]
+    # Manifests are dot-files: the README's query globs, and every rule for data files, pass them by.
+    assert all(not path.name.endswith(".json") for path in folder.glob("2*.log*"))
+    assert sum(len(records_of(path)) for path in folder.glob("2*.log*")) == 1000
+
+
+def test_without_compression_the_plain_file_is_sealed_and_a_current_file_never(tmp_path: Path) -> None:
+    now = [1764201599.0]  # a second before the hour ends
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0])
+    path = storage.store("", batch_of(b'{"reqTimeSec":"1764201500.250"}', b'{"reqTimeSec":"1764201400"}')).path
+    assert path is not None
+    housekeeper.finish_files()
+    assert not dsreceiver.Layout.manifest_path(path).exists()  # still current
+    now[0] += 2
+    storage.retire_stale()
+    housekeeper.finish_files()
+    manifest = manifest_of(path)
+    assert (manifest["records"], manifest["first_event"], manifest["last_event"]) == (2, 1764201400.0, 1764201500.25)
+    assert manifest["stream"] is None and manifest["first_received"] == 1764201599.0
+    storage.close()
+
+
+def test_store_gzip_files_are_counted_through_their_members(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path, store_gzip=True)
+    dsreceiver.prepare_output(layout, 0)
+    storage = dsreceiver.Storage(layout)
+    for number in range(3):
+        storage.store("stream=70077", batch_of(*[b"2 0 70077 line-%d-%d" % (number, i) for i in range(4)]))
+    storage.close()
+    [path] = [path for path, _ in layout.data_files()]
+    housekeeper = dsreceiver.Housekeeper(layout, clock=lambda: time.time() + 7200)  # two hours on
+    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.finish_files()
+    assert manifest_of(path)["records"] == 12 and manifest_of(path)["stream"] == "70077"
+
+
+def test_retention_deletes_a_manifest_with_its_file_and_restart_clears_a_torn_one(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path)
+    dsreceiver.prepare_output(layout, 0)
+    old = tmp_path / "2025-01-01T00Z.log"
+    old.write_bytes(b"old\n")
+    housekeeper = dsreceiver.Housekeeper(layout, retention_days=30)
+    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.finish_files()
+    assert manifest_of(old)["records"] == 1
+    torn = dsreceiver.Layout.manifest_path(tmp_path / "2025-01-02T00Z.log")
+    torn = torn.with_name(torn.name + ".tmp")
+    torn.write_bytes(b'{"format": 1, "rec')
+    dsreceiver.recover_output(layout)
+    assert not torn.exists()
+    os.utime(str(old), (time.time() - 40 * 86400,) * 2)
+    housekeeper.apply_retention()
+    assert not old.exists() and not dsreceiver.Layout.manifest_path(old).exists()
