@@ -43,6 +43,9 @@ SCENARIOS = {
 }
 # dsreceiver's options for scenario F; only dsreceiver runs it (the others cannot convert).
 STRUCTURED_OPTIONS = ["--stream-config", str(SAMPLE_DEFINITION), "--records", "json"]
+# The load comes from one address, DataStream's from thousands: the per-address connection limit
+# (--max-client-connections, 64 by default) is lifted so that C's 64 connections all get in.
+LOAD_GENERATOR_OPTIONS = ["--max-client-connections", "0"]
 IDLE_CONNECTIONS = 2000
 NEW_CONNECTIONS_PER_SECOND = 64
 MARKER = "<!-- Everything below this line is kept when make bench rewrites the file. -->"
@@ -135,11 +138,25 @@ class Server:
         elif kind == "flask":
             command = [sys.executable, str(ROOT / "bench" / "flask_baseline.py"), "--port", str(self.port),
                        "--cert", str(cert), "--key", str(key), "--output", str(self.output / "Data.txt")]
+        elif kind == "gunicorn":
+            # The seed's handler as people deploy it: gthread workers, one per core, 16 threads each.
+            command = [str(Path(sys.executable).with_name("gunicorn")), "--worker-class", "gthread",
+                       "--workers", str(os.cpu_count() or 2), "--threads", "16",
+                       "--bind", "127.0.0.1:%d" % self.port, "--certfile", str(cert), "--keyfile", str(key),
+                       "--chdir", str(ROOT / "bench"), "--log-level", "warning", "flask_baseline:app"]
+        elif kind == "uvicorn":
+            command = [str(Path(sys.executable).with_name("uvicorn")), "asgi_baseline:app",
+                       "--app-dir", str(ROOT / "bench"), "--workers", str(os.cpu_count() or 2),
+                       "--http", "httptools", "--loop", "uvloop", "--host", "127.0.0.1", "--port", str(self.port),
+                       "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--log-level", "warning",
+                       "--no-access-log"]
         else:
             conf = workdir / "nginx.conf"
             conf.write_text(NGINX_CONF % {"port": self.port, "cert": cert, "key": key, "dir": workdir})
             command = ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir))
+        environment = dict(os.environ, BENCH_OUTPUT=str(self.output / "Data.txt"))
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
+                                        env=environment)
         wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
@@ -463,11 +480,12 @@ def machine_facts() -> Dict[str, str]:
             versions[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
         except (OSError, IndexError):
             versions[tool] = "not installed"
-    try:
-        import importlib.metadata
-        versions["flask"] = importlib.metadata.version("flask")
-    except ImportError:
-        versions["flask"] = "not installed"
+    import importlib.metadata
+    for package in ("flask", "gunicorn", "uvicorn"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     return versions
 
 
@@ -475,8 +493,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15, help="length of each run (default: 15)")
     parser.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
-    parser.add_argument("--servers", default="dsreceiver,flask,nginx,dsreceiver-gzip",
-                        help="which servers (default: dsreceiver,flask,nginx,dsreceiver-gzip)")
+    parser.add_argument("--servers", default="dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip",
+                        help="which servers (default: dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip)")
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="report file")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -505,13 +523,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           % (disk, inflate, facts["nproc"]), flush=True)
     results: Dict[Tuple[str, str], Dict[str, object]] = {}
     for scenario in options.scenarios:
+        # F is STRUCTURED stored as JSON: the peers, which only append, store it as it comes.
         kinds = [kind for kind in servers if not (kind == "dsreceiver-gzip" and scenario != "A"
-                                                  or not kind.startswith("dsreceiver") and scenario == "F")]
+                                                  or kind in ("flask", "nginx") and scenario == "F")]
         runs: Dict[str, List[Dict[str, object]]] = {kind: [] for kind in kinds}
         for round_number in range(options.rounds):
             # Alternating the order spreads any drift of the machine over every server alike.
             for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
-                extra = options.dsreceiver_args.split() + (["--store", "gzip"] if kind == "dsreceiver-gzip" else [])
+                extra = (LOAD_GENERATOR_OPTIONS + options.dsreceiver_args.split()
+                         + (["--store", "gzip"] if kind == "dsreceiver-gzip" else []))
                 extra += STRUCTURED_OPTIONS if scenario == "F" else []
                 script = options.baseline if kind == "dsreceiver-baseline" else ROOT / "dsreceiver.py"
                 print("running %s %s (round %d) ..." % (kind, scenario, round_number + 1), flush=True)
@@ -565,6 +585,11 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
     lines += ["| %s | %s |" % item for item in facts.items()]
     lines += ["| load generator | %s |" % ("wrk with bench/push.lua (scenario E: built-in paced client)" if use_wrk
                                            else "built-in multi-process client"),
+              "| dsreceiver options | %s (one load address; DataStream pushes from thousands) |"
+              % " ".join(LOAD_GENERATOR_OPTIONS + options.dsreceiver_args.split()),
+              "| peers | gunicorn: the seed's Flask handler, gthread, one worker per core x 16 threads; "
+              "uvicorn: an ASGI handler, one worker per core, httptools + uvloop; both gunzip and append, "
+              "without fsync |",
               "| bodies | A/B/D/E: %d bytes of DataStream 2 JSON (%d records), %d bytes gzip'd; C: %d bytes; "
               "F: %s bytes of STRUCTURED records (%s), %d bytes gzip'd; each plus one unique record |"
               % (bodies["big.json"].stat().st_size, 2000, bodies["big.gz"].stat().st_size,
@@ -586,13 +611,15 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
     lines += ["", "## dsreceiver against the targets", ""]
     bound = min(disk, inflate)
     for scenario in options.scenarios:
-        ours, flask = results.get(("dsreceiver", scenario)), results.get(("flask", scenario))
+        ours = results.get(("dsreceiver", scenario))
         if not ours:
             continue
         rate = ours["acknowledged"] / ours["seconds"]  # type: ignore[operator]
         parts = ["**%s**: %.0f req/s" % (scenario, rate)]
-        if flask and flask["acknowledged"]:
-            parts.append("%.1fx Flask" % (rate / (flask["acknowledged"] / flask["seconds"])))  # type: ignore[operator]
+        for peer in ("gunicorn", "uvicorn", "flask"):
+            theirs = results.get((peer, scenario))
+            if theirs and theirs["acknowledged"]:
+                parts.append("%.2fx %s" % (rate / rate_of(theirs), peer))
         if scenario in "AB":
             mb = ours["decoded_mb"] / ours["seconds"]  # type: ignore[operator]
             parts.append("%.0f MB/s stored = %.0f%% of the %s limit (%.0f MB/s)"

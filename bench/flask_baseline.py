@@ -1,15 +1,17 @@
 """The original how-to's receiver, as the benchmark baseline: Flask's built-in server with an ssl_context,
-gunzip when needed, append the body to one file under a lock."""
+gunzip when needed, append the body to one file under a lock.  The same app runs under gunicorn
+(`gunicorn flask_baseline:app`, the output file then from $BENCH_OUTPUT)."""
 
 import argparse
 import gzip
+import os
 import threading
 
 from flask import Flask, request
 
 app = Flask(__name__)
 lock = threading.Lock()
-OUTPUT = "Data.txt"
+OUTPUT = os.environ.get("BENCH_OUTPUT", "Data.txt")
 
 
 @app.route("/", defaults={"path": ""}, methods=["POST", "PUT"])
