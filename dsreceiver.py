@@ -3234,8 +3234,8 @@ class Storage:
         return data_file
 
     def _resume_sequence(self, folder: str, period: str) -> int:
-        """Picks the file number to append to after a restart: the last one, unless it is full or
-        compressed."""
+        """Picks the file number to append to after a restart: the last one, unless it is full,
+        compressed or sealed (a sealed file never takes another record)."""
         sequence = 0
         while True:
             plain = self.layout.data_path(folder, period, sequence)
@@ -3244,7 +3244,9 @@ class Storage:
             if not (following.exists() or self.layout.compressed_path(following).exists()):
                 full = (self.max_file_size and plain.exists()
                         and plain.stat().st_size >= self.max_file_size)
-                return sequence if not taken or plain.exists() and not full else sequence + 1
+                sealed = self.layout.manifest_path(plain).exists()
+                resumable = plain.exists() and not full and not sealed
+                return sequence if not taken or resumable else sequence + 1
             sequence += 1
 
     def _retire(self, data_file: DataFile, life: FileState) -> bool:

@@ -98,3 +98,22 @@ def test_retention_deletes_a_manifest_with_its_file_and_restart_clears_a_torn_on
     os.utime(str(old), (time.time() - 40 * 86400,) * 2)
     housekeeper.apply_retention()
     assert not old.exists() and not dsreceiver.Layout.manifest_path(old).exists()
+
+
+def test_a_sealed_file_is_never_appended_to_again(tmp_path: Path) -> None:
+    # The supervisor seals every file at start, the current hour's of each worker too (its worker is
+    # not running yet): the worker must then start a new number, not append to a sealed file.
+    layout = dsreceiver.Layout(tmp_path)
+    dsreceiver.prepare_output(layout, 0)
+    worker = dsreceiver.Storage(layout.for_worker(".w1"))
+    first = worker.store("", batch_of(b"before the restart")).path
+    worker.close()
+    startup = dsreceiver.Housekeeper(layout)
+    startup.queue_finished_files(own_only=False)
+    startup.finish_files()
+    assert first is not None and manifest_of(first)["records"] == 1
+    restarted = dsreceiver.Storage(layout.for_worker(".w1"))
+    second = restarted.store("", batch_of(b"after the restart")).path
+    restarted.close()
+    assert second is not None and second != first and second.name.endswith(".w1.1.log")
+    assert first.read_bytes() == b"before the restart\n" and manifest_of(first)["records"] == 1
