@@ -4506,7 +4506,8 @@ class ConnectionHandler:
         if exchange.framing is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked body required")
         is_gzip = self.content_is_gzip(request)
-        query = urllib.parse.parse_qsl(request.query, keep_blank_values=True)
+        query = (urllib.parse.parse_qsl(request.query, keep_blank_values=True)
+                 if STREAM_QUERY_PARAMETER in request.query else [])
         named = [value for name, value in query if name == STREAM_QUERY_PARAMETER]
         if len(named) > 1:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL names its stream more than once")
