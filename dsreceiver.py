@@ -3766,7 +3766,6 @@ class PushPipeline:
     def store(self, facts: PushFacts, push: DecodedPush) -> Outcome:
         """Stores a decoded push's records in its stream's folder."""
         batch, metrics = push.batch, self.metrics
-        named = facts.named_stream
         if batch.is_validation_probe():
             metrics.count("validation_probes")
             return Outcome(Verdict.PROBE, reason="validation probe")
@@ -3775,8 +3774,8 @@ class PushPipeline:
             metrics.stored(facts.path, 0)
             return Outcome(Verdict.STORED)
         records = self.streams.classify(batch)
-        if records.stream == UNKNOWN_STREAM and named is not None:
-            records = records._replace(stream=named)
+        if records.stream == UNKNOWN_STREAM and facts.named_stream is not None:
+            records = records._replace(stream=facts.named_stream)
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
         # A stream's row: per route as well with --route-by-path.
