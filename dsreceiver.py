@@ -36,6 +36,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Storage: layout
     Storage: writing
     Storage: recovery
+    Storage: ledger
     Storage: housekeeping
     Push pipeline
     HTTP parsing
@@ -44,6 +45,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Workers
     Endpoint checker
     Akamai APIs
+    Reconciliation
     Lifecycle and signals
 and main() last.  Each section uses only names defined above it (annotations aside).
 
@@ -56,8 +58,9 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-    store         Storage.store: dedupe claim, DataFile.append of records + batch index entry
-    fsync         DataFile.sync_through: one fdatasync pair shared by concurrent pushes
+    store         Storage.store: dedupe claim, then DataFile.append queues the batch
+    commit        DataFile._commit_queue: the queue's batches, their index entries (with records
+                  and stream, which the ledger counts), one fdatasync pair, each push woken once
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
 Every name under --output-dir comes from Layout.
 """
@@ -120,10 +123,6 @@ CERT_EXPIRY_WARNING_DAYS = 14
 # Records hold client addresses, cookies and query strings: readable by the service's user and group
 # only (folders get the search bit wherever the mode grants read: 0750).
 DEFAULT_FILE_MODE = 0o640
-# A batch index entry: end offset of the batch in its data file, time stored, SHA-256 of its
-# records.
-BATCH_ENTRY = struct.Struct("<Qd32s")
-NO_DIGEST = bytes(32)
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 ENV_BASIC_AUTH = "DSRECEIVER_BASIC_AUTH"
 ENV_AUTH_HEADER_VALUE = "DSRECEIVER_AUTH_HEADER_VALUE"
@@ -248,6 +247,9 @@ ENVIRONMENT_HELP = """\
 commands:
   python3 dsreceiver.py check URL ...   test an endpoint as DataStream's "Validate & Save" does
                                         (see: python3 dsreceiver.py check --help)
+  python3 dsreceiver.py ledger ...      what was stored, per stream and 5-minute window
+  python3 dsreceiver.py reconcile ...   that, next to what Akamai says DataStream delivered
+  python3 dsreceiver.py streams pull    fetch stream definitions for --stream-config
 
 signals:
   SIGTERM, SIGINT   finish in-flight requests, sync, exit 0
@@ -562,6 +564,10 @@ def describe_os_error(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
+# At most this many buffers go to one writev (Linux takes 1024).
+WRITEV_PARTS = 512
+
+
 def write_all(fd: int, parts: Sequence[Buffer]) -> None:
     """Writes every part to `fd`, in one writev when the kernel takes it whole."""
     written = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
@@ -571,6 +577,12 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> None:
     remainder = memoryview(b"".join(parts))[written:]
     while remainder:
         remainder = remainder[os.write(fd, remainder):]
+
+
+def write_parts(fd: int, parts: Sequence[Buffer]) -> None:
+    """Writes any number of parts to `fd`, WRITEV_PARTS to a writev."""
+    for first in range(0, len(parts), WRITEV_PARTS):
+        write_all(fd, parts[first:first + WRITEV_PARTS])
 
 
 class WakePipe:
@@ -641,6 +653,8 @@ UPLOADER_WINDOW = 600.0
 MAX_UPLOADERS = 4096
 # The status page's history: records per minute over the last hour, and the last refusals.
 HISTORY_MINUTES = 60
+# The ledger counts by windows of receipt this long (UTC-aligned, as Akamai's upload metrics).
+LEDGER_WINDOW = 300
 MAX_REFUSALS = 20
 # A push that failed this recently keeps /healthz failing even if the probe passes.
 HEALTH_FAILURE_MEMORY = 10.0
@@ -948,6 +962,7 @@ class Metrics:
         self.lock = threading.Lock()
         # Everything but the gauges and the fsync histogram, which the server adds to snapshots.
         self.state = MetricsSnapshot(counters={name: 0 for name, _ in self.COUNTERS})
+        self.answers: Dict[Tuple[str, int], Dict[str, int]] = {}
 
     def count(self, name: str, amount: float = 1) -> None:
         """Adds to a counter."""
@@ -1011,6 +1026,22 @@ class Metrics:
         """Counts a retry of a stream's batch answered without storing it again."""
         with self.lock:
             self._stream(stream).dedupe_hits += 1
+            self._tally(stream, "duplicates")
+
+    def _tally(self, stream: Optional[str], answer: str) -> None:
+        """Counts an answer of the ledger (call with the lock): by stream row ('' when none is
+        known), LEDGER_WINDOW and kind ('duplicates' or the HTTP status)."""
+        if stream is not None and stream not in self.state.streams:
+            stream = "other"
+        key = (stream or "", int(self.clock() // LEDGER_WINDOW * LEDGER_WINDOW))
+        counts = self.answers.setdefault(key, {})
+        counts[answer] = counts.get(answer, 0) + 1
+
+    def take_answers(self) -> Dict[Tuple[str, int], Dict[str, int]]:
+        """Returns and forgets the ledger's answer counts since the last call (see _tally)."""
+        with self.lock:
+            answers, self.answers = self.answers, {}
+        return answers
 
     def refused(self, status: int, client: str, path: str, reason: str,
                 stream: Optional[str] = None) -> None:
@@ -1026,6 +1057,7 @@ class Metrics:
             if stream is not None:
                 refusals = self._stream(stream).refusals
                 refusals[status] = refusals.get(status, 0) + 1
+            self._tally(stream, str(status))
 
     def storage_failed(self, reason: str) -> None:
         """Remembers a storage failure, for /healthz and the status page."""
@@ -1097,6 +1129,12 @@ class Metrics:
         out.append('dsreceiver_fsync_duration_seconds_bucket{le="+Inf"} %d' % fsync.count)
         out.append("dsreceiver_fsync_duration_seconds_sum %r" % fsync.total)
         out.append("dsreceiver_fsync_duration_seconds_count %d" % fsync.count)
+        for name, key, help_text in RECONCILE_SERIES:
+            if facts.reconciled:
+                family(name, "gauge", help_text)
+            for stream, totals in sorted(facts.reconciled.items()):
+                out.append('dsreceiver_%s{stream="%s"} %s'
+                           % (name, label_value(stream), repr(float(totals[key]))))
         return ("\n".join(out) + "\n").encode("utf-8")
 
     @staticmethod
@@ -1130,6 +1168,19 @@ class Metrics:
                                % (name, label_value(stream), repr(float(value))))
 
 
+# What /metrics shows of the last `dsreceiver.py reconcile`: (name, its key, help).
+RECONCILE_SERIES = (
+    ("reconcile_timestamp_seconds", "at", "Unix time of the last reconcile with Akamai's upload "
+     "metrics, by stream."),
+    ("reconcile_delivered_records", "delivered", "Records Akamai says DataStream delivered, in "
+     "the last reconcile's range."),
+    ("reconcile_stored_records", "stored", "Records stored, in the last reconcile's range."),
+    ("reconcile_missing_records", "missing", "Records delivered and not stored, in the last "
+     "reconcile's range (one window of tolerance)."),
+    ("reconcile_failed_records", "failed", "Records DataStream gave up on, in the last "
+     "reconcile's range."))
+
+
 class ServerFacts(NamedTuple):
     """What /metrics shows of the whole server besides the counts of its workers."""
 
@@ -1138,6 +1189,8 @@ class ServerFacts(NamedTuple):
     certificate_expiry: Optional[float]
     # A stream's row name -> its push interval in seconds.
     push_interval: Callable[[str], float]
+    # The last reconcile's totals by stream ID, with "at" (see save_reconciled); empty when none.
+    reconciled: Dict[str, Dict[str, float]] = {}
 
 
 def label_value(text: str) -> str:
@@ -1246,23 +1299,32 @@ def render_status_page(doc: Dict[str, Any]) -> bytes:
     out.append('<h2>Streams</h2><div class="scroll"><table id="streams"><thead><tr><th>stream</th>'
                "<th>last push</th><th>batches, last hour</th><th>records, last hour</th>"
                "<th>records per minute</th><th>uploaders, 10 min</th><th>event lag</th>"
-               "<th>dedupe hits</th><th>refusals</th></tr></thead><tbody>")
+               "<th>dedupe hits</th><th>refusals</th><th>last reconcile</th></tr></thead><tbody>")
     for row in doc["streams"]:
         late = "bad" if row["late"] else "good"
         refusals = ", ".join("%s: %d" % (status, n)
                              for status, n in sorted(row["refusals"].items())) or "-"
+        reconciled = row["reconciled"]
+        if reconciled is None:
+            reconcile_cell = '<td class="muted" data-field="reconciled">never</td>'
+        else:
+            lost = reconciled["missing"] + reconciled["failed"]
+            reconcile_cell = ('<td class="%s" data-field="reconciled">%s: Akamai %d, stored %d,'
+                              ' missing %d</td>'
+                              % ("bad" if lost else "good", esc(utc_time(reconciled["at"])),
+                                 reconciled["delivered"], reconciled["stored"], lost))
         out.append('<tr data-stream="%s"><td>%s</td><td class="%s" data-field="since">%s ago</td>'
                    '<td class="n" data-field="batches">%d</td>'
                    '<td class="n" data-field="records">%d</td><td>%s</td>'
                    '<td class="n" data-field="uploaders">%d</td><td class="n">%s</td>'
-                   '<td class="n">%d</td><td>%s</td></tr>'
+                   '<td class="n">%d</td><td>%s</td>%s</tr>'
                    % (esc(row["stream"]), esc(row["stream"]), late,
                       esc(duration(row["seconds_since_push"])), row["batches_last_hour"],
                       row["records_last_hour"], sparkline(row["records_per_minute"]),
                       row["uploaders_last_10_minutes"], esc(duration(row["event_lag_seconds"])),
-                      row["dedupe_hits"], esc(refusals)))
+                      row["dedupe_hits"], esc(refusals), reconcile_cell))
     if not doc["streams"]:
-        out.append('<tr><td colspan="9" class="muted">'
+        out.append('<tr><td colspan="10" class="muted">'
                    "No push stored since the server started.</td></tr>")
     out.append("</tbody></table></div>")
 
@@ -1781,6 +1843,12 @@ class RecordBatch:
         else:
             for chunk in self.chunks():
                 write_all(fd, [chunk])
+
+    def memory_parts(self) -> Optional[Sequence[Buffer]]:
+        """What write_to() writes, when it is all in memory; None for a spooled batch."""
+        if self.gzip_members is not None:
+            return [self.gzip_members]
+        return self.parts if self.spool is None else None
 
     def joined(self) -> Optional[bytes]:
         """The records as one bytes object (kept as the batch's only part), or None when they are
@@ -2679,6 +2747,89 @@ def folder_for_path(url_path: str) -> str:
     return name
 
 
+# A batch index is INDEX_HEADER, then one BATCH_ENTRY per stored batch (see IndexEntry).  Indexes of
+# dsreceiver 0.1 have no header and 48-byte entries (V1_BATCH_ENTRY): read as they are, rewritten
+# before anything is appended to them (upgrade_index).
+INDEX_HEADER = b"dsreceiver batch index 2\n".ljust(64, b"\0")
+BATCH_ENTRY = struct.Struct("<Qd32sQQ")
+V1_BATCH_ENTRY = struct.Struct("<Qd32s")
+NO_DIGEST = bytes(32)
+# The records of an entry that vouches for bytes it did not count (an index started afresh).
+UNCOUNTED = (1 << 64) - 1
+# An entry's stream: the stream ID, or one of these (a stream ID is never 0 or 1).
+STREAM_CODES = {UNKNOWN_STREAM: 0, MIXED_STREAM: 1}
+STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
+
+
+class IndexEntry(NamedTuple):
+    """One batch in a batch index: what the ledger counts and recovery and dedup trust."""
+
+    # Where the batch ends in its data file.
+    end: int
+    # When it was stored (Unix seconds).
+    stamp: float
+    # SHA-256 of its records, NO_DIGEST when it vouches for no other batch.
+    digest: bytes = NO_DIGEST
+    stream: str = UNKNOWN_STREAM
+    records: int = UNCOUNTED
+
+    def pack(self) -> bytes:
+        """The entry as BATCH_ENTRY bytes."""
+        code = STREAM_CODES.get(self.stream)
+        return BATCH_ENTRY.pack(self.end, self.stamp, self.digest,
+                                int(self.stream) if code is None else code, self.records)
+
+
+def read_index(raw: bytes) -> List[IndexEntry]:
+    """The complete entries of a batch index's bytes, in either format (a torn last entry is
+    left out)."""
+    if raw.startswith(INDEX_HEADER):
+        body = raw[len(INDEX_HEADER):]
+        return [IndexEntry(end, stamp, digest, STREAM_NAMES.get(code, str(code)), records)
+                for end, stamp, digest, code, records
+                in BATCH_ENTRY.iter_unpack(body[:len(body) - len(body) % BATCH_ENTRY.size])]
+    whole = len(raw) - len(raw) % V1_BATCH_ENTRY.size
+    return [IndexEntry(end, stamp, digest) for end, stamp, digest
+            in V1_BATCH_ENTRY.iter_unpack(raw[:whole])]
+
+
+def index_bytes(entries: Sequence[IndexEntry]) -> bytes:
+    """A whole batch index holding `entries`."""
+    return INDEX_HEADER + b"".join(entry.pack() for entry in entries)
+
+
+def upgrade_index(index: Path, data_path: Path) -> None:
+    """Rewrites a 0.1 batch index in the current format, atomically, counting each batch's records
+    in the data file when it is there to count (the ledger counts only counted batches)."""
+    try:
+        raw = index.read_bytes()
+    except FileNotFoundError:
+        return
+    if not raw or raw.startswith(INDEX_HEADER):
+        return
+    entries = read_index(raw)
+    if data_path.exists() and not data_path.name.endswith(".gz"):
+        with data_path.open("rb") as data:
+            start = 0
+            for position, entry in enumerate(entries):
+                if entry.end < start:
+                    continue
+                data.seek(start)
+                entries[position] = entry._replace(records=data.read(entry.end - start).count(
+                    b"\n"))
+                start = entry.end
+    temp = index.with_name(index.name + ".tmp")
+    fd = os.open(str(temp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, index.stat().st_mode & 0o777)
+    try:
+        write_all(fd, [index_bytes(entries)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(str(temp), str(index))
+    fsync_directory(index.parent)
+    log.info("upgraded batch index %s to format 2 (%d batches)", index, len(entries))
+
+
 class DataName(NamedTuple):
     """What a data file's name says, e.g. 2026-11-27T15Z.w1.2.log.gz."""
 
@@ -2700,6 +2851,10 @@ class Layout:
                                                    NAME
     .dsreceiver/partial/, .dsreceiver/torn/        bytes that recovery cut from data files
     .dsreceiver/spool/                             large decoded bodies (unlinked temporary files)
+    .dsreceiver/ledger/FOLDER/NAME.json            the ledger rows of a pruned batch index
+    .dsreceiver/answers/DAY[TAG].jsonl             a process's ledger counts of answers that stored
+                                                   nothing (retries, refusals), by UTC day
+    .dsreceiver/reconciled.json                    the last reconcile's verdicts (status page)
     OUTPUT_DIR/[FOLDER/].NAME.gz.tmp               a compression under way
     OUTPUT_DIR/[FOLDER/].NAME.sealed.json          the manifest of finished data file NAME (.tmp:
                                                    being written)
@@ -2727,6 +2882,8 @@ class Layout:
         self.state_dir = root / self.STATE_DIR
         self.index_dir = self.state_dir / "batches"
         self.spool_dir = self.state_dir / "spool"
+        self.ledger_dir = self.state_dir / "ledger"
+        self.answers_dir = self.state_dir / "answers"
 
     def for_worker(self, tag: str) -> Layout:
         """The same layout, naming its new files with a worker's tag."""
@@ -2825,6 +2982,17 @@ class Layout:
         """The manifest of a finished (sealed) data file, beside it under a dot-name."""
         return data_path.with_name("." + data_path.name + ".sealed.json")
 
+    def summary_path(self, index: Path) -> Path:
+        """Where the ledger keeps what a pruned batch index counted:
+        .dsreceiver/ledger/FOLDER/NAME.json."""
+        relative = index.relative_to(self.index_dir)
+        return self.ledger_dir / relative.parent / (relative.name[:-len(".idx")] + ".json")
+
+    def answers_path(self, day: str) -> Path:
+        """This process's file of ledger answer counts of a UTC day:
+        .dsreceiver/answers/DAY[TAG].jsonl."""
+        return self.answers_dir / (day + self.tag + ".jsonl")
+
     def aside_path(self, kind: str, data_path: Path, stamp: float) -> Path:
         """Where recovery keeps bytes cut from a data file: .dsreceiver/KIND/FOLDER__NAME.STAMP."""
         flat = "__".join(data_path.relative_to(self.root).parts)
@@ -2853,6 +3021,19 @@ class Layout:
                 continue
             folder = index.parent.relative_to(self.index_dir).as_posix()
             yield index, "" if folder == self.ROOT_FOLDER else folder, name
+
+    @property
+    def reconciled_path(self) -> Path:
+        """Where `dsreceiver.py reconcile` leaves its last verdicts for the server to show."""
+        return self.state_dir / "reconciled.json"
+
+    def summaries(self) -> Iterator[Path]:
+        """Every ledger summary of a pruned batch index."""
+        return self.ledger_dir.rglob("*.json")
+
+    def answer_files(self) -> Iterator[Path]:
+        """Every process's files of ledger answer counts."""
+        return self.answers_dir.glob("*.jsonl")
 
     def manifest_temps(self) -> Iterator[Tuple[Path, DataName]]:
         """Every manifest whose writing was cut short: (temporary file, name of its data file)."""
@@ -2897,26 +3078,45 @@ class FileState(enum.Enum):
     CLOSED = "closed"
 
 
-class DataFile:
-    """One append-only output file and its batch index; concurrent appends share fdatasync calls
-    (group commit).
+class PendingBatch:
+    """A push's batch queued in its DataFile, and how the push learns what became of it."""
 
-    After each batch, a fixed-size entry (end offset, time, digest) goes to the
-    batch index under the dot-path, and both files are synced before any 200.
+    __slots__ = ("batch", "entry", "error", "leads", "woken")
+
+    def __init__(self, batch: RecordBatch, entry: IndexEntry) -> None:
+        self.batch = batch
+        # Its index entry, but for the end offset, which the committing push fills in.
+        self.entry = entry
+        self.error: Optional[OSError] = None
+        # Set when the push is to commit the queue rather than wait for it.
+        self.leads = False
+        # Released exactly once: the batch is committed (or failed), or the push leads.
+        self.woken = threading.Lock()
+        self.woken.acquire()
+
+
+class DataFile:
+    """One append-only output file and its batch index, with group commit.
+
+    A push queues its batch; the first push to find nobody committing takes
+    the whole queue, writes its batches and then their index entries (one
+    writev each), fdatasyncs both files once (--fsync always), and wakes each
+    push of the group once, with its outcome, then hands the queue that grew
+    meanwhile to the first push waiting in it.  Nobody waits on a shared
+    condition, so a sync wakes only the pushes it made durable.
     At restart, bytes past the last indexed batch belong to a batch that was
     never acknowledged and are moved aside (see recover_file).
-    Progress is counted in bytes appended through this descriptor rather than
-    in offsets, so a file truncated behind our back (logrotate's copytruncate)
-    cannot make unsynced records look durable.
     """
 
     def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
-                 fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE) -> None:
+                 fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE,
+                 sync: bool = True) -> None:
         self.path = path
         self.index_path = index_path
         self.period = period
         self.sequence = sequence
         self.fsync_seconds = fsync_seconds
+        self.sync = sync
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(str(path), flags, mode)
         try:
@@ -2926,96 +3126,125 @@ class DataFile:
             raise
         self.size = os.fstat(self.fd).st_size
         self.index_size = os.fstat(self.index_fd).st_size
-        if self.size and not self.index_size:
-            # Records from before this index (or a lost one): mark them as complete.
+        if not self.index_size:
+            # Records from before this index (or a lost one) are marked as complete.
             self._reset_index(self.size)
-        self.appended = 0
-        self.synced = 0
         # Where a failed fdatasync cuts the files back to: their sizes when the last good one began.
         self.durable_size = self.size
         self.durable_index_size = self.index_size
-        # Bumped when unsynced bytes are cut off, so their writers learn their records are gone.
-        self.generation = 0
         # Its life (see FileState) and the pushes writing it now: Storage's, under Storage.lock.
         self.life = FileState.CURRENT
         self.users = 0
-        self.syncing = False
-        self.state = threading.Condition()
+        self.queue: List[PendingBatch] = []
+        self.committing = False
+        self.queue_lock = threading.Lock()
+        # Held while the files are written or synced: by the committing push, the once-a-second
+        # sync of --fsync interval, close().
+        self.write_lock = threading.Lock()
 
     def _reset_index(self, offset: int) -> None:
-        """Starts the index afresh with one entry saying the file is complete up to `offset`."""
+        """Starts the index afresh, with one entry saying the file is complete up to `offset`."""
         os.ftruncate(self.index_fd, 0)
-        write_all(self.index_fd, [BATCH_ENTRY.pack(offset, time.time(), NO_DIGEST)])
-        self.index_size = BATCH_ENTRY.size
+        entries = [IndexEntry(offset, time.time())] if offset else []
+        write_all(self.index_fd, [index_bytes(entries)])
+        self.index_size = len(INDEX_HEADER) + BATCH_ENTRY.size * len(entries)
 
     def is_full(self, max_size: int) -> bool:
         """Tells whether the file has reached `max_size` bytes (0: no limit)."""
-        if not max_size:
-            return False
-        with self.state:
-            return self.size >= max_size
+        return bool(max_size) and self.size >= max_size
 
-    def append(self, batch: RecordBatch, stamp: float,
-               digest: bytes = NO_DIGEST) -> Tuple[int, int]:
-        """Writes the batch contiguously, then its index entry (with `digest`, the batch's dedupe
-        identity, when it has one); returns (progress mark, generation) for sync_through()."""
-        with self.state:
-            start = os.fstat(self.fd).st_size
+    def append(self, batch: RecordBatch, entry: IndexEntry) -> None:
+        """Stores the batch and its index entry; returns once both are written (and durable, with
+        sync), raises OSError, with nothing of the batch left behind, when they are not."""
+        pending = PendingBatch(batch, entry)
+        with self.queue_lock:
+            self.queue.append(pending)
+            leads = not self.committing
+            self.committing = True
+        if not leads:
+            pending.woken.acquire()
+            leads = pending.leads
+        if leads:
+            self._commit_queue()
+        if pending.error is not None:
+            raise pending.error
+
+    def _commit_queue(self) -> None:
+        """Commits every queued batch as one group, wakes its pushes, and passes the lead on."""
+        with self.queue_lock:
+            group, self.queue = self.queue, []
+        with self.write_lock:
+            error = self._write(group)
+            if error is None and self.sync:
+                error = self._sync()
+        successor: Optional[PendingBatch] = None
+        with self.queue_lock:
+            if self.queue:
+                successor = self.queue[0]
+                successor.leads = True
+            else:
+                self.committing = False
+        for pending in group:
+            pending.error = error
+            pending.woken.release()
+        if successor is not None:
+            successor.woken.release()
+
+    def _write(self, group: Sequence[PendingBatch]) -> Optional[OSError]:
+        """Appends the group's batches, then their index entries; cuts both files back when that
+        fails."""
+        start = os.fstat(self.fd).st_size
+        try:
+            if start < self.size:
+                self._reset_index(start)  # truncated behind our back (copytruncate)
+                self.durable_size, self.durable_index_size = start, self.index_size
             index_start = self.index_size
-            try:
-                if start < self.size:
-                    self._reset_index(start)  # truncated behind our back (copytruncate)
-                    index_start = 0
-                batch.write_to(self.fd)
-                write_all(self.index_fd,
-                          [BATCH_ENTRY.pack(start + batch.stored_size, stamp, digest)])
-            except OSError:
-                self._cut_back(start, index_start)
-                raise
-            self.size = start + batch.stored_size
-            self.index_size = index_start + BATCH_ENTRY.size
-            self.appended += batch.stored_size
-            return self.appended, self.generation
+            end = start
+            parts: List[Buffer] = []
+            entries: List[Buffer] = []
+            for pending in group:
+                end += pending.batch.stored_size
+                entries.append(pending.entry._replace(end=end).pack())
+                in_memory = pending.batch.memory_parts()
+                if in_memory is None:
+                    write_parts(self.fd, parts)
+                    parts = []
+                    pending.batch.write_to(self.fd)
+                else:
+                    parts.extend(in_memory)
+            write_parts(self.fd, parts)
+            write_parts(self.index_fd, entries)
+        except OSError as exc:
+            self._cut_back(start, self.index_size)
+            return exc
+        self.size = end
+        self.index_size = index_start + BATCH_ENTRY.size * len(entries)
+        return None
 
-    def sync_through(self, mark: int, generation: int) -> None:
-        """Returns once the bytes up to `mark` and their index entries are durable; one sync serves
-        every writer waiting."""
-        while True:
-            with self.state:
-                while True:
-                    if self.generation != generation:
-                        raise StorageError("fdatasync of %s failed; unsynced records were discarded"
-                                           % self.path)
-                    if self.synced >= mark:
-                        return
-                    if not self.syncing:
-                        break
-                    self.state.wait()
-                self.syncing = True
-                target, target_size, target_index_size = self.appended, self.size, self.index_size
-            started = time.monotonic()
-            error: Optional[OSError] = None
-            try:
-                # Data first: an index entry must never be durable before its batch.
-                os.fdatasync(self.fd)
-                os.fdatasync(self.index_fd)
-            except OSError as exc:
-                error = exc
+    def _sync(self) -> Optional[OSError]:
+        """fdatasyncs the records, then the index; on failure cuts back to the last durable
+        sizes."""
+        started = time.monotonic()
+        try:
+            # Data first: an index entry must never be durable before its batch.
+            os.fdatasync(self.fd)
+            os.fdatasync(self.index_fd)
+        except OSError as exc:
+            # After a failed fsync the kernel may have dropped the dirty pages: cut everything not
+            # yet durable.
+            self._cut_back(self.durable_size, self.durable_index_size)
+            return exc
+        finally:
             if self.fsync_seconds is not None:
                 self.fsync_seconds.observe(time.monotonic() - started)
-            with self.state:
-                self.syncing = False
-                if error is None:
-                    self.synced = max(self.synced, target)
-                    self.durable_size, self.durable_index_size = target_size, target_index_size
-                else:
-                    # After a failed fsync the kernel may have dropped the dirty
-                    # pages: cut everything not yet acknowledged.
-                    self._cut_back(self.durable_size, self.durable_index_size)
-                    self.generation += 1
-                self.state.notify_all()
-            if error is not None:
-                raise error
+        self.durable_size, self.durable_index_size = self.size, self.index_size
+        return None
+
+    def sync_now(self) -> Optional[OSError]:
+        """Makes everything written so far durable (--fsync interval); returns the error, if
+        any."""
+        with self.write_lock:
+            return self._sync()
 
     def _cut_back(self, offset: int, index_offset: int) -> None:
         try:
@@ -3040,12 +3269,13 @@ class DataFile:
 
     def close(self) -> None:
         """Makes everything durable and closes the files."""
-        for fd, path in ((self.fd, self.path), (self.index_fd, self.index_path)):
-            try:
-                os.fdatasync(fd)
-            except OSError as exc:
-                log.error("fdatasync of %s failed at close: %s", path, describe_os_error(exc))
-            os.close(fd)
+        with self.write_lock:
+            for fd, path in ((self.fd, self.path), (self.index_fd, self.index_path)):
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    log.error("fdatasync of %s failed at close: %s", path, describe_os_error(exc))
+                os.close(fd)
 
 
 class StoreResult(NamedTuple):
@@ -3123,7 +3353,8 @@ class Storage:
     # -- storing ----------------------------------------------------------------
 
     def store(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer] = None,
-              is_unique: Callable[[], bool] = always_unique) -> StoreResult:
+              is_unique: Callable[[], bool] = always_unique,
+              stream: str = UNKNOWN_STREAM) -> StoreResult:
         """Appends the batch to the current file of `folder` ('' for the root), unless it is a
         retry.
 
@@ -3132,21 +3363,23 @@ class Storage:
         identity; otherwise it may be genuine, and is stored again (without a
         digest, so it never vouches for another).  `pushed_gzip`, the body as
         pushed when it decodes to exactly these records, is what --store gzip
-        keeps.  Durable on return when fsync is 'always'.  Raises StorageError,
+        keeps; `stream`, the records' stream, goes to the index entry, for the
+        ledger.  Durable on return when fsync is 'always'.  Raises StorageError,
         with nothing of the batch left behind, when it cannot be stored now.
         """
         self.layout.check_folder(folder)
         dedupe = self.dedupe
         key = dedupe_key(folder, batch.digest) if dedupe is not None and batch.digest else None
         if dedupe is None or key is None:
-            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0])
+            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST, stream)[0])
         if not dedupe.claim(key):
             if is_unique():
                 return StoreResult(None)
-            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST)[0],
+            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST, stream)[0],
                                kept_duplicate=True)
         try:
-            path, stamp = self._append(folder, batch, pushed_gzip, batch.digest or NO_DIGEST)
+            path, stamp = self._append(folder, batch, pushed_gzip, batch.digest or NO_DIGEST,
+                                       stream)
         except BaseException:
             # Whatever went wrong, a resend of this batch must not wait for this claim forever.
             dedupe.release(key)
@@ -3155,7 +3388,7 @@ class Storage:
         return StoreResult(path)
 
     def _append(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer],
-                digest: bytes) -> Tuple[Path, float]:
+                digest: bytes, stream: str) -> Tuple[Path, float]:
         """Writes the batch (and its index entry, with `digest`); returns where and when it was
         stored."""
         stamp = self.clock()
@@ -3167,9 +3400,7 @@ class Storage:
             raise StorageError("cannot open a data file in %s: %s"
                                % (self.layout.root / folder, describe_os_error(exc))) from exc
         try:
-            mark, generation = data_file.append(batch, stamp, digest)
-            if self.fsync_mode == "always":
-                data_file.sync_through(mark, generation)
+            data_file.append(batch, IndexEntry(0, stamp, digest, stream, batch.records))
         except OSError as exc:
             raise StorageError("cannot write %s: %s"
                                % (data_file.path, describe_os_error(exc))) from exc
@@ -3225,8 +3456,9 @@ class Storage:
             # meanwhile).
             os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
         index_is_new = not index_path.exists()
+        upgrade_index(index_path, path)
         data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds,
-                             self.layout.file_mode)
+                             self.layout.file_mode, self.fsync_mode == "always")
         if is_new:
             fsync_directory(path.parent)
         if index_is_new:
@@ -3280,11 +3512,10 @@ class Storage:
             with self.lock:
                 open_files = list(self.files.values())
             for data_file in open_files:
-                try:
-                    data_file.sync_through(data_file.appended, data_file.generation)
-                except (OSError, StorageError) as exc:
+                error = data_file.sync_now()
+                if error is not None:
                     log.error("interval fdatasync of %s failed: %s", data_file.path,
-                              describe_os_error(exc))
+                              describe_os_error(error))
 
     # -- for housekeeping and SIGHUP ------------------------------------------------
 
@@ -3387,15 +3618,17 @@ def recover_file(layout: Layout, path: Path) -> None:
         else:
             _repair_torn_tail(layout, path)
         return
+    upgrade_index(index, path)
     size = path.stat().st_size
     raw = index.read_bytes()
-    count = len(raw) // BATCH_ENTRY.size
-    while count and BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] > size:
+    entries = read_index(raw)
+    count = len(entries)
+    while count and entries[count - 1].end > size:
         count -= 1
-    keep = BATCH_ENTRY.unpack_from(raw, (count - 1) * BATCH_ENTRY.size)[0] if count else 0
-    if count * BATCH_ENTRY.size != len(raw):
+    keep = entries[count - 1].end if count else 0
+    if raw and len(INDEX_HEADER) + count * BATCH_ENTRY.size != len(raw):
         with index.open("r+b") as handle:
-            handle.truncate(count * BATCH_ENTRY.size)
+            handle.truncate(len(INDEX_HEADER) + count * BATCH_ENTRY.size)
             os.fsync(handle.fileno())
     if size > keep:
         kept_as = _set_aside(layout, path, keep, "partial")
@@ -3460,10 +3693,188 @@ def indexed_batches(layout: Layout, window: float, now: float,
             raw = index.read_bytes()
         except FileNotFoundError:
             continue
-        for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size):
-            _, stored_at, digest = BATCH_ENTRY.unpack_from(raw, offset)
-            if digest != NO_DIGEST:
-                yield stored_at, dedupe_key(folder, digest)
+        for entry in read_index(raw):
+            if entry.digest != NO_DIGEST:
+                yield entry.stamp, dedupe_key(folder, entry.digest)
+
+
+# ---------------------------------------------------------------------------
+# Storage: ledger
+# ---------------------------------------------------------------------------
+# What was stored, per stream and LEDGER_WINDOW of receipt: records, batches and bytes, read from
+# the batch indexes (so a batch counted is a batch stored, whatever crashed), and the answers that
+# stored nothing (retries already stored, refusals by status).  Every worker writes its own files;
+# read_ledger adds them up, and a fleet's are added up the same way (by stream and window).
+
+LEDGER_FORMAT = 1
+# (stream row, start of the window in Unix seconds); the row is ROUTE/STREAM with --route-by-path.
+LedgerKey = Tuple[str, int]
+
+
+class LedgerRow(Record):
+    """The ledger's counts of one stream row in one window."""
+
+    def __init__(self, records: int = 0, batches: int = 0, stored_bytes: int = 0,
+                 duplicates: int = 0, refused: Optional[Dict[str, int]] = None) -> None:
+        self.records = records
+        self.batches = batches
+        self.stored_bytes = stored_bytes
+        # Retries answered 200 as already stored.
+        self.duplicates = duplicates
+        # HTTP status -> pushes refused.
+        self.refused: Dict[str, int] = refused if refused is not None else {}
+
+    def add(self, other: LedgerRow) -> None:
+        """Adds another row of the same stream and window (another worker's, file's or host's)."""
+        self.records += other.records
+        self.batches += other.batches
+        self.stored_bytes += other.stored_bytes
+        self.duplicates += other.duplicates
+        for status, number in other.refused.items():
+            self.refused[status] = self.refused.get(status, 0) + number
+
+    def to_wire(self, key: LedgerKey) -> Dict[str, Any]:
+        """The row as one JSON object of the ledger's format (see README, "Did we get
+        everything?")."""
+        return {"window": iso_window(key[1]), "stream": key[0], "records": self.records,
+                "batches": self.batches, "bytes": self.stored_bytes,
+                "duplicates": self.duplicates, "refused": self.refused}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> Tuple[LedgerKey, LedgerRow]:
+        """Reads to_wire()'s object (any count may be left out)."""
+        return ((str(data["stream"]), parse_window(data["window"])),
+                cls(int(data.get("records", 0)), int(data.get("batches", 0)),
+                    int(data.get("bytes", 0)), int(data.get("duplicates", 0)),
+                    {str(status): int(number)
+                     for status, number in data.get("refused", {}).items()}))
+
+
+def iso_window(window: int) -> str:
+    """A window's start as Akamai's aggregationTime reads, in UTC: 2026-11-27T15:05:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(window))
+
+
+def parse_window(text: str) -> int:
+    """The Unix time of a UTC time written 2026-11-27T15:05[:00][Z] (Akamai's aggregationTime)."""
+    import calendar
+
+    text = text.strip().rstrip("Z")
+    for pattern in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            return calendar.timegm(time.strptime(text, pattern))
+        except ValueError:
+            continue
+    raise ValueError("not a UTC time such as 2026-11-27T15:05:00Z: %r" % text)
+
+
+def add_rows(into: Dict[LedgerKey, LedgerRow], rows: Dict[LedgerKey, LedgerRow]) -> None:
+    """Adds rows into a ledger."""
+    for key, row in rows.items():
+        into.setdefault(key, LedgerRow()).add(row)
+
+
+def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, LedgerRow]:
+    """The ledger rows of one data file's index entries; `folder` is the data file's."""
+    parts = folder.split("/") if folder else []
+    partition = [part[len("stream="):] for part in parts if part.startswith("stream=")]
+    route = "/".join(part for part in parts if not part.startswith("stream="))
+    rows: Dict[LedgerKey, LedgerRow] = {}
+    previous_end = 0
+    for entry in entries:
+        if entry.end < previous_end:
+            previous_end = 0  # the index was started afresh (copytruncate)
+        stored_bytes, previous_end = entry.end - previous_end, entry.end
+        if entry.records == UNCOUNTED:
+            continue
+        stream = entry.stream
+        if stream == UNKNOWN_STREAM and partition:
+            stream = partition[0]  # a format-1 entry, which does not name its stream
+        key = (route + "/" + stream if route else stream,
+               int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
+        row = rows.setdefault(key, LedgerRow())
+        row.records += entry.records
+        row.batches += 1
+        row.stored_bytes += stored_bytes
+    return rows
+
+
+def write_summary(layout: Layout, index: Path, folder: str) -> None:
+    """Writes the ledger rows of an index about to be pruned, atomically, where read_ledger finds
+    them: the ledger outlives the indexes, as long as the data it describes."""
+    rows = fold_index(read_index(index.read_bytes()), folder)
+    summary = layout.summary_path(index)
+    layout.make_folder(summary.parent)
+    document = {"format": LEDGER_FORMAT, "index": index.name, "folder": folder,
+                "rows": [row.to_wire(key) for key, row in sorted(rows.items())]}
+    temp = summary.with_name(summary.name + ".tmp")
+    with layout.create_file(temp) as handle:
+        handle.write(json.dumps(document).encode("utf-8") + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(str(temp), str(summary))
+    fsync_directory(summary.parent)
+
+
+def append_answers(layout: Layout, answers: Dict[LedgerKey, Dict[str, int]]) -> None:
+    """Appends answer counts (see Metrics.take_answers) to this process's answers file of their
+    UTC day, and syncs it."""
+    by_day: Dict[str, List[bytes]] = {}
+    for (stream, window), counts in sorted(answers.items()):
+        refused = {status: number for status, number in counts.items() if status != "duplicates"}
+        line = {"window": iso_window(window), "stream": stream,
+                "duplicates": counts.get("duplicates", 0), "refused": refused}
+        day = time.strftime("%Y-%m-%d", time.gmtime(window))
+        by_day.setdefault(day, []).append(json.dumps(line).encode("utf-8") + b"\n")
+    for day, lines in by_day.items():
+        path = layout.answers_path(day)
+        layout.make_folder(path.parent)
+        with layout.create_file(path, append=True) as handle:
+            handle.write(b"".join(lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_reconciled(layout: Layout) -> Dict[str, Dict[str, float]]:
+    """The last reconcile's totals by stream ID, each with the time it ran under "at"; empty when
+    there was none (or it cannot be read: the status page does without)."""
+    try:
+        document = json.loads(layout.reconciled_path.read_bytes())
+        return {str(stream): dict(totals, at=float(document["at"]))
+                for stream, totals in document["streams"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def read_ledger(root: Path, since: float = 0, until: float = float("inf")) -> Dict[LedgerKey,
+                                                                                      LedgerRow]:
+    """The ledger of one output folder, every worker's files added up, for the windows that start
+    in [since, until)."""
+    layout = Layout(root)
+    ledger: Dict[LedgerKey, LedgerRow] = {}
+    for index, folder, _ in list(layout.indexes()):
+        if layout.summary_path(index).exists():
+            continue  # pruned but for the unlink: the summary counts it
+        try:
+            add_rows(ledger, fold_index(read_index(index.read_bytes()), folder))
+        except FileNotFoundError:
+            continue
+    for summary in layout.summaries():
+        try:
+            document = json.loads(summary.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("cannot read the ledger file %s: %s" % (summary, exc)) from None
+        add_rows(ledger, dict(LedgerRow.from_wire(row) for row in document["rows"]))
+    for answers in layout.answer_files():
+        for number, line in enumerate(answers.read_bytes().splitlines(), 1):
+            try:
+                key, row = LedgerRow.from_wire(json.loads(line))
+            except (ValueError, KeyError) as exc:
+                # A line torn by a crash: the counts of one minute's answers, not of records.
+                log.warning("%s line %d is not a ledger row, skipped: %s", answers, number, exc)
+                continue
+            add_rows(ledger, {key: row})
+    return {key: row for key, row in ledger.items() if since <= key[1] < until}
 
 
 # ---------------------------------------------------------------------------
@@ -3511,9 +3922,7 @@ def seal_facts(path: Path, index: Path, now: float) -> Dict[str, Any]:
         events += [min(found), max(found)] if found else []
     received: List[float] = []
     try:
-        raw = index.read_bytes()
-        received = [BATCH_ENTRY.unpack_from(raw, offset)[1]
-                    for offset in range(0, len(raw) - BATCH_ENTRY.size + 1, BATCH_ENTRY.size)]
+        received = [entry.stamp for entry in read_index(index.read_bytes())]
     except FileNotFoundError:
         pass
     folder = path.parent.name
@@ -3529,15 +3938,20 @@ def seal_facts(path: Path, index: Path, now: float) -> Dict[str, Any]:
 class Housekeeper:
     """Upkeep in a background thread: closes files whose period passed, finishes the files no push
     will write again (gzips them with --compress-rotated, then seals them: see seal), deletes
-    expired ones (--retention-days) and prunes old batch indexes.
+    expired ones and their ledger files (--retention-days), prunes old batch indexes and saves the
+    ledger's answer counts every minute.
 
     Nothing here touches a file that is still being written.
     """
 
     def __init__(self, layout: Layout, storage: Optional[Storage] = None, compress: bool = False,
                  retention_days: float = 0, dedupe_window: float = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 take_answers: Optional[Callable[[], Dict[LedgerKey, Dict[str, int]]]] = None
+                 ) -> None:
         self.layout = layout
+        # Where the ledger's answer counts come from (Metrics.take_answers).
+        self.take_answers = take_answers
         self.storage = storage
         # --store gzip files are gzip'd as they are written.
         self.compress = compress and not layout.store_gzip
@@ -3557,10 +3971,14 @@ class Housekeeper:
         self.thread.start()
 
     def stop(self) -> None:
-        """Stops the upkeep thread."""
+        """Stops the upkeep thread and saves the last answer counts."""
         self.stopped.set()
         if self.thread is not None:
             self.thread.join()
+        try:
+            self.save_answers()
+        except OSError as exc:
+            log.error("cannot save the ledger's answer counts: %s", describe_os_error(exc))
 
     def _run(self) -> None:
         next_retention = 0.0
@@ -3573,6 +3991,7 @@ class Housekeeper:
                     if self.retention_days:
                         self.apply_retention()
                     self.prune_indexes()
+                    self.save_answers()
                     next_retention = time.monotonic() + RETENTION_INTERVAL
             except Exception:
                 log.exception("housekeeping failed; will try again")
@@ -3668,14 +4087,30 @@ class Housekeeper:
                     log.info("deleted %s: older than %g days", path, self.retention_days)
             except FileNotFoundError:
                 continue
+        for ledger_file in list(self.layout.summaries()) + list(self.layout.answer_files()):
+            try:
+                if ledger_file.stat().st_mtime < cutoff:
+                    ledger_file.unlink()
+            except FileNotFoundError:
+                continue
+
+    def save_answers(self) -> None:
+        """Appends the ledger's answer counts since the last call to this process's answers
+        file."""
+        if self.take_answers is not None:
+            answers = self.take_answers()
+            if answers:
+                append_answers(self.layout, answers)
 
     def prune_indexes(self) -> None:
-        """Deletes batch indexes of past periods once they are older than the dedupe window."""
+        """Deletes batch indexes of past periods once they are older than the dedupe window, their
+        ledger rows kept in a summary."""
         cutoff = self.clock() - self.dedupe_window - RETENTION_INTERVAL
         current = self.layout.period_name(self.clock())
-        for index, _, name in list(self.layout.indexes()):
+        for index, folder, name in list(self.layout.indexes()):
             try:
                 if name.period != current and index.stat().st_mtime < cutoff:
+                    write_summary(self.layout, index, folder)
                     index.unlink()
             except FileNotFoundError:
                 continue
@@ -3782,7 +4217,8 @@ class PushPipeline:
         row = route + "/" + records.stream if route else records.stream
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
         try:
-            result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique)
+            result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
+                                        records.stream)
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")
             metrics.storage_failed(str(exc))
@@ -4964,6 +5400,7 @@ class ReceiverServer:
             snapshot, partial = self.metrics_snapshot(), "%s: this worker's figures only" % exc
         current = minute_of(now)
         hour = range(current - HISTORY_MINUTES + 1, current + 1)
+        reconciled = read_reconciled(self.storage.layout)
         streams = []
         for name, stats in sorted(snapshot.streams.items()):
             per_minute = [stats.minutes.get(minute, [0, 0]) for minute in hour]
@@ -4981,7 +5418,8 @@ class ReceiverServer:
                             else None, "dedupe_hits": stats.dedupe_hits,
                             "refusals": {str(status): number for status,
                                          number in stats.refusals.items()},
-                            "records_total": stats.records})
+                            "records_total": stats.records,
+                            "reconciled": reconciled.get(name.rsplit("/", 1)[-1])})
         gauges = snapshot.gauges
         uptime = now - gauges["start_time_seconds"]
         written = sum(snapshot.written.get(minute, 0) for minute in hour)
@@ -5038,7 +5476,8 @@ class ReceiverServer:
         free, size = self.disk_usage()
         tls = self.certificates.facts if self.certificates is not None else {}
         facts = ServerFacts(free, size, tls.get("not_after"),
-                            lambda row: self.streams.push_interval(row.rsplit("/", 1)[-1]))
+                            lambda row: self.streams.push_interval(row.rsplit("/", 1)[-1]),
+                            read_reconciled(self.storage.layout))
         return Metrics.render(self.merged_snapshot(), facts)
 
     def disk_usage(self) -> Tuple[Optional[int], Optional[int]]:
@@ -5955,6 +6394,537 @@ def edgegrid_authorization(credentials: EdgeGridCredentials, method: str, url: s
     return header + "signature=" + base64_hmac_sha256(data_to_sign, signing_key)
 
 
+class AkamaiError(Exception):
+    """An Akamai API call failed; the message is one line saying how."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def api_error_line(status: int, body: bytes, url: str, section: str) -> str:
+    """One line about an API's refusal: what the status means here, and Akamai's own title."""
+    try:
+        problem = json.loads(body)
+        detail = str(problem.get("detail") or problem.get("title") or "")[:200]
+    except (ValueError, AttributeError):
+        detail = ""
+    meaning = {401: "the credentials of [%s] were refused (check the .edgerc section)" % section,
+               403: "the API client of [%s] may not read DataStream (grant it DataStream,"
+                    " READ-ONLY)" % section,
+               404: "not found",
+               429: "rate limited by Akamai: try again in a minute"}.get(
+        status, "Akamai's API failed (try again later)" if status >= 500 else "refused")
+    return "%s answered HTTP %d: %s%s" % (url.split("?", 1)[0], status, meaning,
+                                          " (%s)" % detail if detail else "")
+
+
+class AkamaiClient:
+    """Signed GETs to the host of one .edgerc section, each answer read as JSON."""
+
+    # Bigger answers are refused rather than read whole.
+    MAX_ANSWER = 64 << 20
+
+    def __init__(self, credentials: EdgeGridCredentials, section: str = "default",
+                 timeout: float = 30.0) -> None:
+        self.credentials = credentials
+        self.section = section
+        self.timeout = timeout
+        # The system's CAs (and SSL_CERT_FILE when set), host name checked.
+        self.context = ssl.create_default_context()
+
+    def get_json(self, path: str, query: Optional[Dict[str, str]] = None) -> Any:
+        """GETs `path` with `query`; raises AkamaiError with one line for any failure."""
+        import http.client
+
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        url = "https://%s%s" % (self.credentials.host, target)
+        headers = {"Authorization": edgegrid_authorization(self.credentials, "GET", url),
+                   "Accept": "application/json", "User-Agent": "dsreceiver/" + __version__}
+        connection = http.client.HTTPSConnection(self.credentials.host, timeout=self.timeout,
+                                                 context=self.context)
+        try:
+            connection.request("GET", target, headers=headers)
+            answer = connection.getresponse()
+            body = answer.read(self.MAX_ANSWER)
+        except (OSError, http.client.HTTPException) as exc:
+            raise AkamaiError("cannot reach %s: %s" % (self.credentials.host,
+                                                       describe_os_error(exc))) from None
+        finally:
+            connection.close()
+        if answer.status != HTTPStatus.OK:
+            raise AkamaiError(api_error_line(answer.status, body, url, self.section),
+                              answer.status)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise AkamaiError("%s answered something that is not JSON" % url) from None
+
+    def get_first(self, paths: Sequence[str], query: Optional[Dict[str, str]] = None
+                  ) -> Tuple[str, Any]:
+        """GETs the first of `paths` that exists (a newer API version first): (path, answer)."""
+        for path in paths[:-1]:
+            try:
+                return path, self.get_json(path, query)
+            except AkamaiError as exc:
+                if exc.status != HTTPStatus.NOT_FOUND:
+                    raise
+        return paths[-1], self.get_json(paths[-1], query)
+
+
+# ---------------------------------------------------------------------------
+# Reconciliation
+# ---------------------------------------------------------------------------
+# The commands that answer "did we get everything?": ledger (what was stored, per stream and
+# window), reconcile (that, next to what Akamai says it delivered) and streams pull (the stream
+# definitions --stream-config reads, from Akamai's API).
+
+METRICS_PATHS = ("/datastream-config-api/v3/log/streams/metrics",
+                 "/datastream-config-api/v2/log/streams/metrics")
+# One metrics call covers at most this much (the API takes 7 days; a day of 5-minute windows keeps
+# each answer small and a failed call cheap to repeat).
+RECONCILE_CALL_SPAN = 86400
+RECONCILE_MAX_SPAN = 7 * 86400
+# The default end of a reconcile: windows older than this are complete (DataStream stops retrying
+# a batch after about 5 minutes).
+RECONCILE_SETTLE = 900
+DURATION_RE = re.compile(r"(\d+)([mhd])")
+DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_moment(text: str, now: float) -> int:
+    """Reads --since/--until: a UTC time (2026-11-27T15:05Z) or a time ago (90m, 6h, 7d)."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if match:
+        return int(now - int(match.group(1)) * DURATION_UNITS[match.group(2)])
+    return parse_window(text)
+
+
+def add_ledger_options(parser: ArgumentParser) -> None:
+    """The options of the commands that read ledgers."""
+    parser.add_argument("--output-dir", type=Path, action="append", default=[], metavar="DIR",
+                        help="a server's --output-dir; repeat it for a fleet, whose ledgers are"
+                        " added up (default: ./data)")
+    parser.add_argument("--since", default="24h", metavar="TIME",
+                        help="first window: UTC time (2026-11-27T15:00Z) or time ago (90m, 6h, 7d)"
+                        " (default: %(default)s)")
+    parser.add_argument("--until", default="%dm" % (RECONCILE_SETTLE // 60), metavar="TIME",
+                        help="through the window holding this time, as --since; recent windows"
+                        " may still get DataStream's retries (default: %(default)s)")
+    parser.add_argument("--stream", action="append", default=[], metavar="ID",
+                        help="only this stream; repeatable (default: every stream)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table (default: off)")
+
+
+def add_api_options(parser: ArgumentParser) -> None:
+    """The options of the commands that call Akamai's API."""
+    parser.add_argument("--edgerc", type=Path, default=Path("~/.edgerc"), metavar="FILE",
+                        help="EdgeGrid credentials (default: %(default)s)")
+    parser.add_argument("--section", default="default",
+                        help="the .edgerc section to use (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how long to wait for each API answer (default: %(default)s)")
+
+
+def build_reconcile_parser(command: str) -> ArgumentParser:
+    """Returns the parser of the ledger or the reconcile command."""
+    if command == "ledger":
+        parser = ArgumentParser(prog="dsreceiver.py ledger", description="Print what was stored"
+                                " per stream and 5-minute window of receipt: records, batches,"
+                                " bytes, retries answered as already stored, refusals by status.")
+    else:
+        parser = ArgumentParser(prog="dsreceiver.py reconcile", description="Compare, per stream"
+                                " and 5-minute window, the records Akamai says DataStream"
+                                " delivered (its upload metrics) with the records stored here."
+                                " Exit 0: everything delivered is stored; 1: records are missing"
+                                " or DataStream gave up on some; 2: usage, credential or API"
+                                " problem.")
+        add_api_options(parser)
+    add_ledger_options(parser)
+    return parser
+
+
+class LedgerQuery(NamedTuple):
+    """What the ledger and reconcile commands read: output folders, windows and streams."""
+
+    roots: List[Path]
+    since: int
+    until: int
+    streams: List[str]
+    as_json: bool
+
+
+def parse_ledger_query(options: argparse.Namespace, now: float) -> LedgerQuery:
+    """Checks the ledger options; raises ConfigError naming a bad one."""
+    try:
+        since, until = parse_moment(options.since, now), parse_moment(options.until, now)
+    except ValueError as exc:
+        raise ConfigError("--since/--until: %s" % exc) from None
+    since -= since % LEDGER_WINDOW
+    until += -until % LEDGER_WINDOW  # through the window holding --until
+    if until <= since:
+        raise ConfigError("--until must be at least one 5-minute window after --since")
+    for stream in options.stream:
+        if not STREAM_ID_RE.fullmatch(stream):
+            raise ConfigError("--stream %r is not a stream ID" % stream)
+    roots = options.output_dir or [Path("data")]
+    for root in roots:
+        if not (root / Layout.STATE_DIR).is_dir():
+            raise ConfigError("%s is not a dsreceiver output folder (no %s in it)"
+                              % (root, Layout.STATE_DIR))
+    return LedgerQuery(roots, since, until, options.stream, options.json)
+
+
+def fleet_ledger(query: LedgerQuery) -> Dict[LedgerKey, LedgerRow]:
+    """The ledgers of every output folder of the query, added up (one host's or a fleet's)."""
+    ledger: Dict[LedgerKey, LedgerRow] = {}
+    for root in query.roots:
+        add_rows(ledger, read_ledger(root, query.since, query.until))
+    return ledger
+
+
+def stream_of_row(row: str) -> str:
+    """The stream of a ledger row (ROUTE/STREAM with --route-by-path)."""
+    return row.rsplit("/", 1)[-1]
+
+
+def run_ledger(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
+    """The ledger command: 0, or 2 for bad usage."""
+    options = build_reconcile_parser("ledger").parse_args(argv)
+    try:
+        query = parse_ledger_query(options, time.time())
+        ledger = fleet_ledger(query)
+    except ConfigError as exc:
+        sys.stderr.write("dsreceiver.py ledger: error: %s\n" % exc)
+        return 2
+    rows = sorted((key for key in ledger
+                   if not query.streams or stream_of_row(key[0]) in query.streams),
+                  key=lambda key: (key[1], key[0]))
+    if query.as_json:
+        for key in rows:
+            out.write(json.dumps(ledger[key].to_wire(key)) + "\n")
+        return 0
+    out.write("%-20s  %-16s %10s %8s %12s %10s  %s\n"
+              % ("window", "stream", "records", "batches", "bytes", "duplicates", "refused"))
+    for key in rows:
+        row = ledger[key]
+        refused = " ".join("%sx%d" % item for item in sorted(row.refused.items()))
+        out.write("%-20s  %-16s %10d %8d %12d %10d  %s\n"
+                  % (iso_window(key[1]), key[0] or "-", row.records, row.batches,
+                     row.stored_bytes, row.duplicates, refused or "-"))
+    return 0
+
+
+class Delivery(NamedTuple):
+    """What Akamai's upload metrics say of one stream's window."""
+
+    attempted: int
+    failed: int
+    # DataStream's failed upload attempts: error code -> count.
+    errors: Dict[str, int]
+
+    @property
+    def delivered(self) -> int:
+        """The records DataStream delivered."""
+        return self.attempted - self.failed
+
+
+def read_deliveries(answer: object) -> Dict[Tuple[str, int], Delivery]:
+    """The windows of an upload-metrics answer, by (stream ID, window start); raises ValueError
+    when it is not that shape."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("fileUploadMetrics"), list):
+        raise ValueError("the answer has no fileUploadMetrics list")
+    deliveries: Dict[Tuple[str, int], Delivery] = {}
+    for entry in answer["fileUploadMetrics"]:
+        key = (str(entry["streamId"]), parse_window(str(entry["aggregationTime"])))
+        errors = {str(attempt["errorCode"]): int(attempt["errorCount"])
+                  for attempt in entry.get("failedUploadAttempts") or []}
+        found = Delivery(int(entry.get("recordsAttemptedUpload") or 0),
+                         int(entry.get("recordsFailedUpload") or 0), errors)
+        previous = deliveries.get(key)
+        if previous is not None:
+            found = Delivery(previous.attempted + found.attempted, previous.failed + found.failed,
+                             {**previous.errors, **found.errors})
+        deliveries[key] = found
+    return deliveries
+
+
+def fetch_deliveries(client: AkamaiClient, since: int, until: int,
+                     streams: Sequence[str]) -> Dict[Tuple[str, int], Delivery]:
+    """Akamai's upload metrics of [since, until) in FIVE_MINUTE windows, one call per stream (or
+    one for the account) per RECONCILE_CALL_SPAN."""
+    deliveries: Dict[Tuple[str, int], Delivery] = {}
+    for stream in streams or [""]:
+        for start in range(since, until, RECONCILE_CALL_SPAN):
+            query = {"start": iso_window(start),
+                     "end": iso_window(min(until, start + RECONCILE_CALL_SPAN)),
+                     "aggregationInterval": "FIVE_MINUTE"}
+            if stream:
+                query["streamId"] = stream
+            path, answer = client.get_first(METRICS_PATHS, query)
+            try:
+                deliveries.update(read_deliveries(answer))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise AkamaiError("%s answered in an unknown shape: %s" % (path, exc)) from None
+    return deliveries
+
+
+class WindowVerdict(NamedTuple):
+    """One stream's window, compared."""
+
+    window: int
+    delivered: int
+    stored: int
+    # Records delivered and not stored, after the one-window tolerance.
+    missing: int
+    # Records stored beyond those delivered, after the tolerance.
+    extra: int
+    # Part of the difference is a push counted in the next or the previous window.
+    shifted: bool
+    failed: int
+    errors: Dict[str, int]
+
+    def verdict(self) -> str:
+        """The window's verdict, as the report prints it."""
+        words = []
+        if self.missing:
+            words.append("MISSING %d" % self.missing)
+        if self.extra:
+            words.append("extra %d (stored more than Akamai delivered)" % self.extra)
+        if not words:
+            words.append("ok, a push counted in the next window" if self.shifted else "ok")
+        if self.failed:
+            errors = ", ".join("%s x%d" % item for item in sorted(self.errors.items()))
+            words.append("DataStream gave up on %d records" % self.failed
+                         + (" (%s)" % errors if errors else ""))
+        return "; ".join(words)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """The window as JSON-ready data."""
+        return {"window": iso_window(self.window), "delivered": self.delivered,
+                "stored": self.stored, "difference": self.stored - self.delivered,
+                "missing": self.missing, "extra": self.extra, "shifted": self.shifted,
+                "failed": self.failed, "errors": self.errors, "verdict": self.verdict()}
+
+
+def compare_windows(windows: Sequence[int], delivered: Dict[int, Delivery],
+                    stored: Dict[int, int]) -> List[WindowVerdict]:
+    """Compares one stream's windows, in order.  Akamai counts a push when it uploads it, the
+    ledger when it is stored, so one near a window's edge may land on either side: a shortage in
+    one window and a surplus in the next (or the previous) cancel out, one window apart at most."""
+    none = Delivery(0, 0, {})
+    residual = [stored.get(window, 0) - delivered.get(window, none).delivered
+                for window in windows]
+    difference = list(residual)
+    for position in range(len(windows) - 1):
+        here, after = residual[position], residual[position + 1]
+        if here * after < 0:
+            moved = min(abs(here), abs(after))
+            residual[position] -= moved if here > 0 else -moved
+            residual[position + 1] -= moved if after > 0 else -moved
+    verdicts = []
+    for position, window in enumerate(windows):
+        delivery = delivered.get(window, none)
+        verdicts.append(WindowVerdict(window, delivery.delivered, stored.get(window, 0),
+                                      max(0, -residual[position]), max(0, residual[position]),
+                                      residual[position] != difference[position], delivery.failed,
+                                      delivery.errors))
+    return verdicts
+
+
+def reconcile(query: LedgerQuery, deliveries: Dict[Tuple[str, int], Delivery],
+              ledger: Dict[LedgerKey, LedgerRow]) -> Dict[str, List[WindowVerdict]]:
+    """Every stream's windows of the query, compared; a window either side of the range is read
+    too, for the tolerance, and left out of the report."""
+    stored: Dict[str, Dict[int, int]] = {}
+    for (row, window), counts in ledger.items():
+        per_window = stored.setdefault(stream_of_row(row), {})
+        per_window[window] = per_window.get(window, 0) + counts.records
+    streams = set(query.streams) if query.streams else (
+        {stream for stream, _ in deliveries} | {stream for stream in stored
+                                                if STREAM_ID_RE.fullmatch(stream)})
+    windows = list(range(query.since - LEDGER_WINDOW, query.until + LEDGER_WINDOW,
+                         LEDGER_WINDOW))
+    report = {}
+    for stream in sorted(streams, key=lambda name: (len(name), name)):
+        delivered = {window: delivery for (name, window), delivery in deliveries.items()
+                     if name == stream}
+        compared = compare_windows(windows, delivered, stored.get(stream, {}))
+        report[stream] = [verdict for verdict in compared
+                          if query.since <= verdict.window < query.until]
+    return report
+
+
+def stream_totals(verdicts: Sequence[WindowVerdict]) -> Dict[str, int]:
+    """A stream's totals over the compared windows."""
+    return {"delivered": sum(v.delivered for v in verdicts),
+            "stored": sum(v.stored for v in verdicts),
+            "missing": sum(v.missing for v in verdicts),
+            "extra": sum(v.extra for v in verdicts),
+            "failed": sum(v.failed for v in verdicts),
+            "windows_missing": sum(1 for v in verdicts if v.missing)}
+
+
+def save_reconciled(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
+                    query: LedgerQuery) -> None:
+    """Leaves the verdicts where each server's status page and /metrics read them."""
+    document = {"at": now, "since": query.since, "until": query.until,
+                "streams": {stream: stream_totals(verdicts)
+                            for stream, verdicts in report.items()}}
+    for root in roots:
+        target = Layout(root).reconciled_path
+        temp = target.with_name(target.name + ".tmp")
+        try:
+            temp.write_text(json.dumps(document) + "\n", encoding="utf-8")
+            os.replace(str(temp), str(target))
+        except OSError as exc:
+            log.warning("cannot save the verdicts for the status page in %s: %s", target,
+                        describe_os_error(exc))
+
+
+def print_report(report: Dict[str, List[WindowVerdict]], query: LedgerQuery, out: IO[str]) -> None:
+    """The reconcile report as a table per stream, then the verdict lines."""
+    out.write("windows of 5 minutes from %s to %s; a push near a window's edge may be counted in"
+              " the next window by one side: such pairs are tolerated, one window apart\n"
+              % (iso_window(query.since), iso_window(query.until)))
+    for stream, verdicts in report.items():
+        out.write("\nstream %s\n  %-20s %10s %10s %8s  %s\n"
+                  % (stream, "window", "Akamai", "stored", "diff", "verdict"))
+        for verdict in verdicts:
+            if verdict.delivered or verdict.stored or verdict.failed:
+                out.write("  %-20s %10d %10d %+8d  %s\n"
+                          % (iso_window(verdict.window), verdict.delivered, verdict.stored,
+                             verdict.stored - verdict.delivered, verdict.verdict()))
+        totals = stream_totals(verdicts)
+        out.write("  %-20s %10d %10d %+8d\n" % ("total", totals["delivered"], totals["stored"],
+                                                 totals["stored"] - totals["delivered"]))
+
+
+def report_verdict(report: Dict[str, List[WindowVerdict]]) -> Tuple[bool, str]:
+    """(whether everything delivered is stored and DataStream gave up on nothing, the verdict
+    line)."""
+    totals = [stream_totals(verdicts) for verdicts in report.values()]
+    missing = sum(total["missing"] for total in totals)
+    failed = sum(total["failed"] for total in totals)
+    windows = sum(total["windows_missing"] for total in totals)
+    if not report:
+        return True, "verdict: nothing to compare (no stream stored or delivered in that range)"
+    if not missing and not failed:
+        return True, ("verdict: complete: every record Akamai delivered is stored (%d streams)"
+                      % len(report))
+    words = []
+    if missing:
+        words.append("%d records Akamai delivered are not stored (%d windows)" % (missing,
+                                                                                  windows))
+    if failed:
+        words.append("DataStream gave up on %d records, which it keeps no copy of" % failed)
+    return False, "verdict: INCOMPLETE: " + "; ".join(words)
+
+
+def run_reconcile(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
+    """The reconcile command: 0 complete, 1 records missing, 2 usage, credential or API
+    problem."""
+    options = build_reconcile_parser("reconcile").parse_args(argv)
+    now = time.time()
+    try:
+        query = parse_ledger_query(options, now)
+        if query.until - query.since > RECONCILE_MAX_SPAN:
+            raise ConfigError("at most 7 days at a time (Akamai keeps no more): narrow --since")
+        client = AkamaiClient(read_edgerc(options.edgerc.expanduser(), options.section),
+                              options.section, options.timeout)
+        deliveries = fetch_deliveries(client, query.since - LEDGER_WINDOW,
+                                      query.until + LEDGER_WINDOW, query.streams)
+        ledger = fleet_ledger(query._replace(since=query.since - LEDGER_WINDOW,
+                                             until=query.until + LEDGER_WINDOW))
+    except (ConfigError, AkamaiError) as exc:
+        sys.stderr.write("dsreceiver.py reconcile: error: %s\n" % exc)
+        return 2
+    report = reconcile(query, deliveries, ledger)
+    complete, line = report_verdict(report)
+    save_reconciled(query.roots, report, now, query)
+    if query.as_json:
+        out.write(json.dumps({"since": iso_window(query.since), "until": iso_window(query.until),
+                              "tolerance_windows": 1, "complete": complete, "verdict": line,
+                              "streams": [dict(stream_totals(verdicts), stream=stream,
+                                               windows=[v.to_wire() for v in verdicts])
+                                          for stream, verdicts in report.items()]},
+                             indent=1) + "\n")
+    else:
+        print_report(report, query, out)
+        out.write("\n" + line + "\n")
+    return 0 if complete else 1
+
+
+STREAM_PATHS = ("/datastream-config-api/v3/log/%s/streams", "/datastream-config-api/v2/log/streams")
+LOG_TYPES = ("cdn", "appsec", "edgeworkers", "edns", "gtm")
+
+
+def build_pull_parser() -> ArgumentParser:
+    """Returns the parser of the streams pull command."""
+    parser = ArgumentParser(prog="dsreceiver.py streams pull", description="Fetch stream"
+                            " definitions from Akamai's DataStream API (v3, else v2) and write"
+                            " them where --stream-config reads them; then SIGHUP the server to"
+                            " load them.")
+    add_api_options(parser)
+    parser.add_argument("--stream-config", type=Path, required=True, metavar="FILE",
+                        help="the file to write, the server's --stream-config")
+    parser.add_argument("--stream", action="append", default=[], metavar="ID",
+                        help="only this stream; repeatable (default: every stream of the account)")
+    parser.add_argument("--log-type", choices=LOG_TYPES, default="cdn",
+                        help="the v3 API's log type of the streams (default: %(default)s)")
+    return parser
+
+
+def stream_ids_in(answer: object) -> List[str]:
+    """The stream IDs of a list-streams answer (a list, or {"streams": [...]})."""
+    return [str(stream["streamId"]) for stream in definitions_in(answer)
+            if isinstance(stream, dict) and "streamId" in stream]
+
+
+def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
+    """The streams pull command: 0 written, 2 usage, credential or API problem."""
+    if argv[:1] != ["pull"]:
+        sys.stderr.write("dsreceiver.py streams: error: the one subcommand is pull (see"
+                         " python3 dsreceiver.py streams pull --help)\n")
+        return 2
+    options = build_pull_parser().parse_args(argv[1:])
+    try:
+        for stream in options.stream:
+            if not STREAM_ID_RE.fullmatch(stream):
+                raise ConfigError("--stream %r is not a stream ID" % stream)
+        client = AkamaiClient(read_edgerc(options.edgerc.expanduser(), options.section),
+                              options.section, options.timeout)
+        lists = (STREAM_PATHS[0] % options.log_type, STREAM_PATHS[1])
+        streams = options.stream or stream_ids_in(client.get_first(lists)[1])
+        fetched = []
+        for stream in streams:
+            path, document = client.get_first([base + "/" + stream for base in lists])
+            definition = parse_stream_definition(document)
+            fetched.append(document)
+            out.write("stream %s version %s: %d fields (API %s)\n"
+                      % (stream, definition.version or "any", len(definition.fields),
+                         "v3" if "/v3/" in path else "v2"))
+        target = options.stream_config
+        temp = target.with_name("." + target.name + ".tmp")
+        fd = os.open(str(temp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DEFAULT_FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(fetched, indent=1) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temp), str(target))
+    except (ConfigError, AkamaiError) as exc:
+        sys.stderr.write("dsreceiver.py streams pull: error: %s\n" % exc)
+        return 2
+    except OSError as exc:
+        sys.stderr.write("dsreceiver.py streams pull: error: cannot write %s: %s\n"
+                         % (options.stream_config, describe_os_error(exc)))
+        return 2
+    out.write("wrote %d stream definitions to %s; send SIGHUP to the server to load them\n"
+              % (len(fetched), options.stream_config))
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Lifecycle and signals
 # ---------------------------------------------------------------------------
@@ -6080,11 +7050,11 @@ def serve_until_stopped(settings: Settings, layout: Layout, listener: socket.soc
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests, syncs and closes; returns
     0."""
     storage = Storage(layout, settings.fsync, settings.max_file_size, dedupe)
-    housekeeper = Housekeeper(layout, storage, settings.compress_rotated, settings.retention_days,
-                              settings.dedupe_window)
     server = ReceiverServer(settings, listener, certificates, authenticator, storage, streams,
                             supervisor.metrics if supervisor is not None else None,
                             client_connections)
+    housekeeper = Housekeeper(layout, storage, settings.compress_rotated, settings.retention_days,
+                              settings.dedupe_window, take_answers=server.metrics.take_answers)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
     storage.start()
@@ -6121,8 +7091,10 @@ def run_worker(settings: Settings, index: int, listener: socket.socket, control:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the receiver until SIGTERM or SIGINT (or the check command); returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["check"]:
-        return run_check(arguments[1:])
+    commands = {"check": run_check, "ledger": run_ledger, "reconcile": run_reconcile,
+                "streams": run_streams}
+    if arguments[:1] and arguments[0] in commands:
+        return commands[arguments[0]](arguments[1:])
     try:
         settings = parse_config(arguments)
     except ConfigError as exc:

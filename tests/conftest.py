@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import py_compile
 import re
@@ -437,3 +438,29 @@ def scrape(server: ServerProcess, headers: Optional[Dict[str, str]] = None) -> L
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     return parse_prometheus(response.body.decode())[0]
+
+
+def run_command(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60.0
+                ) -> subprocess.CompletedProcess[str]:
+    """Runs `python3 dsreceiver.py ARGS...` (a command such as ledger or reconcile) to its end."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT))
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dsreceiver", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def ledger_totals(*roots: Path, since: str = "2h", until: str = "0m") -> Dict[str, Dict[str, Any]]:
+    """`dsreceiver.py ledger --json` over these output folders, added up per stream row."""
+    folders = [arg for root in roots for arg in ("--output-dir", str(root))]
+    done = run_command("ledger", "--json", "--since", since, "--until", until, *folders)
+    assert done.returncode == 0, done.stderr
+    totals: Dict[str, Dict[str, Any]] = {}
+    for line in done.stdout.splitlines():
+        row = json.loads(line)
+        total = totals.setdefault(row["stream"], {"records": 0, "batches": 0, "bytes": 0, "duplicates": 0,
+                                                  "refused": {}})
+        for key in ("records", "batches", "bytes", "duplicates"):
+            total[key] += row[key]
+        for status, number in row["refused"].items():
+            total["refused"][status] = total["refused"].get(status, 0) + number
+    return totals

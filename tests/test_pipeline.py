@@ -99,8 +99,7 @@ def test_an_identical_batch_without_request_ids_is_stored_again_and_vouches_for_
     # Only the first copy's index entry carries the digest: the others vouch for no later batch.
     [(index, _, _)] = list(receiver.layout.indexes())
     raw = index.read_bytes()
-    digests = [dsreceiver.BATCH_ENTRY.unpack_from(raw, offset)[2]
-               for offset in range(0, len(raw), dsreceiver.BATCH_ENTRY.size)]
+    digests = [entry.digest for entry in dsreceiver.read_index(raw)]
     assert digests[0] != dsreceiver.NO_DIGEST and digests[1:] == [dsreceiver.NO_DIGEST] * 2
 
 

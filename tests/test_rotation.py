@@ -15,7 +15,7 @@ from typing import Callable, List
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, batch_of, open_storage, wait_until
+from conftest import ROOT, ServerProcess, batch_of, ledger_totals, open_storage, wait_until
 from simulator import make_batch
 
 HOUR = 3600.0
@@ -187,3 +187,6 @@ def test_the_readme_logrotate_recipe_under_pushes_loses_nothing_and_doubles_noth
               for line in (gzip.decompress(path.read_bytes()) if path.name.endswith(".gz")
                            else path.read_bytes()).split(b"\n")[:-1]]
     assert sorted(stored) == sorted(line for batch in batches for line in batch.lines)
+    # The ledger counts each batch once, moved files and all.
+    ledger = ledger_totals(output)["61234"]
+    assert (ledger["records"], ledger["batches"]) == (len(stored), len(batches))

@@ -204,7 +204,9 @@ def test_a_hundred_streams_render_whole() -> None:
     streams = [{"stream": str(61000 + n), "last_push": now - n, "seconds_since_push": float(n),
                 "push_interval_seconds": 30.0, "late": n > 90, "batches_last_hour": n, "records_last_hour": 100 * n,
                 "records_per_minute": [n % 7] * 60, "uploaders_last_10_minutes": 3, "event_lag_seconds": 40.0,
-                "dedupe_hits": 0, "refusals": {"503": 1}, "records_total": 100 * n} for n in range(100)]
+                "dedupe_hits": 0, "refusals": {"503": 1}, "records_total": 100 * n,
+                "reconciled": None if n % 2 else {"at": now - 600, "delivered": 500, "stored": 500 - n, "missing": n,
+                                                  "failed": 0}} for n in range(100)]
     document = {"generated": now, "streams": streams, "refusals": [],
                 "storage": {"output_dir": "/data", "disk_free_bytes": 10 ** 9, "disk_total_bytes": 10 ** 10,
                             "written_last_hour_bytes": 10 ** 6, "write_rate_bytes_per_second": 300.0,
@@ -218,3 +220,5 @@ def test_a_hundred_streams_render_whole() -> None:
     dom.feed(dsreceiver.render_status_page(document).decode())
     assert len(dom.rows) == 100 and dom.rows["61099"]["records"] == "9900"
     assert dom.elements.count("svg") == 100
+    page = dsreceiver.render_status_page(document).decode()
+    assert page.count(">never</td>") == 50 and "Akamai 500, stored 490, missing 10</td>" in page

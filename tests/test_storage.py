@@ -87,8 +87,7 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     def writer(index: int) -> None:
-        end, generation = data_file.append(batch_of(b"record %d" % index), time.time())
-        data_file.sync_through(end, generation)
+        data_file.append(batch_of(b"record %d" % index), dsreceiver.IndexEntry(0, time.time(), records=1))
 
     leader = threading.Thread(target=writer, args=(0,))
     leader.start()
@@ -96,19 +95,23 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
     followers = [threading.Thread(target=writer, args=(i,)) for i in range(1, 21)]
     for thread in followers:
         thread.start()
-    # Every follower has appended while the leader's fdatasync is still running.
-    wait_until(lambda: data_file.size == len(b"".join(b"record %d\n" % i for i in range(21))), what="20 appends")
+    # Every follower has queued its batch while the leader's fdatasync is still running.
+    wait_until(lambda: len(data_file.queue) == 20, what="20 queued batches")
     release_first_sync.set()
     for thread in [leader] + followers:
         thread.join()
     assert len(calls) == 4  # data and index: the leader's pair, then one pair for all twenty followers
-    assert data_file.synced == data_file.size
+    assert data_file.durable_size == data_file.size == len(b"".join(b"record %d\n" % i for i in range(21)))
+    data_file.close()
+    entries = dsreceiver.read_index((tmp_path / "group.idx").read_bytes())
+    assert [entry.records for entry in entries] == [1] * 21
+    assert [entry.end for entry in entries] == sorted(entry.end for entry in entries)
 
 
 def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data_file = dsreceiver.DataFile(tmp_path / "eio.log", tmp_path / "eio.idx")
-    data_file.sync_through(*data_file.append(batch_of(b"kept"), time.time()))
+    data_file.append(batch_of(b"kept"), dsreceiver.IndexEntry(0, time.time()))
     failing = [True]
     real_fdatasync = os.fdatasync
 
@@ -118,16 +121,14 @@ def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
         real_fdatasync(fd)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    end, generation = data_file.append(batch_of(b"lost"), time.time())
     with pytest.raises(OSError):
-        data_file.sync_through(end, generation)
+        data_file.append(batch_of(b"lost"), dsreceiver.IndexEntry(0, time.time()))
     assert (tmp_path / "eio.log").read_bytes() == b"kept\n"
     failing[0] = False
-    data_file.sync_through(*data_file.append(batch_of(b"after"), time.time()))
+    data_file.append(batch_of(b"after"), dsreceiver.IndexEntry(0, time.time()))
     data_file.close()
     assert (tmp_path / "eio.log").read_bytes() == b"kept\nafter\n"
-    entries = (tmp_path / "eio.idx").read_bytes()
-    assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [5, 11]
+    assert [entry.end for entry in dsreceiver.read_index((tmp_path / "eio.idx").read_bytes())] == [5, 11]
 
 
 def test_torn_tail_is_repaired_at_start(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
@@ -222,8 +223,8 @@ def test_reopen_keeps_files_in_place_and_replaces_moved_ones(tmp_path: Path) -> 
     assert current.path.read_bytes() == b"second\n"
     assert current.path.with_name(current.path.name + ".1").read_bytes() == b"first\n"
     # The new file has an index of its own, and the moved one still tells dedup what was stored.
-    entries = storage.layout.index_path(current.path).read_bytes()
-    assert [dsreceiver.BATCH_ENTRY.unpack_from(entries, i)[0] for i in range(0, len(entries), 48)] == [7]
+    entries = dsreceiver.read_index(storage.layout.index_path(current.path).read_bytes())
+    assert [entry.end for entry in entries] == [7]
     restarted = open_storage(tmp_path, dedupe_window=900)
     again = dsreceiver.BatchBuilder(restarted.layout.spool_dir, digest=True).feed_whole(b"first\n")
     assert restarted.store("", again).path is None
