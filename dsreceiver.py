@@ -5075,6 +5075,8 @@ class ConnectionHandler:
             # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
+        if not log.isEnabledFor(logging.INFO):
+            return
         method = request.method if request is not None else "-"
         seconds = time.monotonic() - exchange.started
         fields = {"event": "access", "client": exchange.client, "method": method, "path": shown,
@@ -5745,8 +5747,13 @@ class ControlChannel:
 
     def send(self, message: Message) -> None:
         """Sends one message."""
-        line = [type(message).__name__, *map(wire_value, message)]
-        data = json.dumps(line, separators=(",", ":")).encode("utf-8") + b"\n"
+        self.send_all([message])
+
+    def send_all(self, messages: Sequence[Message]) -> None:
+        """Sends messages in one write."""
+        data = b"".join(json.dumps([type(message).__name__, *map(wire_value, message)],
+                                   separators=(",", ":")).encode("utf-8") + b"\n"
+                        for message in messages)
         with self.send_lock:
             self.sock.sendall(data)
 
@@ -5760,14 +5767,27 @@ class ControlChannel:
         return messages
 
 
+class PendingCall:
+    """A worker's request to the supervisor, waiting for its answer."""
+
+    __slots__ = ("answer", "done")
+
+    def __init__(self) -> None:
+        self.answer: Optional[Message] = None
+        # Released once: the answer is in, or the supervisor is gone.
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
 class SupervisorClient:
     """A worker's line to the supervisor: the DedupeWindow all workers share, so a batch re-sent to
     another worker is still stored once, and the metrics summed over every worker."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.channel = ControlChannel(sock)
-        self.replies: Dict[int, Message] = {}
-        self.arrived = threading.Condition()
+        # The calls waiting for their answer, by request ID: each is woken alone, by its own.
+        self.waiting: Dict[int, PendingCall] = {}
+        self.lock = threading.Lock()
         self.last_id = 0
         self.gone = False
 
@@ -5789,12 +5809,16 @@ class SupervisorClient:
                 if isinstance(message, SnapshotRequest):
                     self.channel.send(SnapshotAnswer(message.id, snapshot(message.scope)))
                 elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
-                    with self.arrived:
-                        self.replies[message.id] = message
-                        self.arrived.notify_all()
-        with self.arrived:
+                    with self.lock:
+                        call = self.waiting.pop(message.id, None)
+                    if call is not None:
+                        call.answer = message
+                        call.done.release()
+        with self.lock:
             self.gone = True
-            self.arrived.notify_all()
+            calls, self.waiting = list(self.waiting.values()), {}
+        for call in calls:
+            call.done.release()
         # The supervisor died without stopping us: finish in-flight requests and exit, never serve
         # orphaned.
         log.error("the supervisor process is gone: stopping this worker")
@@ -5802,20 +5826,24 @@ class SupervisorClient:
 
     def _call(self, make: Callable[[int], Message]) -> Message:
         """Sends the request make(id) and waits for its answer."""
-        with self.arrived:
+        call = PendingCall()
+        with self.lock:
+            if self.gone:
+                raise SupervisorGone("the supervisor process is gone")
             self.last_id += 1
             request_id = self.last_id
+            self.waiting[request_id] = call
         try:
             self.channel.send(make(request_id))
         except OSError as exc:
+            with self.lock:
+                self.waiting.pop(request_id, None)
             raise SupervisorGone("the supervisor process is gone: %s"
                                  % describe_os_error(exc)) from exc
-        with self.arrived:
-            while request_id not in self.replies:
-                if self.gone:
-                    raise SupervisorGone("the supervisor process is gone")
-                self.arrived.wait()
-            return self.replies.pop(request_id)
+        call.done.acquire()
+        if call.answer is None:
+            raise SupervisorGone("the supervisor process is gone")
+        return call.answer
 
     def claim(self, key: str) -> bool:
         """DedupeWindow.claim(), decided by the supervisor for every worker."""
@@ -5900,6 +5928,8 @@ class Supervisor:
         self.waiting: Dict[str, List[Tuple[int, int]]] = {}
         self.gatherings: Dict[int, MetricsGathering] = {}
         self.last_gathering = 0
+        # Messages for each worker, sent at the end of the loop's turn (see send).
+        self.outbox: Dict[int, List[Message]] = {}
         self.stopping = False
         self.failed = False
         # Workers restarted after they exited: the one count workers cannot keep themselves.
@@ -5967,6 +5997,7 @@ class Supervisor:
             if signals.take_reload():
                 self.signal_all(signal.SIGHUP)
             self.reap()
+            self.flush_outbox()
         return 1 if self.failed else 0
 
     def stop(self, reason: str) -> None:
@@ -5997,7 +6028,8 @@ class Supervisor:
     def after_exit(self, slot: WorkerSlot, code: int) -> None:
         """Everything that follows a worker's exit, in the one safe order:
 
-        1. its slot forgets the process, so nothing more is read from it;
+        1. its slot forgets the process, so nothing more is read from it, and the
+           messages queued for it are dropped;
         2. its files are recovered: bytes it wrote but never acknowledged are cut;
         3. the batches it stored are learnt from their indexes into the dedupe window;
         4. only then are its claims released, so that a retry waiting for one
@@ -6007,6 +6039,8 @@ class Supervisor:
         """
         pid = slot.pid
         slot.ended()
+        # What was queued for it answers its requests; a restarted worker's requests are new.
+        self.outbox.pop(slot.index, None)
         recover_output(self.layout, slot.tag)
         self.dedupe.load(indexed_batches(self.layout, self.dedupe.window, time.time(), slot.tag))
         for key in [key for key, owner in self.owners.items() if owner == slot.index]:
@@ -6028,13 +6062,20 @@ class Supervisor:
             self.spawn(slot)
 
     def send(self, index: int, message: Message) -> None:
-        """Sends to worker `index`, which may have gone meanwhile."""
-        channel = self.slots[index].channel
-        if channel is not None:
-            try:
-                channel.send(message)
-            except OSError:
-                pass
+        """Queues a message to worker `index`: flush_outbox() sends what one turn of the loop
+        queued, one write per worker."""
+        self.outbox.setdefault(index, []).append(message)
+
+    def flush_outbox(self) -> None:
+        """Sends the queued messages to the workers, which may have gone meanwhile."""
+        outbox, self.outbox = self.outbox, {}
+        for index, messages in outbox.items():
+            channel = self.slots[index].channel
+            if channel is not None:
+                try:
+                    channel.send_all(messages)
+                except OSError:
+                    pass
 
     def handle(self, index: int, message: Message) -> None:
         """Acts on one message from worker `index`."""

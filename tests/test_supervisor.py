@@ -50,6 +50,12 @@ def supervisor(tmp_path: Path) -> Iterator[dsreceiver.Supervisor]:
         listener.close()
 
 
+def turn(supervisor: dsreceiver.Supervisor, index: int, message: dsreceiver.Message) -> None:
+    """One message from worker `index`, as one turn of the supervisor's loop handles it: answers go out at its end."""
+    supervisor.handle(index, message)
+    supervisor.flush_outbox()
+
+
 def attach(supervisor: dsreceiver.Supervisor) -> List[WorkerEnd]:
     """Gives every slot a (pretend) running worker: a control channel whose other end the test holds."""
     ends = []
@@ -62,33 +68,33 @@ def attach(supervisor: dsreceiver.Supervisor) -> List[WorkerEnd]:
 
 def test_a_claimed_batch_makes_other_claims_wait_for_its_outcome(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
-    supervisor.handle(0, Claim(1, "-/batch"))
+    turn(supervisor, 0, Claim(1, "-/batch"))
     assert first.receive() == ClaimAnswer(1, False)
-    supervisor.handle(1, Claim(7, "-/batch"))
+    turn(supervisor, 1, Claim(7, "-/batch"))
     assert second.nothing_waiting()  # the answer waits for worker 1's outcome
-    supervisor.handle(0, Commit("-/batch", time.time()))
+    turn(supervisor, 0, Commit("-/batch", time.time()))
     assert second.receive() == ClaimAnswer(7, True)
 
 
 def test_a_released_claim_passes_to_the_next_worker_waiting(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
-    supervisor.handle(0, Claim(1, "-/batch"))
+    turn(supervisor, 0, Claim(1, "-/batch"))
     first.receive()
-    supervisor.handle(1, Claim(2, "-/batch"))
-    supervisor.handle(0, Release("-/batch"))
+    turn(supervisor, 1, Claim(2, "-/batch"))
+    turn(supervisor, 0, Release("-/batch"))
     assert second.receive() == ClaimAnswer(2, False)  # worker 2 stores it now
     assert supervisor.owners == {"-/batch": 1}
 
 
 def test_metrics_are_gathered_from_every_worker_and_merged(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
-    supervisor.handle(1, MetricsRequest(5, dsreceiver.SnapshotScope.FULL))
+    turn(supervisor, 1, MetricsRequest(5, dsreceiver.SnapshotScope.FULL))
     requests = [first.receive(), second.receive()]
     assert isinstance(requests[0], SnapshotRequest) and requests == [requests[0]] * 2
     gathering = requests[0].id
     for index, records in ((0, 3), (1, 4)):
         snapshot = dsreceiver.MetricsSnapshot(counters={"records_stored": records})
-        supervisor.handle(index, SnapshotAnswer(gathering, snapshot))
+        turn(supervisor, index, SnapshotAnswer(gathering, snapshot))
     answer = second.receive()
     assert isinstance(answer, MetricsAnswer) and answer.id == 5
     assert answer.snapshot.counters == {"records_stored": 7, "worker_restarts": 0}
@@ -102,27 +108,29 @@ def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_re
     batch = batch_of(b"stored by worker 1")
     batch.digest = b"\x01" * 32
     key = dsreceiver.dedupe_key("", batch.digest)
-    supervisor.handle(0, Claim(1, key))
+    turn(supervisor, 0, Claim(1, key))
     first.receive()
     storage.store("", batch)
     storage.close()
-    supervisor.handle(1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
+    turn(supervisor, 1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
     supervisor.stopping = True  # no restart: this test has no process to fork
     supervisor.after_exit(supervisor.slots[0], -9)
+    supervisor.flush_outbox()
     assert supervisor.slots[0].channel is None and supervisor.owners == {}
     assert second.receive() == ClaimAnswer(9, True)  # a duplicate: it is never stored twice
 
 
 def test_after_an_exit_nothing_waits_for_its_snapshot(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
-    supervisor.handle(1, MetricsRequest(3, dsreceiver.SnapshotScope.HEALTH))
+    turn(supervisor, 1, MetricsRequest(3, dsreceiver.SnapshotScope.HEALTH))
     request = first.receive()
     assert isinstance(request, SnapshotRequest) and request.scope is dsreceiver.SnapshotScope.HEALTH
     assert second.receive() == request
     gathering = request.id
-    supervisor.handle(1, SnapshotAnswer(gathering, dsreceiver.MetricsSnapshot(counters={"records_stored": 2})))
+    turn(supervisor, 1, SnapshotAnswer(gathering, dsreceiver.MetricsSnapshot(counters={"records_stored": 2})))
     supervisor.stopping = True
     supervisor.after_exit(supervisor.slots[0], 0)
+    supervisor.flush_outbox()
     answer = second.receive()
     assert isinstance(answer, MetricsAnswer) and answer.snapshot.counters == {"records_stored": 2, "worker_restarts": 0}
 
@@ -133,3 +141,15 @@ def test_a_worker_that_keeps_exiting_is_a_crash_loop() -> None:
     assert not any(slot.crash_looping(now + step) for step in range(dsreceiver.CRASH_LOOP_RESTARTS))
     assert slot.crash_looping(now + dsreceiver.CRASH_LOOP_RESTARTS)
     assert not dsreceiver.WorkerSlot(1).crash_looping(now) and slot.tag == ".w1"
+
+
+def test_answers_queued_for_a_dead_worker_never_reach_its_successor(supervisor: dsreceiver.Supervisor) -> None:
+    attach(supervisor)
+    supervisor.handle(0, Claim(5, "-/queued"))  # answered at the end of the loop's turn...
+    supervisor.stopping = True
+    supervisor.after_exit(supervisor.slots[0], -9)  # ...but the worker died first
+    ours, theirs = socket.socketpair()
+    supervisor.slots[0].started(0, dsreceiver.ControlChannel(ours))  # its successor, whose request 5 is another
+    successor = WorkerEnd(theirs)
+    supervisor.flush_outbox()
+    assert successor.nothing_waiting()
