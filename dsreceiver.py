@@ -3173,38 +3173,43 @@ class DataFile:
         """Commits every queued batch as one group, wakes its pushes, and passes the lead on."""
         with self.queue_lock:
             group, self.queue = self.queue, []
-        with self.write_lock:
-            error = self._write(group)
-            if error is None and self.sync:
-                error = self._sync()
-        successor: Optional[PendingBatch] = None
-        with self.queue_lock:
-            if self.queue:
-                successor = self.queue[0]
-                successor.leads = True
-            else:
-                self.committing = False
-        for pending in group:
-            pending.error = error
-            pending.woken.release()
-        if successor is not None:
-            successor.woken.release()
+        # What the group learns if an unforeseen error stops this short: every push is woken.
+        error: Optional[OSError] = OSError("the commit of %s stopped short" % self.path)
+        try:
+            with self.write_lock:
+                error = self._write(group)
+                if error is None and self.sync:
+                    error = self._sync()
+        finally:
+            successor: Optional[PendingBatch] = None
+            with self.queue_lock:
+                if self.queue:
+                    successor = self.queue[0]
+                    successor.leads = True
+                else:
+                    self.committing = False
+            for pending in group:
+                pending.error = error
+                pending.woken.release()
+            if successor is not None:
+                successor.woken.release()
 
     def _write(self, group: Sequence[PendingBatch]) -> Optional[OSError]:
         """Appends the group's batches, then their index entries; cuts both files back when that
         fails."""
         start = os.fstat(self.fd).st_size
+        end = start
+        entries: List[Buffer] = []
+        for pending in group:
+            end += pending.batch.stored_size
+            entries.append(pending.entry._replace(end=end).pack())
         try:
             if start < self.size:
                 self._reset_index(start)  # truncated behind our back (copytruncate)
                 self.durable_size, self.durable_index_size = start, self.index_size
             index_start = self.index_size
-            end = start
             parts: List[Buffer] = []
-            entries: List[Buffer] = []
             for pending in group:
-                end += pending.batch.stored_size
-                entries.append(pending.entry._replace(end=end).pack())
                 in_memory = pending.batch.memory_parts()
                 if in_memory is None:
                     write_parts(self.fd, parts)
@@ -3836,11 +3841,12 @@ def append_answers(layout: Layout, answers: Dict[LedgerKey, Dict[str, int]]) -> 
 
 
 def read_reconciled(layout: Layout) -> Dict[str, Dict[str, float]]:
-    """The last reconcile's totals by stream ID, each with the time it ran under "at"; empty when
-    there was none (or it cannot be read: the status page does without)."""
+    """Each stream's last reconcile totals by stream ID, with when it ran ("at") and its range
+    ("since", "until"); empty when there was none (or it cannot be read: the status page does
+    without)."""
     try:
         document = json.loads(layout.reconciled_path.read_bytes())
-        return {str(stream): dict(totals, at=float(document["at"]))
+        return {str(stream): {key: float(number) for key, number in totals.items()}
                 for stream, totals in document["streams"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
@@ -6809,14 +6815,17 @@ def stream_totals(verdicts: Sequence[WindowVerdict]) -> Dict[str, int]:
 
 def save_reconciled(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
                     query: LedgerQuery) -> None:
-    """Leaves the verdicts where each server's status page and /metrics read them."""
-    document = {"at": now, "since": query.since, "until": query.until,
-                "streams": {stream: stream_totals(verdicts)
-                            for stream, verdicts in report.items()}}
+    """Leaves each stream's totals, with when and over what range, where each server's status page
+    and /metrics read them (see read_reconciled); other streams keep their last result."""
+    found = {stream: dict(stream_totals(verdicts), at=now, since=query.since, until=query.until)
+             for stream, verdicts in report.items()}
     for root in roots:
-        target = Layout(root).reconciled_path
+        layout = Layout(root)
+        target = layout.reconciled_path
         temp = target.with_name(target.name + ".tmp")
         try:
+            document = {"format": LEDGER_FORMAT,
+                        "streams": dict(read_reconciled(layout), **found)}
             temp.write_text(json.dumps(document) + "\n", encoding="utf-8")
             os.replace(str(temp), str(target))
         except OSError as exc:

@@ -175,7 +175,7 @@ def test_matching_windows_are_complete_and_the_server_shows_the_result(
     samples = scrape(server)
     assert value(samples, "dsreceiver_reconcile_delivered_records", stream="61234") == 300
     assert value(samples, "dsreceiver_reconcile_missing_records", stream="61234") == 0
-    assert value(samples, "dsreceiver_reconcile_timestamp_seconds", stream="61234") == reconciled["at"]
+    assert value(samples, "dsreceiver_reconcile_timestamp_seconds", stream="61234") == reconciled["streams"]["61234"]["at"]
 
 
 def test_records_datastream_gave_up_on_are_named_with_its_error_codes(
@@ -227,6 +227,11 @@ def test_a_fleet_is_added_up_and_a_stream_filter_applies(akamai: AkamaiStandIn, 
     assert "stream 70077" not in done.stdout
     assert all(query.get("streamId") == "61234" for _, query in akamai.calls)
     assert reconcile(akamai, trust, roots=hosts).returncode == 1  # 70077: 495 missing
+    assert reconcile(akamai, trust, "--stream", "70077", roots=hosts).returncode == 1
+    # Each host keeps every stream's last result: 61234's from the run before, which 70077's left alone.
+    for host in hosts:
+        last = json.loads((host / ".dsreceiver" / "reconciled.json").read_text())["streams"]
+        assert (last["61234"]["missing"], last["70077"]["missing"]) == (0, 495)
 
 
 def test_seven_days_are_read_in_calls_of_one_day(akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
