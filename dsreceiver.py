@@ -6547,15 +6547,15 @@ def parse_moment(text: str, now: float) -> int:
     return parse_window(text)
 
 
-def add_ledger_options(parser: ArgumentParser) -> None:
-    """The options of the commands that read ledgers."""
+def add_ledger_options(parser: ArgumentParser, until: str) -> None:
+    """The options of the commands that read ledgers; `until` is --until's default."""
     parser.add_argument("--output-dir", type=Path, action="append", default=[], metavar="DIR",
                         help="a server's --output-dir; repeat it for a fleet, whose ledgers are"
                         " added up (default: ./data)")
     parser.add_argument("--since", default="24h", metavar="TIME",
                         help="first window: UTC time (2026-11-27T15:00Z) or time ago (90m, 6h, 7d)"
                         " (default: %(default)s)")
-    parser.add_argument("--until", default="%dm" % (RECONCILE_SETTLE // 60), metavar="TIME",
+    parser.add_argument("--until", default=until, metavar="TIME",
                         help="through the window holding this time, as --since; recent windows"
                         " may still get DataStream's retries (default: %(default)s)")
     parser.add_argument("--stream", action="append", default=[], metavar="ID",
@@ -6588,7 +6588,7 @@ def build_reconcile_parser(command: str) -> ArgumentParser:
                                 " or DataStream gave up on some; 2: usage, credential or API"
                                 " problem.")
         add_api_options(parser)
-    add_ledger_options(parser)
+    add_ledger_options(parser, "0m" if command == "ledger" else "%dm" % (RECONCILE_SETTLE // 60))
     return parser
 
 
