@@ -2632,23 +2632,38 @@ class SupervisorGone(Exception):
     reached."""
 
 
+class ClaimTicket:
+    """The answer to a claim of a batch's key: `verdict` True (store it), False (a duplicate), or
+    None while another request stores the same batch, until final() learns its outcome."""
+
+    __slots__ = ("verdict", "wait")
+
+    def __init__(self, verdict: Optional[bool], wait: Callable[[], bool]) -> None:
+        self.verdict = verdict
+        self.wait = wait
+
+    def final(self) -> bool:
+        """The verdict, waiting for the other request's outcome when there is none yet."""
+        return self.verdict if self.verdict is not None else self.wait()
+
+
 class DedupeWindow(Protocol):
     """Remembers the batches stored recently, so a batch re-sent within the window is stored once.
 
-    A push claims its batch's key before storing, then commits it once
-    stored or releases it when storing failed; a concurrent claim of the same
-    key waits for that outcome.
+    A commit claims its batches' keys before writing them, then commits
+    them once stored or releases them when storing failed.  A claim of a
+    key that another request holds is answered at once with a ticket to
+    wait on, so that nothing waits while holding claims of its own.
     """
 
-    def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate; may
-        raise SupervisorGone."""
+    def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
+        """Claims distinct keys; may raise SupervisorGone."""
 
-    def commit(self, key: str, stored_at: float) -> None:
-        """Records that the claimed batch is stored."""
+    def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
+        """Records that the claimed batches are stored: (key, time stored)."""
 
-    def release(self, key: str) -> None:
-        """Gives up a claim whose batch could not be stored, letting a retry store it."""
+    def release_all(self, keys: Sequence[str]) -> None:
+        """Gives up claims whose batches could not be stored, letting a retry store them."""
 
 
 class DedupeIndex:
@@ -2696,6 +2711,24 @@ class DedupeIndex:
             return False
         self.pending.add(key)
         return True
+
+    def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
+        """DedupeWindow.claim_all(): a key being stored by another request gets a ticket that
+        waits (see claim)."""
+        with self.state:
+            outcomes = [self.try_claim(key) for key in keys]
+        return [ClaimTicket(outcome, functools.partial(self.claim, key))
+                for key, outcome in zip(keys, outcomes)]
+
+    def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
+        """DedupeWindow.commit_all()."""
+        for key, stored_at in stored:
+            self.commit(key, stored_at)
+
+    def release_all(self, keys: Sequence[str]) -> None:
+        """DedupeWindow.release_all()."""
+        for key in keys:
+            self.release(key)
 
     def commit(self, key: str, stored_at: float) -> None:
         """Records that the claimed batch is stored."""
@@ -3078,21 +3111,49 @@ class FileState(enum.Enum):
     CLOSED = "closed"
 
 
+def always_unique() -> bool:
+    """The eligibility of a batch whose caller vouches that a matching digest can only mean a
+    retry."""
+    return True
+
+
 class PendingBatch:
     """A push's batch queued in its DataFile, and how the push learns what became of it."""
 
-    __slots__ = ("batch", "entry", "error", "leads", "woken")
+    __slots__ = ("batch", "entry", "key", "is_unique", "ticket", "verdict", "error", "leads",
+                 "woken")
 
-    def __init__(self, batch: RecordBatch, entry: IndexEntry) -> None:
+    def __init__(self, batch: RecordBatch, entry: IndexEntry, key: Optional[str] = None,
+                 is_unique: Callable[[], bool] = always_unique,
+                 ticket: Optional[ClaimTicket] = None) -> None:
         self.batch = batch
-        # Its index entry, but for the end offset, which the committing push fills in.
+        # Its index entry, but for the end offset (and the digest, when its claim is granted),
+        # which the committing push fills in.
         self.entry = entry
-        self.error: Optional[OSError] = None
+        # Its dedupe key (None: not deduplicated), and whether a match can only mean a retry.
+        self.key = key
+        self.is_unique = is_unique
+        # Its claim, when decided before it was queued (it waited for another request's outcome).
+        self.ticket = ticket
+        self.verdict = Stored.WRITTEN
+        self.error: Optional[Exception] = None
         # Set when the push is to commit the queue rather than wait for it.
         self.leads = False
         # Released exactly once: the batch is committed (or failed), or the push leads.
         self.woken = threading.Lock()
         self.woken.acquire()
+
+
+class Stored(enum.Enum):
+    """What a commit did with a queued batch."""
+
+    WRITTEN = "written"
+    # A retry of a batch stored within the dedupe window: not written again.
+    DUPLICATE = "duplicate"
+    # It matched a stored batch but may be genuine (see Storage.store): written, without a digest.
+    KEPT_DUPLICATE = "kept duplicate"
+    # Another request is storing the same batch: not written; the push waits on its ticket.
+    DEFERRED = "deferred"
 
 
 class DataFile:
@@ -3110,8 +3171,9 @@ class DataFile:
 
     def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
                  fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE,
-                 sync: bool = True) -> None:
+                 sync: bool = True, dedupe: Optional[DedupeWindow] = None) -> None:
         self.path = path
+        self.dedupe = dedupe
         self.index_path = index_path
         self.period = period
         self.sequence = sequence
@@ -3153,10 +3215,10 @@ class DataFile:
         """Tells whether the file has reached `max_size` bytes (0: no limit)."""
         return bool(max_size) and self.size >= max_size
 
-    def append(self, batch: RecordBatch, entry: IndexEntry) -> None:
-        """Stores the batch and its index entry; returns once both are written (and durable, with
-        sync), raises OSError, with nothing of the batch left behind, when they are not."""
-        pending = PendingBatch(batch, entry)
+    def append(self, pending: PendingBatch) -> Stored:
+        """Stores a batch and its index entry, claiming its dedupe key first; returns once both are
+        written (and durable, with sync), or what else became of it.  Raises OSError (or
+        SupervisorGone), with nothing of the batch left behind, when it cannot be stored now."""
         with self.queue_lock:
             self.queue.append(pending)
             leads = not self.committing
@@ -3168,31 +3230,100 @@ class DataFile:
             self._commit_queue()
         if pending.error is not None:
             raise pending.error
+        return pending.verdict
 
     def _commit_queue(self) -> None:
         """Commits every queued batch as one group, wakes its pushes, and passes the lead on."""
         with self.queue_lock:
             group, self.queue = self.queue, []
         # What the group learns if an unforeseen error stops this short: every push is woken.
-        error: Optional[OSError] = OSError("the commit of %s stopped short" % self.path)
+        error: Optional[Exception] = OSError("the commit of %s stopped short" % self.path)
+        claimed: List[PendingBatch] = []
+        settled = False
         try:
+            claimed = self._claim(group)
+            self._decide(group)
+            writing = [pending for pending in group if pending.verdict in (Stored.WRITTEN,
+                                                                           Stored.KEPT_DUPLICATE)]
             with self.write_lock:
-                error = self._write(group)
-                if error is None and self.sync:
+                error = self._write(writing) if writing else None
+                if error is None and writing and self.sync:
                     error = self._sync()
+            settled = True
+            self._settle(claimed, error is None)
+        except SupervisorGone as exc:
+            error = exc
         finally:
-            successor: Optional[PendingBatch] = None
-            with self.queue_lock:
-                if self.queue:
-                    successor = self.queue[0]
-                    successor.leads = True
-                else:
-                    self.committing = False
-            for pending in group:
-                pending.error = error
-                pending.woken.release()
-            if successor is not None:
-                successor.woken.release()
+            try:
+                if not settled:
+                    # Whatever went wrong, a resend of these batches must not wait for their
+                    # claims.
+                    self._settle(claimed, False)
+            finally:
+                self._wake(group, error)
+
+    def _wake(self, group: Sequence[PendingBatch], error: Optional[Exception]) -> None:
+        """Passes the lead to the first push queued meanwhile, and wakes the group's pushes."""
+        successor: Optional[PendingBatch] = None
+        with self.queue_lock:
+            if self.queue:
+                successor = self.queue[0]
+                successor.leads = True
+            else:
+                self.committing = False
+        for pending in group:
+            pending.error = error
+            pending.woken.release()
+        if successor is not None:
+            successor.woken.release()
+
+    def _claim(self, group: Sequence[PendingBatch]) -> List[PendingBatch]:
+        """Claims, in one call, the keys of the group's batches not yet decided (each key once);
+        returns the batches whose claim is granted, which _settle() commits or releases."""
+        firsts: Dict[str, PendingBatch] = {}
+        for pending in group:
+            if pending.key is not None and pending.ticket is None:
+                firsts.setdefault(pending.key, pending)
+        if self.dedupe is None or not firsts:
+            return [pending for pending in group if pending.ticket and pending.ticket.verdict]
+        for pending, ticket in zip(firsts.values(), self.dedupe.claim_all(list(firsts))):
+            pending.ticket = ticket
+        return [pending for pending in group if pending.ticket and pending.ticket.verdict]
+
+    def _decide(self, group: Sequence[PendingBatch]) -> None:
+        """Tells, from its claim, what becomes of each batch of the group that has a dedupe
+        key."""
+        granted = {pending.key for pending in group if pending.ticket and pending.ticket.verdict}
+        waiting = {pending.key for pending in group
+                   if pending.ticket and pending.ticket.verdict is None}
+        for pending in group:
+            if pending.key is None:
+                continue
+            if pending.ticket is None:
+                # The same batch twice in one group: a retry of the one claimed, or, when that one
+                # waits, it claims again once queued again.
+                verdict: Optional[bool] = None if pending.key in waiting else False
+            else:
+                verdict = pending.ticket.verdict
+            if verdict is None:
+                pending.verdict = Stored.DEFERRED
+            elif verdict:
+                pending.entry = pending.entry._replace(digest=pending.batch.digest or NO_DIGEST)
+            elif pending.is_unique():
+                pending.verdict = Stored.DUPLICATE
+            else:
+                pending.verdict = Stored.KEPT_DUPLICATE
+        assert granted.isdisjoint(waiting)
+
+    def _settle(self, claimed: Sequence[PendingBatch], stored: bool) -> None:
+        """Commits the granted claims of a stored group, or releases them."""
+        if self.dedupe is None or not claimed:
+            return
+        if stored:
+            self.dedupe.commit_all([(pending.key or "", pending.entry.stamp)
+                                    for pending in claimed])
+        else:
+            self.dedupe.release_all([pending.key or "" for pending in claimed])
 
     def _write(self, group: Sequence[PendingBatch]) -> Optional[OSError]:
         """Appends the group's batches, then their index entries; cuts both files back when that
@@ -3293,12 +3424,6 @@ class StoreResult(NamedTuple):
     kept_duplicate: bool = False
 
 
-def always_unique() -> bool:
-    """The eligibility of a batch whose caller vouches that a matching digest can only mean a
-    retry."""
-    return True
-
-
 class Storage:
     """Appends record batches to the current data file of each folder: the only code that writes
     records.
@@ -3373,45 +3498,36 @@ class Storage:
         with nothing of the batch left behind, when it cannot be stored now.
         """
         self.layout.check_folder(folder)
-        dedupe = self.dedupe
-        key = dedupe_key(folder, batch.digest) if dedupe is not None and batch.digest else None
-        if dedupe is None or key is None:
-            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST, stream)[0])
-        if not dedupe.claim(key):
-            if is_unique():
-                return StoreResult(None)
-            return StoreResult(self._append(folder, batch, pushed_gzip, NO_DIGEST, stream)[0],
-                               kept_duplicate=True)
-        try:
-            path, stamp = self._append(folder, batch, pushed_gzip, batch.digest or NO_DIGEST,
-                                       stream)
-        except BaseException:
-            # Whatever went wrong, a resend of this batch must not wait for this claim forever.
-            dedupe.release(key)
-            raise
-        dedupe.commit(key, stamp)
-        return StoreResult(path)
-
-    def _append(self, folder: str, batch: RecordBatch, pushed_gzip: Optional[Buffer],
-                digest: bytes, stream: str) -> Tuple[Path, float]:
-        """Writes the batch (and its index entry, with `digest`); returns where and when it was
-        stored."""
-        stamp = self.clock()
+        key = (dedupe_key(folder, batch.digest) if self.dedupe is not None and batch.digest
+               else None)
         if self.layout.store_gzip:
             batch.compress(pushed_gzip)
-        try:
-            data_file = self._acquire(folder)
-        except OSError as exc:
-            raise StorageError("cannot open a data file in %s: %s"
-                               % (self.layout.root / folder, describe_os_error(exc))) from exc
-        try:
-            data_file.append(batch, IndexEntry(0, stamp, digest, stream, batch.records))
-        except OSError as exc:
-            raise StorageError("cannot write %s: %s"
-                               % (data_file.path, describe_os_error(exc))) from exc
-        finally:
-            self._release(data_file)
-        return data_file.path, stamp
+        ticket: Optional[ClaimTicket] = None
+        while True:
+            pending = PendingBatch(batch, IndexEntry(0, self.clock(), NO_DIGEST, stream,
+                                                     batch.records), key, is_unique, ticket)
+            try:
+                data_file = self._acquire(folder)
+            except OSError as exc:
+                raise StorageError("cannot open a data file in %s: %s"
+                                   % (self.layout.root / folder, describe_os_error(exc))) from exc
+            try:
+                verdict = data_file.append(pending)
+            except OSError as exc:
+                raise StorageError("cannot write %s: %s"
+                                   % (data_file.path, describe_os_error(exc))) from exc
+            finally:
+                self._release(data_file)
+            if verdict is not Stored.DEFERRED:
+                break
+            # Another request stores the same batch now: wait for its outcome, holding no claim,
+            # then queue this one again with the verdict.
+            ticket = pending.ticket
+            if ticket is not None:
+                ticket = ClaimTicket(ticket.final(), ticket.wait)
+        if verdict is Stored.DUPLICATE:
+            return StoreResult(None)
+        return StoreResult(data_file.path, kept_duplicate=verdict is Stored.KEPT_DUPLICATE)
 
     def _acquire(self, folder: str) -> DataFile:
         """The current file of `folder`, opening the next one when the period or size says so;
@@ -3463,7 +3579,7 @@ class Storage:
         index_is_new = not index_path.exists()
         upgrade_index(index_path, path)
         data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds,
-                             self.layout.file_mode, self.fsync_mode == "always")
+                             self.layout.file_mode, self.fsync_mode == "always", self.dedupe)
         if is_new:
             fsync_directory(path.parent)
         if index_is_new:
@@ -5668,10 +5784,10 @@ class Claim(NamedTuple):
 
 class ClaimAnswer(NamedTuple):
     """Supervisor to worker: whether the claimed batch is a duplicate (if not, the worker stores
-    it)."""
+    it); None while another worker stores the same batch, and a second answer follows."""
 
     id: int
-    duplicate: bool
+    duplicate: Optional[bool]
 
 
 class Commit(NamedTuple):
@@ -5776,13 +5892,15 @@ class ControlChannel:
 class PendingCall:
     """A worker's request to the supervisor, waiting for its answer."""
 
-    __slots__ = ("answer", "done")
+    __slots__ = ("answer", "done", "follow_up")
 
     def __init__(self) -> None:
         self.answer: Optional[Message] = None
         # Released once: the answer is in, or the supervisor is gone.
         self.done = threading.Lock()
         self.done.acquire()
+        # After an interim answer (a claim another worker holds): the call the final one goes to.
+        self.follow_up: Optional[PendingCall] = None
 
 
 class SupervisorClient:
@@ -5817,6 +5935,9 @@ class SupervisorClient:
                 elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
                     with self.lock:
                         call = self.waiting.pop(message.id, None)
+                        if (call is not None and isinstance(message, ClaimAnswer)
+                                and message.duplicate is None):
+                            call.follow_up = self.waiting[message.id] = PendingCall()
                     if call is not None:
                         call.answer = message
                         call.done.release()
@@ -5830,44 +5951,64 @@ class SupervisorClient:
         log.error("the supervisor process is gone: stopping this worker")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _call(self, make: Callable[[int], Message]) -> Message:
-        """Sends the request make(id) and waits for its answer."""
-        call = PendingCall()
+    def _send_calls(self, make: Sequence[Callable[[int], Message]]) -> List[PendingCall]:
+        """Sends the requests make(id), in one write; returns the calls their answers go to."""
+        calls = [PendingCall() for _ in make]
         with self.lock:
             if self.gone:
                 raise SupervisorGone("the supervisor process is gone")
-            self.last_id += 1
-            request_id = self.last_id
-            self.waiting[request_id] = call
+            first = self.last_id + 1
+            self.last_id += len(calls)
+            self.waiting.update(zip(range(first, self.last_id + 1), calls))
         try:
-            self.channel.send(make(request_id))
+            self.channel.send_all([build(first + number) for number, build in enumerate(make)])
         except OSError as exc:
             with self.lock:
-                self.waiting.pop(request_id, None)
+                for request_id in range(first, first + len(calls)):
+                    self.waiting.pop(request_id, None)
             raise SupervisorGone("the supervisor process is gone: %s"
                                  % describe_os_error(exc)) from exc
+        return calls
+
+    @staticmethod
+    def _answer(call: PendingCall) -> Message:
+        """Waits for a call's answer; raises SupervisorGone when none will come."""
         call.done.acquire()
         if call.answer is None:
             raise SupervisorGone("the supervisor process is gone")
         return call.answer
 
-    def claim(self, key: str) -> bool:
-        """DedupeWindow.claim(), decided by the supervisor for every worker."""
-        answer = self._call(lambda request_id: Claim(request_id, key))
+    def _final_claim(self, call: PendingCall) -> bool:
+        """The final answer of a claim that another worker held: True when this one stores it."""
+        answer = self._answer(call)
         assert isinstance(answer, ClaimAnswer)
-        return not answer.duplicate
+        return answer.duplicate is False
 
-    def commit(self, key: str, stored_at: float) -> None:
-        """DedupeWindow.commit()."""
-        self.channel.send(Commit(key, stored_at))
+    def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
+        """DedupeWindow.claim_all(), decided by the supervisor for every worker."""
+        calls = self._send_calls([functools.partial(Claim, key=key) for key in keys])
+        tickets = []
+        for call in calls:
+            answer = self._answer(call)
+            assert isinstance(answer, ClaimAnswer)
+            verdict = None if answer.duplicate is None else not answer.duplicate
+            follow_up = call.follow_up
+            tickets.append(ClaimTicket(verdict, functools.partial(self._final_claim, follow_up)
+                                       if follow_up is not None else bool))
+        return tickets
 
-    def release(self, key: str) -> None:
-        """DedupeWindow.release()."""
-        self.channel.send(Release(key))
+    def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
+        """DedupeWindow.commit_all()."""
+        self.channel.send_all([Commit(key, stored_at) for key, stored_at in stored])
+
+    def release_all(self, keys: Sequence[str]) -> None:
+        """DedupeWindow.release_all()."""
+        self.channel.send_all([Release(key) for key in keys])
 
     def metrics(self, scope: SnapshotScope) -> MetricsSnapshot:
         """The metrics of every worker, summed; raises SupervisorGone."""
-        answer = self._call(lambda request_id: MetricsRequest(request_id, scope))
+        [call] = self._send_calls([functools.partial(MetricsRequest, scope=scope)])
+        answer = self._answer(call)
         assert isinstance(answer, MetricsAnswer)
         return answer.snapshot
 
@@ -6088,7 +6229,10 @@ class Supervisor:
         if isinstance(message, Claim):
             outcome = self.dedupe.try_claim(message.key)
             if outcome is None:
+                # Answered at once, so that the worker's other claims go ahead; the outcome
+                # follows.
                 self.waiting.setdefault(message.key, []).append((index, message.id))
+                self.send(index, ClaimAnswer(message.id, None))
                 return
             if outcome:
                 self.owners[message.key] = index

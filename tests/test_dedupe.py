@@ -5,14 +5,15 @@ from __future__ import annotations
 import gzip
 import os
 import signal
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List
 
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, push_concurrently, scrape, value
+from conftest import ROOT, ServerProcess, open_storage, push_concurrently, scrape, value, wait_until
 from simulator import batch_of_lines, make_batch, sample_lines
 
 
@@ -205,3 +206,125 @@ def test_uniqueness_rule_in_process() -> None:
     assert not unique(b'{"reqTimeSec":"1764200000.5"}')
     assert unique(b"4 61234 1 1764200000.507 x", b"4 61234 2 1764200001.000")
     assert not unique(b"4 61234 1 1764200000.507 x", b"4 61234 2 1764200001")
+
+
+def digest_batch(storage: dsreceiver.Storage, record: bytes) -> dsreceiver.RecordBatch:
+    return dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True).feed_whole(record + b"\n")
+
+
+def test_the_same_batch_twice_in_one_group_commit_is_stored_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(tmp_path / "out", dedupe_window=900)
+    storage.store("", digest_batch(storage, b"first"))
+    [data_file] = storage.files.values()
+    sync_started, release_sync = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if not release_sync.is_set():
+            sync_started.set()
+            release_sync.wait(30)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    results: List[dsreceiver.StoreResult] = []
+    batches = [digest_batch(storage, record) for record in (b"blocker", b"twin", b"twin")]
+    threads = [threading.Thread(target=lambda batch=batch: results.append(storage.store("", batch)))
+               for batch in batches]
+    threads[0].start()
+    sync_started.wait(30)
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: len(data_file.queue) == 2, what="both copies queued behind the sync")
+    release_sync.set()
+    for thread in threads:
+        thread.join()
+    storage.close()
+    assert sorted(result.path is None for result in results) == [False, False, True]  # one copy: a retry
+    assert data_file.path.read_bytes() == b"first\nblocker\ntwin\n"
+
+
+class WatchedIndex(dsreceiver.DedupeIndex):
+    """A DedupeIndex that tells when a push waits for another request's outcome (DedupeIndex.claim)."""
+
+    def __init__(self, window: float) -> None:
+        super().__init__(window)
+        self.waiting = threading.Event()
+
+    def claim(self, key: str) -> bool:
+        self.waiting.set()
+        return super().claim(key)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+def test_a_batch_another_request_is_storing_waits_without_holding_up_its_group(tmp_path: Path, outcome: str) -> None:
+    layout = dsreceiver.Layout(tmp_path / "out")
+    layout.create()
+    index = WatchedIndex(900)
+    storage = dsreceiver.Storage(layout, dedupe=index)
+    retry = digest_batch(storage, b"being stored elsewhere")
+    key = dsreceiver.dedupe_key("", retry.digest or b"")
+    assert index.try_claim(key)  # another worker's request holds the claim, its commit under way
+    results: List[dsreceiver.StoreResult] = []
+    waiter = threading.Thread(target=lambda: results.append(storage.store("", retry)))
+    waiter.start()
+    index.waiting.wait(30)
+    # Meanwhile other batches of the same file are committed: nothing waits while holding claims.
+    assert storage.store("", digest_batch(storage, b"unrelated")).path is not None
+    if outcome == "stored":
+        index.commit(key, time.time())
+    else:
+        index.release(key)
+    waiter.join(30)
+    storage.close()
+    [data_file] = layout.data_files()
+    if outcome == "stored":
+        assert results == [dsreceiver.StoreResult(None)]  # a duplicate of what the other stored
+        assert data_file[0].read_bytes() == b"unrelated\n"
+    else:
+        assert results[0].path is not None  # the other failed: this one stores it
+        assert data_file[0].read_bytes() == b"unrelated\nbeing stored elsewhere\n"
+
+
+def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No group holds claims while it waits for another's: two workers' groups could wait on each other."""
+    layout = dsreceiver.Layout(tmp_path / "out")
+    layout.create()
+    index = WatchedIndex(900)
+    storage = dsreceiver.Storage(layout, dedupe=index)
+    storage.store("", digest_batch(storage, b"opens the file"))
+    [data_file] = storage.files.values()
+    held = digest_batch(storage, b"held elsewhere")
+    key = dsreceiver.dedupe_key("", held.digest or b"")
+    assert index.try_claim(key)
+    sync_started, release_sync = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if not release_sync.is_set():
+            sync_started.set()
+            release_sync.wait(30)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    results: Dict[bytes, dsreceiver.StoreResult] = {}
+    batches = {b"blocker": digest_batch(storage, b"blocker"), b"fresh": digest_batch(storage, b"fresh"),
+               b"held": held}
+    threads = {name: threading.Thread(target=lambda name=name: results.update({name: storage.store("", batches[name])}))
+               for name in batches}
+    threads[b"blocker"].start()
+    sync_started.wait(30)
+    threads[b"fresh"].start()
+    threads[b"held"].start()
+    wait_until(lambda: len(data_file.queue) == 2, what="fresh and held queued in one group")
+    release_sync.set()
+    index.waiting.wait(30)
+    wait_until(lambda: b"fresh" in results, what="the fresh batch committed while the held one waits")
+    assert index.try_claim(dsreceiver.dedupe_key("", batches[b"fresh"].digest or b"")) is False  # committed
+    index.commit(key, time.time())
+    for thread in threads.values():
+        thread.join(30)
+    storage.close()
+    assert results[b"held"] == dsreceiver.StoreResult(None)
+    assert data_file.path.read_bytes() == b"opens the file\nblocker\nfresh\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import pytest
 
@@ -118,13 +118,13 @@ def test_storage_failure_is_retry_later_with_nothing_left_behind(receiver: Recei
 class GoneSupervisor:
     """A DedupeWindow whose supervisor process cannot be reached."""
 
-    def claim(self, key: str) -> bool:
+    def claim_all(self, keys: Sequence[str]) -> List[dsreceiver.ClaimTicket]:
         raise dsreceiver.SupervisorGone("the supervisor process is gone")
 
-    def commit(self, key: str, stored_at: float) -> None:
+    def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
         raise AssertionError("nothing was claimed")
 
-    def release(self, key: str) -> None:
+    def release_all(self, keys: Sequence[str]) -> None:
         raise AssertionError("nothing was claimed")
 
 

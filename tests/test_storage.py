@@ -87,7 +87,8 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     def writer(index: int) -> None:
-        data_file.append(batch_of(b"record %d" % index), dsreceiver.IndexEntry(0, time.time(), records=1))
+        data_file.append(dsreceiver.PendingBatch(batch_of(b"record %d" % index),
+                                                dsreceiver.IndexEntry(0, time.time(), records=1)))
 
     leader = threading.Thread(target=writer, args=(0,))
     leader.start()
@@ -111,7 +112,7 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
 def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data_file = dsreceiver.DataFile(tmp_path / "eio.log", tmp_path / "eio.idx")
-    data_file.append(batch_of(b"kept"), dsreceiver.IndexEntry(0, time.time()))
+    data_file.append(dsreceiver.PendingBatch(batch_of(b"kept"), dsreceiver.IndexEntry(0, time.time())))
     failing = [True]
     real_fdatasync = os.fdatasync
 
@@ -122,10 +123,10 @@ def test_failed_fdatasync_discards_unsynced_records_and_recovers(tmp_path: Path,
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     with pytest.raises(OSError):
-        data_file.append(batch_of(b"lost"), dsreceiver.IndexEntry(0, time.time()))
+        data_file.append(dsreceiver.PendingBatch(batch_of(b"lost"), dsreceiver.IndexEntry(0, time.time())))
     assert (tmp_path / "eio.log").read_bytes() == b"kept\n"
     failing[0] = False
-    data_file.append(batch_of(b"after"), dsreceiver.IndexEntry(0, time.time()))
+    data_file.append(dsreceiver.PendingBatch(batch_of(b"after"), dsreceiver.IndexEntry(0, time.time())))
     data_file.close()
     assert (tmp_path / "eio.log").read_bytes() == b"kept\nafter\n"
     assert [entry.end for entry in dsreceiver.read_index((tmp_path / "eio.idx").read_bytes())] == [5, 11]

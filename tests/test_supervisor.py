@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, List
@@ -10,7 +13,7 @@ from typing import Iterator, List
 import pytest
 
 import dsreceiver
-from conftest import batch_of
+from conftest import batch_of, wait_until
 from dsreceiver import Claim, ClaimAnswer, Commit, MetricsAnswer, MetricsRequest, Release, SnapshotAnswer, SnapshotRequest
 
 
@@ -71,7 +74,9 @@ def test_a_claimed_batch_makes_other_claims_wait_for_its_outcome(supervisor: dsr
     turn(supervisor, 0, Claim(1, "-/batch"))
     assert first.receive() == ClaimAnswer(1, False)
     turn(supervisor, 1, Claim(7, "-/batch"))
-    assert second.nothing_waiting()  # the answer waits for worker 1's outcome
+    # At once: "wait", so that worker 2's other claims go ahead; the verdict waits for worker 1's outcome.
+    assert second.receive() == ClaimAnswer(7, None)
+    assert second.nothing_waiting()
     turn(supervisor, 0, Commit("-/batch", time.time()))
     assert second.receive() == ClaimAnswer(7, True)
 
@@ -81,6 +86,7 @@ def test_a_released_claim_passes_to_the_next_worker_waiting(supervisor: dsreceiv
     turn(supervisor, 0, Claim(1, "-/batch"))
     first.receive()
     turn(supervisor, 1, Claim(2, "-/batch"))
+    assert second.receive() == ClaimAnswer(2, None)
     turn(supervisor, 0, Release("-/batch"))
     assert second.receive() == ClaimAnswer(2, False)  # worker 2 stores it now
     assert supervisor.owners == {"-/batch": 1}
@@ -113,6 +119,7 @@ def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_re
     storage.store("", batch)
     storage.close()
     turn(supervisor, 1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
+    assert second.receive() == ClaimAnswer(9, None)
     supervisor.stopping = True  # no restart: this test has no process to fork
     supervisor.after_exit(supervisor.slots[0], -9)
     supervisor.flush_outbox()
@@ -153,3 +160,33 @@ def test_answers_queued_for_a_dead_worker_never_reach_its_successor(supervisor: 
     successor = WorkerEnd(theirs)
     supervisor.flush_outbox()
     assert successor.nothing_waiting()
+
+
+def test_a_worker_claims_a_group_in_one_write_and_waits_only_for_a_held_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    stops: List[int] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: stops.append(signum))  # what a gone supervisor does
+    ours, theirs = socket.socketpair()
+    client = dsreceiver.SupervisorClient(ours)
+    client.start(lambda scope: dsreceiver.MetricsSnapshot())
+    supervisor_end = WorkerEnd(theirs)
+    tickets: List[dsreceiver.ClaimTicket] = []
+    claiming = threading.Thread(target=lambda: tickets.extend(client.claim_all(["-/fresh", "-/held"])))
+    claiming.start()
+    claims = [claim for claim in supervisor_end.channel.feed(theirs.recv(65536)) if isinstance(claim, Claim)]
+    assert [claim.key for claim in claims] == ["-/fresh", "-/held"]  # both claims, in one write
+    supervisor_end.channel.send_all([ClaimAnswer(claims[0].id, False), ClaimAnswer(claims[1].id, None)])
+    claiming.join(10)
+    assert [ticket.verdict for ticket in tickets] == [True, None]
+    finals: List[bool] = []
+    waiting = threading.Thread(target=lambda: finals.append(tickets[1].final()))
+    waiting.start()
+    supervisor_end.channel.send(ClaimAnswer(claims[1].id, True))  # the other worker stored it
+    waiting.join(10)
+    assert finals == [False]  # a duplicate: not stored again
+    client.commit_all([("-/fresh", 1.0)])
+    [commit] = supervisor_end.channel.feed(theirs.recv(65536))
+    assert commit == Commit("-/fresh", 1.0)
+    theirs.close()  # the supervisor is gone: the worker stops, and a claim now fails at once
+    wait_until(lambda: stops == [signal.SIGTERM], what="the worker stopping itself")
+    with pytest.raises(dsreceiver.SupervisorGone):
+        client.claim_all(["-/late"])
