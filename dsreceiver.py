@@ -58,9 +58,10 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-    store         Storage.store: dedupe claim, then DataFile.append queues the batch
-    commit        DataFile._commit_queue: the queue's batches, their index entries (with records
-                  and stream, which the ledger counts), one fdatasync pair, each push woken once
+    store         Storage.store: DataFile.append queues the batch with its dedupe key
+    commit        DataFile._commit_queue: one claim call for the queue's keys, its batches and
+                  their index entries (with records and stream, which the ledger counts), one
+                  fdatasync pair, the claims committed, each push woken once
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
 Every name under --output-dir comes from Layout.
 """
@@ -3509,6 +3510,8 @@ class Storage:
             try:
                 data_file = self._acquire(folder)
             except OSError as exc:
+                if self.dedupe is not None and key is not None and ticket and ticket.verdict:
+                    self.dedupe.release_all([key])  # the claim it waited for, given up
                 raise StorageError("cannot open a data file in %s: %s"
                                    % (self.layout.root / folder, describe_os_error(exc))) from exc
             try:
@@ -6176,7 +6179,7 @@ class Supervisor:
         """Everything that follows a worker's exit, in the one safe order:
 
         1. its slot forgets the process, so nothing more is read from it, and the
-           messages queued for it are dropped;
+           messages queued for it and its waiting claims are dropped;
         2. its files are recovered: bytes it wrote but never acknowledged are cut;
         3. the batches it stored are learnt from their indexes into the dedupe window;
         4. only then are its claims released, so that a retry waiting for one
@@ -6186,8 +6189,13 @@ class Supervisor:
         """
         pid = slot.pid
         slot.ended()
-        # What was queued for it answers its requests; a restarted worker's requests are new.
+        # What was queued for it, and its claims waiting for another's outcome, answer its
+        # requests; a restarted worker's requests are new.
         self.outbox.pop(slot.index, None)
+        for key, waiters in list(self.waiting.items()):
+            self.waiting[key] = [waiter for waiter in waiters if waiter[0] != slot.index]
+            if not self.waiting[key]:
+                del self.waiting[key]
         recover_output(self.layout, slot.tag)
         self.dedupe.load(indexed_batches(self.layout, self.dedupe.window, time.time(), slot.tag))
         for key in [key for key, owner in self.owners.items() if owner == slot.index]:

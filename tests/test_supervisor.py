@@ -190,3 +190,20 @@ def test_a_worker_claims_a_group_in_one_write_and_waits_only_for_a_held_batch(mo
     wait_until(lambda: stops == [signal.SIGTERM], what="the worker stopping itself")
     with pytest.raises(dsreceiver.SupervisorGone):
         client.claim_all(["-/late"])
+
+
+def test_a_dead_workers_waiting_claim_is_forgotten(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    turn(supervisor, 0, Claim(1, "-/batch"))
+    assert first.receive() == ClaimAnswer(1, False)
+    turn(supervisor, 1, Claim(4, "-/batch"))
+    assert second.receive() == ClaimAnswer(4, None)  # waits for worker 1's outcome...
+    supervisor.stopping = True
+    supervisor.after_exit(supervisor.slots[1], -9)  # ...but dies first
+    ours, theirs = socket.socketpair()
+    supervisor.slots[1].started(0, dsreceiver.ControlChannel(ours))
+    successor = WorkerEnd(theirs)
+    turn(supervisor, 0, Release("-/batch"))  # worker 1 failed to store it: nobody else waits for it
+    assert successor.nothing_waiting() and supervisor.owners == {} and supervisor.waiting == {}
+    turn(supervisor, 1, Claim(4, "-/batch"))  # the successor's own request 4
+    assert successor.receive() == ClaimAnswer(4, False)
