@@ -6982,7 +6982,8 @@ def save_reconciled(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]
         try:
             document = {"format": LEDGER_FORMAT,
                         "streams": dict(read_reconciled(layout), **found)}
-            temp.write_text(json.dumps(document) + "\n", encoding="utf-8")
+            with layout.create_file(temp) as handle:
+                handle.write(json.dumps(document).encode("utf-8") + b"\n")
             os.replace(str(temp), str(target))
         except OSError as exc:
             log.warning("cannot save the verdicts for the status page in %s: %s", target,
