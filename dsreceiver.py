@@ -3298,7 +3298,8 @@ class DataFile:
     def _decide(self, group: Sequence[PendingBatch]) -> None:
         """Tells, from its claim, what becomes of each batch of the group that has a dedupe
         key."""
-        granted = {pending.key for pending in group if pending.ticket and pending.ticket.verdict}
+        # Keys that must wait for another request's outcome (perhaps one of this group's: a copy
+        # that waited and now holds the claim); their other copies here wait as well.
         waiting = {pending.key for pending in group
                    if pending.ticket and pending.ticket.verdict is None}
         for pending in group:
@@ -3318,7 +3319,6 @@ class DataFile:
                 pending.verdict = Stored.DUPLICATE
             else:
                 pending.verdict = Stored.KEPT_DUPLICATE
-        assert granted.isdisjoint(waiting)
 
     def _settle(self, claimed: Sequence[PendingBatch], stored: bool) -> None:
         """Commits the granted claims of a stored group, or releases them."""

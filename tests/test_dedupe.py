@@ -328,3 +328,44 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     storage.close()
     assert results[b"held"] == dsreceiver.StoreResult(None)
     assert data_file.path.read_bytes() == b"opens the file\nblocker\nfresh\n"
+
+
+def test_a_copy_that_waited_and_a_new_copy_in_one_group_are_stored_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = dsreceiver.Layout(tmp_path / "out")
+    layout.create()
+    index = WatchedIndex(900)
+    storage = dsreceiver.Storage(layout, dedupe=index)
+    storage.store("", digest_batch(storage, b"opens the file"))
+    [data_file] = storage.files.values()
+    copies = [digest_batch(storage, b"sent three times") for _ in range(2)]
+    key = dsreceiver.dedupe_key("", copies[0].digest or b"")
+    assert index.try_claim(key)  # a first copy, being stored by another request
+    results: List[dsreceiver.StoreResult] = []
+    waited = threading.Thread(target=lambda: results.append(storage.store("", copies[0])))
+    waited.start()
+    index.waiting.wait(30)
+    sync_started, release_sync = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if not release_sync.is_set():
+            sync_started.set()
+            release_sync.wait(30)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    blocker = threading.Thread(target=lambda: storage.store("", digest_batch(storage, b"blocker")))
+    blocker.start()
+    sync_started.wait(30)
+    index.release(key)  # the first copy failed: the waiting copy now holds the claim, and queues again
+    wait_until(lambda: len(data_file.queue) == 1, what="the waiting copy queued again")
+    fresh = threading.Thread(target=lambda: results.append(storage.store("", copies[1])))
+    fresh.start()
+    wait_until(lambda: len(data_file.queue) == 2, what="a new copy queued in the same group")
+    release_sync.set()
+    for thread in (waited, blocker, fresh):
+        thread.join(30)
+    storage.close()
+    assert sorted(result.path is None for result in results) == [False, True]
+    assert data_file.path.read_bytes() == b"opens the file\nblocker\nsent three times\n"
