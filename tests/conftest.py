@@ -464,3 +464,29 @@ def ledger_totals(*roots: Path, since: str = "2h", until: str = "0m") -> Dict[st
         for status, number in row["refused"].items():
             total["refused"][status] = total["refused"].get(status, 0) + number
     return totals
+
+
+class HeldSync:
+    """os.fdatasync held shut from now until release(): a slow disk, as a group commit sees it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started, self.released = threading.Event(), threading.Event()
+        self.calls: List[int] = []
+        real_fdatasync = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            self.calls.append(fd)
+            if not self.released.is_set():
+                self.started.set()
+                self.released.wait(30)
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def wait_started(self) -> None:
+        """Returns once a push is inside fdatasync, held."""
+        assert self.started.wait(30), "no fdatasync began"
+
+    def release(self) -> None:
+        """Lets every fdatasync through from now on."""
+        self.released.set()

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, open_storage, push_concurrently, scrape, value, wait_until
+from conftest import ROOT, HeldSync, ServerProcess, open_storage, push_concurrently, scrape, value, wait_until
 from simulator import batch_of_lines, make_batch, sample_lines
 
 
@@ -217,26 +217,17 @@ def test_the_same_batch_twice_in_one_group_commit_is_stored_once(tmp_path: Path,
     storage = open_storage(tmp_path / "out", dedupe_window=900)
     storage.store("", digest_batch(storage, b"first"))
     [data_file] = storage.files.values()
-    sync_started, release_sync = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        if not release_sync.is_set():
-            sync_started.set()
-            release_sync.wait(30)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    held_sync = HeldSync(monkeypatch)
     results: List[dsreceiver.StoreResult] = []
     batches = [digest_batch(storage, record) for record in (b"blocker", b"twin", b"twin")]
     threads = [threading.Thread(target=lambda batch=batch: results.append(storage.store("", batch)))
                for batch in batches]
     threads[0].start()
-    sync_started.wait(30)
+    held_sync.wait_started()
     for thread in threads[1:]:
         thread.start()
     wait_until(lambda: len(data_file.queue) == 2, what="both copies queued behind the sync")
-    release_sync.set()
+    held_sync.release()
     for thread in threads:
         thread.join()
     storage.close()
@@ -298,27 +289,18 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     held = digest_batch(storage, b"held elsewhere")
     key = dsreceiver.dedupe_key("", held.digest or b"")
     assert index.try_claim(key)
-    sync_started, release_sync = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        if not release_sync.is_set():
-            sync_started.set()
-            release_sync.wait(30)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    held_sync = HeldSync(monkeypatch)
     results: Dict[bytes, dsreceiver.StoreResult] = {}
     batches = {b"blocker": digest_batch(storage, b"blocker"), b"fresh": digest_batch(storage, b"fresh"),
                b"held": held}
     threads = {name: threading.Thread(target=lambda name=name: results.update({name: storage.store("", batches[name])}))
                for name in batches}
     threads[b"blocker"].start()
-    sync_started.wait(30)
+    held_sync.wait_started()
     threads[b"fresh"].start()
     threads[b"held"].start()
     wait_until(lambda: len(data_file.queue) == 2, what="fresh and held queued in one group")
-    release_sync.set()
+    held_sync.release()
     index.waiting.wait(30)
     wait_until(lambda: b"fresh" in results, what="the fresh batch committed while the held one waits")
     assert index.try_claim(dsreceiver.dedupe_key("", batches[b"fresh"].digest or b"")) is False  # committed
@@ -345,25 +327,16 @@ def test_a_copy_that_waited_and_a_new_copy_in_one_group_are_stored_once(tmp_path
     waited = threading.Thread(target=lambda: results.append(storage.store("", copies[0])))
     waited.start()
     index.waiting.wait(30)
-    sync_started, release_sync = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        if not release_sync.is_set():
-            sync_started.set()
-            release_sync.wait(30)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    held_sync = HeldSync(monkeypatch)
     blocker = threading.Thread(target=lambda: storage.store("", digest_batch(storage, b"blocker")))
     blocker.start()
-    sync_started.wait(30)
+    held_sync.wait_started()
     index.release(key)  # the first copy failed: the waiting copy now holds the claim, and queues again
     wait_until(lambda: len(data_file.queue) == 1, what="the waiting copy queued again")
     fresh = threading.Thread(target=lambda: results.append(storage.store("", copies[1])))
     fresh.start()
     wait_until(lambda: len(data_file.queue) == 2, what="a new copy queued in the same group")
-    release_sync.set()
+    held_sync.release()
     for thread in (waited, blocker, fresh):
         thread.join(30)
     storage.close()

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, batch_of, open_storage, wait_until
+from conftest import ROOT, HeldSync, ServerProcess, batch_of, open_storage, wait_until
 from simulator import Batch, expected_lines, make_batch
 
 
@@ -73,18 +73,7 @@ def test_storage_writes_the_root_and_nested_safe_folders(tmp_path: Path, folder:
 
 def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data_file = dsreceiver.DataFile(tmp_path / "group.log", tmp_path / "group.idx")
-    first_sync_started, release_first_sync = threading.Event(), threading.Event()
-    calls: List[int] = []
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            first_sync_started.set()
-            release_first_sync.wait(30)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    held_sync = HeldSync(monkeypatch)
 
     def writer(index: int) -> None:
         data_file.append(dsreceiver.PendingBatch(batch_of(b"record %d" % index),
@@ -92,16 +81,16 @@ def test_concurrent_appends_share_one_fdatasync(tmp_path: Path, monkeypatch: pyt
 
     leader = threading.Thread(target=writer, args=(0,))
     leader.start()
-    first_sync_started.wait(30)
+    held_sync.wait_started()
     followers = [threading.Thread(target=writer, args=(i,)) for i in range(1, 21)]
     for thread in followers:
         thread.start()
     # Every follower has queued its batch while the leader's fdatasync is still running.
     wait_until(lambda: len(data_file.queue) == 20, what="20 queued batches")
-    release_first_sync.set()
+    held_sync.release()
     for thread in [leader] + followers:
         thread.join()
-    assert len(calls) == 4  # data and index: the leader's pair, then one pair for all twenty followers
+    assert len(held_sync.calls) == 4  # data and index: the leader's pair, then one pair for all twenty followers
     assert data_file.durable_size == data_file.size == len(b"".join(b"record %d\n" % i for i in range(21)))
     data_file.close()
     entries = dsreceiver.read_index((tmp_path / "group.idx").read_bytes())
