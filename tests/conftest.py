@@ -6,6 +6,7 @@ import json
 import os
 import py_compile
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -110,8 +111,11 @@ class ServerProcess:
     """The real dsreceiver running as a subprocess, its log captured to a file."""
 
     def __init__(self, workdir: Path, args: Sequence[str], env: Dict[str, str], python: str,
-                 client_context: Optional[ssl.SSLContext], script: Path = DSRECEIVER) -> None:
+                 client_context: Optional[ssl.SSLContext], script: Path = DSRECEIVER,
+                 nofile: Optional[Tuple[int, int]] = None) -> None:
         self.workdir = workdir
+        # The (soft, hard) open-file limit it starts with, as a shell's `ulimit -n` would set it.
+        self.nofile = nofile
         self.script = script
         self.args = list(args)
         self.env = env
@@ -137,11 +141,16 @@ class ServerProcess:
             # Its own process group: teardown can end workers along with their supervisor.
             self.process = subprocess.Popen(self.command() + self.args, cwd=str(self.workdir),
                                             env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=self._limit_files if self.nofile else None)
         if wait:
             match = self.wait_for_log(LISTENING_RE, timeout=timeout)
             self.scheme, self.port = match.group(1), int(match.group(3))
         return self
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def command(self) -> List[str]:
         """How the server is started: `python dsreceiver.py`, or, under the tests' own interpreter, the same
@@ -262,7 +271,8 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
 
     def start(*args: str, env: Optional[Dict[str, str]] = None, python: str = sys.executable, tls: bool = True,
               wait: bool = True, workdir: Optional[Path] = None, output_dir: Optional[Path] = None,
-              host: Optional[str] = "127.0.0.1", script: Path = DSRECEIVER) -> ServerProcess:
+              host: Optional[str] = "127.0.0.1", script: Path = DSRECEIVER,
+              nofile: Optional[Tuple[int, int]] = None) -> ServerProcess:
         folder = workdir or tmp_path
         folder.mkdir(parents=True, exist_ok=True)
         # One process unless a test asks for workers: file names and order stay predictable.
@@ -273,7 +283,7 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
             base += ["--cert", str(cert_dir / "fullchain.pem"), "--key", str(cert_dir / "privkey.pem")]
         full_env = {key: value for key, value in os.environ.items() if not key.startswith("DSRECEIVER_")}
         full_env.update(env or {})
-        server = ServerProcess(folder, base + list(args), full_env, python, client_context, script)
+        server = ServerProcess(folder, base + list(args), full_env, python, client_context, script, nofile)
         started.append(server)
         return server.start(wait=wait)
 

@@ -131,11 +131,11 @@ def test_format_1_indexes_are_upgraded_with_their_records_counted(tmp_path: Path
     reopened = open_storage(output)  # start-up recovery upgrades it
     assert index.read_bytes().startswith(dsreceiver.INDEX_HEADER)
     assert [entry.records for entry in dsreceiver.read_index(index.read_bytes())] == [2, 1]
-    reopened.store("stream=61234", dsreceiver.RecordBatch([b"d\n"], None, 2, 1))
+    later = reopened.store("stream=61234", dsreceiver.RecordBatch([b"d\n"], None, 2, 1)).path
     reopened.close()
     [row] = dsreceiver.read_ledger(output).values()
     assert (row.records, row.batches, row.stored_bytes) == (4, 3, 8)
-    assert path.read_bytes() == b"a\nb\nc\nd\n"
+    assert path.read_bytes() == b"a\nb\nc\n" and later is not None and later.read_bytes() == b"d\n"
 
 
 def test_the_ledger_command_reads_a_fleet_and_refuses_what_is_not_an_output_folder(tmp_path: Path) -> None:

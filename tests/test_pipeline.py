@@ -105,13 +105,13 @@ def test_an_identical_batch_without_request_ids_is_stored_again_and_vouches_for_
 
 def test_storage_failure_is_retry_later_with_nothing_left_behind(receiver: Receiver) -> None:
     period = receiver.layout.period_name(receiver.storage.clock())
-    blocked = receiver.layout.data_path("stream=61234", period, 0)
-    blocked.mkdir(parents=True)  # a folder where the data file must go: opening it fails
+    blocked = receiver.layout.data_path("stream=61234", period, 0).parent
+    blocked.write_bytes(b"")  # a file where the stream's folder must go: opening a data file fails
     outcome = receiver.push(body_of(json_lines("blocked", 3)))
     assert outcome.verdict is Verdict.STORAGE_FAILED and "cannot open a data file" in outcome.reason
     assert outcome.stream_row == "61234"
     assert receiver.counter("storage_errors") == 1 and receiver.metrics.state.storage_error is not None
-    blocked.rmdir()
+    blocked.unlink()
     assert receiver.push(body_of(json_lines("blocked", 3))).verdict is Verdict.STORED  # the claim was released
 
 

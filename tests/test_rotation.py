@@ -64,7 +64,7 @@ def test_daily_rotation_keeps_a_day_in_one_file(tmp_path: Path) -> None:
     assert len((tmp_path / "2025-11-27.log").read_bytes().splitlines()) == 24
 
 
-def test_max_file_size_rolls_to_numbered_files_and_resumes_after_restart(tmp_path: Path) -> None:
+def test_max_file_size_rolls_to_numbered_files_and_a_restart_starts_the_next(tmp_path: Path) -> None:
     clock = Clock(BEFORE_MIDNIGHT + 10)
     storage = open_storage(tmp_path, max_file_size=16, clock=clock)
     for index in range(5):
@@ -75,7 +75,9 @@ def test_max_file_size_rolls_to_numbered_files_and_resumes_after_restart(tmp_pat
     restarted = open_storage(tmp_path, max_file_size=40, clock=clock)
     restarted.store("", batch_of(b"after restart"))
     restarted.close()
-    assert (tmp_path / "2025-11-27T00Z.4.log").read_bytes() == b"record-4-abcdef\nafter restart\n"
+    # The earlier run's files are never appended to (housekeeping finishes them in the background).
+    assert (tmp_path / "2025-11-27T00Z.4.log").read_bytes() == b"record-4-abcdef\n"
+    assert (tmp_path / "2025-11-27T00Z.5.log").read_bytes() == b"after restart\n"
 
 
 def test_finished_files_are_compressed_safely_and_open_ones_never(tmp_path: Path) -> None:
@@ -106,7 +108,7 @@ def test_interrupted_compression_is_finished_at_start(tmp_path: Path) -> None:
     (tmp_path / ".2025-11-26T21Z.log.gz.tmp").write_bytes(b"\x1f\x8b partial")
     storage = open_storage(tmp_path, clock=Clock(BEFORE_MIDNIGHT))
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=Clock(BEFORE_MIDNIGHT))
-    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.queue_earlier_files()
     housekeeper.finish_files()
     storage.close()
     assert [name for name in names(tmp_path) if not name.startswith(".")] == ["2025-11-26T21Z.log.gz",

@@ -76,7 +76,7 @@ def test_store_gzip_files_are_counted_through_their_members(tmp_path: Path) -> N
     storage.close()
     [path] = [path for path, _ in layout.data_files()]
     housekeeper = dsreceiver.Housekeeper(layout, clock=lambda: time.time() + 7200)  # two hours on
-    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.queue_earlier_files()
     housekeeper.finish_files()
     assert manifest_of(path)["records"] == 12 and manifest_of(path)["stream"] == "70077"
 
@@ -87,7 +87,7 @@ def test_retention_deletes_a_manifest_with_its_file_and_restart_clears_a_torn_on
     old = tmp_path / "2025-01-01T00Z.log"
     old.write_bytes(b"old\n")
     housekeeper = dsreceiver.Housekeeper(layout, retention_days=30)
-    housekeeper.queue_finished_files(own_only=False)
+    housekeeper.queue_earlier_files()
     housekeeper.finish_files()
     assert manifest_of(old)["records"] == 1
     torn = dsreceiver.Layout.manifest_path(tmp_path / "2025-01-02T00Z.log")
@@ -100,20 +100,42 @@ def test_retention_deletes_a_manifest_with_its_file_and_restart_clears_a_torn_on
     assert not old.exists() and not dsreceiver.Layout.manifest_path(old).exists()
 
 
-def test_a_sealed_file_is_never_appended_to_again(tmp_path: Path) -> None:
-    # The supervisor seals every file at start, the current hour's of each worker too (its worker is
-    # not running yet): the worker must then start a new number, not append to a sealed file.
+def test_an_earlier_runs_file_is_never_appended_to_and_is_sealed_by_its_owner(tmp_path: Path) -> None:
+    # A restarted worker starts a new number at once and seals its earlier file in the background:
+    # nothing is finished before pushes are answered, and no file is written and sealed at once.
     layout = dsreceiver.Layout(tmp_path)
     dsreceiver.prepare_output(layout, 0)
     worker = dsreceiver.Storage(layout.for_worker(".w1"))
     first = worker.store("", batch_of(b"before the restart")).path
     worker.close()
-    startup = dsreceiver.Housekeeper(layout)
-    startup.queue_finished_files(own_only=False)
-    startup.finish_files()
-    assert first is not None and manifest_of(first)["records"] == 1
     restarted = dsreceiver.Storage(layout.for_worker(".w1"))
     second = restarted.store("", batch_of(b"after the restart")).path
-    restarted.close()
-    assert second is not None and second != first and second.name.endswith(".w1.1.log")
+    assert first is not None and second is not None and second.name.endswith(".w1.1.log")
+    other = dsreceiver.Housekeeper(layout.for_worker(".w2"), tags=[".w1", ".w2"])
+    other.queue_earlier_files()
+    assert other.to_finish == []  # .w1's files are worker 1's to finish
+    owner = dsreceiver.Housekeeper(layout.for_worker(".w1"), restarted, tags=[".w1", ".w2"])
+    owner.queue_earlier_files()
+    assert owner.to_finish == [first]  # not the file it writes now
+    owner.finish_files()
     assert first.read_bytes() == b"before the restart\n" and manifest_of(first)["records"] == 1
+    assert not dsreceiver.Layout.manifest_path(second).exists()
+    restarted.close()
+    assert second.read_bytes() == b"after the restart\n"
+
+
+def test_files_of_tags_no_worker_has_are_the_first_workers(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path)
+    dsreceiver.prepare_output(layout, 0)
+    for name in ("2025-01-01T00Z.log", "2025-01-01T00Z.w1.log", "2025-01-01T00Z.w3.log"):
+        (tmp_path / name).write_bytes(b"x\n")
+    queued = {}
+    for tag in (".w1", ".w2"):
+        housekeeper = dsreceiver.Housekeeper(layout.for_worker(tag), tags=[".w1", ".w2"])
+        housekeeper.queue_earlier_files()
+        queued[tag] = sorted(path.name for path in housekeeper.to_finish)
+    assert queued == {".w1": ["2025-01-01T00Z.log", "2025-01-01T00Z.w1.log", "2025-01-01T00Z.w3.log"],
+                      ".w2": []}
+    single = dsreceiver.Housekeeper(layout)
+    single.queue_earlier_files()
+    assert len(single.to_finish) == 3
