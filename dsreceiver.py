@@ -32,6 +32,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Authentication
     Body decoding
     DataStream streams
+    Commit protocols
     Retry dedup
     Storage: layout
     Storage: data files
@@ -2564,6 +2565,11 @@ class StreamCatalog:
         return out, unconverted
 
 
+class BatchRefused(Exception):
+    """Checking a batch failed because of what it holds (for example, records nested deeper than
+    can be read): that push alone is answered 400."""
+
+
 def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
     """The stream of a push whose first and last records name these stream IDs (None: no ID)."""
     if first is None and last is None:
@@ -2607,6 +2613,8 @@ def all_events_identified(batch: RecordBatch) -> bool:
             message = json.loads(line).get("httpMessage")
         except (ValueError, AttributeError):
             return False
+        except RecursionError:
+            raise BatchRefused("a record nests too deeply to be read") from None
         if not isinstance(message, dict) or not message.get("requestId"):
             return False
     return True
@@ -2665,6 +2673,148 @@ def record_pieces(batch: RecordBatch) -> Iterator[bytes]:
 
 
 # ---------------------------------------------------------------------------
+# Commit protocols
+# ---------------------------------------------------------------------------
+# The three protocols a push's batch follows from the queue to the disk, as state tables: the code
+# that follows them (DedupeIndex, Supervisor, SupervisorClient, DataFile) makes every move through
+# advance(), so a move the table does not allow raises instead of corrupting anything.  A walk of
+# one batch: its push queues it in its DataFile (LEAD), the leader claims the group's dedupe keys
+# in one call (CLAIM: in a worker, a round trip to the supervisor, which holds every worker's
+# claims), decides each batch from its claim (BATCH), writes and fdatasyncs the batches that are to
+# be written, commits or releases their claims, wakes each push once, and hands the lead on.
+
+class ProtocolError(Exception):
+    """A move that a protocol's table does not allow: a bug, never a client's doing."""
+
+
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
+
+
+def advance(table: Dict[Tuple[Optional[S], E], S], state: Optional[S], event: E) -> S:
+    """The state `event` moves `state` to (None: before the first move), by the table."""
+    try:
+        return table[(state, event)]
+    except KeyError:
+        raise ProtocolError("%s does not follow %s" % (event, state)) from None
+
+
+class ClaimState(enum.Enum):
+    """Where one request's claim of a batch's dedupe key stands."""
+
+    # The request stores the batch; nobody else does until it commits or releases the claim.
+    GRANTED = "granted"
+    # The batch is durable already (stored within the window): answered 200, nothing written.
+    DUPLICATE = "duplicate"
+    # Another request stores it now: this one holds nothing and waits for that one's outcome.
+    WAITING = "waiting"
+    # The batch is durable: any later claim of the key is DUPLICATE, for the dedupe window.
+    COMMITTED = "committed"
+    # Storing failed: the next waiter, or DataStream's retry, is GRANTED.
+    RELEASED = "released"
+
+
+class ClaimEvent(enum.Enum):
+    """What moves a claim."""
+
+    KEY_FREE = "claimed, the key neither held nor stored"
+    KEY_STORED = "claimed, the key stored within the window"
+    KEY_HELD = "claimed, the key held by another request"
+    HOLDER_COMMITTED = "the holder's batch is durable"
+    HOLDER_RELEASED = "the holder gave its claim up"
+    BATCH_DURABLE = "this batch is durable"
+    BATCH_FAILED = "this batch could not be stored"
+
+
+CLAIM_PROTOCOL: Dict[Tuple[Optional[ClaimState], ClaimEvent], ClaimState] = {
+    (None, ClaimEvent.KEY_FREE): ClaimState.GRANTED,
+    (None, ClaimEvent.KEY_STORED): ClaimState.DUPLICATE,
+    (None, ClaimEvent.KEY_HELD): ClaimState.WAITING,
+    (ClaimState.WAITING, ClaimEvent.HOLDER_COMMITTED): ClaimState.DUPLICATE,
+    # One waiter is granted the claim; the others keep waiting, now for that one.
+    (ClaimState.WAITING, ClaimEvent.HOLDER_RELEASED): ClaimState.GRANTED,
+    (ClaimState.WAITING, ClaimEvent.KEY_HELD): ClaimState.WAITING,
+    (ClaimState.GRANTED, ClaimEvent.BATCH_DURABLE): ClaimState.COMMITTED,
+    (ClaimState.GRANTED, ClaimEvent.BATCH_FAILED): ClaimState.RELEASED,
+}
+
+
+class Stored(enum.Enum):
+    """What a group commit does with one queued batch."""
+
+    QUEUED = "queued"
+    # To be written: with its digest (its claim is granted, or it has no key), or without one
+    # (KEPT: it matched a stored batch but may be genuine, see Storage.store).
+    WRITING = "writing"
+    WRITING_KEPT = "writing a kept duplicate"
+    # Final states: the push is woken with one of these.
+    WRITTEN = "written"
+    KEPT_DUPLICATE = "kept duplicate"
+    # A retry of a batch stored within the dedupe window: not written again.
+    DUPLICATE = "duplicate"
+    # Another request stores the same batch now: not written; the push waits on its claim, then
+    # queues the batch again with the outcome.
+    DEFERRED = "deferred"
+    # Deciding it failed because of what it holds (see BatchRefused): refused alone, nothing of
+    # it written, its group unharmed.
+    REFUSED = "refused"
+    # Writing or syncing the group failed: nothing of it is left behind; the claims are released.
+    FAILED = "failed"
+
+
+class BatchEvent(enum.Enum):
+    """What moves a queued batch."""
+
+    NO_KEY = "it is not deduplicated"
+    CLAIM_GRANTED = "its claim is granted"
+    CLAIM_DUPLICATE_RETRY = "its claim says stored, and every record names its request"
+    CLAIM_DUPLICATE_MAYBE = "its claim says stored, but it may be genuine"
+    CLAIM_WAITING = "its claim waits, or a copy's in the same group does"
+    CHECK_FAILED = "checking it raised"
+    GROUP_DURABLE = "the group is written and synced"
+    GROUP_FAILED = "writing or syncing the group failed"
+
+
+BATCH_PROTOCOL: Dict[Tuple[Optional[Stored], BatchEvent], Stored] = {
+    (Stored.QUEUED, BatchEvent.NO_KEY): Stored.WRITING,
+    (Stored.QUEUED, BatchEvent.CLAIM_GRANTED): Stored.WRITING,
+    (Stored.QUEUED, BatchEvent.CLAIM_DUPLICATE_RETRY): Stored.DUPLICATE,
+    (Stored.QUEUED, BatchEvent.CLAIM_DUPLICATE_MAYBE): Stored.WRITING_KEPT,
+    (Stored.QUEUED, BatchEvent.CLAIM_WAITING): Stored.DEFERRED,
+    (Stored.QUEUED, BatchEvent.CHECK_FAILED): Stored.REFUSED,
+    (Stored.WRITING, BatchEvent.GROUP_DURABLE): Stored.WRITTEN,
+    (Stored.WRITING_KEPT, BatchEvent.GROUP_DURABLE): Stored.KEPT_DUPLICATE,
+    (Stored.WRITING, BatchEvent.GROUP_FAILED): Stored.FAILED,
+    (Stored.WRITING_KEPT, BatchEvent.GROUP_FAILED): Stored.FAILED,
+}
+
+
+class Lead(enum.Enum):
+    """Whether a DataFile has a push committing its queue (the leader)."""
+
+    IDLE = "idle"
+    LEADING = "leading"
+
+
+class LeadEvent(enum.Enum):
+    """What moves a DataFile's lead."""
+
+    # The push that queued finds nobody committing: it leads; else it waits to be woken.
+    QUEUED = "a push queued its batch"
+    # The leader woke its group: it hands the lead to the first push queued meanwhile, if any.
+    HANDED_ON = "the group was woken, and pushes queued meanwhile"
+    DONE = "the group was woken, and nobody queued meanwhile"
+
+
+LEAD_PROTOCOL: Dict[Tuple[Optional[Lead], LeadEvent], Lead] = {
+    (Lead.IDLE, LeadEvent.QUEUED): Lead.LEADING,
+    (Lead.LEADING, LeadEvent.QUEUED): Lead.LEADING,
+    (Lead.LEADING, LeadEvent.HANDED_ON): Lead.LEADING,
+    (Lead.LEADING, LeadEvent.DONE): Lead.IDLE,
+}
+
+
+# ---------------------------------------------------------------------------
 # Retry dedup
 # ---------------------------------------------------------------------------
 
@@ -2680,27 +2830,29 @@ class SupervisorGone(Exception):
 
 
 class ClaimTicket:
-    """The answer to a claim of a batch's key: `verdict` True (store it), False (a duplicate), or
-    None while another request stores the same batch, until final() learns its outcome."""
+    """One request's claim of a batch's dedupe key, GRANTED, DUPLICATE or WAITING (see
+    CLAIM_PROTOCOL); a WAITING one learns the holder's outcome from outcome()."""
 
-    __slots__ = ("verdict", "wait")
+    __slots__ = ("state", "wait")
 
-    def __init__(self, verdict: Optional[bool], wait: Callable[[], bool]) -> None:
-        self.verdict = verdict
+    def __init__(self, state: ClaimState, wait: Callable[[], ClaimState]) -> None:
+        self.state = state
         self.wait = wait
 
-    def final(self) -> bool:
-        """The verdict, waiting for the other request's outcome when there is none yet."""
-        return self.verdict if self.verdict is not None else self.wait()
+    def outcome(self) -> ClaimState:
+        """GRANTED or DUPLICATE: the state, or, while WAITING, the one the holder's outcome moves
+        it to (waiting for that)."""
+        return self.wait() if self.state is ClaimState.WAITING else self.state
 
 
 class DedupeWindow(Protocol):
     """Remembers the batches stored recently, so a batch re-sent within the window is stored once.
 
     A commit claims its batches' keys before writing them, then commits
-    them once stored or releases them when storing failed.  A claim of a
-    key that another request holds is answered at once with a ticket to
-    wait on, so that nothing waits while holding claims of its own.
+    them once stored or releases them when storing failed (CLAIM_PROTOCOL).
+    A claim of a key that another request holds is answered at once,
+    WAITING, with a ticket to wait on, so that nothing waits while holding
+    claims of its own.
     """
 
     def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
@@ -2711,6 +2863,12 @@ class DedupeWindow(Protocol):
 
     def release_all(self, keys: Sequence[str]) -> None:
         """Gives up claims whose batches could not be stored, letting a retry store them."""
+
+
+# What a waiting request's claim finds once woken, as the event it is for that claim.
+WAITER_EVENTS = {ClaimEvent.KEY_STORED: ClaimEvent.HOLDER_COMMITTED,
+                 ClaimEvent.KEY_FREE: ClaimEvent.HOLDER_RELEASED,
+                 ClaimEvent.KEY_HELD: ClaimEvent.KEY_HELD}
 
 
 class DedupeIndex:
@@ -2737,35 +2895,51 @@ class DedupeIndex:
                     self.seen[key] = stored_at
                     self.seen.move_to_end(key)
 
-    def claim(self, key: str) -> bool:
-        """Returns True when the caller should store the batch, False when it is a duplicate; waits
-        while another request stores the same batch."""
-        with self.state:
-            while True:
-                outcome = self.try_claim(key)
-                if outcome is not None:
-                    return outcome
-                self.state.wait()
-
-    def try_claim(self, key: str) -> Optional[bool]:
-        """Like claim(), but returns None instead of waiting while the batch is being stored."""
+    def claim_event(self, key: str) -> ClaimEvent:
+        """What a claim of `key` finds now (call with the lock); a free key becomes held."""
         if key in self.pending:
-            return None
+            return ClaimEvent.KEY_HELD
         cutoff = self.clock() - self.window
         while self.seen and next(iter(self.seen.values())) < cutoff:
             self.seen.popitem(last=False)
         if key in self.seen:
-            return False
+            return ClaimEvent.KEY_STORED
         self.pending.add(key)
-        return True
+        return ClaimEvent.KEY_FREE
+
+    def try_claim(self, key: str) -> ClaimState:
+        """Claims `key` at once: GRANTED, DUPLICATE, or WAITING while another request holds it."""
+        return advance(CLAIM_PROTOCOL, None, self.claim_event(key))
+
+    def claim_again(self, key: str) -> ClaimState:
+        """Claims `key` for a WAITING request, now that its holder committed or released it: the
+        claim's next state (WAITING when another waiter was granted it first)."""
+        event = WAITER_EVENTS[self.claim_event(key)]
+        return advance(CLAIM_PROTOCOL, ClaimState.WAITING, event)
+
+    def claim(self, key: str) -> ClaimState:
+        """Claims `key`, waiting while another request holds it: GRANTED or DUPLICATE."""
+        with self.state:
+            state = self.try_claim(key)
+        return self.wait_for_holder(key) if state is ClaimState.WAITING else state
 
     def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
         """DedupeWindow.claim_all(): a key being stored by another request gets a ticket that
         waits (see claim)."""
         with self.state:
-            outcomes = [self.try_claim(key) for key in keys]
-        return [ClaimTicket(outcome, functools.partial(self.claim, key))
-                for key, outcome in zip(keys, outcomes)]
+            states = [self.try_claim(key) for key in keys]
+        return [ClaimTicket(state, functools.partial(self.wait_for_holder, key))
+                for key, state in zip(keys, states)]
+
+    def wait_for_holder(self, key: str) -> ClaimState:
+        """The outcome of a WAITING claim: GRANTED or DUPLICATE, once the holder (or the waiter
+        granted it before this one) has committed or released the key."""
+        with self.state:
+            state = self.claim_again(key)
+            while state is ClaimState.WAITING:
+                self.state.wait()
+                state = self.claim_again(key)
+            return state
 
     def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
         """DedupeWindow.commit_all()."""
@@ -3177,22 +3351,10 @@ def always_unique() -> bool:
     return True
 
 
-class Stored(enum.Enum):
-    """What a commit did with a queued batch."""
-
-    WRITTEN = "written"
-    # A retry of a batch stored within the dedupe window: not written again.
-    DUPLICATE = "duplicate"
-    # It matched a stored batch but may be genuine (see Storage.store): written, without a digest.
-    KEPT_DUPLICATE = "kept duplicate"
-    # Another request is storing the same batch: not written; the push waits on its ticket.
-    DEFERRED = "deferred"
-
-
 class PendingBatch:
     """A push's batch queued in its DataFile, and how the push learns what became of it."""
 
-    __slots__ = ("batch", "entry", "key", "is_unique", "ticket", "verdict", "error", "leads",
+    __slots__ = ("batch", "entry", "key", "is_unique", "ticket", "stored", "error", "leads",
                  "woken")
 
     def __init__(self, batch: RecordBatch, entry: IndexEntry, key: Optional[str] = None,
@@ -3207,7 +3369,8 @@ class PendingBatch:
         self.is_unique = is_unique
         # Its claim, when decided before it was queued (it waited for another request's outcome).
         self.ticket = ticket
-        self.verdict = Stored.WRITTEN
+        # Where it is in BATCH_PROTOCOL, and why it was not stored, if it was not.
+        self.stored = Stored.QUEUED
         self.error: Optional[Exception] = None
         # Set when the push is to commit the queue rather than wait for it.
         self.leads = False
@@ -3220,9 +3383,11 @@ class DataFile:
     """One append-only output file and its batch index, with group commit.
 
     A push queues its batch; the first push to find nobody committing takes
-    the whole queue, claims its batches' dedupe keys in one call (see
-    _claim), writes the batches to store and then their index entries (one
-    writev each), fdatasyncs both files once (--fsync always), commits the
+    the whole queue (LEAD_PROTOCOL), claims its batches' dedupe keys in one
+    call (see _claim, CLAIM_PROTOCOL), decides each batch from its claim
+    (BATCH_PROTOCOL: a batch whose check fails is refused alone), writes the
+    batches to store and then their index entries (one writev each),
+    fdatasyncs both files once (--fsync always), commits or releases the
     claims, wakes each push of the group once, with its outcome, then hands
     the queue that grew meanwhile to the first push waiting in it.  Nobody
     waits on a shared condition, so a sync wakes only the pushes it made
@@ -3259,7 +3424,7 @@ class DataFile:
         self.life = FileState.CURRENT
         self.users = 0
         self.queue: List[PendingBatch] = []
-        self.committing = False
+        self.lead = Lead.IDLE
         self.queue_lock = threading.Lock()
         # Held while the files are written or synced: by the committing push, the once-a-second
         # sync of --fsync interval, close().
@@ -3319,11 +3484,12 @@ class DataFile:
     def append(self, pending: PendingBatch) -> Stored:
         """Stores a batch and its index entry, claiming its dedupe key first; returns once both are
         written (and durable, with sync), or what else became of it.  Raises OSError (or
-        SupervisorGone), with nothing of the batch left behind, when it cannot be stored now."""
+        SupervisorGone), with nothing of the batch left behind, when it cannot be stored now, and
+        BatchRefused when checking it failed."""
         with self.queue_lock:
             self.queue.append(pending)
-            leads = not self.committing
-            self.committing = True
+            leads = self.lead is Lead.IDLE
+            self.lead = advance(LEAD_PROTOCOL, self.lead, LeadEvent.QUEUED)
         if not leads:
             pending.woken.acquire()
             leads = pending.leads
@@ -3331,7 +3497,7 @@ class DataFile:
             self._commit_queue()
         if pending.error is not None:
             raise pending.error
-        return pending.verdict
+        return pending.stored
 
     def _commit_queue(self) -> None:
         """Commits every queued batch as one group, wakes its pushes, and passes the lead on."""
@@ -3340,40 +3506,41 @@ class DataFile:
         # What the group learns if an unforeseen error stops this short: every push is woken.
         error: Optional[Exception] = OSError("the commit of %s stopped short" % self.path)
         claimed: List[PendingBatch] = []
-        settled = False
         try:
             claimed = self._claim(group)
             self._decide(group)
-            writing = [pending for pending in group if pending.verdict in (Stored.WRITTEN,
-                                                                           Stored.KEPT_DUPLICATE)]
+            writing = [pending for pending in group
+                       if pending.stored in (Stored.WRITING, Stored.WRITING_KEPT)]
             with self.write_lock:
                 error = self._write(writing) if writing else None
                 if error is None and writing and self.sync:
                     error = self._sync()
-            settled = True
-            self._settle(claimed, error is None)
+            event = BatchEvent.GROUP_DURABLE if error is None else BatchEvent.GROUP_FAILED
+            for pending in writing:
+                pending.stored = advance(BATCH_PROTOCOL, pending.stored, event)
+                pending.error = error
         except SupervisorGone as exc:
             error = exc
         finally:
             try:
-                if not settled:
-                    # Whatever went wrong, a resend of these batches must not wait for their
-                    # claims.
-                    self._settle(claimed, False)
+                # Whatever went wrong, a resend of these batches must not wait for their claims.
+                self._settle(claimed)
             finally:
                 self._wake(group, error)
 
     def _wake(self, group: Sequence[PendingBatch], error: Optional[Exception]) -> None:
-        """Passes the lead to the first push queued meanwhile, and wakes the group's pushes."""
+        """Passes the lead to the first push queued meanwhile, and wakes the group's pushes: each
+        with its own outcome, or `error` when the commit stopped before deciding it."""
         successor: Optional[PendingBatch] = None
         with self.queue_lock:
             if self.queue:
                 successor = self.queue[0]
                 successor.leads = True
-            else:
-                self.committing = False
+            self.lead = advance(LEAD_PROTOCOL, self.lead, LeadEvent.HANDED_ON if self.queue
+                                else LeadEvent.DONE)
         for pending in group:
-            pending.error = error
+            if pending.stored in (Stored.QUEUED, Stored.WRITING, Stored.WRITING_KEPT):
+                pending.error = error or OSError("the commit of %s stopped short" % self.path)
             pending.woken.release()
         # The next commit starts after the group's pushes are on their way: woken first, it made
         # the bench's scenario C 17% slower (BENCHMARKS.md).
@@ -3387,46 +3554,66 @@ class DataFile:
         for pending in group:
             if pending.key is not None and pending.ticket is None:
                 firsts.setdefault(pending.key, pending)
-        if self.dedupe is None or not firsts:
-            return [pending for pending in group if pending.ticket and pending.ticket.verdict]
-        for pending, ticket in zip(firsts.values(), self.dedupe.claim_all(list(firsts))):
-            pending.ticket = ticket
-        return [pending for pending in group if pending.ticket and pending.ticket.verdict]
+        if self.dedupe is not None and firsts:
+            for pending, ticket in zip(firsts.values(), self.dedupe.claim_all(list(firsts))):
+                pending.ticket = ticket
+        return [pending for pending in group
+                if pending.ticket is not None and pending.ticket.state is ClaimState.GRANTED]
 
     def _decide(self, group: Sequence[PendingBatch]) -> None:
-        """Tells, from its claim, what becomes of each batch of the group that has a dedupe
-        key."""
+        """Moves each batch of the group by what its claim says (BATCH_PROTOCOL); a batch whose
+        check raises is refused alone."""
         # Keys that must wait for another request's outcome (perhaps one of this group's: a copy
         # that waited and now holds the claim); their other copies here wait as well.
         waiting = {pending.key for pending in group
-                   if pending.ticket and pending.ticket.verdict is None}
+                   if pending.ticket is not None and pending.ticket.state is ClaimState.WAITING}
         for pending in group:
-            if pending.key is None:
-                continue
-            if pending.ticket is None:
-                # The same batch twice in one group: a retry of the one claimed, or, when that one
-                # waits, it claims again once queued again.
-                verdict: Optional[bool] = None if pending.key in waiting else False
-            else:
-                verdict = pending.ticket.verdict
-            if verdict is None:
-                pending.verdict = Stored.DEFERRED
-            elif verdict:
+            try:
+                event = self._batch_event(pending, waiting)
+            except Exception as exc:  # anything its records make a check raise: it alone fails
+                event = BatchEvent.CHECK_FAILED
+                pending.error = (exc if isinstance(exc, BatchRefused)
+                                 else BatchRefused("its records cannot be checked: %s"
+                                                   % type(exc).__name__))
+            pending.stored = advance(BATCH_PROTOCOL, pending.stored, event)
+            if event is BatchEvent.CLAIM_GRANTED:
                 pending.entry = pending.entry._replace(digest=pending.batch.digest or NO_DIGEST)
-            elif pending.is_unique():
-                pending.verdict = Stored.DUPLICATE
-            else:
-                pending.verdict = Stored.KEPT_DUPLICATE
 
-    def _settle(self, claimed: Sequence[PendingBatch], stored: bool) -> None:
-        """Commits the granted claims of a stored group, or releases them."""
+    @staticmethod
+    def _batch_event(pending: PendingBatch, waiting: Set[Optional[str]]) -> BatchEvent:
+        """What a batch's claim (or its lack of one) means for it."""
+        if pending.key is None:
+            return BatchEvent.NO_KEY
+        if pending.ticket is None:
+            # The same batch twice in one group: a retry of the one claimed, or, when that one
+            # waits, it claims again once queued again.
+            state = ClaimState.WAITING if pending.key in waiting else ClaimState.DUPLICATE
+        else:
+            state = pending.ticket.state
+        if state is ClaimState.WAITING:
+            return BatchEvent.CLAIM_WAITING
+        if state is ClaimState.GRANTED:
+            return BatchEvent.CLAIM_GRANTED
+        return (BatchEvent.CLAIM_DUPLICATE_RETRY if pending.is_unique()
+                else BatchEvent.CLAIM_DUPLICATE_MAYBE)
+
+    def _settle(self, claimed: Sequence[PendingBatch]) -> None:
+        """Commits the granted claims of the batches now durable, and releases the others."""
         if self.dedupe is None or not claimed:
             return
-        if stored:
+        durable: List[PendingBatch] = []
+        failed: List[PendingBatch] = []
+        for pending in claimed:
+            assert pending.ticket is not None
+            event = (ClaimEvent.BATCH_DURABLE if pending.stored is Stored.WRITTEN
+                     else ClaimEvent.BATCH_FAILED)
+            pending.ticket.state = advance(CLAIM_PROTOCOL, pending.ticket.state, event)
+            (durable if event is ClaimEvent.BATCH_DURABLE else failed).append(pending)
+        if durable:
             self.dedupe.commit_all([(pending.key or "", pending.entry.stamp)
-                                    for pending in claimed])
-        else:
-            self.dedupe.release_all([pending.key or "" for pending in claimed])
+                                    for pending in durable])
+        if failed:
+            self.dedupe.release_all([pending.key or "" for pending in failed])
 
     def _write(self, group: Sequence[PendingBatch]) -> Optional[OSError]:
         """Appends the group's batches, then their index entries; cuts both files back when that
@@ -3644,27 +3831,28 @@ class Storage:
             try:
                 data_file = self._acquire(folder)
             except OSError as exc:
-                if self.dedupe is not None and key is not None and ticket and ticket.verdict:
+                if (self.dedupe is not None and key is not None and ticket is not None
+                        and ticket.state is ClaimState.GRANTED):
                     self.dedupe.release_all([key])  # the claim it waited for, given up
                 raise StorageError("cannot open a data file in %s: %s"
                                    % (self.layout.root / folder, describe_os_error(exc))) from exc
             try:
-                verdict = data_file.append(pending)
+                stored = data_file.append(pending)
             except OSError as exc:
                 raise StorageError("cannot write %s: %s"
                                    % (data_file.path, describe_os_error(exc))) from exc
             finally:
                 self._release(data_file)
-            if verdict is not Stored.DEFERRED:
+            if stored is not Stored.DEFERRED:
                 break
             # Another request stores the same batch now: wait for its outcome, holding no claim,
-            # then queue this one again with the verdict.
+            # then queue this one again with the claim that outcome leaves it.
             ticket = pending.ticket
             if ticket is not None:
-                ticket = ClaimTicket(ticket.final(), ticket.wait)
-        if verdict is Stored.DUPLICATE:
+                ticket = ClaimTicket(ticket.outcome(), ticket.wait)
+        if stored is Stored.DUPLICATE:
             return StoreResult(None)
-        return StoreResult(data_file.path, kept_duplicate=verdict is Stored.KEPT_DUPLICATE)
+        return StoreResult(data_file.path, kept_duplicate=stored is Stored.KEPT_DUPLICATE)
 
     def _acquire(self, folder: str) -> DataFile:
         """The current file of `folder`, opening the next one when the period or size says so;
@@ -4572,7 +4760,7 @@ class PushFacts(NamedTuple):
     named_stream: Optional[str] = None
 
 
-class Verdict(enum.Enum):
+class PushResult(enum.Enum):
     """How a push ended."""
 
     STORED = "stored"
@@ -4586,6 +4774,8 @@ class Verdict(enum.Enum):
     TOO_LARGE = "too large"
     # The endpoint URL names something that is not a stream ID.
     BAD_STREAM = "bad stream"
+    # Checking its records failed because of what they hold (see BatchRefused).
+    REFUSED = "refused"
     # Storage failed: nothing of the push was kept, and a retry may succeed.
     STORAGE_FAILED = "storage failed"
 
@@ -4593,7 +4783,7 @@ class Verdict(enum.Enum):
 class Outcome(NamedTuple):
     """What became of a push."""
 
-    verdict: Verdict
+    result: PushResult
     records: int = 0
     # The stream's row in the status page and metrics, once its records named it.
     stream_row: Optional[str] = None
@@ -4618,15 +4808,15 @@ class PushPipeline:
         and may raise to abandon the push before it is stored."""
         named = facts.named_stream
         if named is not None and (not STREAM_ID_RE.fullmatch(named) or named in ("0", "1", "2")):
-            return Outcome(Verdict.BAD_STREAM, reason="the URL's %s= names no stream ID: %r"
+            return Outcome(PushResult.BAD_STREAM, reason="the URL's %s= names no stream ID: %r"
                            % (STREAM_QUERY_PARAMETER, named[:40]))
         try:
             push = decode_push(body, facts.declared_gzip, self.settings.max_decompressed_size,
                                self.storage.layout.spool_dir, self.storage.dedupes, on_growth)
         except BodyTooLarge as exc:
-            return Outcome(Verdict.TOO_LARGE, reason=str(exc))
+            return Outcome(PushResult.TOO_LARGE, reason=str(exc))
         except BodyError as exc:
-            return Outcome(Verdict.UNDECODABLE, reason=str(exc))
+            return Outcome(PushResult.UNDECODABLE, reason=str(exc))
         try:
             return self.store(facts, push)
         finally:
@@ -4637,11 +4827,11 @@ class PushPipeline:
         batch, metrics = push.batch, self.metrics
         if batch.is_validation_probe():
             metrics.count("validation_probes")
-            return Outcome(Verdict.PROBE, reason="validation probe")
+            return Outcome(PushResult.PROBE, reason="validation probe")
         metrics.count("decoded_bytes", batch.size)
         if not batch.records:
             metrics.stored(facts.path, 0)
-            return Outcome(Verdict.STORED)
+            return Outcome(PushResult.STORED)
         records = self.streams.classify(batch)
         if records.stream == UNKNOWN_STREAM and facts.named_stream is not None:
             records = records._replace(stream=facts.named_stream)
@@ -4653,21 +4843,25 @@ class PushPipeline:
         try:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
                                         records.stream)
+        except BatchRefused as exc:
+            log.warning("refused a batch of %d records from %s: %s", batch.records, facts.client,
+                        exc)
+            return Outcome(PushResult.REFUSED, stream_row=row, reason=str(exc))
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")
             metrics.storage_failed(str(exc))
-            return Outcome(Verdict.STORAGE_FAILED, stream_row=row, reason=str(exc))
+            return Outcome(PushResult.STORAGE_FAILED, stream_row=row, reason=str(exc))
         if result.path is None:
             metrics.count("dedupe_hits")
             metrics.stream_deduplicated(row)
-            return Outcome(Verdict.DUPLICATE, batch.records, row,
+            return Outcome(PushResult.DUPLICATE, batch.records, row,
                            "duplicate of a batch stored within the dedupe window")
         if result.kept_duplicate:
             metrics.count("dedupe_ineligible")
         metrics.stored(facts.path, batch.records)
         metrics.stream_stored(row, batch.records, records.unconverted, records.newest_event,
                               facts.client, records.batch.stored_size)
-        return Outcome(Verdict.STORED, batch.records, row)
+        return Outcome(PushResult.STORED, batch.records, row)
 
 
 # ---------------------------------------------------------------------------
@@ -5430,17 +5624,17 @@ class ConnectionHandler:
         """Maps what the pipeline made of a push to its HTTP answer."""
         exchange.stream_row = outcome.stream_row
         exchange.note = outcome.reason
-        verdict = outcome.verdict
-        if verdict is Verdict.STORED:
+        result = outcome.result
+        if result is PushResult.STORED:
             exchange.records = outcome.records
             return Response(HTTPStatus.OK, b"stored %d records\n" % outcome.records)
-        if verdict is Verdict.DUPLICATE:
+        if result is PushResult.DUPLICATE:
             return Response(HTTPStatus.OK, b"already stored %d records\n" % outcome.records)
-        if verdict is Verdict.PROBE:
+        if result is PushResult.PROBE:
             return Response(HTTPStatus.OK, b"validation ok\n")
-        if verdict is Verdict.TOO_LARGE:
+        if result is PushResult.TOO_LARGE:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, outcome.reason)
-        if verdict in (Verdict.UNDECODABLE, Verdict.BAD_STREAM):
+        if result in (PushResult.UNDECODABLE, PushResult.BAD_STREAM, PushResult.REFUSED):
             raise HTTPError(HTTPStatus.BAD_REQUEST, outcome.reason)
         log.error("storage failed, answering 503: %s", outcome.reason)
         raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, retry later",
@@ -6095,11 +6289,11 @@ class Claim(NamedTuple):
 
 
 class ClaimAnswer(NamedTuple):
-    """Supervisor to worker: whether the claimed batch is a duplicate (if not, the worker stores
-    it); None while another worker stores the same batch, and a second answer follows."""
+    """Supervisor to worker: the claim's ClaimState (its value); while WAITING, a second answer
+    follows, once the worker that holds the key has committed or released it."""
 
     id: int
-    duplicate: Optional[bool]
+    state: str
 
 
 class Commit(NamedTuple):
@@ -6254,7 +6448,7 @@ class SupervisorClient:
                     with self.lock:
                         call = self.waiting.pop(message.id, None)
                         if (call is not None and isinstance(message, ClaimAnswer)
-                                and message.duplicate is None):
+                                and message.state == ClaimState.WAITING.value):
                             call.follow_up = self.waiting[message.id] = PendingCall()
                     if call is not None:
                         call.answer = message
@@ -6296,11 +6490,15 @@ class SupervisorClient:
             raise SupervisorGone("the supervisor process is gone")
         return call.answer
 
-    def _final_claim(self, call: PendingCall) -> bool:
-        """The final answer of a claim that another worker held: True when this one stores it."""
+    @staticmethod
+    def _no_follow_up() -> ClaimState:
+        raise ProtocolError("a claim that is not WAITING has no second answer")
+
+    def _final_claim(self, call: PendingCall) -> ClaimState:
+        """The final answer of a claim that another worker held: GRANTED or DUPLICATE."""
         answer = self._answer(call)
         assert isinstance(answer, ClaimAnswer)
-        return answer.duplicate is False
+        return ClaimState(answer.state)
 
     def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
         """DedupeWindow.claim_all(), decided by the supervisor for every worker."""
@@ -6309,10 +6507,10 @@ class SupervisorClient:
         for call in calls:
             answer = self._answer(call)
             assert isinstance(answer, ClaimAnswer)
-            verdict = None if answer.duplicate is None else not answer.duplicate
             follow_up = call.follow_up
-            tickets.append(ClaimTicket(verdict, functools.partial(self._final_claim, follow_up)
-                                       if follow_up is not None else bool))
+            tickets.append(ClaimTicket(ClaimState(answer.state),
+                                       functools.partial(self._final_claim, follow_up)
+                                       if follow_up is not None else self._no_follow_up))
         return tickets
 
     def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
@@ -6561,21 +6759,20 @@ class Supervisor:
     def handle(self, index: int, message: Message) -> None:
         """Acts on one message from worker `index`."""
         if isinstance(message, Claim):
-            outcome = self.dedupe.try_claim(message.key)
-            if outcome is None:
-                # Answered at once, so that the worker's other claims go ahead; the outcome
-                # follows.
+            state = self.dedupe.try_claim(message.key)
+            # WAITING is answered at once too, so that the worker's other claims go ahead; the
+            # outcome follows.
+            self.send(index, ClaimAnswer(message.id, state.value))
+            if state is ClaimState.WAITING:
                 self.waiting.setdefault(message.key, []).append((index, message.id))
-                self.send(index, ClaimAnswer(message.id, None))
-                return
-            if outcome:
+            elif state is ClaimState.GRANTED:
                 self.owners[message.key] = index
-            self.send(index, ClaimAnswer(message.id, not outcome))
         elif isinstance(message, Commit):
             self.dedupe.commit(message.key, message.stored_at)
             self.owners.pop(message.key, None)
+            committed = advance(CLAIM_PROTOCOL, ClaimState.WAITING, ClaimEvent.HOLDER_COMMITTED)
             for waiter, request_id in self.waiting.pop(message.key, []):
-                self.send(waiter, ClaimAnswer(request_id, True))
+                self.send(waiter, ClaimAnswer(request_id, committed.value))
         elif isinstance(message, Release):
             self.release(message.key)
         elif isinstance(message, Ready):
@@ -6603,9 +6800,9 @@ class Supervisor:
         waiters = self.waiting.pop(key, [])
         while waiters:
             waiter, request_id = waiters.pop(0)
-            outcome = self.dedupe.try_claim(key)
-            self.send(waiter, ClaimAnswer(request_id, not outcome))
-            if outcome:
+            state = self.dedupe.claim_again(key)
+            self.send(waiter, ClaimAnswer(request_id, state.value))
+            if state is ClaimState.GRANTED:
                 self.owners[key] = waiter
                 if waiters:
                     self.waiting[key] = waiters

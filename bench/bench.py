@@ -2,6 +2,21 @@
 
 Each (server, scenario) pair runs on a fresh server; every request body is unique, and after each run the
 stored lines are counted against what was acknowledged.  Writes the table to stdout and BENCHMARKS.md.
+
+Three more scenarios run only when named (--scenarios RSP), for dsreceiver and --baseline only (the
+peers neither seal nor finish files), each taking minutes on a 2-core machine:
+
+  R  restart: seconds from exec to the first 200 over --restart-mb MB of this hour's files that an
+     earlier run (2 workers) left: stopped by SIGTERM, killed by SIGKILL while pushing, and stopped by
+     SIGTERM with --compress-rotated; and when all those files were sealed.
+  S  seal throughput, in this process: --seal-mb MB of finished plain files written by the script's
+     own Storage.store (its index format), then its Housekeeper.finish_files(); MB/s, with and
+     without --compress-rotated.  The files are in the page cache: this measures CPU, not the disk.
+  P  p99 of pushes paced at --push-rate a second over 8 connections while the server gzips and seals
+     a --seal-file-mb MB past-hour file left in its folder (--compress-rotated), against the same
+     load without that file.  Latency counts from each push's scheduled time (open loop).
+
+e.g. bench/bench.py --scenarios RSP --baseline /tmp/dsreceiver-old.py --output /tmp/report.md
 """
 
 from __future__ import annotations
@@ -9,13 +24,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gzip
+import hashlib
 import http.client
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -23,9 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -124,13 +143,15 @@ class Server:
     """One server under test in its own folder; `stored_lines()` counts what it wrote."""
 
     def __init__(self, kind: str, workdir: Path, cert: Path, key: Path, extra: Sequence[str] = (),
-                 script: Path = ROOT / "dsreceiver.py") -> None:
+                 script: Path = ROOT / "dsreceiver.py", reuse_output: bool = False, wait: bool = True) -> None:
+        """`reuse_output`: serve the output folder an earlier server (or the bench) left in `workdir`;
+        `wait`: return only once the port is open (scenario R measures that itself)."""
         self.kind = kind
         self.workdir = workdir
         self.port = free_port()
         self.output = workdir / "out"
-        self.output.mkdir(parents=True)
-        log = (workdir / "server.log").open("wb")
+        self.output.mkdir(parents=True, exist_ok=reuse_output)
+        log = (workdir / "server.log").open("ab")
         if kind.startswith("dsreceiver"):
             command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(self.port),
                        "--cert", str(cert), "--key", str(key), "--output-dir", str(self.output),
@@ -155,9 +176,23 @@ class Server:
             conf.write_text(NGINX_CONF % {"port": self.port, "cert": cert, "key": key, "dir": workdir})
             command = ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"]
         environment = dict(os.environ, BENCH_OUTPUT=str(self.output / "Data.txt"))
+        # When the server was exec'd (scenario R measures from here).
+        self.started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
                                         env=environment)
-        wait_for_port(self.port, self.process)
+        log.close()
+        if wait:
+            wait_for_port(self.port, self.process)
+
+    def kill(self) -> None:
+        """SIGKILL to the server and every process it started, at once: a crash, or a power cut as far
+        as its processes can tell."""
+        for pid in process_tree(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
 
     def stop(self) -> None:
         self.process.terminate()
@@ -346,6 +381,343 @@ def hold_idle(port: int, cert: str, count: int, ready: multiprocessing.Queue[int
     ready.put(answered)
 
 
+# -- restart, sealing, pushes during a seal (scenarios R, S, P) --------------------------------------
+
+# dsreceiver only (the peers neither seal nor finish files), and not in the default set: each takes
+# minutes on a 2-core machine: a round against a baseline takes about 2.5 minutes for R, 1.5 for S
+# and 3.5 for P (the old start-up finishes the 1 GB file before it serves).
+LIFECYCLE_SCENARIOS = {
+    "R": "restart over --restart-mb MB of this hour's files (2 workers): seconds from exec to the first 200, "
+         "after a SIGTERM, after a SIGKILL while pushing, and after a SIGTERM with --compress-rotated "
+         "(both runs); plus when the earlier run's files were all sealed",
+    "S": "sealing --seal-mb MB of finished plain files in-process (the script's Storage.store writes them "
+         "and their index, then Housekeeper.finish_files): MB/s of plain input, with and without "
+         "--compress-rotated (files in the page cache: CPU, not disk)",
+    "P": "p99 of pushes paced at --push-rate a second over 8 connections (1 MB JSON gzip'd) while the "
+         "server gzips and seals a --seal-file-mb MB past-hour file left in its folder (--compress-rotated, "
+         "2 workers), against the same load without that file",
+}
+LIFECYCLE_CONNECTIONS = 8
+# Attempts at the first 200 after a restart: each gives up after this long, then tries again at once.
+PROBE_TIMEOUT = 0.25
+# How long finishing may take before the run is given up (the old start-up compressed at ~10 MB/s).
+FINISH_DEADLINE = 900.0
+LIFECYCLE_OPTIONS = ["--workers", "2"] + LOAD_GENERATOR_OPTIONS
+# The probe of R and P: one small record.
+PROBE_BODY = b'{"version":"4","streamId":"61234","cp":"123","reqId":"probe","statusCode":"200"}\n'
+
+
+# The dsreceiver.py files imported by load_script, by path.
+LOADED_SCRIPTS: Dict[Path, types.ModuleType] = {}
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """A dsreceiver.py imported from `path` under a name of its own, so that the file under test and the
+    baseline can be used side by side in this process."""
+    path = path.resolve()
+    if path not in LOADED_SCRIPTS:
+        name = "dsreceiver_under_test_%d" % len(LOADED_SCRIPTS)
+        spec = importlib.util.spec_from_file_location(name, str(path))
+        if spec is None or spec.loader is None:
+            raise RuntimeError("cannot import %s" % path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        LOADED_SCRIPTS[path] = module
+    return LOADED_SCRIPTS[path]
+
+
+def write_finished_files(module: types.ModuleType, root: Path, megabytes: float, body: bytes,
+                         period_start: float) -> List[Path]:
+    """Writes `megabytes` MB of `body` batches through the module's own Storage.store (so each file has
+    its batch index in that version's format), named by the period of `period_start`, then closes them
+    (closing fdatasyncs them); returns the data files."""
+    layout = module.Layout(root)
+    module.prepare_output(layout, 0)
+    storage = module.Storage(layout, "never", 0, None, clock=lambda: period_start)
+    storage.start()
+    records = body.count(b"\n")
+    for _ in range(max(1, round(megabytes * 1e6 / len(body)))):
+        storage.store("", module.RecordBatch([body], None, len(body), records))
+    storage.close()
+    return [path for path, _ in layout.data_files(compressed=True)]
+
+
+def sealed_path(path: Path) -> Optional[Path]:
+    """The manifest of an earlier run's data file once it is finished (gzip'd or not), else None."""
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        manifest = candidate.with_name("." + candidate.name + ".sealed.json")
+        if manifest.exists():
+            return manifest
+    return None
+
+
+def wait_until_sealed(paths: Sequence[Path], process: subprocess.Popen[bytes], deadline: float) -> float:
+    """Polls until every one of `paths` has its manifest (or is gone: an empty file is removed); returns
+    the monotonic time it saw that."""
+    while True:
+        pending = [path for path in paths
+                   if sealed_path(path) is None and (path.exists() or path.with_name(path.name + ".gz").exists())]
+        now = time.monotonic()
+        if not pending:
+            return now
+        if process.poll() is not None:
+            raise RuntimeError("server exited with %s before sealing %s" % (process.returncode, pending))
+        if now > deadline:
+            raise RuntimeError("not sealed after %.0f s: %s" % (FINISH_DEADLINE, pending))
+        time.sleep(0.02)
+
+
+def first_200(port: int, cert: Path, process: subprocess.Popen[bytes], deadline: float) -> float:
+    """Pushes the probe in a tight loop, each attempt with a short timeout, until one is answered 200;
+    returns the monotonic time of that answer."""
+    context = client_context(cert)
+    attempt = 0
+    while True:
+        attempt += 1
+        if process.poll() is not None:
+            raise RuntimeError("server exited with %s before answering" % process.returncode)
+        if time.monotonic() > deadline:
+            raise RuntimeError("no 200 after %.0f s" % FINISH_DEADLINE)
+        try:
+            connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=PROBE_TIMEOUT)
+            connection.request("POST", "/datastream", PROBE_BODY.replace(b"probe", b"probe-%d" % attempt),
+                               {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            answer.read()
+            connection.close()
+            if answer.status == 200:
+                return time.monotonic()
+        except (OSError, http.client.HTTPException):
+            pass
+        # A refused connection comes back at once: a short pause keeps the loop off the server's cores.
+        time.sleep(0.005)
+
+
+def fill(port: int, cert: Path, body: bytes, tail: bytes, decoded: int, target_mb: float,
+         keep_pushing: bool) -> Tuple[threading.Event, List[threading.Thread], List[int]]:
+    """Pushes gzip'd batches over LIFECYCLE_CONNECTIONS keep-alive connections until `target_mb` MB of
+    records are acknowledged; returns then (with `keep_pushing`, the pushers go on until the returned
+    event is set: they are still pushing when the server is killed) or once they stopped.  The list
+    counts acknowledged batches."""
+    context = client_context(cert)
+    stop, enough = threading.Event(), threading.Event()
+    acknowledged = [0]
+    lock = threading.Lock()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+
+    def pusher(number: int) -> None:
+        connection: Optional[http.client.HTTPSConnection] = None
+        counter = 0
+        while not stop.is_set():
+            counter += 1
+            try:
+                if connection is None:
+                    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+                connection.request("POST", "/datastream", unique_body(body, tail, "gzip", "r%d-%d" % (number, counter)),
+                                   headers)
+                answer = connection.getresponse()
+                answer.read()
+            except (OSError, http.client.HTTPException):
+                connection = None
+                if stop.is_set():
+                    return
+                continue
+            if answer.status == 200:
+                with lock:
+                    acknowledged[0] += 1
+                    if acknowledged[0] * decoded >= target_mb * 1e6:
+                        enough.set()
+                        if not keep_pushing:
+                            stop.set()
+
+    threads = [threading.Thread(target=pusher, args=(number,)) for number in range(LIFECYCLE_CONNECTIONS)]
+    for thread in threads:
+        thread.start()
+    if not enough.wait(FINISH_DEADLINE):
+        stop.set()
+        raise RuntimeError("could not push %g MB" % target_mb)
+    if not keep_pushing:
+        for thread in threads:
+            thread.join()
+    return stop, threads, acknowledged
+
+
+def run_restart(kind: str, variant: str, workdir: Path, cert: Path, key: Path, bodies: Dict[str, Path],
+                megabytes: float, script: Path, extra: Sequence[str]) -> Dict[str, float]:
+    """Scenario R, one variant ('SIGTERM', 'SIGKILL' or 'gzip'): an earlier run fills the folder with
+    `megabytes` MB of this hour's records and is stopped; a new one is exec'd on that folder."""
+    folder = Path(tempfile.mkdtemp(prefix="%s-R-%s-" % (kind, variant), dir=str(workdir)))
+    options = list(LIFECYCLE_OPTIONS) + list(extra) + (["--compress-rotated"] if variant == "gzip" else [])
+    body, tail = bodies["big.gz"].read_bytes(), Path(str(bodies["big.gz"]) + ".tail").read_bytes()
+    decoded = int(bodies["big.gz.decoded"].read_text()) + len(tail)
+    per_batch = int(bodies["big.gz.lines"].read_text()) + 1
+    earlier = Server(kind, folder, cert, key, options, script)
+    try:
+        stop, threads, acknowledged = fill(earlier.port, cert, body, tail, decoded, megabytes,
+                                           keep_pushing=variant == "SIGKILL")
+        if variant == "SIGKILL":
+            earlier.kill()
+            stop.set()
+            for thread in threads:
+                thread.join()
+        else:
+            earlier.stop()
+    except BaseException:
+        earlier.kill()
+        raise
+    left = [path for path, _ in dsreceiver.Layout(earlier.output).data_files(compressed=True)]
+    left_mb = sum(path.stat().st_size for path in left) / 1e6
+    restarted = Server(kind, folder, cert, key, options, script, reuse_output=True, wait=False)
+    deadline = restarted.started + FINISH_DEADLINE
+    try:
+        answered = first_200(restarted.port, cert, restarted.process, deadline)
+        sealed = wait_until_sealed(left, restarted.process, deadline)
+    finally:
+        restarted.stop()
+    records = 0
+    for path in left:
+        manifest = sealed_path(path)
+        records += json.loads(manifest.read_bytes())["records"] if manifest is not None else 0
+    shutil.rmtree(str(folder))
+    return {"value": answered - restarted.started, "sealed_s": sealed - restarted.started, "left_mb": left_mb,
+            "files": len(left), "records_sealed": records, "records_acked": acknowledged[0] * per_batch,
+            "per_batch": per_batch}
+
+
+def run_seal(kind: str, variant: str, workdir: Path, bodies: Dict[str, Path], megabytes: float,
+             script: Path) -> Dict[str, float]:
+    """Scenario S, one variant ('plain' or 'gzip'): finished files of `megabytes` MB written by the
+    script's own Storage, then timed through its Housekeeper.finish_files() in this process."""
+    module = load_script(script)
+    folder = Path(tempfile.mkdtemp(prefix="%s-S-%s-" % (kind, variant), dir=str(workdir)))
+    paths = write_finished_files(module, folder / "out", megabytes, bodies["big.json"].read_bytes(),
+                                 time.time() - 7200)
+    size = sum(path.stat().st_size for path in paths)
+    housekeeper = module.Housekeeper(module.Layout(folder / "out"), compress=variant == "gzip")
+    housekeeper.to_finish = list(paths)
+    started = time.monotonic()
+    housekeeper.finish_files()
+    elapsed = time.monotonic() - started
+    manifests = [sealed_path(path) for path in paths]
+    if None in manifests:
+        raise RuntimeError("%s: not every file was sealed" % kind)
+    records = sum(json.loads(manifest.read_bytes())["records"] for manifest in manifests if manifest)
+    shutil.rmtree(str(folder))
+    return {"value": size / 1e6 / elapsed, "seconds": elapsed, "mb": size / 1e6, "files": len(paths),
+            "records": records, "sha256_mb_s": sha256_limit_mb_s()}
+
+
+def sha256_limit_mb_s() -> float:
+    """One core's SHA-256 rate on this machine (the bound of sealing a plain file), in MB/s."""
+    block = os.urandom(16 << 20)
+    digest, rounds, started = hashlib.sha256(), 0, time.monotonic()
+    while time.monotonic() - started < 0.5:
+        digest.update(block)
+        rounds += 1
+    return rounds * len(block) / 1e6 / (time.monotonic() - started)
+
+
+def paced_pushes(port: int, cert: str, body: bytes, tail: bytes, tag: str, rate: float, started: float,
+                 stop: multiprocessing.synchronize.Event,
+                 results: multiprocessing.Queue[List[Tuple[float, float, bool]]]) -> None:
+    """One connection of scenario P: a push every 1/rate seconds from `started` on (open loop: a late
+    answer delays the next push, not its schedule), until `stop`; reports (scheduled time, latency from
+    that time, answered 200) of each push."""
+    context = client_context(Path(cert))
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    connection: Optional[http.client.HTTPSConnection] = None
+    done: List[Tuple[float, float, bool]] = []
+    counter = 0
+    while not stop.is_set():
+        scheduled = started + counter / rate
+        counter += 1
+        delay = scheduled - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            break
+        ok = False
+        try:
+            if connection is None:
+                connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+            connection.request("POST", "/datastream", unique_body(body, tail, "gzip", "%s-%d" % (tag, counter)),
+                               headers)
+            answer = connection.getresponse()
+            answer.read()
+            ok = answer.status == 200
+        except (OSError, http.client.HTTPException):
+            connection = None
+        done.append((scheduled, time.monotonic() - scheduled, ok))
+    results.put(done)
+
+
+def run_pushes_during_seal(kind: str, variant: str, workdir: Path, cert: Path, key: Path, bodies: Dict[str, Path],
+                           file_mb: float, rate: float, seconds: float, script: Path,
+                           extra: Sequence[str]) -> Dict[str, float]:
+    """Scenario P, one variant ('seal': a `file_mb` MB past-hour file waits in the folder at start, or
+    'idle': none): the latencies of paced pushes from the first 200 on, for `seconds` and at least until
+    that file is sealed."""
+    folder = Path(tempfile.mkdtemp(prefix="%s-P-%s-" % (kind, variant), dir=str(workdir)))
+    left: List[Path] = []
+    if variant == "seal":
+        left = write_finished_files(load_script(script), folder / "out", file_mb, bodies["big.json"].read_bytes(),
+                                    time.time() - 7200)
+    server = Server(kind, folder, cert, key, LIFECYCLE_OPTIONS + list(extra) + ["--compress-rotated"], script,
+                    reuse_output=True, wait=False)
+    deadline = server.started + FINISH_DEADLINE
+    body, tail = bodies["big.gz"].read_bytes(), Path(str(bodies["big.gz"]) + ".tail").read_bytes()
+    results: multiprocessing.Queue[List[Tuple[float, float, bool]]] = multiprocessing.Queue()
+    stop = multiprocessing.Event()
+    pushers: List[multiprocessing.Process] = []
+    try:
+        answered = first_200(server.port, cert, server.process, deadline)
+        # Finished before serving (as the old start-up did): no push can overlap it.
+        finished_first = bool(left) and all(sealed_path(path) is not None for path in left)
+        load_started = time.monotonic()
+        pushers = [multiprocessing.Process(
+            target=paced_pushes, args=(server.port, str(cert), body, tail, "p%d" % number,
+                                       rate / LIFECYCLE_CONNECTIONS, load_started + number / rate, stop, results))
+            for number in range(LIFECYCLE_CONNECTIONS)]
+        for pusher in pushers:
+            pusher.start()
+        sealed = wait_until_sealed(left, server.process, deadline) if left and not finished_first else answered
+        # Then until `seconds` have passed, or one more second after the seal.
+        ends = max(load_started + seconds, sealed + 1)
+        while time.monotonic() < ends and server.process.poll() is None:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        collected = [push for _ in pushers for push in results.get(timeout=120)]
+        for pusher in pushers:
+            pusher.join()
+        server.stop()
+    shutil.rmtree(str(folder))
+    during = sorted(latency for scheduled, latency, _ in collected if scheduled < sealed)
+    every = sorted(latency for _, latency, _ in collected)
+    # The figure compared: during the seal when one overlapped the load, else over the whole load.
+    measured = during if during else every
+    return {"value": percentile(measured, 99) * 1000, "p50_ms": percentile(measured, 50) * 1000,
+            "max_ms": measured[-1] * 1000 if measured else 0.0,
+            "requests": len(measured), "errors": sum(not ok for _, _, ok in collected),
+            "during_seal": len(during), "all_p99_ms": percentile(every, 99) * 1000,
+            "first_200_s": answered - server.started,
+            "sealed_s": (sealed if not finished_first else answered) - server.started if left else 0.0,
+            "load_s": time.monotonic() - load_started}
+
+
+LIFECYCLE_VARIANTS = {"R": ("SIGTERM", "SIGKILL", "gzip"), "S": ("plain", "gzip"), "P": ("idle", "seal")}
+
+
+def run_lifecycle(kind: str, scenario: str, variant: str, workdir: Path, cert: Path, key: Path,
+                  bodies: Dict[str, Path], options: argparse.Namespace, script: Path) -> Dict[str, float]:
+    extra = options.dsreceiver_args.split()
+    if scenario == "R":
+        return run_restart(kind, variant, workdir, cert, key, bodies, options.restart_mb, script, extra)
+    if scenario == "S":
+        return run_seal(kind, variant, workdir, bodies, options.seal_mb, script)
+    return run_pushes_during_seal(kind, variant, workdir, cert, key, bodies, options.seal_file_mb,
+                                  options.push_rate, options.seconds, script, extra)
+
+
 # -- the limits --------------------------------------------------------------------
 
 def disk_limit_mb_s(folder: Path, total_mb: int) -> float:
@@ -492,7 +864,9 @@ def machine_facts() -> Dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15, help="length of each run (default: 15)")
-    parser.add_argument("--scenarios", default="ABCDEF", help="which scenarios (default: ABCDEF)")
+    parser.add_argument("--scenarios", default="ABCDEF",
+                        help="which scenarios (default: ABCDEF); R, S and P (restart, sealing, pushes during a "
+                        "seal: dsreceiver and the baseline only, minutes each) run only when named")
     parser.add_argument("--servers", default="dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip",
                         help="which servers (default: dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip)")
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
@@ -501,9 +875,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None, metavar="FILE",
                         help="also run this other dsreceiver.py (e.g. main's, from git show) as dsreceiver-baseline, "
                         "with the same options, and print the ratios")
+    parser.add_argument("--script", type=Path, default=ROOT / "dsreceiver.py", metavar="FILE",
+                        help="the dsreceiver.py run as dsreceiver (default: the one beside bench/, e.g. a snapshot "
+                        "from git show while it is being edited)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of each server per scenario, alternating their order; the median is reported "
                         "(default: 1)")
+    parser.add_argument("--restart-mb", type=float, default=600,
+                        help="scenario R: MB of this hour's records the earlier run leaves (default: 600)")
+    parser.add_argument("--seal-mb", type=float, default=600,
+                        help="scenario S: MB of finished files to seal (default: 600)")
+    parser.add_argument("--seal-file-mb", type=float, default=1024,
+                        help="scenario P: MB of the past-hour file gzip'd and sealed under load (default: 1024)")
+    parser.add_argument("--push-rate", type=float, default=32,
+                        help="scenario P: pushes a second, over %d connections (default: 32)" % LIFECYCLE_CONNECTIONS)
     parser.add_argument("--poll-status", action="store_true",
                         help="load dsreceiver's /status once a second during each run, as an open browser tab would")
     options = parser.parse_args(argv)
@@ -522,7 +907,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("disk limit %.0f MB/s (1 GiB, fdatasync every 16 MiB); gunzip limit %.0f MB/s decoded on %s cores"
           % (disk, inflate, facts["nproc"]), flush=True)
     results: Dict[Tuple[str, str], Dict[str, object]] = {}
+    lifecycle: Dict[Tuple[str, str, str], Dict[str, object]] = {}
     for scenario in options.scenarios:
+        if scenario in LIFECYCLE_SCENARIOS:
+            run_lifecycle_rounds(scenario, servers, workdir, cert, key, bodies, options, lifecycle)
+            continue
         # F is STRUCTURED stored as JSON: the peers, which only append, store it as it comes.
         kinds = [kind for kind in servers if not (kind == "dsreceiver-gzip" and scenario != "A"
                                                   or kind in ("flask", "nginx") and scenario == "F")]
@@ -533,14 +922,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 extra = (LOAD_GENERATOR_OPTIONS + options.dsreceiver_args.split()
                          + (["--store", "gzip"] if kind == "dsreceiver-gzip" else []))
                 extra += STRUCTURED_OPTIONS if scenario == "F" else []
-                script = options.baseline if kind == "dsreceiver-baseline" else ROOT / "dsreceiver.py"
+                script = options.baseline if kind == "dsreceiver-baseline" else options.script
                 print("running %s %s (round %d) ..." % (kind, scenario, round_number + 1), flush=True)
                 runs[kind].append(run_one(kind, scenario, workdir, cert, key, bodies, options.seconds,
                                           use_wrk, extra, options.poll_status, script))
                 print("  " + json.dumps(runs[kind][-1]), flush=True)
         for kind, done in runs.items():
             results[(kind, scenario)] = median_run(done)
-    report = render(results, facts, disk, inflate, options, use_wrk, bodies)
+    report = render(results, facts, disk, inflate, options, use_wrk, bodies, lifecycle)
     print(report)
     previous = options.output.read_text() if options.output.exists() else ""
     kept = previous.split(MARKER, 1)[1] if MARKER in previous else "\n"
@@ -561,6 +950,26 @@ def median_run(runs: List[Dict[str, object]]) -> Dict[str, object]:
     return chosen
 
 
+def run_lifecycle_rounds(scenario: str, servers: Sequence[str], workdir: Path, cert: Path, key: Path,
+                         bodies: Dict[str, Path], options: argparse.Namespace,
+                         lifecycle: Dict[Tuple[str, str, str], Dict[str, object]]) -> None:
+    """Scenario R, S or P for dsreceiver and the baseline: each variant `--rounds` times, alternating
+    the order; keeps the median of each."""
+    kinds = [kind for kind in servers if kind in ("dsreceiver", "dsreceiver-baseline")]
+    for variant in LIFECYCLE_VARIANTS[scenario]:
+        runs: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds}
+        for round_number in range(options.rounds):
+            for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
+                script = options.baseline if kind == "dsreceiver-baseline" else options.script
+                print("running %s %s %s (round %d) ..." % (kind, scenario, variant, round_number + 1), flush=True)
+                runs[kind].append(run_lifecycle(kind, scenario, variant, workdir, cert, key, bodies, options, script))
+                print("  " + json.dumps(runs[kind][-1]), flush=True)
+        for kind, done in runs.items():
+            chosen: Dict[str, object] = dict(sorted(done, key=lambda run: run["value"])[(len(done) - 1) // 2])
+            chosen["values"] = [round(run["value"], 2) for run in done]
+            lifecycle[(kind, scenario, variant)] = chosen
+
+
 def stored_verdict(result: Dict[str, object], connections: int) -> str:
     """Compares stored lines with acknowledged batches; wrk stops with up to one request per connection
     in flight, which the server may still have stored and answered."""
@@ -576,7 +985,8 @@ def stored_verdict(result: Dict[str, object], connections: int) -> str:
 
 
 def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, str], disk: float, inflate: float,
-           options: argparse.Namespace, use_wrk: bool, bodies: Dict[str, Path]) -> str:
+           options: argparse.Namespace, use_wrk: bool, bodies: Dict[str, Path],
+           lifecycle: Optional[Dict[Tuple[str, str, str], Dict[str, object]]] = None) -> str:
     lines = ["# Benchmarks", "",
              "`make bench` (`%s bench/bench.py --seconds %g`), %s." % (Path(sys.executable).name, options.seconds,
                                                                          time.strftime("%Y-%m-%d %H:%M UTC",
@@ -655,7 +1065,71 @@ def render(results: Dict[Tuple[str, str], Dict[str, object]], facts: Dict[str, s
                          rate, rate / (flask_a["acknowledged"] / flask_a["seconds"]),  # type: ignore[operator]
                          1000 * gz["written_mb"] / max(1, gz["acknowledged"]),  # type: ignore[operator]
                          "%.1f MB" % (1000 * plain["written_mb"] / max(1, plain["acknowledged"])) if plain else "-"))  # type: ignore[operator]
+    if lifecycle:
+        lines += render_lifecycle(lifecycle, options)
     return "\n".join(lines) + "\n"
+
+
+def sealed_verdict(result: Dict[str, Any]) -> str:
+    """Compares the records the manifests count with the acknowledged ones; after a SIGKILL up to one
+    batch a connection was stored but not answered."""
+    extra, remainder = divmod(result["records_sealed"] - result["records_acked"], result["per_batch"])
+    if extra == 0 and remainder == 0:
+        return "exact"
+    if remainder == 0 and 0 < extra <= LIFECYCLE_CONNECTIONS:
+        return "exact, +%d in flight at the kill" % extra
+    return "MISMATCH: %+d records" % (result["records_sealed"] - result["records_acked"])
+
+
+def render_lifecycle(lifecycle: Dict[Tuple[str, str, str], Dict[str, Any]], options: argparse.Namespace) -> List[str]:
+    """The section of scenarios R, S and P: a table, then each against the baseline and its target."""
+    lines = ["", "## Restart, sealing, pushes during a seal", "",
+             "Scenarios: " + "; ".join("**%s** %s" % (name, text) for name, text in LIFECYCLE_SCENARIOS.items()
+                                       if name in options.scenarios) + ".",
+             "dsreceiver: %s; dsreceiver-baseline: %s." % (options.script, options.baseline), "",
+             "| server | scenario | variant | figure | details | rounds |", "| --- | --- | --- | ---: | --- | --- |"]
+    for (kind, scenario, variant), r in lifecycle.items():
+        if scenario == "R":
+            figure = "%.2f s to the first 200" % r["value"]
+            details = ("%d files, %.0f MB left; all sealed %.1f s after exec; %d records sealed, %d acknowledged: %s"
+                       % (r["files"], r["left_mb"], r["sealed_s"], r["records_sealed"], r["records_acked"],
+                          sealed_verdict(r)))
+        elif scenario == "S":
+            figure = "%.0f MB/s" % r["value"]
+            details = ("%.0f MB in %d files finished in %.2f s, %d records (one core's SHA-256 here: %.0f MB/s)"
+                       % (r["mb"], r["files"], r["seconds"], r["records"], r["sha256_mb_s"]))
+        else:
+            figure = "p99 %.1f ms" % r["value"]
+            details = ("p50 %.1f ms, max %.0f ms over %d pushes%s, %d errors; first 200 %.2f s after exec%s"
+                       % (r["p50_ms"], r["max_ms"], r["requests"], " scheduled while the file was being finished"
+                          if r["during_seal"] else " (whole load: %.0f s)" % r["load_s"], r["errors"],
+                          r["first_200_s"], "; sealed %.1f s after exec" % r["sealed_s"] if variant == "seal" else ""))
+        lines.append("| %s | %s | %s | %s | %s | %s |" % (kind, scenario, variant, figure, details, r["values"]))
+    lines.append("")
+    for (kind, scenario, variant), ours in lifecycle.items():
+        base = lifecycle.get(("dsreceiver-baseline", scenario, variant))
+        if kind != "dsreceiver" or base is None:
+            continue
+        if scenario == "R":
+            lines.append("- **R %s against the baseline**: first 200 %.2f s vs %.2f s after exec: %.1fx sooner"
+                         % (variant, ours["value"], base["value"], base["value"] / ours["value"]))
+        elif scenario == "S":
+            lines.append("- **S %s against the baseline**: %.0f vs %.0f MB/s: %.1fx%s"
+                         % (variant, ours["value"], base["value"], ours["value"] / base["value"],
+                            " (target: 1,000 MB/s)" if variant == "plain" else ""))
+        else:
+            lines.append("- **P %s against the baseline**: p99 %.1f vs %.1f ms%s" % (
+                variant, ours["value"], base["value"],
+                "; the baseline finished the file before serving: first 200 %.1f s vs %.2f s after exec"
+                % (base["first_200_s"], ours["first_200_s"]) if variant == "seal" and not base["during_seal"] else ""))
+    for kind in ("dsreceiver", "dsreceiver-baseline"):
+        seal, idle = lifecycle.get((kind, "P", "seal")), lifecycle.get((kind, "P", "idle"))
+        if seal and idle:
+            lines.append("- **P %s**: p99 with the seal %.1f ms / without %.1f ms = %.2fx (target: within 1.5x)%s"
+                         % (kind, seal["value"], idle["value"], seal["value"] / idle["value"],
+                            "" if seal["during_seal"] else "; no push overlapped the seal: it was done before the "
+                            "first 200 (%.1f s after exec)" % seal["first_200_s"]))
+    return lines
 
 
 if __name__ == "__main__":

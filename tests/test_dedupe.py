@@ -75,23 +75,23 @@ def test_concurrent_copies_store_once(server: ServerProcess) -> None:
 def test_entries_expire_after_the_window() -> None:
     now = [1764201600.0]
     index = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
-    assert index.claim("k")
+    assert index.claim("k") is dsreceiver.ClaimState.GRANTED
     index.commit("k", now[0])
-    assert not index.claim("k")
+    assert index.claim("k") is dsreceiver.ClaimState.DUPLICATE
     now[0] += 901
-    assert index.claim("k")
+    assert index.claim("k") is dsreceiver.ClaimState.GRANTED
     index.release("k")
     reloaded = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
     reloaded.load([(now[0] - 901, "k"), (now[0] - 10, "recent")])
-    assert reloaded.claim("k")  # expired entries are not brought back
-    assert not reloaded.claim("recent")
+    assert reloaded.claim("k") is dsreceiver.ClaimState.GRANTED  # expired entries are not brought back
+    assert reloaded.claim("recent") is dsreceiver.ClaimState.DUPLICATE
 
 
 def test_failed_store_releases_the_claim_so_the_retry_is_stored() -> None:
     index = dsreceiver.DedupeIndex(900)
-    assert index.claim("batch")
+    assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
     index.release("batch")  # storage failed: the retry must not be taken for a duplicate
-    assert index.claim("batch")
+    assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
 
 
 FAIL_FIRST_APPEND = """\
@@ -242,9 +242,9 @@ class WatchedIndex(dsreceiver.DedupeIndex):
         super().__init__(window)
         self.waiting = threading.Event()
 
-    def claim(self, key: str) -> bool:
+    def wait_for_holder(self, key: str) -> dsreceiver.ClaimState:
         self.waiting.set()
-        return super().claim(key)
+        return super().wait_for_holder(key)
 
 
 @pytest.mark.parametrize("outcome", ["stored", "failed"])
@@ -255,7 +255,7 @@ def test_a_batch_another_request_is_storing_waits_without_holding_up_its_group(t
     storage = dsreceiver.Storage(layout, dedupe=index)
     retry = digest_batch(storage, b"being stored elsewhere")
     key = dsreceiver.dedupe_key("", retry.digest or b"")
-    assert index.try_claim(key)  # another worker's request holds the claim, its commit under way
+    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED  # another worker's request holds the claim, its commit under way
     results: List[dsreceiver.StoreResult] = []
     waiter = threading.Thread(target=lambda: results.append(storage.store("", retry)))
     waiter.start()
@@ -288,7 +288,7 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     [data_file] = storage.files.values()
     held = digest_batch(storage, b"held elsewhere")
     key = dsreceiver.dedupe_key("", held.digest or b"")
-    assert index.try_claim(key)
+    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED
     held_sync = HeldSync(monkeypatch)
     results: Dict[bytes, dsreceiver.StoreResult] = {}
     batches = {b"blocker": digest_batch(storage, b"blocker"), b"fresh": digest_batch(storage, b"fresh"),
@@ -303,7 +303,8 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     held_sync.release()
     index.waiting.wait(30)
     wait_until(lambda: b"fresh" in results, what="the fresh batch committed while the held one waits")
-    assert index.try_claim(dsreceiver.dedupe_key("", batches[b"fresh"].digest or b"")) is False  # committed
+    fresh_key = dsreceiver.dedupe_key("", batches[b"fresh"].digest or b"")
+    assert index.try_claim(fresh_key) is dsreceiver.ClaimState.DUPLICATE  # committed
     index.commit(key, time.time())
     for thread in threads.values():
         thread.join(30)
@@ -322,7 +323,7 @@ def test_a_copy_that_waited_and_a_new_copy_in_one_group_are_stored_once(tmp_path
     [data_file] = storage.files.values()
     copies = [digest_batch(storage, b"sent three times") for _ in range(2)]
     key = dsreceiver.dedupe_key("", copies[0].digest or b"")
-    assert index.try_claim(key)  # a first copy, being stored by another request
+    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED  # a first copy, being stored by another request
     results: List[dsreceiver.StoreResult] = []
     waited = threading.Thread(target=lambda: results.append(storage.store("", copies[0])))
     waited.start()

@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple
 import pytest
 
 import dsreceiver
-from dsreceiver import Outcome, PushFacts, Verdict
+from dsreceiver import Outcome, PushFacts, PushResult
 from simulator import SAMPLE_DEFINITION, json_lines, sample_lines
 
 FACTS = PushFacts("/ds", "192.0.2.7", False)
@@ -52,7 +52,7 @@ def receiver(tmp_path: Path) -> Receiver:
 def test_a_push_is_stored_in_its_stream_folder_and_counted(receiver: Receiver) -> None:
     lines = json_lines("stored", 20)
     outcome = receiver.push(body_of(lines))
-    assert outcome == Outcome(Verdict.STORED, 20, "61234")
+    assert outcome == Outcome(PushResult.STORED, 20, "61234")
     assert receiver.stored("stream=61234") == lines
     assert receiver.counter("records_stored") == 20 and receiver.counter("batches_stored") == 1
     stats = receiver.metrics.state.streams["61234"]
@@ -61,39 +61,39 @@ def test_a_push_is_stored_in_its_stream_folder_and_counted(receiver: Receiver) -
 
 def test_gzip_is_found_by_the_header_or_by_the_magic_bytes(receiver: Receiver) -> None:
     lines = json_lines("zipped", 5)
-    assert receiver.push(gzip.compress(body_of(lines)), PushFacts("/ds", "a", True)).verdict is Verdict.STORED
-    assert receiver.push(gzip.compress(body_of(lines[:2]))).verdict is Verdict.STORED
+    assert receiver.push(gzip.compress(body_of(lines)), PushFacts("/ds", "a", True)).result is PushResult.STORED
+    assert receiver.push(gzip.compress(body_of(lines[:2]))).result is PushResult.STORED
     assert receiver.stored() == lines + lines[:2]
 
 
 def test_a_validation_probe_is_answered_and_not_stored(receiver: Receiver) -> None:
-    assert receiver.push(b'{"access_validation":true}').verdict is Verdict.PROBE
-    assert receiver.push(gzip.compress(b"0,access_validation")).verdict is Verdict.PROBE
+    assert receiver.push(b'{"access_validation":true}').result is PushResult.PROBE
+    assert receiver.push(gzip.compress(b"0,access_validation")).result is PushResult.PROBE
     assert receiver.stored() == [] and receiver.counter("validation_probes") == 2
 
 
 def test_an_undecodable_or_oversized_body_changes_nothing(tmp_path: Path) -> None:
     receiver = Receiver(tmp_path / "out", "--max-decompressed-size", "1K")
     corrupt = receiver.push(gzip.compress(b"x" * 100)[:-6], PushFacts("/ds", "a", True))
-    assert corrupt.verdict is Verdict.UNDECODABLE and "gzip" in corrupt.reason
-    assert receiver.push(gzip.compress(b"y\n" * 2048)).verdict is Verdict.TOO_LARGE
+    assert corrupt.result is PushResult.UNDECODABLE and "gzip" in corrupt.reason
+    assert receiver.push(gzip.compress(b"y\n" * 2048)).result is PushResult.TOO_LARGE
     assert receiver.stored() == [] and receiver.counter("batches_stored") == 0
 
 
 def test_a_retry_of_a_batch_with_request_ids_is_a_duplicate(receiver: Receiver) -> None:
     body = body_of(json_lines("retried", 30))
-    assert receiver.push(body).verdict is Verdict.STORED
+    assert receiver.push(body).result is PushResult.STORED
     again = receiver.push(body)
-    assert again == Outcome(Verdict.DUPLICATE, 30, "61234", "duplicate of a batch stored within the dedupe window")
+    assert again == Outcome(PushResult.DUPLICATE, 30, "61234", "duplicate of a batch stored within the dedupe window")
     assert len(receiver.stored()) == 30
     assert receiver.counter("dedupe_hits") == 1 and receiver.metrics.state.streams["61234"].dedupe_hits == 1
 
 
 def test_an_identical_batch_without_request_ids_is_stored_again_and_vouches_for_nothing(receiver: Receiver) -> None:
     body = b"plain line one\nplain line two\n"
-    assert receiver.push(body).verdict is Verdict.STORED
-    assert receiver.push(body).verdict is Verdict.STORED  # may be genuine: never dropped
-    assert receiver.push(body).verdict is Verdict.STORED
+    assert receiver.push(body).result is PushResult.STORED
+    assert receiver.push(body).result is PushResult.STORED  # may be genuine: never dropped
+    assert receiver.push(body).result is PushResult.STORED
     assert receiver.stored("stream=unknown") == [b"plain line one", b"plain line two"] * 3
     assert receiver.counter("dedupe_ineligible") == 2
     # Only the first copy's index entry carries the digest: the others vouch for no later batch.
@@ -108,11 +108,11 @@ def test_storage_failure_is_retry_later_with_nothing_left_behind(receiver: Recei
     blocked = receiver.layout.data_path("stream=61234", period, 0).parent
     blocked.write_bytes(b"")  # a file where the stream's folder must go: opening a data file fails
     outcome = receiver.push(body_of(json_lines("blocked", 3)))
-    assert outcome.verdict is Verdict.STORAGE_FAILED and "cannot open a data file" in outcome.reason
+    assert outcome.result is PushResult.STORAGE_FAILED and "cannot open a data file" in outcome.reason
     assert outcome.stream_row == "61234"
     assert receiver.counter("storage_errors") == 1 and receiver.metrics.state.storage_error is not None
     blocked.unlink()
-    assert receiver.push(body_of(json_lines("blocked", 3))).verdict is Verdict.STORED  # the claim was released
+    assert receiver.push(body_of(json_lines("blocked", 3))).result is PushResult.STORED  # the claim was released
 
 
 class GoneSupervisor:
@@ -131,7 +131,7 @@ class GoneSupervisor:
 def test_an_unreachable_supervisor_is_retry_later(tmp_path: Path) -> None:
     receiver = Receiver(tmp_path / "out", dedupe=GoneSupervisor())
     outcome = receiver.push(body_of(json_lines("orphaned", 3)))
-    assert outcome.verdict is Verdict.STORAGE_FAILED and "supervisor" in outcome.reason
+    assert outcome.result is PushResult.STORAGE_FAILED and "supervisor" in outcome.reason
     assert receiver.stored() == []
 
 
@@ -148,7 +148,7 @@ def test_folders_follow_route_by_path_and_partition_by(tmp_path: Path) -> None:
 def test_structured_records_are_stored_as_json_with_a_definition(tmp_path: Path) -> None:
     receiver = Receiver(tmp_path / "out", "--stream-config", str(SAMPLE_DEFINITION), "--records", "json")
     structured, as_json = sample_lines("structured")[:50], sample_lines("json")[:50]
-    assert receiver.push(body_of(structured)) == Outcome(Verdict.STORED, 50, "61234")
+    assert receiver.push(body_of(structured)) == Outcome(PushResult.STORED, 50, "61234")
     assert receiver.stored("stream=61234") == as_json
 
 

@@ -72,13 +72,13 @@ def attach(supervisor: dsreceiver.Supervisor) -> List[WorkerEnd]:
 def test_a_claimed_batch_makes_other_claims_wait_for_its_outcome(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
     turn(supervisor, 0, Claim(1, "-/batch"))
-    assert first.receive() == ClaimAnswer(1, False)
+    assert first.receive() == ClaimAnswer(1, "granted")
     turn(supervisor, 1, Claim(7, "-/batch"))
     # At once: "wait", so that worker 2's other claims go ahead; the verdict waits for worker 1's outcome.
-    assert second.receive() == ClaimAnswer(7, None)
+    assert second.receive() == ClaimAnswer(7, "waiting")
     assert second.nothing_waiting()
     turn(supervisor, 0, Commit("-/batch", time.time()))
-    assert second.receive() == ClaimAnswer(7, True)
+    assert second.receive() == ClaimAnswer(7, "duplicate")
 
 
 def test_a_released_claim_passes_to_the_next_worker_waiting(supervisor: dsreceiver.Supervisor) -> None:
@@ -86,9 +86,9 @@ def test_a_released_claim_passes_to_the_next_worker_waiting(supervisor: dsreceiv
     turn(supervisor, 0, Claim(1, "-/batch"))
     first.receive()
     turn(supervisor, 1, Claim(2, "-/batch"))
-    assert second.receive() == ClaimAnswer(2, None)
+    assert second.receive() == ClaimAnswer(2, "waiting")
     turn(supervisor, 0, Release("-/batch"))
-    assert second.receive() == ClaimAnswer(2, False)  # worker 2 stores it now
+    assert second.receive() == ClaimAnswer(2, "granted")  # worker 2 stores it now
     assert supervisor.owners == {"-/batch": 1}
 
 
@@ -119,12 +119,12 @@ def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_re
     storage.store("", batch)
     storage.close()
     turn(supervisor, 1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
-    assert second.receive() == ClaimAnswer(9, None)
+    assert second.receive() == ClaimAnswer(9, "waiting")
     supervisor.stopping = True  # no restart: this test has no process to fork
     supervisor.after_exit(supervisor.slots[0], -9)
     supervisor.flush_outbox()
     assert supervisor.slots[0].channel is None and supervisor.owners == {}
-    assert second.receive() == ClaimAnswer(9, True)  # a duplicate: it is never stored twice
+    assert second.receive() == ClaimAnswer(9, "duplicate")  # a duplicate: it is never stored twice
 
 
 def test_after_an_exit_nothing_waits_for_its_snapshot(supervisor: dsreceiver.Supervisor) -> None:
@@ -174,15 +174,15 @@ def test_a_worker_claims_a_group_in_one_write_and_waits_only_for_a_held_batch(mo
     claiming.start()
     claims = [claim for claim in supervisor_end.channel.feed(theirs.recv(65536)) if isinstance(claim, Claim)]
     assert [claim.key for claim in claims] == ["-/fresh", "-/held"]  # both claims, in one write
-    supervisor_end.channel.send_all([ClaimAnswer(claims[0].id, False), ClaimAnswer(claims[1].id, None)])
+    supervisor_end.channel.send_all([ClaimAnswer(claims[0].id, "granted"), ClaimAnswer(claims[1].id, "waiting")])
     claiming.join(10)
-    assert [ticket.verdict for ticket in tickets] == [True, None]
-    finals: List[bool] = []
-    waiting = threading.Thread(target=lambda: finals.append(tickets[1].final()))
+    assert [ticket.state for ticket in tickets] == [dsreceiver.ClaimState.GRANTED, dsreceiver.ClaimState.WAITING]
+    finals: List[dsreceiver.ClaimState] = []
+    waiting = threading.Thread(target=lambda: finals.append(tickets[1].outcome()))
     waiting.start()
-    supervisor_end.channel.send(ClaimAnswer(claims[1].id, True))  # the other worker stored it
+    supervisor_end.channel.send(ClaimAnswer(claims[1].id, "duplicate"))  # the other worker stored it
     waiting.join(10)
-    assert finals == [False]  # a duplicate: not stored again
+    assert finals == [dsreceiver.ClaimState.DUPLICATE]  # not stored again
     client.commit_all([("-/fresh", 1.0)])
     [commit] = supervisor_end.channel.feed(theirs.recv(65536))
     assert commit == Commit("-/fresh", 1.0)
@@ -195,9 +195,9 @@ def test_a_worker_claims_a_group_in_one_write_and_waits_only_for_a_held_batch(mo
 def test_a_dead_workers_waiting_claim_is_forgotten(supervisor: dsreceiver.Supervisor) -> None:
     first, second = attach(supervisor)
     turn(supervisor, 0, Claim(1, "-/batch"))
-    assert first.receive() == ClaimAnswer(1, False)
+    assert first.receive() == ClaimAnswer(1, "granted")
     turn(supervisor, 1, Claim(4, "-/batch"))
-    assert second.receive() == ClaimAnswer(4, None)  # waits for worker 1's outcome...
+    assert second.receive() == ClaimAnswer(4, "waiting")  # waits for worker 1's outcome...
     supervisor.stopping = True
     supervisor.after_exit(supervisor.slots[1], -9)  # ...but dies first
     ours, theirs = socket.socketpair()
@@ -206,4 +206,4 @@ def test_a_dead_workers_waiting_claim_is_forgotten(supervisor: dsreceiver.Superv
     turn(supervisor, 0, Release("-/batch"))  # worker 1 failed to store it: nobody else waits for it
     assert successor.nothing_waiting() and supervisor.owners == {} and supervisor.waiting == {}
     turn(supervisor, 1, Claim(4, "-/batch"))  # the successor's own request 4
-    assert successor.receive() == ClaimAnswer(4, False)
+    assert successor.receive() == ClaimAnswer(4, "granted")
