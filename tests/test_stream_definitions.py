@@ -82,11 +82,14 @@ def test_every_saved_shape_loads(tmp_path: Path) -> None:
     assert catalog.push_interval("70079") == 30 and catalog.converter("70079", "3") is None
 
 
-def test_a_structured_stream_from_a_list_without_fields_is_refused(tmp_path: Path) -> None:
+def test_a_structured_stream_from_a_list_without_fields_loads_with_its_problem_named(tmp_path: Path) -> None:
     listed = {"streams": [{"streamId": 70080, "streamName": "web", "streamVersion": 1}]}
     (tmp_path / "list.json").write_text(json.dumps(listed))
-    with pytest.raises(dsreceiver.ConfigError, match=r"list\.json: stream 70080: no datasetFields .*get a stream"):
-        dsreceiver.load_stream_definitions(tmp_path)
+    catalog = dsreceiver.StreamCatalog(tmp_path, to_json=True)
+    assert catalog.converter("70080", "1") is None  # its records are stored as sent
+    [problem] = catalog.problems()["70080"]
+    assert problem.startswith("its definition cannot be read, so its STRUCTURED records are stored as sent: "
+                              "no datasetFields") and "get a stream" in problem
 
 
 # -- conversion and classification, in-process ----------------------------------------------------------
@@ -160,15 +163,31 @@ def test_midgress_lines_without_a_definition_go_to_their_stream(start_server: Ca
     assert stream_files(server) == {"stream=70077": MIDGRESS_LINES}
 
 
-def test_an_unknown_field_id_stops_the_start_with_one_line(start_server: Callable[..., ServerProcess],
-                                                           tmp_path: Path) -> None:
-    path = tmp_path / "70077.json"
-    path.write_text(json.dumps({"streamId": 70077, "dataset_fields": [1000, 4242]}))
-    server = start_server("--stream-config", str(path), "--records", "json", wait=False)
-    assert server.wait_exit() == 2
-    server.wait_for_log(r"ERROR stream definition \S+70077\.json: stream 70077: field 2 is data set field ID 4242, "
-                        r"whose JSON key dsreceiver does not know: give it as")
-    assert "Traceback" not in server.log_text()
+def test_an_unknown_field_id_never_stops_the_server_and_its_values_are_kept(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    path = tmp_path / "streams.json"
+    path.write_text(json.dumps([{"streamId": 70077, "dataset_fields": [1000, 4242]},
+                                {"streamId": 61234, "fields": ["cp", "reqId"]}]))
+    server = start_server("--stream-config", str(path), "--records", "json")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines([b"2 70077 1059344 %41b", b"2 70077 872111 -"])).status == 200
+        assert ds.push(batch_of_lines([b"4 61234 99321 a1"])).status == 200
+        document = json.loads(ds.request("GET", path="/status.json").body)
+        page = ds.request("GET", path="/status").body.decode()
+    assert stream_files(server) == {
+        "stream=70077": [b'{"version":"2","streamId":"70077","cp":"1059344","field4242":"%41b"}',
+                         b'{"version":"2","streamId":"70077","cp":"872111"}'],
+        "stream=61234": [b'{"version":"4","streamId":"61234","cp":"99321","reqId":"a1"}']}
+    problem = ('field 2 is data set field ID 4242, whose JSON key dsreceiver does not know: its values are stored '
+               'under "field4242"')
+    [warning] = [line for line in server.log_text().splitlines() if "4242" in line]
+    assert " WARNING " in warning and "stream 70077: " + problem in warning
+    assert [(item["stream"], item["problem"][:len(problem)]) for item in document["definition_problems"]] == [
+        ("70077", problem)]
+    assert 'data-stream="70077">stream 70077: field 2 is data set field ID 4242' in page
+    samples = scrape(server)
+    assert value(samples, "dsreceiver_stream_definition_problems", stream="70077") == 1
+    assert value(samples, "dsreceiver_stream_definition_problems", stream="61234") == 0
 
 
 def test_security_events_go_to_the_stream_their_url_names_and_a_retry_is_stored_once(
