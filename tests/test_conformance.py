@@ -55,7 +55,7 @@ def definitions(tmp_path: Path, *documents: Any) -> Path:
 
 def without_midgress_field(path: Path) -> Dict[str, Any]:
     """The definition at `path` without data set field 2051 (isMidgress), as Akamai's own example lists it."""
-    document = json.loads(path.read_text())
+    document: Dict[str, Any] = json.loads(path.read_text())
     document["datasetFields"] = [entry for entry in document["datasetFields"] if entry["datasetFieldId"] != 2051]
     return document
 
