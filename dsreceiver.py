@@ -2638,9 +2638,9 @@ class StreamCatalog:
             return None
         if named is not None:
             own = self.converter(named, version)
-            if own is None or (midgress_head, width) in own.bare_layouts:
-                return named
-            return None
+            if own is not None:
+                return named if (midgress_head, width) in own.bare_layouts else None
+            return None if candidate in self.defined else named
         if candidate in self.defined:
             return None
         streams = (self.bare_shapes.get((version, midgress_head, width), [])
@@ -7347,15 +7347,38 @@ def pulled_definition(stream: str, document: object, path: str, out: IO[str]
 
 
 def newest_definitions(fetched: Sequence[Tuple[StreamDefinition, object]]
-                       ) -> Dict[str, object]:
-    """The documents to write, by stream ID: one per stream, its newest version (the server refuses
-    a stream version defined twice)."""
-    newest: Dict[str, Tuple[int, object]] = {}
+                       ) -> Dict[str, Tuple[StreamDefinition, object]]:
+    """The definitions to write, by stream ID: one per stream, its newest version (the server
+    refuses a stream version defined twice)."""
+    newest: Dict[str, Tuple[StreamDefinition, object]] = {}
     for definition, document in fetched:
-        rank = int(definition.version) if definition.version is not None else -1
-        if definition.stream_id not in newest or rank >= newest[definition.stream_id][0]:
-            newest[definition.stream_id] = (rank, document)
-    return {stream: document for stream, (_, document) in newest.items()}
+        known = newest.get(definition.stream_id)
+        if known is None or int(definition.version or -1) >= int(known[0].version or -1):
+            newest[definition.stream_id] = (definition, document)
+    return newest
+
+
+def folder_clash(folder: Path, pulled: Dict[str, Tuple[StreamDefinition, object]]
+                 ) -> Optional[str]:
+    """Why the server would refuse `folder` once the pulled definitions are written into it (a file
+    pull does not replace defines one of their stream versions already); None when it would not."""
+    ours = {(definition.stream_id, definition.version): stream
+            for stream, (definition, _) in pulled.items()}
+    for path in sorted(folder.glob("*.json")):
+        if path.stem in pulled:
+            continue
+        try:
+            found = definitions_in(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # the server's own problem, whatever pull writes: it names the file
+        for item in found:
+            if isinstance(item, dict):
+                version = item.get("streamVersion")
+                key = (str(item.get("streamId")), None if version is None else str(version))
+                if key in ours:
+                    return ("%s defines stream %s version %s already: remove it (pull writes"
+                            " %s.json)" % (path, key[0], key[1] or "(any)", ours[key]))
+    return None
 
 
 def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
@@ -7390,11 +7413,15 @@ def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
                              " definition of the stream asked for\n")
             return 1
         if target.is_dir():
-            for stream, document in documents.items():
+            clash = folder_clash(target, documents)
+            if clash is not None:
+                raise ConfigError("nothing written: the server would refuse the folder: " + clash)
+            for stream, (_, document) in documents.items():
                 write_atomically(target / ("%s.json" % stream), json.dumps(document, indent=1)
                                  + "\n")
         else:
-            write_atomically(target, json.dumps(list(documents.values()), indent=1) + "\n")
+            write_atomically(target, json.dumps([document for _, document in documents.values()],
+                                                indent=1) + "\n")
     except (ConfigError, AkamaiError) as exc:
         sys.stderr.write("dsreceiver.py streams pull: error: %s\n" % exc)
         return 2

@@ -379,6 +379,14 @@ def test_streams_pull_never_writes_what_the_server_would_refuse(
     bad = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(target),
                       "--stream", "61a", env=trust)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    folder = tmp_path / "streams"
+    folder.mkdir()
+    (folder / "hand.json").write_text(json.dumps({"streamId": 61234, "streamVersion": 4, "fields": ["cp"]}))
+    clash = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(folder),
+                        "--stream", "61234", env=trust)
+    assert clash.returncode == 2 and clash.stderr.count("\n") == 1
+    assert "hand.json defines stream 61234 version 4 already" in clash.stderr
+    assert [path.name for path in folder.iterdir()] == ["hand.json"]
     server = start_server("--stream-config", str(target), "--records", "json")
     with server.simulator() as ds:
         assert ds.push(batch_of_lines(sample_lines("structured")[:5])).status == 200
