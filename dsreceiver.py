@@ -2763,17 +2763,15 @@ def event_time_seconds(value: Union[str, bytes]) -> Optional[float]:
     1764255600.507), or an EdgeWorkers log's milliseconds, microseconds or nanoseconds (told by
     their digit count); None when it is not a time."""
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    whole = text.split(".", 1)[0]
-    if not whole.isdigit() or not 9 <= len(whole) <= 19:
+    whole, dot, fraction = text.partition(".")
+    if (not whole.isdigit() or not 9 <= len(whole) <= 19
+            or dot and not (fraction.isdigit() and len(fraction) <= 9)):
         return None
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    # Up to 11 digits are seconds (until the year 5138); then milli-, micro- and nanoseconds.
-    digits = len(whole)
-    return number / (1.0 if digits <= 11 else 1e3 if digits <= 14 else 1e6 if digits <= 17
-                     else 1e9)
+    if len(whole) <= 11:  # seconds, until the year 5138
+        return float(text)
+    # 12-14 digits are milliseconds, 15-17 microseconds, 18-19 nanoseconds; int / int rounds once.
+    scale = int(10 ** ((len(whole) - 9) // 3 * 3))
+    return int(whole) / scale + (int(fraction) / 10 ** len(fraction) / scale if fraction else 0.0)
 
 
 def json_event_time(first: bytes, last: bytes) -> Optional[float]:

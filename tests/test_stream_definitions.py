@@ -131,6 +131,76 @@ def test_the_stream_id_of_a_midgress_line_is_read_from_its_place_without_a_defin
         assert catalog.classify(dsreceiver.RecordBatch([data], None, len(data), len(lines))).stream == "70077"
 
 
+def test_midgress_after_the_stream_id_converts_without_field_2051_listed() -> None:
+    document = midgress_document(datasetFields=json.loads(MIDGRESS_DEFINITION.read_text())["datasetFields"][1:])
+    definition = dsreceiver.parse_stream_definition(document)
+    assert converted(definition, [with_midgress_among_fields(line) for line in MIDGRESS_LINES]) == MIDGRESS_JSON
+    converter = dsreceiver.StructuredConverter(definition)
+    mixed = [with_midgress_among_fields(MIDGRESS_LINES[0]), MIDGRESS_LINES[1]]
+    assert [converter.convert(line.split(b" ")) for line in mixed] == MIDGRESS_JSON[:2]
+
+
+def catalog_of(tmp_path: Path, *documents: Dict[str, Any]) -> dsreceiver.StreamCatalog:
+    """A --records json catalog of these definitions."""
+    (tmp_path / "streams.json").write_text(json.dumps(list(documents)))
+    return dsreceiver.StreamCatalog(tmp_path / "streams.json", to_json=True)
+
+
+def pushed(*lines: bytes) -> dsreceiver.RecordBatch:
+    data = b"\n".join(lines) + b"\n"
+    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
+
+
+def test_lines_without_a_stream_id_take_the_stream_that_fits_never_their_cp_code(tmp_path: Path) -> None:
+    bare = [b"3 1059344 r1 1764200000.713", b"3 872111 r2 -"]
+    short = {"streamId": 70088, "streamVersion": 3, "fields": ["cp", "reqId", "reqTimeSec"]}
+    catalog = catalog_of(tmp_path, short)
+    for named in (None, "70088"):
+        records = catalog.classify(pushed(*bare), named)
+        assert (records.stream, records.unconverted) == ("70088", 0)
+        assert records.batch.joined() == (
+            b'{"version":"3","streamId":"70088","cp":"1059344","reqId":"r1","reqTimeSec":"1764200000.713"}\n'
+            b'{"version":"3","streamId":"70088","cp":"872111","reqId":"r2"}\n')
+    # Another version, or a line of another length, fits no definition: nothing tells, so today's reading.
+    assert catalog.classify(pushed(b"4 1059344 r1 1764200000.713")).stream == "1059344"
+    assert catalog.classify(pushed(b"3 1059344 r1 1764200000.713 x")).stream == "1059344"
+    # Two definitions without field 999 that fit alike: nothing tells either.
+    twin = dict(short, streamId=70089)
+    assert catalog_of(tmp_path, short, twin).classify(pushed(*bare)).stream == "mixed"
+    # A line naming a defined stream keeps it, whatever the URL says.
+    defined = catalog_of(tmp_path, short, {"streamId": 61234, "fields": ["cp"]})
+    assert defined.classify(pushed(b"4 61234 1059344"), "70088").stream == "61234"
+    # Without definitions, the URL's stream tells: stored as sent there.
+    records = dsreceiver.StreamCatalog(None, to_json=False).classify(pushed(*bare), "70088")
+    assert (records.stream, records.batch.joined()) == ("70088", b"\n".join(bare) + b"\n")
+
+
+def test_a_security_deliverys_metadata_object_is_not_a_record() -> None:
+    events = SECURITY_EVENTS[:3]
+    catalog = dsreceiver.StreamCatalog(None, to_json=False)
+    for metadata in (b'{"total":8,"offset":"a1b2c;7QxZ2mP0rTq","limit":10000}',
+                     b'{"limit": 10000, "total": 10000, "offset": "71cca;3phZ"}'):
+        records = catalog.classify(pushed(*events, metadata))
+        assert records.batch.records == 3 and records.batch.joined() == b"\n".join(events) + b"\n"
+        assert records.is_unique()  # every event names its request: a retry is stored once
+    # Not metadata: other keys, or an event.
+    for line in (b'{"total":8,"offset":"x","limit":1,"more":1}', SECURITY_EVENTS[3]):
+        assert catalog.classify(pushed(*events, line)).batch.records == 4
+
+
+def test_edgeworkers_logs_name_their_stream_in_ds2id_and_their_time_in_ms_or_ns() -> None:
+    elements = json.loads((SAMPLES / "ew-jslogs-70099.json").read_bytes())
+    lines = [json.dumps(element, separators=(",", ":")).encode() for element in elements]
+    records = dsreceiver.StreamCatalog(None, to_json=False).classify(pushed(*lines))
+    assert records.stream == "70099"
+    assert records.newest_event == max(int(element["time"]) for element in elements) / 1000
+    assert dsreceiver.event_time_seconds("1764255600250000000") == 1764255600.25
+    assert dsreceiver.event_time_seconds(b"1764255600250") == 1764255600.25
+    assert dsreceiver.event_time_seconds("1764200000.507") == 1764200000.507
+    assert dsreceiver.event_time_seconds("-") is None and dsreceiver.event_time_seconds("12") is None
+    assert dsreceiver.EVENT_TIME_KEYS == ("reqTimeSec", "httpMessage.start", "time")
+
+
 def test_caret_is_a_value_and_dash_is_left_out() -> None:
     definition = dsreceiver.StreamDefinition("70090", None, ("accLang", "cookie", "overheadBytes"), b" ")
     [record] = converted(definition, [b"3 70090 ^ - ^"])
