@@ -4,6 +4,7 @@ both layouts, field 999 among the fields, security events named by the endpoint 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -183,6 +184,12 @@ def test_a_security_deliverys_metadata_object_is_not_a_record() -> None:
         records = catalog.classify(pushed(*events, metadata))
         assert records.batch.records == 3 and records.batch.joined() == b"\n".join(events) + b"\n"
         assert records.is_unique()  # every event names its request: a retry is stored once
+    # A batch spooled to a file (a very large one) loses its metadata object alike.
+    data = b"\n".join(events + [b'{"total":3,"offset":"x","limit":10}']) + b"\n"
+    with tempfile.TemporaryFile() as spool:
+        spool.write(data)
+        records = catalog.classify(dsreceiver.RecordBatch([], spool, len(data), 4))
+        assert records.batch.records == 3 and b"".join(records.batch.chunks()) == b"\n".join(events) + b"\n"
     # Not metadata: other keys, or an event.
     for line in (b'{"total":8,"offset":"x","limit":1,"more":1}', SECURITY_EVENTS[3]):
         assert catalog.classify(pushed(*events, line)).batch.records == 4
