@@ -32,6 +32,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Authentication
     Body decoding
     DataStream streams
+    DataStream records
     Commit protocols
     Retry dedup
     Storage: layout
@@ -1125,6 +1126,12 @@ class Metrics:
         for stream in sorted(snapshot.streams):
             out.append('dsreceiver_stream_push_interval_seconds{stream="%s"} %s'
                        % (label_value(stream), repr(facts.push_interval(stream))))
+        family("stream_definition_problems", "gauge", "What --stream-config's definition of the "
+               "stream does not let dsreceiver read (unknown data set fields, a definition loaded "
+               "without fields): see the log and /status.")
+        for stream, problems in sorted(facts.definition_problems.items()):
+            out.append('dsreceiver_stream_definition_problems{stream="%s"} %d'
+                       % (label_value(stream), len(problems)))
         family("fsync_duration_seconds", "histogram",
                "Time taken by each fdatasync of a data file and its index.")
         fsync = snapshot.fsync
@@ -1195,6 +1202,8 @@ class ServerFacts(NamedTuple):
     push_interval: Callable[[str], float]
     # The last reconcile's totals by stream ID, with "at" (see save_reconciled); empty when none.
     reconciled: Dict[str, Dict[str, float]] = {}
+    # Each defined stream's definition problems (see StreamDefinition.problems).
+    definition_problems: Dict[str, List[str]] = {}
 
 
 def label_value(text: str) -> str:
@@ -1331,6 +1340,13 @@ def render_status_page(doc: Dict[str, Any]) -> bytes:
         out.append('<tr><td colspan="10" class="muted">'
                    "No push stored since the server started.</td></tr>")
     out.append("</tbody></table></div>")
+    problems = doc.get("definition_problems") or []
+    if problems:
+        out.append('<h2>Stream definition problems</h2><ul id="definition-problems">')
+        out.extend('<li class="bad" data-stream="%s">stream %s: %s</li>'
+                   % (esc(item["stream"]), esc(item["stream"]), esc(item["problem"]))
+                   for item in problems)
+        out.append("</ul>")
 
     streak = storage["streak_seconds"]
     streak_class = "bad" if streak >= STREAK_RED_AFTER else "warn" if streak else "good"
@@ -2088,21 +2104,24 @@ DASH = b"-"
 STREAM_ID_RE = re.compile(r"[0-9]{1,12}")
 STREAM_VERSION_RE = re.compile(r"[0-9]{1,6}")
 JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
-JSON_STREAM_ID_RE = re.compile(rb'"streamId"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
+JSON_STREAM_ID_RE = re.compile(rb'"(?:streamId|ds2id)"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
 JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
 JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
 JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
 # version, delimiter, isMidgress (0, 1 or 2) when in second place, stream ID (never 0, 1 or 2).
 STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])(?:([012])\2)?([0-9]{1,12})\2")
 MIDGRESS_VALUES = (b"0", b"1", b"2")
-# A security event's time: httpMessage.start, in seconds.
-JSON_START_TIME_RE = re.compile(rb'"start"\s*:\s*"?([0-9]{9,11})"?')
+# Where a record says when its event happened, first found first: a CDN record's reqTimeSec, a
+# security event's httpMessage.start, an EdgeWorkers log's time (see event_time_seconds for units).
+EVENT_TIME_KEYS = ("reqTimeSec", "httpMessage.start", "time")
+RECORD_TIME_RES = tuple(re.compile(rb'"%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?)"?'
+                                  % key.rsplit(".", 1)[-1].encode("ascii"))
+                       for key in EVENT_TIME_KEYS)
+# A security delivery ends with this object, which is not an event: {"total":..,"offset":..,..}.
+DELIVERY_METADATA_KEYS = frozenset(("total", "offset", "limit"))
+DELIVERY_METADATA_RE = re.compile(rb'\{\s*"(?:total|offset|limit)"\s*:')
+DELIVERY_METADATA_MAX = 1024
 MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
-# An EdgeWorkers log's time: milliseconds or nanoseconds, as a string.
-JSON_EW_TIME_RE = re.compile(rb'"time"\s*:\s*"?([0-9]{10,19})"?')
-# Each log type's own event-time key: CDN logs (reqTimeSec), security events (httpMessage.start),
-# EdgeWorkers logs (time).  Keys only: a value a visitor sent never reads as a time.
-EVENT_TIME_RES = (JSON_REQ_TIME_RE, JSON_START_TIME_RE, JSON_EW_TIME_RE)
 # What event_range says of records that name no event time.
 NO_EVENTS = (0.0, 0.0)
 MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
@@ -2144,11 +2163,20 @@ class StreamDefinition(NamedTuple):
     delimiter: bytes
     # deliveryConfiguration.frequency.intervalInSeconds: how often each uploader pushes, when given.
     interval: Optional[int] = None
+    # What dsreceiver could not read in it, each a line (control characters escaped): a field kept
+    # under a placeholder key, or a definition loaded without its fields (records stored as sent).
+    problems: Tuple[str, ...] = ()
 
 
-def field_key(entry: object, position: int) -> str:
+def placeholder_key(field_id: int) -> str:
+    """The JSON key under which the values of a data set field unknown to dsreceiver are stored."""
+    return "field%d" % field_id
+
+
+def field_key(entry: object, position: int, problems: List[str]) -> str:
     """The JSON key of one entry of a definition's field list: a key, a data set field ID, or an API
-    datasetFields object (whose own datasetFieldJsonKey wins over the catalog)."""
+    datasetFields object (whose own datasetFieldJsonKey wins over the catalog); an ID the catalog
+    does not know gets placeholder_key(), said in `problems`."""
     if isinstance(entry, dict):
         key = entry.get("datasetFieldJsonKey")
         if key is not None:
@@ -2162,11 +2190,15 @@ def field_key(entry: object, position: int) -> str:
     if isinstance(entry, bool) or not isinstance(entry, (int, str)):
         raise ValueError("field %d must be a JSON key or a data set field ID, not %r"
                          % (position, entry))
-    key = DATASET_FIELDS.get(int(entry))
+    field_id = int(entry)
+    key = DATASET_FIELDS.get(field_id)
     if key is None:
-        raise ValueError("field %d is data set field ID %s, whose JSON key dsreceiver does not "
-                         "know: give it as {\"datasetFieldId\": %s, \"datasetFieldJsonKey\": "
-                         "\"KEY\"} with the key its JSON format uses" % (position, entry, entry))
+        # Akamai adds data set fields over time: a new one must not stop the stream, or the server.
+        key = placeholder_key(field_id)
+        problems.append("field %d is data set field ID %d, whose JSON key dsreceiver does not "
+                        "know: its values are stored under \"%s\" (give it as {\"datasetFieldId\": "
+                        "%d, \"datasetFieldJsonKey\": \"KEY\"} to name it)"
+                        % (position, field_id, key, field_id))
     return key
 
 
@@ -2207,7 +2239,8 @@ def parse_stream_fields(stream_id: str, document: Dict[str, Any]) -> StreamDefin
                          "answer of \"get a stream\" for it, which lists its fields")
     if not isinstance(listed, list):
         raise ValueError("datasetFields must be a list of objects, fields a list of keys or IDs")
-    fields = [field_key(entry, position) for position, entry in enumerate(listed, 1)]
+    problems: List[str] = []
+    fields = [field_key(entry, position, problems) for position, entry in enumerate(listed, 1)]
     for key in fields:
         if not JSON_KEY_RE.fullmatch(key) or key == "version":
             raise ValueError("%r is not a usable JSON key (letters, digits, '_')" % (key,))
@@ -2220,7 +2253,25 @@ def parse_stream_fields(stream_id: str, document: Dict[str, Any]) -> StreamDefin
         raise ValueError("frequency.intervalInSeconds must be a positive number of seconds, not %r"
                          % (interval,))
     return StreamDefinition(stream_id, None if version is None else str(version), tuple(fields),
-                            FIELD_DELIMITERS[delimiter], interval)
+                            FIELD_DELIMITERS[delimiter], interval, tuple(problems))
+
+
+def unreadable_definition(document: object, problem: ValueError) -> Optional[StreamDefinition]:
+    """A definition whose stream ID is readable but not the rest (parse_stream_definition raised
+    `problem`): it loads without fields, so its STRUCTURED records are stored as sent; None when
+    not even its stream ID can be read."""
+    if not isinstance(document, dict):
+        return None
+    stream_id, version = document.get("streamId"), document.get("streamVersion")
+    if isinstance(stream_id, bool) or not STREAM_ID_RE.fullmatch(str(stream_id)):
+        return None
+    readable = not isinstance(version, bool) and STREAM_VERSION_RE.fullmatch(str(version))
+    reason = str(problem)
+    prefix = "stream %s: " % stream_id
+    return StreamDefinition(str(stream_id), str(version) if readable else None, (), b" ",
+                            problems=("its definition cannot be read, so its STRUCTURED records "
+                                      "are stored as sent: %s" % reason[len(prefix):]
+                                      if reason.startswith(prefix) else reason,))
 
 
 def definitions_in(document: object) -> List[object]:
@@ -2249,7 +2300,18 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     for file, text in texts:
         try:
             for item in definitions_in(json.loads(text)):
-                definition = parse_stream_definition(item)
+                try:
+                    definition = parse_stream_definition(item)
+                except ValueError as exc:
+                    # Akamai's truth, however odd, never stops the receiver: only this stream's
+                    # records are affected (stored as sent).
+                    fallback = unreadable_definition(item, exc)
+                    if fallback is None:
+                        raise
+                    definition = fallback
+                for problem in definition.problems:
+                    log.warning("stream definition %s: stream %s: %s", file, definition.stream_id,
+                                problem)
                 key = (definition.stream_id, definition.version)
                 if key in seen:
                     raise ValueError("stream %s version %s is defined in %s already"
@@ -2261,40 +2323,63 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     return definitions
 
 
+# ---------------------------------------------------------------------------
+# DataStream records
+# ---------------------------------------------------------------------------
+# STRUCTURED lines as JSON records, and what a push's records say: stream, event time, identity.
+
+
 class LineLayout:
     """Where the values of one shape of STRUCTURED line go in its JSON record.
 
     A line reads "version streamId values..." or, with collectMidgress,
     "version isMidgress streamId values..." (a stream ID is never 0, 1 or 2,
-    so the second value tells which).  The converter first swaps such a head
-    into "version streamId isMidgress", then the values after the stream ID
-    follow `keys`: None marks a value left out of the record (the stream ID
-    again, when the definition lists field 999).
+    so the second value tells which) or "version streamId isMidgress ...".
+    The converter first swaps a midgress head into "version streamId
+    isMidgress", then the values after the stream ID follow `keys`: None
+    marks a value left out of the record (the stream ID again, when the
+    definition lists field 999).  A stream without field 999 may send lines
+    without a stream ID ("version values..."): their layouts carry the
+    stream ID, known from elsewhere, as `stream`.
     """
 
-    def __init__(self, keys: Sequence[Optional[str]], midgress_head: bool) -> None:
+    def __init__(self, keys: Sequence[Optional[str]], midgress_head: bool,
+                 stream: Optional[str] = None) -> None:
         self.keys = tuple(keys)
         self.midgress_head = midgress_head
-        self.width = 2 + len(self.keys)
+        # Values before the first of `keys`: version and stream ID, or version alone.
+        self.lead = 2 if stream is None else 1
+        self.swap = midgress_head and stream is None
+        self.width = self.lead + len(self.keys)
+        self.head = (b'{"version":"%s","streamId":"%s"' if stream is None
+                     else b'{"version":"%s","streamId":"' + stream.encode("ascii") + b'"')
         self.slots = [b"%.0s" if key is None else b',"' + key.encode("ascii") + b'":"%s"'
                       for key in self.keys]
         # Where a line holds its reqId, if the stream has one: a record whose value there is not '-'
         # is unique.
-        self.request_id = 2 + self.keys.index("reqId") if "reqId" in self.keys else None
+        self.request_id = (self.lead + self.keys.index("reqId") if "reqId" in self.keys
+                           else None)
         self.templates: Dict[Tuple[bool, ...], bytes] = {}
 
 
-def line_layouts(fields: Sequence[str]) -> Dict[Tuple[bool, int], LineLayout]:
+LayoutKey = Tuple[bool, int]
+
+
+def line_layouts(fields: Sequence[str], stream: Optional[str] = None
+                 ) -> Dict[LayoutKey, LineLayout]:
     """Every line shape a definition's fields allow, by (isMidgress in second place, value count):
-    isMidgress in second place or at its listed position; a listed streamId repeated or not."""
-    layouts: Dict[Tuple[bool, int], LineLayout] = {}
-    for midgress_head in (False, True):
-        body = [key for key in fields if not (midgress_head and key == "isMidgress")]
-        head = ["isMidgress"] if midgress_head else []
-        for repeats_stream_id in (True, False):
+    isMidgress in second place, at its listed position, or (not listed) after the stream ID; a
+    listed streamId repeated or not.  With `stream`: the shapes of lines without a stream ID."""
+    layouts: Dict[LayoutKey, LineLayout] = {}
+    listed = "isMidgress" in fields
+    placements = [(False, False), (True, True)] + ([] if listed or stream else [(False, True)])
+    for midgress_head, leading_midgress in placements:
+        body = [key for key in fields if not (leading_midgress and key == "isMidgress")]
+        head = ["isMidgress"] if leading_midgress else []
+        for repeats_stream_id in ((True,) if stream is not None else (True, False)):
             keys = head + [None if key == "streamId" else key for key in body
                            if repeats_stream_id or key != "streamId"]
-            layout = LineLayout(keys, midgress_head)
+            layout = LineLayout(keys, midgress_head, stream)
             layouts.setdefault((midgress_head, layout.width), layout)
     return layouts
 
@@ -2307,6 +2392,7 @@ class StructuredConverter:
     The output of a line is one %-format of its values with a template made
     for its layout and pattern of '-' values (a '-' slot is '%.0s', which
     prints nothing), so a line costs one split and one format, all in C.
+    `bare` (in the methods) says the lines carry no stream ID.
     """
 
     MAX_TEMPLATES = 4096
@@ -2314,34 +2400,38 @@ class StructuredConverter:
     def __init__(self, definition: StreamDefinition) -> None:
         self.definition = definition
         self.layouts = line_layouts(definition.fields)
+        # Only a stream that does not list field 999 sends lines without its ID.
+        self.bare_layouts = ({} if "streamId" in definition.fields
+                             else line_layouts(definition.fields, definition.stream_id))
         # Control characters that need escaping in JSON: all but LF (never inside a record) and the
         # delimiter.
         self.controls = bytes(byte for byte in range(0x20)
                               if byte not in (0x0A, definition.delimiter[0]))
 
-    def layout(self, values: List[bytes]) -> Optional[LineLayout]:
+    def layout(self, values: List[bytes], bare: bool = False) -> Optional[LineLayout]:
         """The layout of a line split into `values`; None when no layout has as many values."""
         midgress_head = len(values) > 2 and values[1] in MIDGRESS_VALUES
-        return self.layouts.get((midgress_head, len(values)))
+        return (self.bare_layouts if bare else self.layouts).get((midgress_head, len(values)))
 
     @staticmethod
     def template(layout: LineLayout, dashes: Tuple[bool, ...]) -> bytes:
         """The format of a line of `layout` whose values are '-' where `dashes` says so."""
         template = layout.templates.get(dashes)
         if template is None:
-            template = b'{"version":"%s","streamId":"%s"' + b"".join(
-                b"%.0s" if dash else slot for dash, slot in zip(dashes[2:], layout.slots)) + b"}"
+            template = layout.head + b"".join(
+                b"%.0s" if dash else slot
+                for dash, slot in zip(dashes[layout.lead:], layout.slots)) + b"}"
             if len(layout.templates) < StructuredConverter.MAX_TEMPLATES:
                 layout.templates[dashes] = template
         return template
 
-    def convert(self, values: List[bytes]) -> Optional[bytes]:
+    def convert(self, values: List[bytes], bare: bool = False) -> Optional[bytes]:
         """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None
         when the number of values fits no layout of the definition."""
-        layout = self.layout(values)
+        layout = self.layout(values, bare)
         if layout is None:
             return None
-        if layout.midgress_head:
+        if layout.swap:
             values[1], values[2] = values[2], values[1]
         return self.template(layout, tuple(map(DASH.__eq__, values))) % tuple(values)
 
@@ -2351,15 +2441,16 @@ class StructuredConverter:
         return (not data.isascii() or b'"' in data or b"\\" in data
                 or len(data.translate(None, self.controls)) != len(data))
 
-    def convert_lines(self, lines: List[bytes]) -> Tuple[List[bytes], int, bool]:
+    def convert_lines(self, lines: List[bytes], bare: bool = False
+                      ) -> Tuple[List[bytes], int, bool]:
         """Converts lines that need no JSON escaping, of the layout of the first: (the lines, those
         that do not fit kept as they are; how many did not fit; whether every converted one has a
         reqId).  The hot loop of --records json."""
         delimiter = self.definition.delimiter
-        layout = self.layout(lines[0].split(delimiter)) if lines else None
+        layout = self.layout(lines[0].split(delimiter), bare) if lines else None
         if layout is None:
             return list(lines), len(lines), False
-        width, request_id, swap = layout.width, layout.request_id, layout.midgress_head
+        width, request_id, swap = layout.width, layout.request_id, layout.swap
         cached, template, is_dash = layout.templates.get, self.template, DASH.__eq__
         out: List[bytes] = []
         append = out.append
@@ -2374,19 +2465,19 @@ class StructuredConverter:
                 if request_id is not None:
                     without_id += dashes[request_id]
             else:
-                converted = self.convert(values)
+                converted = self.convert(values, bare)
                 unfit += converted is None
                 without_id += 1
                 append(line if converted is None else converted)
         return out, unfit, request_id is not None and not without_id
 
-    def convert_escaping(self, values: List[bytes]) -> Optional[bytes]:
+    def convert_escaping(self, values: List[bytes], bare: bool = False) -> Optional[bytes]:
         """Like convert(), for values that may hold quotes, backslashes or control characters; None
         also when a value is not UTF-8, which JSON text cannot carry."""
-        layout = self.layout(values)
+        layout = self.layout(values, bare)
         if layout is None:
             return None
-        if layout.midgress_head:
+        if layout.swap:
             values[1], values[2] = values[2], values[1]
         escaped = []
         for value in values:
@@ -2426,15 +2517,25 @@ class StreamCatalog:
         self.to_json = to_json
         self.definitions: List[StreamDefinition] = []
         self.converters: Dict[Tuple[str, Optional[str]], StructuredConverter] = {}
+        # The streams that have a definition; (version or None, midgress head, value count) -> the
+        # streams whose lines without a stream ID have that shape.
+        self.defined: Set[str] = set()
+        self.bare_shapes: Dict[Tuple[Optional[str], bool, int], List[str]] = {}
         self.warned: Set[Tuple[str, str]] = set()
         self.lock = threading.Lock()
         if path is not None:
             self._install(load_stream_definitions(path))
 
     def _install(self, definitions: Sequence[StreamDefinition]) -> None:
+        converters = {(d.stream_id, d.version): StructuredConverter(d) for d in definitions
+                      if d.fields}
+        bare_shapes: Dict[Tuple[Optional[str], bool, int], List[str]] = {}
+        for (stream, version), converter in converters.items():
+            for midgress_head, width in converter.bare_layouts:
+                bare_shapes.setdefault((version, midgress_head, width), []).append(stream)
         self.definitions = list(definitions)
-        self.converters = {(d.stream_id, d.version): StructuredConverter(d) for d in definitions
-                           if d.fields}
+        self.converters, self.bare_shapes = converters, bare_shapes
+        self.defined = {definition.stream_id for definition in definitions}
         with self.lock:
             self.warned.clear()
 
@@ -2456,6 +2557,13 @@ class StreamCatalog:
         converters = self.converters
         return converters.get((stream, version)) or converters.get((stream, None))
 
+    def problems(self) -> Dict[str, List[str]]:
+        """What could not be read in each defined stream's definitions (an empty list: nothing)."""
+        found: Dict[str, List[str]] = {}
+        for definition in self.definitions:
+            found.setdefault(definition.stream_id, []).extend(definition.problems)
+        return found
+
     def push_interval(self, stream: str) -> float:
         """How often each uploader of a stream pushes: its definition's interval, else DataStream's
         longest (60 s)."""
@@ -2471,28 +2579,39 @@ class StreamCatalog:
             self.warned.add((stream, message))
         log.warning(message, *args)
 
-    def classify(self, batch: RecordBatch) -> StreamRecords:
+    def classify(self, batch: RecordBatch, named: Optional[str] = None) -> StreamRecords:
         """Reads a push's stream from its records and, with --records json, turns STRUCTURED records
-        of a defined stream into JSON.
+        of a defined stream into JSON; `named` is the stream the endpoint URL names, if any.
 
         DataStream sends one stream per push, so the stream is read from the
         first and the last record (reading every record would cost a pass over
         the batch): when they disagree, or only one names a stream, the push
-        is 'mixed'; when neither does, 'unknown'.
+        is 'mixed'; when neither does, 'unknown'.  A security delivery's
+        metadata object is dropped: it is not an event.
         """
         first, last = batch.first_line(), batch.last_line()
         if first[:1] == b"{":
+            if DELIVERY_METADATA_RE.match(last) and is_delivery_metadata(last):
+                log.debug("a security delivery's metadata object, not stored: %s",
+                          ascii(last[:DELIVERY_METADATA_MAX]))
+                batch = without_last_record(batch, len(last) + 1)
+                if not batch.records:
+                    return StreamRecords(named or UNKNOWN_STREAM, "", batch, 0, None,
+                                         lambda: False)
+                first, last = batch.first_line(), batch.last_line()
             found, found_last = JSON_STREAM_ID_RE.search(first), JSON_STREAM_ID_RE.search(last)
             stream = stream_of(found.group(1) if found else None,
                                found_last.group(1) if found_last else None)
             found_version = JSON_VERSION_RE.search(first)
+            events = batch
             return StreamRecords(stream,
                                  found_version.group(1).decode("ascii") if found_version else "",
-                                 batch, 0, json_event_time(first, last),
-                                 lambda: json_records_are_unique(batch))
+                                 events, 0, json_event_time(first, last),
+                                 lambda: json_records_are_unique(events))
         head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
-        stream = stream_of(head.group(4) if head else None,
-                           head_last.group(4) if head_last else None)
+        bare = self.bare_stream(first, head, named) if head is not None else None
+        stream = bare or stream_of(head.group(4) if head else None,
+                                   head_last.group(4) if head_last else None)
         version = head.group(1).decode("ascii") if head else ""
         convertible = head is not None and self.to_json and stream != MIXED_STREAM
         data = batch.joined() if convertible else None
@@ -2503,16 +2622,43 @@ class StreamCatalog:
             return StreamRecords(stream, version, batch, kept_as_sent,
                                  structured_event_time(first, last),
                                  lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
-        return self._convert(batch, data, head, stream, version)
+        return self._convert(batch, data, head, stream, version, bare is not None)
+
+    def bare_stream(self, first: bytes, head: re.Match[bytes], named: Optional[str]
+                    ) -> Optional[str]:
+        """The stream of STRUCTURED lines that carry no stream ID ("version cp reqId ..."), when
+        something tells: the first line fits no definition of the stream its second value would
+        name, but fits the URL's stream (whose definition fits it, or which has none), or the
+        lines without stream ID of exactly one definition.  None: the second value is the stream
+        ID (or nothing tells otherwise)."""
+        candidate = head.group(4).decode("ascii")
+        if named == candidate or not (named or self.bare_shapes):
+            return None
+        version, midgress_head = head.group(1).decode("ascii"), head.group(3) is not None
+        width = first.count(head.group(2)) + 1
+        converter = self.converter(candidate, version)
+        if converter is not None and (midgress_head, width) in converter.layouts:
+            return None
+        if named is not None:
+            own = self.converter(named, version)
+            if own is not None:
+                return named if (midgress_head, width) in own.bare_layouts else None
+            return None if candidate in self.defined else named
+        if candidate in self.defined:
+            return None
+        streams = (self.bare_shapes.get((version, midgress_head, width), [])
+                   + self.bare_shapes.get((None, midgress_head, width), []))
+        return streams[0] if len(set(streams)) == 1 else None
 
     def _convert(self, batch: RecordBatch, data: bytes, head: re.Match[bytes], stream: str,
-                 version: str) -> StreamRecords:
+                 version: str, bare: bool) -> StreamRecords:
         """--records json: the batch with its STRUCTURED records of defined streams turned into
-        JSON."""
+        JSON; `bare`: lines without a stream ID, of `stream`."""
         lines = data.split(b"\n")
         lines.pop()
         # Usually every line starts as the first does (one stream, one version): the fast path.
-        uniform = lines_headed_alike(data, head) == batch.records
+        uniform = (data.count(b"\n" + head.group(1) + head.group(2)) + 1 if bare
+                   else lines_headed_alike(data, head)) == batch.records
         converter = self.converter(stream, version)
         out: Optional[List[bytes]] = None
         unconverted, identified = len(lines), False
@@ -2522,9 +2668,9 @@ class StreamCatalog:
                            " are stored as sent (add it to --stream-config and send SIGHUP)",
                            stream, version)
         elif uniform and converter is not None and not converter.needs_escaping(data):
-            out, unconverted, identified = converter.convert_lines(lines)
+            out, unconverted, identified = converter.convert_lines(lines, bare)
         else:
-            out, unconverted = self._convert_each(lines)
+            out, unconverted = self._convert_each(lines, converter if bare else None)
         if unconverted:
             self.warn_once(stream,
                            "stream %s: %d of %d STRUCTURED records do not fit its definition (field"
@@ -2542,22 +2688,24 @@ class StreamCatalog:
                              lambda: not unconverted
                              and (identified or json_records_are_unique(json_batch)))
 
-    def _convert_each(self, lines: List[bytes]) -> Tuple[List[bytes], int]:
-        """Converts line by line, each with the definition of its own stream and version, escaping
-        where needed; returns (the lines, those that do not fit kept as they are; how many did not
-        fit)."""
+    def _convert_each(self, lines: List[bytes], bare: Optional[StructuredConverter] = None
+                      ) -> Tuple[List[bytes], int]:
+        """Converts line by line, each with the definition of its own stream and version (`bare`'s,
+        for lines without a stream ID), escaping where needed; returns (the lines, those that do
+        not fit kept as they are; how many did not fit)."""
         out: List[bytes] = []
         unconverted = 0
         for line in lines:
             head = STRUCTURED_HEAD_RE.match(line)
-            converter = (self.converter(head.group(4).decode("ascii"),
-                                        head.group(1).decode("ascii")) if head else None)
+            converter = bare or (self.converter(head.group(4).decode("ascii"),
+                                                head.group(1).decode("ascii")) if head else None)
             json_line = None
             if (converter is not None and head is not None
                     and head.group(2) == converter.definition.delimiter):
                 values = line.split(head.group(2))
-                json_line = (converter.convert_escaping(values) if JSON_UNSAFE_RE.search(line)
-                             else converter.convert(values))
+                json_line = (converter.convert_escaping(values, bare is not None)
+                             if JSON_UNSAFE_RE.search(line)
+                             else converter.convert(values, bare is not None))
             if json_line is None:
                 unconverted += 1
                 json_line = line
@@ -2620,12 +2768,52 @@ def all_events_identified(batch: RecordBatch) -> bool:
     return True
 
 
+def event_time_seconds(value: Union[str, bytes]) -> Optional[float]:
+    """A Unix time in seconds from a record's time value: seconds (1764255600 or
+    1764255600.507), or an EdgeWorkers log's milliseconds, microseconds or nanoseconds (told by
+    their digit count); None when it is not a time."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    whole, dot, fraction = text.partition(".")
+    if (not whole.isdigit() or not 9 <= len(whole) <= 19
+            or dot and not (fraction.isdigit() and len(fraction) <= 9)):
+        return None
+    if len(whole) <= 11:  # seconds, until the year 5138
+        return float(text)
+    # 12-14 digits are milliseconds, 15-17 microseconds, 18-19 nanoseconds; int / int rounds once.
+    scale = int(10 ** ((len(whole) - 9) // 3 * 3))
+    return int(whole) / scale + (int(fraction) / 10 ** len(fraction) / scale if fraction else 0.0)
+
+
 def json_event_time(first: bytes, last: bytes) -> Optional[float]:
-    """The newer reqTimeSec (a security event's httpMessage.start) of two JSON records."""
-    times = [float(found.group(1)) for record in (first, last)
-             for found in [JSON_REQ_TIME_RE.search(record) or JSON_START_TIME_RE.search(record)]
-             if found]
+    """The newer event time of two JSON records: the first of EVENT_TIME_KEYS each holds."""
+    times = [seconds for record in (first, last)
+             for found in [next(filter(None, (pattern.search(record)
+                                              for pattern in RECORD_TIME_RES)), None)]
+             if found for seconds in [event_time_seconds(found.group(1))] if seconds is not None]
     return max(times) if times else None
+
+
+def is_delivery_metadata(line: bytes) -> bool:
+    """Tells a security delivery's metadata object ({"total", "offset", "limit"}) from an event."""
+    if len(line) > DELIVERY_METADATA_MAX:
+        return False
+    try:
+        document = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and set(document) == DELIVERY_METADATA_KEYS
+
+
+def without_last_record(batch: RecordBatch, size: int) -> RecordBatch:
+    """The batch without its last record, `size` bytes with its LF (a new batch: the pushed gzip
+    bytes no longer decode to it)."""
+    kept = max(0, batch.size - size)
+    data = batch.joined()
+    if data is None and batch.spool is not None:
+        batch.spool.truncate(kept)
+        return RecordBatch([], batch.spool, kept, batch.records - 1, batch.digest)
+    return RecordBatch([data[:kept]] if data else [], None, kept, batch.records - 1,
+                       batch.digest)
 
 
 def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
@@ -2635,28 +2823,28 @@ def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
     return max(times) if times else None
 
 
-def event_seconds(value: bytes) -> float:
-    """An event time in Unix seconds, from seconds, milliseconds, microseconds or nanoseconds."""
-    seconds = float(value)
-    while seconds > 1e11:
-        seconds /= 1000
-    return seconds
-
-
 def event_range(batch: RecordBatch) -> Tuple[float, float]:
-    """The earliest and latest event times of a batch's JSON records, read by the time key its first
-    record has (one pass of one pattern); NO_EVENTS when they have none (STRUCTURED records as
-    sent among them: nothing but a definition tells which value is the time)."""
+    """The earliest and latest event times of a batch's JSON records, read by the time key (of
+    EVENT_TIME_KEYS) its first record has: one pass of one pattern; NO_EVENTS when they have none
+    (STRUCTURED records as sent among them: nothing but a definition tells which value is the
+    time).  A keyed value only: a visitor's query string never reads as a time."""
     first = batch.first_line()
-    pattern = next((pattern for pattern in EVENT_TIME_RES if pattern.search(first)), None)
+    pattern = next((pattern for pattern in RECORD_TIME_RES if pattern.search(first)), None)
     if pattern is None:
         return NO_EVENTS
     data = batch.joined()
     found = pattern.findall(data) if data is not None else [
         value for chunk in record_pieces(batch) for value in pattern.findall(chunk)]
+    return times_range(found)
+
+
+def times_range(found: Sequence[bytes]) -> Tuple[float, float]:
+    """The earliest and latest of time values of one log type (one unit), in seconds."""
     if not found:
         return NO_EVENTS
-    return event_seconds(min(found, key=float)), event_seconds(max(found, key=float))
+    earliest = event_time_seconds(min(found, key=float))
+    latest = event_time_seconds(max(found, key=float))
+    return (earliest, latest) if earliest is not None and latest is not None else NO_EVENTS
 
 
 def record_pieces(batch: RecordBatch) -> Iterator[bytes]:
@@ -4453,9 +4641,9 @@ def read_back(path: Path) -> Tuple[int, List[float]]:
     records, events = 0, []
     for chunk in record_chunks(path):
         records += chunk.count(b"\n")
-        found = [value for pattern in EVENT_TIME_RES for value in pattern.findall(chunk)]
-        events += [event_seconds(min(found, key=float)),
-                   event_seconds(max(found, key=float))] if found else []
+        for pattern in RECORD_TIME_RES:
+            events += [moment for moment in times_range(pattern.findall(chunk))
+                       if moment != NO_EVENTS[0]]
     return records, events
 
 
@@ -4832,9 +5020,14 @@ class PushPipeline:
         if not batch.records:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
-        records = self.streams.classify(batch)
+        records = self.streams.classify(batch, facts.named_stream)
         if records.stream == UNKNOWN_STREAM and facts.named_stream is not None:
             records = records._replace(stream=facts.named_stream)
+        # What is stored and counted: a security delivery's metadata object is not a record.
+        count = records.batch.records
+        if not count:
+            metrics.stored(facts.path, 0)
+            return Outcome(PushResult.STORED)
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
         # A stream's row: per route as well with --route-by-path.
@@ -4844,8 +5037,7 @@ class PushPipeline:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
                                         records.stream)
         except BatchRefused as exc:
-            log.warning("refused a batch of %d records from %s: %s", batch.records, facts.client,
-                        exc)
+            log.warning("refused a batch of %d records from %s: %s", count, facts.client, exc)
             return Outcome(PushResult.REFUSED, stream_row=row, reason=str(exc))
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")
@@ -4854,14 +5046,14 @@ class PushPipeline:
         if result.path is None:
             metrics.count("dedupe_hits")
             metrics.stream_deduplicated(row)
-            return Outcome(PushResult.DUPLICATE, batch.records, row,
+            return Outcome(PushResult.DUPLICATE, count, row,
                            "duplicate of a batch stored within the dedupe window")
         if result.kept_duplicate:
             metrics.count("dedupe_ineligible")
-        metrics.stored(facts.path, batch.records)
-        metrics.stream_stored(row, batch.records, records.unconverted, records.newest_event,
+        metrics.stored(facts.path, count)
+        metrics.stream_stored(row, count, records.unconverted, records.newest_event,
                               facts.client, records.batch.stored_size)
-        return Outcome(PushResult.STORED, batch.records, row)
+        return Outcome(PushResult.STORED, count, row)
 
 
 # ---------------------------------------------------------------------------
@@ -6081,6 +6273,9 @@ class ReceiverServer:
                            "open_connections": gauges["open_connections"],
                            "inflight_bytes": gauges["inflight_bytes"]},
                 "refusals": [refusal._asdict() for refusal in reversed(snapshot.refusals)],
+                "definition_problems": [{"stream": stream, "problem": problem} for stream, problems
+                                        in sorted(self.streams.problems().items())
+                                        for problem in problems],
                 "requests": {str(status): number for status, number in snapshot.requests.items()},}
 
     def health(self) -> Optional[str]:
@@ -6107,7 +6302,7 @@ class ReceiverServer:
         tls = self.certificates.facts if self.certificates is not None else {}
         facts = ServerFacts(free, size, tls.get("not_after"),
                             lambda row: self.streams.push_interval(row.rsplit("/", 1)[-1]),
-                            read_reconciled(self.storage.layout))
+                            read_reconciled(self.storage.layout), self.streams.problems())
         return Metrics.render(self.merged_snapshot(), facts)
 
     def disk_usage(self) -> Tuple[Optional[int], Optional[int]]:
@@ -7598,8 +7793,9 @@ def build_pull_parser() -> ArgumentParser:
                             " them where --stream-config reads them; then SIGHUP the server to"
                             " load them.")
     add_api_options(parser)
-    parser.add_argument("--stream-config", type=Path, required=True, metavar="FILE",
-                        help="the file to write, the server's --stream-config")
+    parser.add_argument("--stream-config", type=Path, required=True, metavar="PATH",
+                        help="the server's --stream-config: a file to write, or a folder to write"
+                        " one file per stream into (ID.json)")
     parser.add_argument("--stream", action="append", default=[], metavar="ID",
                         help="only this stream; repeatable (default: every stream of the account)")
     parser.add_argument("--log-type", choices=LOG_TYPES, default="cdn",
@@ -7613,13 +7809,101 @@ def stream_ids_in(answer: object) -> List[str]:
             if isinstance(stream, dict) and "streamId" in stream]
 
 
+def write_atomically(target: Path, text: str, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Replaces `target` with `text` whole: a new temporary file beside it (created exclusively,
+    never through a link, with `mode`), fsync'd, renamed over it, and the folder fsync'd."""
+    temp = target.with_name(".%s.%d.%s.tmp" % (target.name, os.getpid(),
+                                               binascii.hexlify(os.urandom(4)).decode()))
+    fd = os.open(str(temp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temp), str(target))
+    except BaseException:
+        try:
+            os.unlink(str(temp))
+        except OSError:
+            pass  # the error that brought us here is the one to report
+        raise
+    folder = os.open(str(target.parent), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def pulled_definition(stream: str, document: object, path: str, out: IO[str]
+                      ) -> Optional[StreamDefinition]:
+    """What the server will make of Akamai's answer for `stream`, said in one line (its problems
+    on stderr); None, said on stderr, when the answer is not that stream's definition."""
+    try:
+        definition = parse_stream_definition(document)
+    except ValueError as exc:
+        fallback = unreadable_definition(document, exc)
+        if fallback is None:
+            sys.stderr.write("dsreceiver.py streams pull: stream %s: skipped, the API's answer"
+                             " is not a stream definition: %s\n" % (stream, exc))
+            return None
+        definition = fallback
+    if definition.stream_id != stream:
+        sys.stderr.write("dsreceiver.py streams pull: stream %s: skipped, the API answered with"
+                         " stream %s\n" % (stream, definition.stream_id))
+        return None
+    for problem in definition.problems:
+        sys.stderr.write("dsreceiver.py streams pull: warning: stream %s: %s\n"
+                         % (stream, problem))
+    out.write("stream %s version %s: %d fields (API %s)\n"
+              % (stream, definition.version or "any", len(definition.fields),
+                 "v3" if "/v3/" in path else "v2"))
+    return definition
+
+
+def newest_definitions(fetched: Sequence[Tuple[StreamDefinition, object]]
+                       ) -> Dict[str, Tuple[StreamDefinition, object]]:
+    """The definitions to write, by stream ID: one per stream, its newest version (the server
+    refuses a stream version defined twice)."""
+    newest: Dict[str, Tuple[StreamDefinition, object]] = {}
+    for definition, document in fetched:
+        known = newest.get(definition.stream_id)
+        if known is None or int(definition.version or -1) >= int(known[0].version or -1):
+            newest[definition.stream_id] = (definition, document)
+    return newest
+
+
+def folder_clash(folder: Path, pulled: Dict[str, Tuple[StreamDefinition, object]]
+                 ) -> Optional[str]:
+    """Why the server would refuse `folder` once the pulled definitions are written into it (a file
+    pull does not replace defines one of their stream versions already); None when it would not."""
+    ours = {(definition.stream_id, definition.version): stream
+            for stream, (definition, _) in pulled.items()}
+    for path in sorted(folder.glob("*.json")):
+        if path.stem in pulled:
+            continue
+        try:
+            found = definitions_in(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # the server's own problem, whatever pull writes: it names the file
+        for item in found:
+            if isinstance(item, dict):
+                version = item.get("streamVersion")
+                key = (str(item.get("streamId")), None if version is None else str(version))
+                if key in ours:
+                    return ("%s defines stream %s version %s already: remove it (pull writes"
+                            " %s.json)" % (path, key[0], key[1] or "(any)", ours[key]))
+    return None
+
+
 def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
-    """The streams pull command: 0 written, 2 usage, credential or API problem."""
+    """The streams pull command: 0 written, 1 written but some streams skipped, 2 usage, credential
+    or API problem."""
     if argv[:1] != ["pull"]:
         sys.stderr.write("dsreceiver.py streams: error: the one subcommand is pull (see"
                          " python3 dsreceiver.py streams pull --help)\n")
         return 2
     options = build_pull_parser().parse_args(argv[1:])
+    target = options.stream_config
     try:
         for stream in options.stream:
             if not STREAM_ID_RE.fullmatch(stream):
@@ -7627,33 +7911,41 @@ def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         client = AkamaiClient(read_edgerc(options.edgerc.expanduser(), options.section),
                               options.section, options.timeout)
         lists = (STREAM_PATHS[0] % options.log_type, STREAM_PATHS[1])
-        streams = options.stream or stream_ids_in(client.get_first(lists)[1])
-        fetched = []
+        listed = options.stream or [stream for stream in stream_ids_in(client.get_first(lists)[1])
+                                    if STREAM_ID_RE.fullmatch(stream)]
+        # A stream named twice (on the command line, or by the API) is fetched and written once.
+        streams = list(OrderedDict.fromkeys(listed))
+        fetched: List[Tuple[StreamDefinition, object]] = []
         for stream in streams:
             path, document = client.get_first([base + "/" + stream for base in lists])
-            definition = parse_stream_definition(document)
-            fetched.append(document)
-            out.write("stream %s version %s: %d fields (API %s)\n"
-                      % (stream, definition.version or "any", len(definition.fields),
-                         "v3" if "/v3/" in path else "v2"))
-        target = options.stream_config
-        temp = target.with_name("." + target.name + ".tmp")
-        fd = os.open(str(temp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DEFAULT_FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(fetched, indent=1) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(str(temp), str(target))
+            definition = pulled_definition(stream, document, path, out)
+            if definition is not None:
+                fetched.append((definition, document))
+        documents = newest_definitions(fetched)
+        if streams and not documents:
+            sys.stderr.write("dsreceiver.py streams pull: nothing written: no answer was a"
+                             " definition of the stream asked for\n")
+            return 1
+        if target.is_dir():
+            clash = folder_clash(target, documents)
+            if clash is not None:
+                raise ConfigError("nothing written: the server would refuse the folder: " + clash)
+            for stream, (_, document) in documents.items():
+                write_atomically(target / ("%s.json" % stream), json.dumps(document, indent=1)
+                                 + "\n")
+        else:
+            write_atomically(target, json.dumps([document for _, document in documents.values()],
+                                                indent=1) + "\n")
     except (ConfigError, AkamaiError) as exc:
         sys.stderr.write("dsreceiver.py streams pull: error: %s\n" % exc)
         return 2
     except OSError as exc:
         sys.stderr.write("dsreceiver.py streams pull: error: cannot write %s: %s\n"
-                         % (options.stream_config, describe_os_error(exc)))
+                         % (target, describe_os_error(exc)))
         return 2
-    out.write("wrote %d stream definitions to %s; send SIGHUP to the server to load them\n"
-              % (len(fetched), options.stream_config))
-    return 0
+    out.write("wrote %d stream definitions to %s%s; send SIGHUP to the server to load them\n"
+              % (len(documents), target, " (one file per stream)" if target.is_dir() else ""))
+    return 0 if len(documents) == len(streams) else 1
 
 
 # ---------------------------------------------------------------------------

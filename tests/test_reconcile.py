@@ -321,3 +321,73 @@ def test_streams_pull_refuses_what_it_cannot_do(akamai: AkamaiStandIn, trust: Di
     assert unknown.returncode == 2 and "HTTP 404" in unknown.stderr and not target.exists()
     wrong = run_command("streams", "push")
     assert wrong.returncode == 2 and "the one subcommand is pull" in wrong.stderr
+
+
+def test_streams_pull_into_a_folder_writes_one_file_per_stream_that_the_server_loads(
+        akamai: AkamaiStandIn, trust: Dict[str, str], start_server: Callable[..., ServerProcess],
+        tmp_path: Path) -> None:
+    v3 = "/datastream-config-api/v3/log/cdn/streams"
+    # The API lists 61234 twice; a definition naming a data set field no catalog knows yet is Akamai's truth.
+    akamai.routes[v3] = (200, {"streams": [{"streamId": 61234}, {"streamId": 70077}, {"streamId": 61234}]})
+    akamai.routes[v3 + "/61234"] = (200, json.loads(SAMPLE_DEFINITION.read_text()))
+    midgress = json.loads((SAMPLES / "ds2-stream-70077-v3-ids-only.json").read_text())
+    midgress["datasetFields"].append({"datasetFieldId": 2999, "datasetFieldName": "New\x1bfield"})
+    akamai.routes[v3 + "/70077"] = (200, midgress)
+    folder = tmp_path / "streams"
+    folder.mkdir()
+    (folder / "70077.json").write_text("[]")  # an earlier pull's file: replaced whole
+    pulled = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(folder), env=trust)
+    assert pulled.returncode == 0, pulled.stderr
+    assert sorted(path.name for path in folder.iterdir()) == ["61234.json", "70077.json"]  # no temporary file left
+    assert all(path.stat().st_mode & 0o777 == 0o640 for path in folder.iterdir())
+    assert json.loads((folder / "70077.json").read_text()) == midgress
+    assert [call for call, _ in akamai.calls].count(v3 + "/61234") == 1
+    assert pulled.stderr == ("dsreceiver.py streams pull: warning: stream 70077: field 13 is data set field ID 2999, "
+                             "whose JSON key dsreceiver does not know: its values are stored under \"field2999\" "
+                             "(give it as {\"datasetFieldId\": 2999, \"datasetFieldJsonKey\": \"KEY\"} to name it)\n")
+    assert "wrote 2 stream definitions to %s (one file per stream)" % folder in pulled.stdout
+    server = start_server("--stream-config", str(folder), "--records", "json")
+    server.wait_for_log(r"WARNING stream definition \S+70077\.json: stream 70077: field 13 is data set field ID 2999")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(sample_lines("structured")[:5])).status == 200
+        assert ds.push(batch_of_lines([b"2 0 70077 1 r1 1764200000.117 2 1.2.3.4 200 h p u 0 FR new"])).status == 200
+    assert json.loads(server.stored_lines(server.output_dir / "stream=70077")[0])["field2999"] == "new"
+    assert len(server.stored_lines(server.output_dir / "stream=61234")) == 5
+
+
+def test_streams_pull_never_writes_what_the_server_would_refuse(
+        akamai: AkamaiStandIn, trust: Dict[str, str], start_server: Callable[..., ServerProcess],
+        tmp_path: Path) -> None:
+    v2 = "/datastream-config-api/v2/log/streams"
+    akamai.routes[v2 + "/61234"] = (200, json.loads(SAMPLE_DEFINITION.read_text()))
+    akamai.routes[v2 + "/70077"] = (200, json.loads(SAMPLE_DEFINITION.read_text()))  # the answer names 61234
+    target = tmp_path / "streams.json"
+    twice = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(target),
+                        "--stream", "61234", "--stream", "61234", env=trust)
+    assert twice.returncode == 0, twice.stderr
+    assert [document["streamId"] for document in json.loads(target.read_text())] == [61234]
+    mismatched = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(target),
+                             "--stream", "70077", "--stream", "61234", env=trust)
+    assert mismatched.returncode == 1
+    assert mismatched.stderr == ("dsreceiver.py streams pull: stream 70077: skipped, the API answered with stream"
+                                 " 61234\n")
+    assert [document["streamId"] for document in json.loads(target.read_text())] == [61234]
+    only_mismatched = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config",
+                                  str(target), "--stream", "70077", env=trust)
+    assert only_mismatched.returncode == 1 and "nothing written" in only_mismatched.stderr
+    assert [document["streamId"] for document in json.loads(target.read_text())] == [61234]  # kept
+    bad = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(target),
+                      "--stream", "61a", env=trust)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    folder = tmp_path / "streams"
+    folder.mkdir()
+    (folder / "hand.json").write_text(json.dumps({"streamId": 61234, "streamVersion": 4, "fields": ["cp"]}))
+    clash = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(folder),
+                        "--stream", "61234", env=trust)
+    assert clash.returncode == 2 and clash.stderr.count("\n") == 1
+    assert "hand.json defines stream 61234 version 4 already" in clash.stderr
+    assert [path.name for path in folder.iterdir()] == ["hand.json"]
+    server = start_server("--stream-config", str(target), "--records", "json")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(sample_lines("structured")[:5])).status == 200
+    assert server.stored_lines() == sample_lines("json")[:5]

@@ -4,6 +4,7 @@ both layouts, field 999 among the fields, security events named by the endpoint 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -82,11 +83,14 @@ def test_every_saved_shape_loads(tmp_path: Path) -> None:
     assert catalog.push_interval("70079") == 30 and catalog.converter("70079", "3") is None
 
 
-def test_a_structured_stream_from_a_list_without_fields_is_refused(tmp_path: Path) -> None:
+def test_a_structured_stream_from_a_list_without_fields_loads_with_its_problem_named(tmp_path: Path) -> None:
     listed = {"streams": [{"streamId": 70080, "streamName": "web", "streamVersion": 1}]}
     (tmp_path / "list.json").write_text(json.dumps(listed))
-    with pytest.raises(dsreceiver.ConfigError, match=r"list\.json: stream 70080: no datasetFields .*get a stream"):
-        dsreceiver.load_stream_definitions(tmp_path)
+    catalog = dsreceiver.StreamCatalog(tmp_path, to_json=True)
+    assert catalog.converter("70080", "1") is None  # its records are stored as sent
+    [problem] = catalog.problems()["70080"]
+    assert problem.startswith("its definition cannot be read, so its STRUCTURED records are stored as sent: "
+                              "no datasetFields") and "get a stream" in problem
 
 
 # -- conversion and classification, in-process ----------------------------------------------------------
@@ -128,6 +132,82 @@ def test_the_stream_id_of_a_midgress_line_is_read_from_its_place_without_a_defin
         assert catalog.classify(dsreceiver.RecordBatch([data], None, len(data), len(lines))).stream == "70077"
 
 
+def test_midgress_after_the_stream_id_converts_without_field_2051_listed() -> None:
+    document = midgress_document(datasetFields=json.loads(MIDGRESS_DEFINITION.read_text())["datasetFields"][1:])
+    definition = dsreceiver.parse_stream_definition(document)
+    assert converted(definition, [with_midgress_among_fields(line) for line in MIDGRESS_LINES]) == MIDGRESS_JSON
+    converter = dsreceiver.StructuredConverter(definition)
+    mixed = [with_midgress_among_fields(MIDGRESS_LINES[0]), MIDGRESS_LINES[1]]
+    assert [converter.convert(line.split(b" ")) for line in mixed] == MIDGRESS_JSON[:2]
+
+
+def catalog_of(tmp_path: Path, *documents: Dict[str, Any]) -> dsreceiver.StreamCatalog:
+    """A --records json catalog of these definitions."""
+    (tmp_path / "streams.json").write_text(json.dumps(list(documents)))
+    return dsreceiver.StreamCatalog(tmp_path / "streams.json", to_json=True)
+
+
+def pushed(*lines: bytes) -> dsreceiver.RecordBatch:
+    data = b"\n".join(lines) + b"\n"
+    return dsreceiver.RecordBatch([data], None, len(data), len(lines))
+
+
+def test_lines_without_a_stream_id_take_the_stream_that_fits_never_their_cp_code(tmp_path: Path) -> None:
+    bare = [b"3 1059344 r1 1764200000.713", b"3 872111 r2 -"]
+    short = {"streamId": 70088, "streamVersion": 3, "fields": ["cp", "reqId", "reqTimeSec"]}
+    catalog = catalog_of(tmp_path, short)
+    for named in (None, "70088"):
+        records = catalog.classify(pushed(*bare), named)
+        assert (records.stream, records.unconverted) == ("70088", 0)
+        assert records.batch.joined() == (
+            b'{"version":"3","streamId":"70088","cp":"1059344","reqId":"r1","reqTimeSec":"1764200000.713"}\n'
+            b'{"version":"3","streamId":"70088","cp":"872111","reqId":"r2"}\n')
+    # Another version, or a line of another length, fits no definition: nothing tells, so today's reading.
+    assert catalog.classify(pushed(b"4 1059344 r1 1764200000.713")).stream == "1059344"
+    assert catalog.classify(pushed(b"3 1059344 r1 1764200000.713 x")).stream == "1059344"
+    # Two definitions without field 999 that fit alike: nothing tells either.
+    twin = dict(short, streamId=70089)
+    assert catalog_of(tmp_path, short, twin).classify(pushed(*bare)).stream == "mixed"
+    # A line naming a defined stream keeps it, whatever the URL says.
+    defined = catalog_of(tmp_path, short, {"streamId": 61234, "fields": ["cp"]})
+    assert defined.classify(pushed(b"4 61234 1059344"), "70088").stream == "61234"
+    # Without definitions, the URL's stream tells: stored as sent there.
+    records = dsreceiver.StreamCatalog(None, to_json=False).classify(pushed(*bare), "70088")
+    assert (records.stream, records.batch.joined()) == ("70088", b"\n".join(bare) + b"\n")
+
+
+def test_a_security_deliverys_metadata_object_is_not_a_record() -> None:
+    events = SECURITY_EVENTS[:3]
+    catalog = dsreceiver.StreamCatalog(None, to_json=False)
+    for metadata in (b'{"total":8,"offset":"a1b2c;7QxZ2mP0rTq","limit":10000}',
+                     b'{"limit": 10000, "total": 10000, "offset": "71cca;3phZ"}'):
+        records = catalog.classify(pushed(*events, metadata))
+        assert records.batch.records == 3 and records.batch.joined() == b"\n".join(events) + b"\n"
+        assert records.is_unique()  # every event names its request: a retry is stored once
+    # A batch spooled to a file (a very large one) loses its metadata object alike.
+    data = b"\n".join(events + [b'{"total":3,"offset":"x","limit":10}']) + b"\n"
+    with tempfile.TemporaryFile() as spool:
+        spool.write(data)
+        records = catalog.classify(dsreceiver.RecordBatch([], spool, len(data), 4))
+        assert records.batch.records == 3 and b"".join(records.batch.chunks()) == b"\n".join(events) + b"\n"
+    # Not metadata: other keys, or an event.
+    for line in (b'{"total":8,"offset":"x","limit":1,"more":1}', SECURITY_EVENTS[3]):
+        assert catalog.classify(pushed(*events, line)).batch.records == 4
+
+
+def test_edgeworkers_logs_name_their_stream_in_ds2id_and_their_time_in_ms_or_ns() -> None:
+    elements = json.loads((SAMPLES / "ew-jslogs-70099.json").read_bytes())
+    lines = [json.dumps(element, separators=(",", ":")).encode() for element in elements]
+    records = dsreceiver.StreamCatalog(None, to_json=False).classify(pushed(*lines))
+    assert records.stream == "70099"
+    assert records.newest_event == max(int(element["time"]) for element in elements) / 1000
+    assert dsreceiver.event_time_seconds("1764255600250000000") == 1764255600.25
+    assert dsreceiver.event_time_seconds(b"1764255600250") == 1764255600.25
+    assert dsreceiver.event_time_seconds("1764200000.507") == 1764200000.507
+    assert dsreceiver.event_time_seconds("-") is None and dsreceiver.event_time_seconds("12") is None
+    assert dsreceiver.EVENT_TIME_KEYS == ("reqTimeSec", "httpMessage.start", "time")
+
+
 def test_caret_is_a_value_and_dash_is_left_out() -> None:
     definition = dsreceiver.StreamDefinition("70090", None, ("accLang", "cookie", "overheadBytes"), b" ")
     [record] = converted(definition, [b"3 70090 ^ - ^"])
@@ -160,15 +240,31 @@ def test_midgress_lines_without_a_definition_go_to_their_stream(start_server: Ca
     assert stream_files(server) == {"stream=70077": MIDGRESS_LINES}
 
 
-def test_an_unknown_field_id_stops_the_start_with_one_line(start_server: Callable[..., ServerProcess],
-                                                           tmp_path: Path) -> None:
-    path = tmp_path / "70077.json"
-    path.write_text(json.dumps({"streamId": 70077, "dataset_fields": [1000, 4242]}))
-    server = start_server("--stream-config", str(path), "--records", "json", wait=False)
-    assert server.wait_exit() == 2
-    server.wait_for_log(r"ERROR stream definition \S+70077\.json: stream 70077: field 2 is data set field ID 4242, "
-                        r"whose JSON key dsreceiver does not know: give it as")
-    assert "Traceback" not in server.log_text()
+def test_an_unknown_field_id_never_stops_the_server_and_its_values_are_kept(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    path = tmp_path / "streams.json"
+    path.write_text(json.dumps([{"streamId": 70077, "dataset_fields": [1000, 4242]},
+                                {"streamId": 61234, "fields": ["cp", "reqId"]}]))
+    server = start_server("--stream-config", str(path), "--records", "json")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines([b"2 70077 1059344 %41b", b"2 70077 872111 -"])).status == 200
+        assert ds.push(batch_of_lines([b"4 61234 99321 a1"])).status == 200
+        document = json.loads(ds.request("GET", path="/status.json").body)
+        page = ds.request("GET", path="/status").body.decode()
+    assert stream_files(server) == {
+        "stream=70077": [b'{"version":"2","streamId":"70077","cp":"1059344","field4242":"%41b"}',
+                         b'{"version":"2","streamId":"70077","cp":"872111"}'],
+        "stream=61234": [b'{"version":"4","streamId":"61234","cp":"99321","reqId":"a1"}']}
+    problem = ('field 2 is data set field ID 4242, whose JSON key dsreceiver does not know: its values are stored '
+               'under "field4242"')
+    [warning] = [line for line in server.log_text().splitlines() if "4242" in line]
+    assert " WARNING " in warning and "stream 70077: " + problem in warning
+    assert [(item["stream"], item["problem"][:len(problem)]) for item in document["definition_problems"]] == [
+        ("70077", problem)]
+    assert 'data-stream="70077">stream 70077: field 2 is data set field ID 4242' in page
+    samples = scrape(server)
+    assert value(samples, "dsreceiver_stream_definition_problems", stream="70077") == 1
+    assert value(samples, "dsreceiver_stream_definition_problems", stream="61234") == 0
 
 
 def test_security_events_go_to_the_stream_their_url_names_and_a_retry_is_stored_once(

@@ -52,8 +52,6 @@ def test_the_api_definition_is_read_in_log_order() -> None:
     ({"streamId": 1, "fields": ["cp", "cp"]}, "names a key twice"),
     ({"streamId": 1, "fields": ["c p"]}, "not a usable JSON key"),
     ({"streamId": 1, "fields": ["version"]}, "not a usable JSON key"),
-    ({"streamId": 1, "datasetFields": [{"datasetFieldJsonKey": "cp"}, {"datasetFieldId": 9999}]},
-     "stream 1: field 2 is data set field ID 9999, whose JSON key dsreceiver does not know"),
     ({"streamId": 1, "datasetFields": [{"datasetFieldName": "CP code"}]}, "neither datasetFieldJsonKey nor"),
     ({"streamId": 1, "datasetFields": "cp"}, "datasetFields must be a list of objects"),
     ({"streamId": 1, "fields": ["cp"], "fieldDelimiter": "COMMA"}, "fieldDelimiter must be SPACE or TAB"),
@@ -63,6 +61,16 @@ def test_the_api_definition_is_read_in_log_order() -> None:
 def test_broken_definitions_say_what_is_wrong(document: object, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         dsreceiver.parse_stream_definition(document)
+
+
+def test_an_unknown_field_id_is_kept_under_a_placeholder_key_and_named_as_a_problem() -> None:
+    definition = dsreceiver.parse_stream_definition(
+        {"streamId": 1, "datasetFields": [{"datasetFieldJsonKey": "cp"}, {"datasetFieldId": 9999}]})
+    assert definition.fields == ("cp", "field9999")
+    assert definition.problems == ('field 2 is data set field ID 9999, whose JSON key dsreceiver does not know: its '
+                                   'values are stored under "field9999" (give it as {"datasetFieldId": 9999, '
+                                   '"datasetFieldJsonKey": "KEY"} to name it)',)
+    assert dsreceiver.parse_stream_definition(json.loads(SAMPLE_DEFINITION.read_text())).problems == ()
 
 
 def test_sample_structured_records_become_exactly_the_sample_json_records() -> None:
@@ -82,13 +90,33 @@ def test_conversion_escapes_every_byte_json_needs_escaped() -> None:
     assert converter.convert(b"4\t7\tonly-one".split(b"\t")) is None  # field count does not fit
 
 
-def test_a_broken_definition_file_is_named_at_start(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+def test_a_definition_that_cannot_be_read_loads_without_fields_and_is_named(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    folder = tmp_path / "streams"
+    short_definition(folder, 10, ["cp"])
+    (folder / "20.json").write_text('{"streamId": 20, "fields": ["cp", "cp"]}')
+    server = start_server("--stream-config", str(folder), "--records", "json")
+    server.wait_for_log(r"WARNING stream definition .*20\.json: stream 20: its definition cannot be read, so its "
+                        r"STRUCTURED records are stored as sent: the field list is empty or names a key twice")
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines([b"4 10 c1", b"4 10 c2"])).status == 200
+        assert ds.push(batch_of_lines([b"4 20 c1 c2"])).status == 200
+    assert stream_files(server) == {"stream=10": [b'{"version":"4","streamId":"10","cp":"c1"}',
+                                                 b'{"version":"4","streamId":"10","cp":"c2"}'],
+                                    "stream=20": [b"4 20 c1 c2"]}
+    assert value(scrape(server), "dsreceiver_stream_definition_problems", stream="20") == 1
+    assert value(scrape(server), "dsreceiver_stream_definition_problems", stream="10") == 0
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_definition_file_that_is_not_json_is_named_at_start(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     folder = tmp_path / "streams"
     short_definition(folder, 1, ["cp"])
-    (folder / "2.json").write_text('{"streamId": 2, "fields": ["cp", "cp"]}')
+    (folder / "2.json").write_text('{"streamId": 2, "fields": ')
     server = start_server("--stream-config", str(folder), "--records", "json", wait=False)
     assert server.wait_exit() == 2
-    server.wait_for_log(r"ERROR stream definition .*2\.json: stream 2: the field list is empty or names a key twice")
+    server.wait_for_log(r"ERROR stream definition .*2\.json: ")
     assert "Traceback" not in server.log_text()
 
 
