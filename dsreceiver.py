@@ -49,6 +49,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Endpoint checker
     Akamai APIs
     Reconciliation
+    Shipping
     Lifecycle and signals
 and main() last.  Each section uses only names defined above it (annotations aside).
 
@@ -255,6 +256,7 @@ commands:
   python3 dsreceiver.py ledger ...      what was stored, per stream and 5-minute window
   python3 dsreceiver.py reconcile ...   that, next to what Akamai says DataStream delivered
   python3 dsreceiver.py streams pull    fetch stream definitions for --stream-config
+  python3 dsreceiver.py sealed ...      the finished files and their ledger, for rclone
 
 signals:
   SIGTERM, SIGINT   finish in-flight requests, sync, exit 0
@@ -3328,6 +3330,7 @@ class Layout:
     DATA_NAME_RE = re.compile(r"(\d{4}-\d\d-\d\d(?:T\d\dZ)?)((?:\.w\d+)?)(?:\.(\d+))?\.log(\.gz)?")
     INDEX_NAME_RE = re.compile(r"(.+?)(?:\.moved-\d+)?\.idx")
     COMPRESSION_TEMP_RE = re.compile(r"\.(.+)\.gz\.tmp")
+    ANSWERS_NAME_RE = re.compile(r"\d{4}-\d\d-\d\d(?:\.w\d+)?\.jsonl")
 
     def __init__(self, root: Path, rotate: str = "hourly", tag: str = "", store_gzip: bool = False,
                  file_mode: int = DEFAULT_FILE_MODE) -> None:
@@ -3492,6 +3495,25 @@ class Layout:
     def answer_files(self) -> Iterator[Path]:
         """Every process's files of ledger answer counts."""
         return self.answers_dir.glob("*.jsonl")
+
+    def ledger_files_of(self, data_path: Path) -> List[Path]:
+        """The ledger files of a finished data file that exist: its batch index, and the summary
+        that replaces it once pruned, under the name the file was written as (a --compress-rotated
+        .gz: the plain file's)."""
+        written = [data_path]
+        plain = data_path.with_name(data_path.name[:-len(".gz")])
+        if data_path.name.endswith(".gz") and not plain.exists():
+            written.append(plain)
+        found = []
+        for name in written:
+            index = self.index_path(name)
+            found += [path for path in (index, self.summary_path(index)) if path.is_file()]
+        return found
+
+    def answers_files_named(self) -> List[Path]:
+        """The answers files whose names this layout gives (answers_path), sorted."""
+        return sorted(path for path in self.answer_files()
+                      if self.ANSWERS_NAME_RE.fullmatch(path.name) and path.is_file())
 
     def manifest_temps(self) -> Iterator[Tuple[Path, DataName]]:
         """Every manifest whose writing was cut short: (temporary file, name of its data file)."""
@@ -7949,6 +7971,96 @@ def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Shipping
+# ---------------------------------------------------------------------------
+# The sealed command: the files a host ships to object storage, for `rclone copy --files-from`.
+# Only finished files travel (sealed, their manifest agreeing with them), with the ledger files
+# that count them, so that reconcile over a copy of the bucket vouches for exactly what was
+# shipped; a file still being written, and its index, wait for the next run.
+
+SEALED_HELP = """\
+Prints, one per line and relative to DIR, the paths that a shipping run copies:
+each sealed data file whose manifest agrees with it (its "file" and "bytes"), then
+its manifest, its batch index and/or the ledger summary of it; then the ledger's
+answers files.  A file still being written is never listed.  Every few minutes,
+from cron or a systemd timer:
+
+  python3 dsreceiver.py sealed --output-dir /var/lib/dsreceiver/data |
+      rclone copy /var/lib/dsreceiver/data s3:BUCKET/datastream/receiver=$(hostname -s) \\
+      --files-from-raw -
+
+Then `reconcile --output-dir COPY/receiver=A --output-dir COPY/receiver=B` over a
+copy of the bucket counts exactly what was shipped.  Exit 0, or 2 for bad usage.
+"""
+
+
+def build_sealed_parser() -> ArgumentParser:
+    """Returns the parser of the sealed command."""
+    parser = ArgumentParser(prog="dsreceiver.py sealed", description="List the finished files"
+                            " of an output folder, and their ledger files, for shipping.",
+                            epilog=SEALED_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("data"), metavar="DIR",
+                        help="the server's --output-dir; paths are printed relative to it"
+                        " (default: %(default)s)")
+    return parser
+
+
+def manifest_agrees(layout: Layout, path: Path) -> bool:
+    """Whether a data file is sealed and its manifest describes it as it is (name and size); a
+    manifest that disagrees is reported on stderr."""
+    manifest = layout.manifest_path(path)
+    try:
+        facts = json.loads(manifest.read_bytes())
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False  # not sealed yet
+    except (OSError, ValueError) as exc:
+        sys.stderr.write("dsreceiver.py sealed: %s left out: cannot read %s: %s\n"
+                         % (path, manifest.name, exc))
+        return False
+    if isinstance(facts, dict) and facts.get("file") == path.name and facts.get("bytes") == size:
+        return True
+    sys.stderr.write("dsreceiver.py sealed: %s left out: its manifest does not describe it (%d"
+                     " bytes)\n" % (path, size))
+    return False
+
+
+def sealed_listing(layout: Layout) -> Iterator[Path]:
+    """What a shipping run copies: every sealed data file in a folder of safe names, with its
+    manifest and ledger files, then the answers files."""
+    for path, _ in sorted(layout.data_files(compressed=True)):
+        try:
+            layout.check_folder(layout.folder_of(path))
+        except ValueError:
+            continue  # not a folder dsreceiver made: its name may not be safe to print
+        if not path.is_symlink() and manifest_agrees(layout, path):
+            yield path
+            yield layout.manifest_path(path)
+            yield from layout.ledger_files_of(path)
+    yield from layout.answers_files_named()
+
+
+def run_sealed(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
+    """The sealed command: 0, or 2 for bad usage or an unreadable folder."""
+    options = build_sealed_parser().parse_args(argv)
+    root = options.output_dir
+    try:
+        if not (root / Layout.STATE_DIR).is_dir():
+            raise ConfigError("%s is not a dsreceiver output folder (no %s in it)"
+                              % (root, Layout.STATE_DIR))
+        listed = [path.relative_to(root).as_posix() for path in sealed_listing(Layout(root))]
+    except ConfigError as exc:
+        sys.stderr.write("dsreceiver.py sealed: error: %s\n" % exc)
+        return 2
+    except OSError as exc:
+        sys.stderr.write("dsreceiver.py sealed: error: %s\n" % describe_os_error(exc))
+        return 2
+    out.write("".join(line + "\n" for line in listed))
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Lifecycle and signals
 # ---------------------------------------------------------------------------
 
@@ -8164,7 +8276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the receiver until SIGTERM or SIGINT (or the check command); returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     commands = {"check": run_check, "ledger": run_ledger, "reconcile": run_reconcile,
-                "streams": run_streams}
+                "sealed": run_sealed, "streams": run_streams}
     if arguments[:1] and arguments[0] in commands:
         return commands[arguments[0]](arguments[1:])
     try:
