@@ -564,6 +564,17 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
 # Shared tools
 # ---------------------------------------------------------------------------
 
+def stream_row(route: str, stream: str) -> str:
+    """The row of a stream in the status page, metrics and ledger: its stream ID, or ROUTE/STREAM
+    with --route-by-path (stream_of_row reads it back)."""
+    return route + "/" + stream if route else stream
+
+
+def stream_of_row(row: str) -> str:
+    """The stream ID (or 'unknown', 'mixed') of a stream_row()."""
+    return row.rsplit("/", 1)[-1]
+
+
 def describe_os_error(exc: BaseException) -> str:
     """Returns an OSError's reason without Python's '[Errno N]' noise."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -672,8 +683,9 @@ GAUGES = (("open_connections", "Client connections open now."),
           ("start_time_seconds", "Unix time the server started."))
 
 
-class Record:
-    """A plain record of mutable fields, equal to another of its class with equal fields."""
+class Fields:
+    """Plain mutable fields, equal to another of its class with equal fields (a metrics or ledger
+    value; not to be confused with the log records)."""
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and vars(other) == vars(self)
@@ -683,7 +695,7 @@ class Record:
                            ", ".join("%s=%r" % field for field in vars(self).items()))
 
 
-class HistogramCounts(Record):
+class HistogramCounts(Fields):
     """A histogram's counts at one moment: per bucket of FSYNC_BUCKETS (cumulative), sum and
     count."""
 
@@ -768,7 +780,7 @@ def int_keys(data: Dict[str, T]) -> Dict[int, T]:
     return {int(key): value for key, value in data.items()}
 
 
-class StreamStats(Record):
+class StreamStats(Fields):
     """What the metrics keep about one stream."""
 
     def __init__(self, records: int = 0, batches: int = 0, unconverted: int = 0,
@@ -841,7 +853,7 @@ class SnapshotScope(enum.Enum):
     HEALTH = "health"
 
 
-class MetricsSnapshot(Record):
+class MetricsSnapshot(Fields):
     """Everything /metrics, /healthz and the status page show, at one moment, for one process or
     merged."""
 
@@ -4445,7 +4457,7 @@ LEDGER_FORMAT = 1
 LedgerKey = Tuple[str, int]
 
 
-class LedgerRow(Record):
+class LedgerRow(Fields):
     """The ledger's counts of one stream row in one window."""
 
     def __init__(self, records: int = 0, batches: int = 0, stored_bytes: int = 0,
@@ -4524,7 +4536,7 @@ def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, Le
         stream = entry.stream
         if stream == UNKNOWN_STREAM and partition:
             stream = partition[0]  # a format-1 entry, which does not name its stream
-        key = (route + "/" + stream if route else stream,
+        key = (stream_row(route, stream),
                int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
         row = rows.setdefault(key, LedgerRow())
         row.records += entry.records
@@ -5053,7 +5065,7 @@ class PushPipeline:
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
         # A stream's row: per route as well with --route-by-path.
-        row = route + "/" + records.stream if route else records.stream
+        row = stream_row(route, records.stream)
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
         try:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
@@ -6249,7 +6261,7 @@ class ReceiverServer:
         for name, stats in sorted(snapshot.streams.items()):
             per_minute = [stats.minutes.get(minute, [0, 0]) for minute in hour]
             since = now - stats.last_push if stats.last_push else None
-            interval = self.streams.push_interval(name.rsplit("/", 1)[-1])
+            interval = self.streams.push_interval(stream_of_row(name))
             streams.append({"stream": name, "last_push": stats.last_push or None,
                             "seconds_since_push": since, "push_interval_seconds": interval,
                             "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
@@ -6263,7 +6275,7 @@ class ReceiverServer:
                             "refusals": {str(status): number for status,
                                          number in stats.refusals.items()},
                             "records_total": stats.records,
-                            "reconciled": reconciled.get(name.rsplit("/", 1)[-1])})
+                            "reconciled": reconciled.get(stream_of_row(name))})
         gauges = snapshot.gauges
         uptime = now - gauges["start_time_seconds"]
         written = sum(snapshot.written.get(minute, 0) for minute in hour)
@@ -6323,7 +6335,7 @@ class ReceiverServer:
         free, size = self.disk_usage()
         tls = self.certificates.facts if self.certificates is not None else {}
         facts = ServerFacts(free, size, tls.get("not_after"),
-                            lambda row: self.streams.push_interval(row.rsplit("/", 1)[-1]),
+                            lambda row: self.streams.push_interval(stream_of_row(row)),
                             read_reconciled(self.storage.layout), self.streams.problems())
         return Metrics.render(self.merged_snapshot(), facts)
 
@@ -7526,11 +7538,6 @@ def fleet_ledger(query: LedgerQuery) -> Dict[LedgerKey, LedgerRow]:
     for root in query.roots:
         add_rows(ledger, read_ledger(root, query.since, query.until))
     return ledger
-
-
-def stream_of_row(row: str) -> str:
-    """The stream of a ledger row (ROUTE/STREAM with --route-by-path)."""
-    return row.rsplit("/", 1)[-1]
 
 
 def run_ledger(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
