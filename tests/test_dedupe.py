@@ -343,3 +343,83 @@ def test_a_copy_that_waited_and_a_new_copy_in_one_group_are_stored_once(tmp_path
     storage.close()
     assert sorted(result.path is None for result in results) == [False, True]
     assert data_file.path.read_bytes() == b"opens the file\nblocker\nsent three times\n"
+
+
+def poisoned_event() -> bytes:
+    """A security-shaped record naming its request, whose JSON nests 100,000 deep: json.loads cannot read it."""
+    return b'{"httpMessage":{"requestId":"poison"},"nested":' + b"[" * 100000 + b"]" * 100000 + b"}"
+
+
+def test_a_poisoned_batch_fails_alone_in_its_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(tmp_path / "out", dedupe_window=900)
+    poison = dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True).feed_whole(poisoned_event() + b"\n")
+    assert storage.store("", poison).path is not None  # its first push is stored like any other
+    [data_file] = storage.files.values()
+    held_sync = HeldSync(monkeypatch)
+    results: Dict[bytes, object] = {}
+
+    def push(record: bytes, is_unique: Callable[[], bool]) -> None:
+        batch = dsreceiver.BatchBuilder(storage.layout.spool_dir, digest=True).feed_whole(record + b"\n")
+        try:
+            results[record[:20]] = storage.store("", batch, is_unique=is_unique)
+        except Exception as exc:  # noqa: BLE001 - what each push learns is the point
+            results[record[:20]] = exc
+
+    blocker = threading.Thread(target=push, args=(b"blocker", dsreceiver.always_unique))
+    blocker.start()
+    held_sync.wait_started()
+    retry = dsreceiver.StreamCatalog(None, False).classify(
+        dsreceiver.BatchBuilder(storage.layout.spool_dir).feed_whole(poisoned_event() + b"\n")).is_unique
+    honest = [b"honest %02d" % number for number in range(10)]
+    threads = [threading.Thread(target=push, args=(poisoned_event(), retry))]
+    threads += [threading.Thread(target=push, args=(record, dsreceiver.always_unique)) for record in honest]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(data_file.queue) == 11, what="the poisoned retry queued in one group with 10 honest pushes")
+    held_sync.release()
+    for thread in [blocker, *threads]:
+        thread.join(30)
+    poisoned = results.pop(poisoned_event()[:20])
+    assert isinstance(poisoned, dsreceiver.BatchRefused) and "nests too deeply" in str(poisoned)
+    assert all(isinstance(result, dsreceiver.StoreResult) and result.path == data_file.path
+               for result in results.values()), results
+    storage.close()
+    assert data_file.path.read_bytes() == poisoned_event() + b"\nblocker\n" + b"".join(r + b"\n" for r in honest)
+
+
+def test_a_poisoned_push_among_honest_ones_is_refused_alone(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--workers", "2")
+    poison = batch_of_lines([poisoned_event()])
+    with server.simulator(path="/datastream?streamId=80001") as ds:
+        assert ds.push(poison).status == 200
+    honest = [batch_of_lines([b'{"httpMessage":{"requestId":"h%d-%d","start":"1764201500"}}' % (number, line)
+                              for line in range(50)]) for number in range(40)]
+    statuses: List[int] = [0] * 41
+    health: List[int] = []
+    stop = threading.Event()
+
+    def push(index: int) -> None:
+        with server.simulator(path="/datastream?streamId=80001") as ds:
+            statuses[index] = ds.push(poison if index == 40 else honest[index]).status
+
+    def watch_health() -> None:
+        with server.simulator() as ds:
+            while not stop.is_set():
+                health.append(ds.request("GET", path="/healthz").status)
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    pushers = [threading.Thread(target=push, args=(index,)) for index in range(41)]
+    for thread in pushers:
+        thread.start()
+    for thread in pushers:
+        thread.join(60)
+    stop.set()
+    watcher.join(30)
+    assert statuses[:40] == [200] * 40 and statuses[40] == 400
+    assert health and set(health) == {200}
+    with server.simulator() as ds:
+        assert ds.request("GET", path="/healthz").status == 200
+    stored = server.stored_lines()
+    assert len(stored) == 40 * 50 + 1 and stored.count(poisoned_event()) == 1
+    assert "storage failed" not in server.log_text() and "Traceback" not in server.log_text()
