@@ -62,12 +62,18 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-    store         Storage.store: DataFile.append queues the batch with its dedupe key
-    commit        DataFile._commit_queue: one claim call for the queue's keys, its batches and
-                  their index entries (with records and stream, which the ledger counts), one
-                  fdatasync pair, the claims committed, each push woken once
+    store         Storage.store: its event range, then DataFile.append queues the batch with its
+                  dedupe key (LEAD_PROTOCOL: the first push to find nobody committing leads)
+    claim         DataFile._claim: one claim call for the group's keys (CLAIM_PROTOCOL); with
+                  --workers a process hop: SupervisorClient.claim_all sends them in one write,
+                  Supervisor.handle answers each (GRANTED, DUPLICATE, or WAITING and later)
+    commit        DataFile._commit_queue: each batch decided (BATCH_PROTOCOL; one whose check
+                  fails is refused alone), the batches and their index entries (records, stream,
+                  event range) written, one fdatasync pair, the claims committed or released,
+                  each push woken once, the lead handed on
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
-Every name under --output-dir comes from Layout.
+Every name under --output-dir comes from Layout.  At start only recovery runs before serving; the
+files an earlier run left are finished in the background (see Housekeeper).
 """
 
 from __future__ import annotations
