@@ -411,9 +411,10 @@ def build_parser() -> ArgumentParser:
     limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20,
                         metavar="SIZE", help="largest body after gunzip, else 413 (default: 512M)")
     limits.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
-                        help="connections per worker process; beyond it they are closed at once,"
-                        " and from 90%% of it the oldest connections not serving a request are"
-                        " closed to make room (default: %(default)s)")
+                        help="connections per worker process, lowered at start to fit under the"
+                        " open-file limit; beyond it they are closed at once, and from 90%% of it"
+                        " the oldest connections not serving a request are closed to make room"
+                        " (default: %(default)s)")
     limits.add_argument("--max-client-connections", type=non_negative_int, default=64, metavar="N",
                         help="connections one client address may hold open across all workers; more"
                         " are closed at once; 0 turns it off, and --trusted-proxy addresses are"
@@ -3985,7 +3986,8 @@ class Storage:
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         # The current file of each folder, least recently used first.
         self.files: OrderedDict[str, DataFile] = OrderedDict()
-        self.open_count = 0
+        # The files whose descriptors are open, least recently used first (see _suspend_idle).
+        self.open_files: OrderedDict[DataFile, None] = OrderedDict()
         # The data files this process created, until housekeeping has listed the earlier run's
         # (see created_since_start); None afterwards.
         self.created: Optional[Set[Path]] = set()
@@ -4109,9 +4111,10 @@ class Storage:
                     if self._retire(current, FileState.FINISHED):
                         idle.append(current)
                 self.files[folder] = current = opened
-                self.open_count += 1
                 break
             self.files.move_to_end(folder)
+            self.open_files[current] = None
+            self.open_files.move_to_end(current)
             current.users += 1
             self._suspend_idle()
         for data_file in idle:
@@ -4133,7 +4136,6 @@ class Storage:
             if self._retire(current, FileState.MOVED):
                 idle.append(current)
             return None
-        self.open_count += 1
         return current
 
     def _close_unlocked(self, idle: List[DataFile]) -> None:
@@ -4150,12 +4152,12 @@ class Storage:
     def _suspend_idle(self) -> None:
         """Suspends the least recently used idle files while more than max_open are open (call
         with the lock)."""
-        for data_file in self.files.values():
-            if self.open_count <= self.max_open:
+        for data_file in list(self.open_files):
+            if len(self.open_files) <= self.max_open:
                 return
-            if not data_file.suspended and data_file.users == 0:
+            if data_file.users == 0 and data_file.life is FileState.CURRENT:
                 data_file.suspend()
-                self.open_count -= 1
+                del self.open_files[data_file]
 
     def _release(self, data_file: DataFile) -> None:
         with self.lock:
@@ -4214,7 +4216,6 @@ class Storage:
     def _close(self, data_file: DataFile) -> None:
         """Closes a retired file that no push writes any more, and does what its kind of end asks
         for."""
-        was_open = not data_file.suspended
         data_file.close()
         # A retry answered from the dedupe window opens a file and writes nothing: leave no empty
         # file behind (a moved file's name may be another file's by now).
@@ -4222,8 +4223,7 @@ class Storage:
                  and not data_file.moved() and self._remove_empty(data_file))
         with self.lock:
             life, data_file.life = data_file.life, FileState.CLOSED
-            if was_open:
-                self.open_count -= 1
+            self.open_files.pop(data_file, None)
             if life is FileState.FINISHED and not empty:
                 self.finished.append(data_file.path)
                 self.on_finished()
@@ -4855,6 +4855,8 @@ class Housekeeper:
                     self._finish(path)
             except FileNotFoundError:
                 continue  # deleted by retention or an operator meanwhile
+            except InterruptedError:
+                self.to_finish.append(path)
             except OSError as exc:
                 log.error("cannot finish %s (left as it is): %s", path, describe_os_error(exc))
 
@@ -4891,6 +4893,9 @@ class Housekeeper:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                    compresslevel=ROTATED_GZIP_LEVEL) as compressed:
                     for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
+                        if self.stopped.is_set():
+                            # A stop does not wait for a large file: the next start does it again.
+                            raise InterruptedError("stopping")
                         compressed.write(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())

@@ -175,7 +175,12 @@ def all_sealed(root: Path) -> bool:
 
 
 def records_of(path: Path) -> List[bytes]:
-    data = path.read_bytes()
+    """A data file's records; those of its compressed copy when housekeeping gzip'd it since it was listed."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        path = dsreceiver.Layout.compressed_path(path)
+        data = path.read_bytes()
     return (gzip.decompress(data) if path.name.endswith(".gz") else data).split(b"\n")[:-1]
 
 

@@ -140,7 +140,7 @@ def test_idle_files_are_suspended_and_resumed_in_place(tmp_path: Path) -> None:
     storage = open_storage(tmp_path, max_open=2)
     paths = [storage.store("stream=%d" % (70000 + number), batch_of(b"first %d" % number)).path
              for number in range(5)]
-    assert storage.open_count == 2 and sum(not data_file.suspended for data_file in storage.files.values()) == 2
+    assert len(storage.open_files) == 2 and sum(not data_file.suspended for data_file in storage.files.values()) == 2
     assert storage.store("stream=70000", batch_of(b"again 0")).path == paths[0]  # resumed, not a new file
     moved = paths[1]
     assert moved is not None
