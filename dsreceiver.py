@@ -3211,9 +3211,10 @@ def folder_for_path(url_path: str) -> str:
 
 
 # A batch index is INDEX_HEADER, then one BATCH_ENTRY per stored batch (see IndexEntry).  Older
-# indexes are read as they are and rewritten in this format at start, before anything is appended
-# to them (upgrade_index): format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times), and
-# dsreceiver 0.1's (no header, V1_BATCH_ENTRY: no records or stream either).
+# indexes are read as they are: format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times), and
+# dsreceiver 0.1's (no header, V1_BATCH_ENTRY: no records or stream either), which is rewritten at
+# start with its batches' records counted (upgrade_index).  Nothing is appended to an index a
+# process did not create (see Storage), so no index ever mixes formats.
 INDEX_HEADER = b"dsreceiver batch index 3\n".ljust(64, b"\0")
 BATCH_ENTRY = struct.Struct("<Qd32sQQdd")
 V2_INDEX_HEADER = b"dsreceiver batch index 2\n".ljust(64, b"\0")
@@ -3251,6 +3252,15 @@ class IndexEntry(NamedTuple):
                                 self.first_event, self.last_event)
 
 
+def index_format(raw: bytes) -> Tuple[int, int]:
+    """The header length and entry size of a batch index's bytes, in any format."""
+    if raw.startswith(INDEX_HEADER):
+        return len(INDEX_HEADER), BATCH_ENTRY.size
+    if raw.startswith(V2_INDEX_HEADER):
+        return len(V2_INDEX_HEADER), V2_BATCH_ENTRY.size
+    return 0, V1_BATCH_ENTRY.size
+
+
 def read_index(raw: bytes) -> List[IndexEntry]:
     """The complete entries of a batch index's bytes, in any format (a torn last entry is
     left out)."""
@@ -3271,18 +3281,16 @@ def index_bytes(entries: Sequence[IndexEntry]) -> bytes:
 
 
 def upgrade_index(index: Path, data_path: Path) -> None:
-    """Rewrites an older batch index in the current format, atomically; a 0.1 index's batches get
-    their records counted in the data file when it is there to count (the ledger counts only
-    counted batches)."""
+    """Rewrites a 0.1 batch index in the current format, atomically, counting its batches' records
+    in the data file when it is there to count (the ledger counts only counted batches)."""
     try:
         raw = index.read_bytes()
     except FileNotFoundError:
         return
-    if not raw or raw.startswith(INDEX_HEADER):
+    if not raw or index_format(raw)[0]:
         return
     entries = read_index(raw)
-    if (not raw.startswith(V2_INDEX_HEADER) and data_path.exists()
-            and not data_path.name.endswith(".gz")):
+    if data_path.exists() and not data_path.name.endswith(".gz"):
         with data_path.open("rb") as data:
             start = 0
             for position, entry in enumerate(entries):
@@ -4378,9 +4386,10 @@ def recover_file(layout: Layout, path: Path) -> None:
     while count and entries[count - 1].end > size:
         count -= 1
     keep = entries[count - 1].end if count else 0
-    if raw and len(INDEX_HEADER) + count * BATCH_ENTRY.size != len(raw):
+    header, entry_size = index_format(raw)
+    if raw and header + count * entry_size != len(raw):
         with index.open("r+b") as handle:
-            handle.truncate(len(INDEX_HEADER) + count * BATCH_ENTRY.size)
+            handle.truncate(header + count * entry_size)
             os.fsync(handle.fileno())
     if size > keep:
         kept_as = _set_aside(layout, path, keep, "partial")
