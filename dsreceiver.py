@@ -3646,6 +3646,9 @@ class DataFile:
         self.mode = mode
         self.fd = self.index_fd = -1
         self.size = self.index_size = 0
+        # Set by Storage (under its lock) when it will suspend this idle file; a push that resumes
+        # the file first clears it, and suspend() then leaves the file open.
+        self.closing = False
         self._open_files(os.O_CREAT)
         # The data file's (st_dev, st_ino): moved() compares the path against it, even while the
         # descriptors are closed (see suspend).
@@ -3653,7 +3656,12 @@ class DataFile:
         self.identity = (on_disk.st_dev, on_disk.st_ino)
         if not self.index_size:
             # Records from before this index (or a lost one) are marked as complete.
-            self._reset_index(self.size)
+            try:
+                self._reset_index(self.size)
+            except OSError:
+                os.close(self.fd)
+                os.close(self.index_fd)
+                raise
         # Where a failed fdatasync cuts the files back to: their sizes when the last good one began.
         self.durable_size = self.size
         self.durable_index_size = self.index_size
@@ -3688,24 +3696,29 @@ class DataFile:
 
     def suspend(self) -> None:
         """Makes an idle file durable and closes its descriptors, so that any number of streams fit
-        under the open-file limit; the next push resumes it.  Storage calls it, under its lock, only
-        when no push writes the file."""
+        under the open-file limit; the next push resumes it.  Storage marks the file `closing`
+        under its lock, then calls this outside it; a resume meanwhile cancels it."""
         with self.write_lock:
-            if self.fd >= 0:
+            if self.closing and self.fd >= 0:
                 self._close_files()
-                self.fd = self.index_fd = -1
+            self.closing = False
 
     def resume(self) -> None:
-        """Reopens a suspended file by name; raises OSError when it is gone (see moved)."""
+        """Reopens a suspended file by name (or cancels its suspension); raises OSError when it is
+        gone (see moved)."""
         with self.write_lock:
-            if self.fd < 0:
-                self._open_files(0)
-                on_disk = os.fstat(self.fd)
-                if (on_disk.st_dev, on_disk.st_ino) != self.identity:
-                    self._close_files()
-                    self.fd = self.index_fd = -1
-                    raise FileNotFoundError("%s was replaced" % self.path)
-                self.durable_size, self.durable_index_size = self.size, self.index_size
+            self.closing = False
+            if self.fd >= 0:
+                return
+            # The sizes it knew: a file truncated meanwhile (copytruncate) is then seen by _write.
+            size, index_size = self.size, self.index_size
+            self._open_files(0)
+            on_disk = os.fstat(self.fd)
+            if (on_disk.st_dev, on_disk.st_ino) != self.identity:
+                self._close_files()
+                raise FileNotFoundError("%s was replaced" % self.path)
+            self.size, self.index_size = size, index_size
+            self.durable_size, self.durable_index_size = size, index_size
 
     def _reset_index(self, offset: int) -> None:
         """Starts the index afresh, with one entry saying the file is complete up to `offset`."""
@@ -3800,13 +3813,13 @@ class DataFile:
     def _decide(self, group: Sequence[PendingBatch]) -> None:
         """Moves each batch of the group by what its claim says (BATCH_PROTOCOL); a batch whose
         check raises is refused alone."""
-        # Keys that must wait for another request's outcome (perhaps one of this group's: a copy
-        # that waited and now holds the claim); their other copies here wait as well.
-        waiting = {pending.key for pending in group
-                   if pending.ticket is not None and pending.ticket.state is ClaimState.WAITING}
+        # The claim of each key in the group (its first copy's, or the one a copy that waited for
+        # another request brought along).
+        claims = {pending.key: pending.ticket.state for pending in group
+                  if pending.key is not None and pending.ticket is not None}
         for pending in group:
             try:
-                event = self._batch_event(pending, waiting)
+                event = self._batch_event(pending, claims)
             except Exception as exc:  # anything its records make a check raise: it alone fails
                 event = BatchEvent.CHECK_FAILED
                 pending.error = (exc if isinstance(exc, BatchRefused)
@@ -3817,14 +3830,16 @@ class DataFile:
                 pending.entry = pending.entry._replace(digest=pending.batch.digest or NO_DIGEST)
 
     @staticmethod
-    def _batch_event(pending: PendingBatch, waiting: Set[Optional[str]]) -> BatchEvent:
+    def _batch_event(pending: PendingBatch, claims: Dict[str, ClaimState]) -> BatchEvent:
         """What a batch's claim (or its lack of one) means for it."""
         if pending.key is None:
             return BatchEvent.NO_KEY
         if pending.ticket is None:
-            # The same batch twice in one group: a retry of the one claimed, or, when that one
-            # waits, it claims again once queued again.
-            state = ClaimState.WAITING if pending.key in waiting else ClaimState.DUPLICATE
+            # Another copy of the same batch in this group holds its claim: a retry of a batch
+            # stored before is a duplicate; otherwise it waits for this group's outcome (a
+            # failed write must not answer it "already stored") and claims again.
+            state = (ClaimState.DUPLICATE if claims.get(pending.key) is ClaimState.DUPLICATE
+                     else ClaimState.WAITING)
         else:
             state = pending.ticket.state
         if state is ClaimState.WAITING:
@@ -3941,12 +3956,15 @@ class DataFile:
                 self._close_files()
 
     def _close_files(self) -> None:
+        """Syncs and closes both descriptors (call with write_lock), so that nothing (the
+        once-a-second sync) ever uses their numbers again."""
         for fd, path in ((self.fd, self.path), (self.index_fd, self.index_path)):
             try:
                 os.fdatasync(fd)
             except OSError as exc:
                 log.error("fdatasync of %s failed at close: %s", path, describe_os_error(exc))
             os.close(fd)
+        self.fd = self.index_fd = -1
 
 
 # ---------------------------------------------------------------------------
@@ -4111,8 +4129,9 @@ class Storage:
                     else:
                         self.moved_closed.wait()
                     continue
-                sequence = (current.sequence + 1 if current is not None and current.period == period
-                            else self._next_sequence(folder, period))
+                sequence = self._next_sequence(folder, period, current.sequence + 1
+                                               if current is not None and current.period == period
+                                               else 0)
                 opened = self._open_file(folder, period, sequence)
                 if current is not None:
                     del self.files[folder]
@@ -4124,9 +4143,11 @@ class Storage:
             self.open_files[current] = None
             self.open_files.move_to_end(current)
             current.users += 1
-            self._suspend_idle()
+            suspending = self._suspend_idle()
         for data_file in idle:
             self._close(data_file)
+        for data_file in suspending:
+            data_file.suspend()
         return current
 
     def _resumed(self, folder: str, idle: List[DataFile]) -> Optional[DataFile]:
@@ -4134,7 +4155,7 @@ class Storage:
         there is none, or logrotate moved it while it idled (then retired, and in `idle` when
         nobody writes it).  Call with the lock."""
         current = self.files.get(folder)
-        if current is None or not current.suspended:
+        if current is None or not (current.suspended or current.closing):
             return current
         try:
             current.resume()
@@ -4157,15 +4178,18 @@ class Storage:
         finally:
             self.lock.acquire()
 
-    def _suspend_idle(self) -> None:
-        """Suspends the least recently used idle files while more than max_open are open (call
-        with the lock)."""
+    def _suspend_idle(self) -> List[DataFile]:
+        """Marks the least recently used idle files `closing` while more than max_open are open
+        (call with the lock); the caller suspends them after releasing it (a sync each)."""
+        marked: List[DataFile] = []
         for data_file in list(self.open_files):
             if len(self.open_files) <= self.max_open:
-                return
+                break
             if data_file.users == 0 and data_file.life is FileState.CURRENT:
-                data_file.suspend()
+                data_file.closing = True
                 del self.open_files[data_file]
+                marked.append(data_file)
+        return marked
 
     def _release(self, data_file: DataFile) -> None:
         with self.lock:
@@ -4198,15 +4222,16 @@ class Storage:
             fsync_directory(index_path.parent)
         return data_file
 
-    def _next_sequence(self, folder: str, period: str) -> int:
-        """Picks the first file number of a period that no file takes (plain or gzip'd): files of
-        an earlier run are never appended to, since housekeeping finishes them."""
+    def _next_sequence(self, folder: str, period: str, first: int) -> int:
+        """Picks the first file number from `first` on that no file takes (plain or gzip'd), nor
+        the number after it (so a gap never takes files out of order): files of an earlier run
+        are never appended to, since housekeeping finishes them."""
 
         def taken(sequence: int) -> bool:
             plain = self.layout.data_path(folder, period, sequence)
             return plain.exists() or self.layout.compressed_path(plain).exists()
 
-        sequence = 0
+        sequence = first
         while taken(sequence) or taken(sequence + 1):
             sequence += 1
         return sequence
@@ -4240,11 +4265,16 @@ class Storage:
                 self.moved_closed.notify_all()
             elif life is FileState.MOVED:
                 # Nobody holds the index now: give its name to the new file, keeping it for dedup
-                # and recovery.
-                os.replace(str(data_file.index_path),
-                           str(self.layout.set_aside_index_path(data_file.path)))
-                del self.moving[self.layout.folder_of(data_file.path)]
-                self.moved_closed.notify_all()
+                # and recovery.  Whatever happens, the folder's pushes must not wait for ever.
+                try:
+                    os.replace(str(data_file.index_path),
+                               str(self.layout.set_aside_index_path(data_file.path)))
+                except OSError as exc:
+                    log.error("cannot set aside the batch index of moved file %s: %s",
+                              data_file.path, describe_os_error(exc))
+                finally:
+                    del self.moving[self.layout.folder_of(data_file.path)]
+                    self.moved_closed.notify_all()
 
     def _remove_empty(self, data_file: DataFile) -> bool:
         """Removes a closed file that holds no batch, and its index; True when it is gone."""
@@ -4837,12 +4867,14 @@ class Housekeeper:
     def queue_earlier_files(self) -> None:
         """Queues the files this process owns that an earlier run left unsealed: no push appends to
         them (see Storage), so they are finished in the background."""
-        created = self.storage.created_since_start() if self.storage is not None else set()
+        listed = [(path, name) for path, name in self.layout.data_files(compressed=True)
+                  if self.owns(name) and not self.layout.manifest_path(path).exists()]
+        # Asked only once the listing is complete: a file created during it is in `created`.
+        created: Set[Path] = set()
+        if self.storage is not None:
+            created = self.storage.created_since_start() | self.storage.open_paths()
         queued = set(self.to_finish)
-        for path, name in self.layout.data_files(compressed=True):
-            if (self.owns(name) and path not in created and path not in queued
-                    and not self.layout.manifest_path(path).exists()):
-                self.to_finish.append(path)
+        self.to_finish += [path for path, _ in listed if path not in created and path not in queued]
 
     def finish_files(self) -> None:
         """Gzips (with --compress-rotated) and seals every file no push writes any more; removes an
@@ -4874,10 +4906,13 @@ class Housekeeper:
         sealed."""
         if self.layout.manifest_path(path).exists() or self._removed_if_empty(path):
             return
-        sealed = path
-        if self.compress and not path.name.endswith(".gz"):
-            sealed = self._compress(path)
-        self.seal(sealed, indexed_as=path)
+        if not self.compress or path.name.endswith(".gz"):
+            self.seal(path, indexed_as=path)
+            return
+        compressed = self._compress(path)
+        with finishing_lock(compressed) as locked:
+            if locked and not self.layout.manifest_path(compressed).exists():
+                self.seal(compressed, indexed_as=path)
 
     def _removed_if_empty(self, path: Path) -> bool:
         """Removes an empty data file and its index; True when it did."""

@@ -423,3 +423,46 @@ def test_a_poisoned_push_among_honest_ones_is_refused_alone(start_server: Callab
     stored = server.stored_lines()
     assert len(stored) == 40 * 50 + 1 and stored.count(poisoned_event()) == 1
     assert "storage failed" not in server.log_text() and "Traceback" not in server.log_text()
+
+
+def test_a_retry_in_the_group_of_its_failed_original_is_never_answered_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(tmp_path / "out", dedupe_window=900)
+    storage.store("", digest_batch(storage, b"opens the file"))
+    [data_file] = storage.files.values()
+    held_sync = HeldSync(monkeypatch)
+    plan: List[str] = []  # what the next fdatasync calls do, in order; then they succeed
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if plan and plan.pop(0) == "fail":
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    results: Dict[str, object] = {}
+
+    def push(name: str, record: bytes) -> None:
+        try:
+            results[name] = storage.store("", digest_batch(storage, record))
+        except Exception as exc:  # noqa: BLE001 - what each push learns is the point
+            results[name] = exc
+
+    blocker = threading.Thread(target=push, args=("blocker", b"blocker"))
+    blocker.start()
+    held_sync.wait_started()
+    monkeypatch.setattr(os, "fdatasync", fdatasync)  # the held call goes on through HeldSync's own
+    original = threading.Thread(target=push, args=("original", b'{"reqId":"r1"}'))
+    original.start()
+    wait_until(lambda: len(data_file.queue) == 1, what="the original queued")
+    retry = threading.Thread(target=push, args=("retry", b'{"reqId":"r1"}'))  # its resend, in the same group
+    retry.start()
+    wait_until(lambda: len(data_file.queue) == 2, what="the resend queued in the same group")
+    plan[:] = ["ok", "fail"]  # the blocker's index sync goes through; the next group's sync fails, once
+    held_sync.release()
+    for thread in (blocker, original, retry):
+        thread.join(30)
+    storage.close()
+    assert isinstance(results["original"], dsreceiver.StorageError)
+    stored = results["retry"]
+    assert isinstance(stored, dsreceiver.StoreResult) and stored.path == data_file.path  # stored, not "already"
+    assert data_file.path.read_bytes() == b'opens the file\nblocker\n{"reqId":"r1"}\n'

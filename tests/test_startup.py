@@ -9,10 +9,11 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -262,3 +263,79 @@ def test_5000_streams_under_a_1024_limit_are_all_stored(start_server: Callable[.
     assert server.stop() == 0
     assert len(server.stored_lines()) == 5000
 
+
+
+def test_a_file_created_while_the_earlier_files_are_listed_is_never_finished(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(tmp_path / "out")
+    earlier_run(tmp_path / "out", ["2025-01-01T00Z.log"], lines=3)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True)
+    real = dsreceiver.Layout.data_files
+
+    def listing_while_a_push_arrives(layout: dsreceiver.Layout, compressed: bool = False
+                                     ) -> Iterator[Tuple[Path, dsreceiver.DataName]]:
+        for found in real(layout, compressed):
+            yield found
+            storage.store("", batch_of(b"the first push after the start"))  # while the listing runs
+
+    monkeypatch.setattr(dsreceiver.Layout, "data_files", listing_while_a_push_arrives)
+    housekeeper.queue_earlier_files()
+    monkeypatch.setattr(dsreceiver.Layout, "data_files", real)
+    assert [path.name for path in housekeeper.to_finish] == ["2025-01-01T00Z.log"]
+    housekeeper.finish_files()
+    path = storage.store("", batch_of(b"a later push")).path
+    storage.close()
+    assert path is not None and path.read_bytes() == b"the first push after the start\na later push\n"
+
+
+def test_a_roll_never_takes_a_number_an_earlier_file_has(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path, max_file_size=4)  # every push fills its file
+    period = storage.layout.period_name(time.time())
+    for number in (0, 3):  # 1 and 2 were shipped away (rclone move) since
+        (tmp_path / ("%s.%d.log" % (period, number) if number else period + ".log")).write_bytes(b"earlier\n")
+    paths = [storage.store("", batch_of(b"push %d" % number)).path for number in range(3)]
+    storage.close()
+    assert [path.name for path in paths if path is not None] == [period + ".1.log", period + ".4.log",
+                                                                period + ".5.log"]
+    assert (tmp_path / ("%s.3.log" % period)).read_bytes() == b"earlier\n"
+
+
+def test_a_closed_file_is_never_synced_or_cut_through_a_reused_descriptor(tmp_path: Path) -> None:
+    data_file = dsreceiver.DataFile(tmp_path / "closed.log", tmp_path / "closed.idx")
+    data_file.close()
+    victim = os.open(str(tmp_path / "victim"), os.O_RDWR | os.O_CREAT)  # may take a number the file had
+    try:
+        os.write(victim, b"not the data file's")
+        assert (data_file.fd, data_file.index_fd) == (-1, -1) and data_file.sync_now() is None
+        assert os.fstat(victim).st_size == len(b"not the data file's")
+    finally:
+        os.close(victim)
+
+
+def test_a_file_truncated_while_suspended_gets_a_fresh_index(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path, max_open=1)
+    first = storage.store("stream=70001", batch_of(b"copied away 1", b"copied away 2")).path
+    storage.store("stream=70002", batch_of(b"suspends the first"))
+    assert first is not None and storage.files["stream=70001"].suspended
+    os.truncate(str(first), 0)  # logrotate's copytruncate
+    storage.store("stream=70001", batch_of(b"after the truncation"))
+    storage.close()
+    assert first.read_bytes() == b"after the truncation\n"
+    entries = dsreceiver.read_index(storage.layout.index_path(first).read_bytes())
+    assert [(entry.end, entry.records) for entry in entries] == [(len(b"after the truncation\n"), 1)]
+
+
+def test_a_moved_file_whose_index_cannot_be_set_aside_never_holds_up_its_folder(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path, max_open=1)
+    first = storage.store("stream=70001", batch_of(b"before the move")).path
+    storage.store("stream=70002", batch_of(b"suspends the first"))
+    assert first is not None
+    os.rename(str(first), str(first) + ".1")
+    storage.layout.index_path(first).unlink()  # an operator removed it: setting it aside fails
+    results: List[object] = []
+    pusher = threading.Thread(target=lambda: results.append(storage.store("stream=70001", batch_of(b"after"))))
+    pusher.start()
+    pusher.join(30)
+    assert not pusher.is_alive() and len(results) == 1
+    storage.close()
+    assert first.read_bytes() == b"after\n"
