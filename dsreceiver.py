@@ -7155,6 +7155,10 @@ class Supervisor:
 # `dsreceiver.py check URL`: what DataStream's "Validate & Save" would make of an endpoint.
 
 X509_V_ERR_HOSTNAME_MISMATCH = 62
+# Text from elsewhere (an endpoint's reason phrase, an API's error title) is cut to this many
+# characters when printed; a check's detail may say more.
+PRINTABLE_LIMIT = 200
+CHECK_DETAIL_LIMIT = 1000
 
 
 def build_check_parser() -> ArgumentParser:
@@ -7212,6 +7216,15 @@ def parse_check_options(argv: Sequence[str]) -> CheckSettings:
                                             options.auth_query_file))
 
 
+def printable(text: str, limit: int = PRINTABLE_LIMIT) -> str:
+    """`text` safe to print on a terminal: control and other unprintable characters (escape
+    sequences, lone surrogates) written as \\xNN or \\uNNNN, cut to `limit` characters."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 class CheckReport:
     """Prints one PASS/FAIL/WARN/SKIP line per step and remembers whether any failed."""
 
@@ -7223,7 +7236,8 @@ class CheckReport:
         """Prints a step's outcome."""
         if outcome == "FAIL":
             self.failed = True
-        self.out.write("%-4s  %-34s %s\n" % (outcome, step, detail))
+        # A detail may quote the endpoint (its reason phrase): never a raw escape on a terminal.
+        self.out.write("%-4s  %-34s %s\n" % (outcome, step, printable(detail, CHECK_DETAIL_LIMIT)))
         self.out.flush()
 
 
@@ -7390,8 +7404,6 @@ API_READ_SIZE = 65536
 EXPIRED_TIMEOUT = 0.001
 # Counts Akamai reports (records, uploads) are below this; more is not a count.
 API_MAX_COUNT = 10 ** 15
-# Strings from an answer (error codes, titles) are cut to this many characters when shown or saved.
-API_MAX_TEXT = 200
 
 
 class EdgeGridCredentials(NamedTuple):
@@ -7491,15 +7503,6 @@ def edgegrid_authorization(credentials: EdgeGridCredentials, method: str, url: s
                               "", content_hash, header])
     signing_key = base64_hmac_sha256(timestamp, credentials.client_secret)
     return header + "signature=" + base64_hmac_sha256(data_to_sign, signing_key)
-
-
-def printable(text: str, limit: int = API_MAX_TEXT) -> str:
-    """`text` safe to print on a terminal: control and other unprintable characters (escape
-    sequences, lone surrogates) written as \\xNN or \\uNNNN, cut to `limit` characters."""
-    text = text[:limit]
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def api_stream_id(value: object) -> str:
@@ -7734,7 +7737,8 @@ def add_api_options(parser: ArgumentParser) -> None:
     parser.add_argument("--section", default="default",
                         help="the .edgerc section to use (default: %(default)s)")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long to wait for each API answer (default: %(default)s)")
+                        help="how long each API call may take, its whole answer included"
+                        " (default: %(default)s)")
 
 
 def build_reconcile_parser(command: str) -> ArgumentParser:
@@ -8141,6 +8145,8 @@ def run_reconcile(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
 
 
 STREAM_PATHS = ("/datastream-config-api/v3/log/%s/streams", "/datastream-config-api/v2/log/streams")
+# A definition's problem is a sentence about one field: longer is an answer's own text, cut here.
+PROBLEM_LIMIT = 600
 LOG_TYPES = ("cdn", "appsec", "edgeworkers", "edns", "gtm")
 
 
@@ -8178,7 +8184,7 @@ def pulled_definition(stream: str, document: object, path: str, out: IO[str]
         fallback = unreadable_definition(document, exc)
         if fallback is None:
             sys.stderr.write("dsreceiver.py streams pull: stream %s: skipped, the API's answer"
-                             " is not a stream definition: %s\n" % (stream, exc))
+                             " is not a stream definition: %s\n" % (stream, printable(str(exc))))
             return None
         definition = fallback
     if definition.stream_id != stream:
@@ -8187,7 +8193,7 @@ def pulled_definition(stream: str, document: object, path: str, out: IO[str]
         return None
     for problem in definition.problems:
         sys.stderr.write("dsreceiver.py streams pull: warning: stream %s: %s\n"
-                         % (stream, problem))
+                         % (stream, printable(problem, PROBLEM_LIMIT)))
     out.write("stream %s version %s: %d fields (API %s)\n"
               % (stream, definition.version or "any", len(definition.fields),
                  "v3" if "/v3/" in path else "v2"))

@@ -610,3 +610,21 @@ def test_twenty_thousand_streams_are_reconciled_and_only_a_hundred_kept_for_the_
     samples = scrape(server)
     assert len([name for name, _, _ in samples
                 if name == "dsreceiver_reconcile_missing_records"]) == dsreceiver.MAX_STREAM_LABELS
+
+
+def test_an_edgerc_token_broken_over_two_lines_is_one_line_without_secrets(
+        akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 1)
+    text = akamai.edgerc.read_text().replace("client_token = ", "client_token = akab-first\n  ")
+    akamai.edgerc.write_text(text)
+    done = reconcile(akamai, trust)
+    assert_one_clean_line(done)
+    assert "client_token holds a space, a line break or a control character" in done.stderr
+    assert not any(secret in done.stderr for secret in SECRETS.values()) and "akab-first" not in done.stderr
+    akamai.edgerc.write_text(text.replace("akab-first\n  ", ""))
+    akamai.edgerc.chmod(0o644)
+    akamai.deliver("61234", BASE, 1)
+    warned = reconcile(akamai, trust)
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr == "warning: %s holds API secrets and is open to its group or others (mode 0644): chmod 600 %s\n" % (
+        akamai.edgerc, akamai.edgerc)
