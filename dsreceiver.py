@@ -971,6 +971,8 @@ class Metrics:
         ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored "
          "again: not every record carries a reqId or a millisecond reqTimeSec, so they may be "
          "genuine."),
+        ("odd_stream_ids", "Pushes whose records name a stream ID with leading zeros (or 0): "
+         "stored as stream 'unknown', so that one stream has one folder and one ledger row."),
         ("auth_failures", "Requests refused for missing or wrong credentials."),
         ("auth_brakes", "Requests answered 429 without a credential check: their address failed "
          "too often."),
@@ -2122,9 +2124,13 @@ DEFAULT_PUSH_INTERVAL = 60.0
 MIXED_STREAM = "mixed"
 FIELD_DELIMITERS = {"SPACE": b" ", "TAB": b"\t"}
 DASH = b"-"
-STREAM_ID_RE = re.compile(r"[0-9]{1,12}")
+# A stream ID as the receiver names it everywhere (folders, ledger, metrics, reconcile): decimal,
+# without leading zeros, so that one stream has one name.
+STREAM_ID_RE = re.compile(r"[1-9][0-9]{0,11}")
 STREAM_VERSION_RE = re.compile(r"[0-9]{1,6}")
 JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+# A --stream-config file larger than this is refused unread: a stream's definition is a few KB.
+MAX_DEFINITIONS_FILE = 16 << 20
 JSON_STREAM_ID_RE = re.compile(rb'"(?:streamId|ds2id)"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
 JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
 JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
@@ -2142,7 +2148,6 @@ RECORD_TIME_RES = tuple(re.compile(rb'"%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?
 DELIVERY_METADATA_KEYS = frozenset(("total", "offset", "limit"))
 DELIVERY_METADATA_RE = re.compile(rb'\{\s*"(?:total|offset|limit)"\s*:')
 DELIVERY_METADATA_MAX = 1024
-MS_TIME_TOKEN_RE = re.compile(rb"(?:^|[ \t])([0-9]{9,11}\.[0-9]{3})(?=[ \t]|$)")
 # What event_range says of records that name no event time.
 NO_EVENTS = (0.0, 0.0)
 MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
@@ -2312,6 +2317,10 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     definitions (see definitions_in).  Raises ConfigError naming the file and the problem."""
     try:
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            if file.stat().st_size > MAX_DEFINITIONS_FILE:
+                raise ConfigError("stream definition %s: larger than %d MB, which no stream"
+                                  " definition is" % (file, MAX_DEFINITIONS_FILE >> 20))
         texts = [(file, file.read_text(encoding="utf-8")) for file in files]
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("cannot read stream definitions %s: %s"
@@ -2320,7 +2329,11 @@ def load_stream_definitions(path: Path) -> List[StreamDefinition]:
     seen: Dict[Tuple[str, Optional[str]], str] = {}
     for file, text in texts:
         try:
-            for item in definitions_in(json.loads(text)):
+            try:
+                document = json.loads(text)
+            except RecursionError:
+                raise ValueError("JSON nested too deeply to read") from None
+            for item in definitions_in(document):
                 try:
                     definition = parse_stream_definition(item)
                 except ValueError as exc:
@@ -2380,6 +2393,11 @@ class LineLayout:
         # is unique.
         self.request_id = (self.lead + self.keys.index("reqId") if "reqId" in self.keys
                            else None)
+        # Where a line holds its event time (the first of EVENT_TIME_KEYS the stream lists), as
+        # sent: read there only, so that no value a visitor controls is taken for it.
+        timed = next((key for key in EVENT_TIME_KEYS if key in self.keys), None)
+        position = None if timed is None else self.lead + self.keys.index(timed)
+        self.event_time = (3 - position if self.swap and position in (1, 2) else position)
         self.templates: Dict[Tuple[bool, ...], bytes] = {}
 
 
@@ -2445,6 +2463,15 @@ class StructuredConverter:
             if len(layout.templates) < StructuredConverter.MAX_TEMPLATES:
                 layout.templates[dashes] = template
         return template
+
+    def event_time(self, line: bytes, bare: bool = False) -> Optional[float]:
+        """The event time a STRUCTURED line holds where its definition puts it; None when the line
+        fits no layout of the definition, or the definition names no time field."""
+        values = line.split(self.definition.delimiter)
+        layout = self.layout(values, bare)
+        if layout is None or layout.event_time is None:
+            return None
+        return event_time_seconds(values[layout.event_time])
 
     def convert(self, values: List[bytes], bare: bool = False) -> Optional[bytes]:
         """The JSON line of a STRUCTURED line split into `values`, which need no JSON escaping; None
@@ -2527,6 +2554,8 @@ class StreamRecords(NamedTuple):
     # retry; a scan of the whole batch, so it is asked only of a batch that matches one already
     # stored.
     is_unique: Callable[[], bool]
+    # The records name a stream ID that is not one (leading zeros, 0): filed as 'unknown', counted.
+    odd_stream_id: bool = False
 
 
 class StreamCatalog:
@@ -2621,18 +2650,20 @@ class StreamCatalog:
                                          lambda: False)
                 first, last = batch.first_line(), batch.last_line()
             found, found_last = JSON_STREAM_ID_RE.search(first), JSON_STREAM_ID_RE.search(last)
-            stream = stream_of(found.group(1) if found else None,
-                               found_last.group(1) if found_last else None)
+            named_ids = (found.group(1) if found else None,
+                         found_last.group(1) if found_last else None)
             found_version = JSON_VERSION_RE.search(first)
             events = batch
-            return StreamRecords(stream,
+            return StreamRecords(stream_of(*named_ids),
                                  found_version.group(1).decode("ascii") if found_version else "",
                                  events, 0, json_event_time(first, last),
-                                 lambda: json_records_are_unique(events))
+                                 lambda: json_records_are_unique(events),
+                                 not_stream_ids(*named_ids))
         head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
         bare = self.bare_stream(first, head, named) if head is not None else None
-        stream = bare or stream_of(head.group(4) if head else None,
-                                   head_last.group(4) if head_last else None)
+        named_ids = (None, None) if bare else (head.group(4) if head else None,
+                                               head_last.group(4) if head_last else None)
+        stream = bare or stream_of(*named_ids)
         version = head.group(1).decode("ascii") if head else ""
         convertible = head is not None and self.to_json and stream != MIXED_STREAM
         data = batch.joined() if convertible else None
@@ -2641,9 +2672,23 @@ class StreamCatalog:
             # far smaller).
             kept_as_sent = batch.records if self.to_json and head else 0
             return StreamRecords(stream, version, batch, kept_as_sent,
-                                 structured_event_time(first, last),
-                                 lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
-        return self._convert(batch, data, head, stream, version, bare is not None)
+                                 self.structured_event_time(stream, version, first, last,
+                                                            bare is not None),
+                                 lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records,
+                                 not_stream_ids(*named_ids))
+        return self._convert(batch, data, head, stream, version, bare is not None)._replace(
+            odd_stream_id=not_stream_ids(*named_ids))
+
+    def structured_event_time(self, stream: str, version: str, first: bytes, last: bytes,
+                              bare: bool) -> Optional[float]:
+        """The newer event time of two STRUCTURED records of `stream`, read where its definition
+        puts the time field; None without a definition (any value could be a visitor's)."""
+        converter = self.converter(stream, version)
+        if converter is None:
+            return None
+        times = [seconds for line in (first, last)
+                 for seconds in [converter.event_time(line, bare)] if seconds is not None]
+        return max(times) if times else None
 
     def bare_stream(self, first: bytes, head: re.Match[bytes], named: Optional[str]
                     ) -> Optional[str]:
@@ -2699,7 +2744,8 @@ class StreamCatalog:
                            unconverted, len(lines))
         if out is None or unconverted == len(lines):
             return StreamRecords(stream, version, batch, unconverted,
-                                 structured_event_time(lines[0], lines[-1]),
+                                 self.structured_event_time(stream, version, lines[0], lines[-1],
+                                                            bare),
                                  lambda: count_lines(MS_TIME_LINE_RE, batch) == batch.records)
         out.append(b"")
         converted = b"\n".join(out)
@@ -2740,10 +2786,20 @@ class BatchRefused(Exception):
 
 
 def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
-    """The stream of a push whose first and last records name these stream IDs (None: no ID)."""
+    """The stream of a push whose first and last records name these stream IDs (None: no ID); an
+    ID that is not one as the receiver writes it (000061234, 0) counts as no ID, so that no stream
+    gets a second folder under another name."""
+    first, last = (None if found is None or not STREAM_ID_RE.fullmatch(found.decode("ascii"))
+                   else found for found in (first, last))
     if first is None and last is None:
         return UNKNOWN_STREAM
     return first.decode("ascii") if first == last and first is not None else MIXED_STREAM
+
+
+def not_stream_ids(*found: Optional[bytes]) -> bool:
+    """Whether any of the stream IDs records name is not one (leading zeros, 0)."""
+    return any(value is not None and not STREAM_ID_RE.fullmatch(value.decode("ascii"))
+               for value in found)
 
 
 def lines_headed_alike(data: bytes, head: re.Match[bytes]) -> int:
@@ -2835,13 +2891,6 @@ def without_last_record(batch: RecordBatch, size: int) -> RecordBatch:
         return RecordBatch([], batch.spool, kept, batch.records - 1, batch.digest)
     return RecordBatch([data[:kept]] if data else [], None, kept, batch.records - 1,
                        batch.digest)
-
-
-def structured_event_time(first: bytes, last: bytes) -> Optional[float]:
-    """The newer millisecond Unix time found in two STRUCTURED records (where reqTimeSec is)."""
-    times = [float(found.group(1))
-             for found in (MS_TIME_TOKEN_RE.search(first), MS_TIME_TOKEN_RE.search(last)) if found]
-    return max(times) if times else None
 
 
 def event_range(batch: RecordBatch) -> Tuple[float, float]:
@@ -4626,16 +4675,66 @@ def append_answers(layout: Layout, answers: Dict[LedgerKey, Dict[str, int]]) -> 
             os.fsync(handle.fileno())
 
 
+# What a reconciled.json holds per stream (see save_reconciled); larger numbers are no count or
+# time (2**53: exact as a float).  Its last reading, by path: (inode, size, mtime), the streams.
+RECONCILED_KEYS = ("delivered", "stored", "missing", "extra", "failed", "windows_missing", "at",
+                   "since", "until")
+RECONCILED_NEEDED = ("at", "delivered", "stored", "missing", "failed")
+RECONCILED_MAX = float(1 << 53)
+RECONCILED_READ: Dict[str, Tuple[Tuple[int, int, int], Dict[str, Dict[str, float]]]] = {}
+
+
 def read_reconciled(layout: Layout) -> Dict[str, Dict[str, float]]:
     """Each stream's last reconcile totals by stream ID, with when it ran ("at") and its range
-    ("since", "until"); empty when there was none (or it cannot be read: the status page does
-    without)."""
+    ("since", "until"); empty when there was none.  What a hand edit, a truncation, an older format
+    or a hostile answer left there (NaN, 1e999, huge numbers, odd stream IDs) is left out, said in
+    one log line per version of the file: the status page and /metrics do without it."""
+    path = layout.reconciled_path
     try:
-        document = json.loads(layout.reconciled_path.read_bytes())
-        return {str(stream): {key: float(number) for key, number in totals.items()}
-                for stream, totals in document["streams"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        facts = os.stat(str(path))
+        version = (facts.st_ino, facts.st_size, facts.st_mtime_ns)
+        cached = RECONCILED_READ.get(str(path))
+        if cached is not None and cached[0] == version:
+            return dict(cached[1])
+        streams, problem = reconciled_streams(path.read_bytes())
+    except OSError:
         return {}
+    if problem:
+        log.warning("%s: %s: left out of the status page and /metrics (the next reconcile"
+                    " rewrites it)", path, problem)
+    RECONCILED_READ[str(path)] = (version, streams)
+    return dict(streams)
+
+
+def reconciled_streams(data: bytes) -> Tuple[Dict[str, Dict[str, float]], str]:
+    """The valid streams of a reconciled.json, at most MAX_STREAM_LABELS (the newest), and what
+    was wrong with the rest ('' when nothing)."""
+    try:
+        document = json.loads(data, parse_constant=lambda name: math.nan)
+        listed = document["streams"] if document.get("format") == LEDGER_FORMAT else None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return {}, "not a reconcile result"
+    if not isinstance(listed, dict):
+        return {}, "not a reconcile result of this version"
+    streams: Dict[str, Dict[str, float]] = {}
+    refused = 0
+    for stream, totals in listed.items():
+        numbers = ({key: totals[key] for key in RECONCILED_KEYS if key in totals}
+                   if isinstance(totals, dict) else {})
+        # NaN fails the comparison; bool is not a count.
+        if (STREAM_ID_RE.fullmatch(stream) and all(key in numbers for key in RECONCILED_NEEDED)
+                and all(type(number) in (int, float) and 0 <= number <= RECONCILED_MAX
+                        for number in numbers.values())):
+            streams[stream] = {key: float(number) for key, number in numbers.items()}
+        else:
+            refused += 1
+    newest = sorted(streams, key=lambda stream: streams[stream]["at"], reverse=True)
+    dropped = len(newest) - MAX_STREAM_LABELS
+    kept = {stream: streams[stream] for stream in newest[:MAX_STREAM_LABELS]}
+    words = (["%d streams whose entry is not a stream ID with counts" % refused] if refused
+             else []) + (["%d streams beyond %d" % (dropped, MAX_STREAM_LABELS)] if dropped > 0
+                         else [])
+    return kept, "; ".join(words)
 
 
 def read_ledger(root: Path, since: float = 0, until: float = float("inf")) -> Dict[LedgerKey,
@@ -5110,7 +5209,10 @@ class PushPipeline:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
         records = self.streams.classify(batch, facts.named_stream)
-        if records.stream == UNKNOWN_STREAM and facts.named_stream is not None:
+        if records.odd_stream_id:
+            # Filed as 'unknown' (never under the URL's stream): what they name is not that stream.
+            metrics.count("odd_stream_ids")
+        elif records.stream == UNKNOWN_STREAM and facts.named_stream is not None:
             records = records._replace(stream=facts.named_stream)
         # What is stored and counted: a security delivery's metadata object is not a record.
         count = records.batch.records
@@ -7108,6 +7210,10 @@ class Supervisor:
 # `dsreceiver.py check URL`: what DataStream's "Validate & Save" would make of an endpoint.
 
 X509_V_ERR_HOSTNAME_MISMATCH = 62
+# Text from elsewhere (an endpoint's reason phrase, an API's error title) is cut to this many
+# characters when printed; a check's detail may say more.
+PRINTABLE_LIMIT = 200
+CHECK_DETAIL_LIMIT = 1000
 
 
 def build_check_parser() -> ArgumentParser:
@@ -7165,6 +7271,15 @@ def parse_check_options(argv: Sequence[str]) -> CheckSettings:
                                             options.auth_query_file))
 
 
+def printable(text: str, limit: int = PRINTABLE_LIMIT) -> str:
+    """`text` safe to print on a terminal: control and other unprintable characters (escape
+    sequences, lone surrogates) written as \\xNN or \\uNNNN, cut to `limit` characters."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 class CheckReport:
     """Prints one PASS/FAIL/WARN/SKIP line per step and remembers whether any failed."""
 
@@ -7176,7 +7291,8 @@ class CheckReport:
         """Prints a step's outcome."""
         if outcome == "FAIL":
             self.failed = True
-        self.out.write("%-4s  %-34s %s\n" % (outcome, step, detail))
+        # A detail may quote the endpoint (its reason phrase): never a raw escape on a terminal.
+        self.out.write("%-4s  %-34s %s\n" % (outcome, step, printable(detail, CHECK_DETAIL_LIMIT)))
         self.out.flush()
 
 
@@ -7329,6 +7445,20 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
 
 EDGEGRID_MAX_BODY = 131072
 EDGERC_KEYS = ("host", "client_token", "client_secret", "access_token")
+# Tokens and secrets are printable ASCII without spaces; a host is a DNS name or address, a port.
+EDGERC_VALUE_RE = re.compile(r"[\x21-\x7e]{1,1024}")
+EDGERC_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?")
+# An .edgerc open to these bits lets other accounts use the API client.
+EDGERC_OPEN_BITS = 0o077
+# What an API answer may hold: bigger answers are refused rather than read (and parsed) whole; an
+# error answer needs no more than its title.
+API_MAX_ANSWER = 16 << 20
+API_MAX_ERROR_ANSWER = 64 << 10
+API_READ_SIZE = 65536
+# A socket past its call's deadline waits this long for a byte: no longer.
+EXPIRED_TIMEOUT = 0.001
+# Counts Akamai reports (records, uploads) are below this; more is not a count.
+API_MAX_COUNT = 10 ** 15
 
 
 class EdgeGridCredentials(NamedTuple):
@@ -7343,7 +7473,8 @@ class EdgeGridCredentials(NamedTuple):
 
 
 def read_edgerc(path: Path, section: str = "default") -> EdgeGridCredentials:
-    """Reads `section` of the .edgerc file at `path`; raises ConfigError naming what is missing."""
+    """Reads `section` of the .edgerc file at `path`; raises ConfigError naming what is missing or
+    malformed (never a secret), and warns when others than its owner may read it."""
     import configparser
 
     parser = configparser.ConfigParser(interpolation=None)  # secrets may hold '%'
@@ -7351,23 +7482,47 @@ def read_edgerc(path: Path, section: str = "default") -> EdgeGridCredentials:
         if not parser.read(str(path), encoding="utf-8"):
             raise ConfigError("cannot read %s: no such file" % path)
     except (configparser.Error, UnicodeDecodeError) as exc:
-        raise ConfigError("cannot read %s: %s" % (path, str(exc).splitlines()[0])) from None
+        raise ConfigError("cannot read %s: %s" % (path, printable(str(exc).splitlines()[0])
+                                                  )) from None
     if not parser.has_section(section):
         raise ConfigError("%s has no [%s] section (it has: %s)"
-                          % (path, section, ", ".join(parser.sections()) or "none"))
+                          % (path, printable(section),
+                             printable(", ".join(parser.sections())) or "none"))
     values = parser[section]
     missing = [key for key in EDGERC_KEYS if not values.get(key, "").strip()]
     if missing:
         raise ConfigError("[%s] of %s lacks %s" % (section, path, ", ".join(missing)))
+    for key in EDGERC_KEYS:
+        # An indented line continues the value above it: a line break inside a token, which would
+        # otherwise reach the Authorization header.
+        if not EDGERC_VALUE_RE.fullmatch(values[key].strip()):
+            raise ConfigError("[%s] of %s: %s holds a space, a line break or a control character"
+                              " (an indented line continues the line above it): write it on one"
+                              " line" % (section, path, key))
     try:
         max_body = int(values.get("max_body", str(EDGEGRID_MAX_BODY)))
     except ValueError:
         raise ConfigError("[%s] of %s: max_body must be a number of bytes"
                           % (section, path)) from None
     host = values["host"].strip().split("://", 1)[-1].rstrip("/")
+    if not EDGERC_HOST_RE.fullmatch(host):
+        raise ConfigError("[%s] of %s: host must be a host name such as"
+                          " akab-xxxx.luna.akamaiapis.net" % (section, path))
+    warn_if_open(path)
     return EdgeGridCredentials(host, values["client_token"].strip(),
                                values["client_secret"].strip(), values["access_token"].strip(),
                                max_body)
+
+
+def warn_if_open(path: Path) -> None:
+    """Warns, naming the fix, when an .edgerc may be read by others than its owner."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except OSError:
+        return  # it was just read: a race with its removal changes nothing here
+    if mode & EDGERC_OPEN_BITS:
+        log.warning("warning: %s holds API secrets and is open to its group or others (mode"
+                    " %04o): chmod 600 %s", path, mode & 0o777, path)
 
 
 def edgegrid_timestamp(moment: float) -> str:
@@ -7405,6 +7560,51 @@ def edgegrid_authorization(credentials: EdgeGridCredentials, method: str, url: s
     return header + "signature=" + base64_hmac_sha256(data_to_sign, signing_key)
 
 
+def api_stream_id(value: object) -> str:
+    """A stream ID from an API answer, as the receiver names it (decimal, no leading zero); raises
+    ValueError for anything else."""
+    text = value if isinstance(value, str) else str(value) if type(value) is int else ""
+    if not STREAM_ID_RE.fullmatch(text):
+        raise ValueError("streamId %s is not a stream ID" % printable(repr(value), 40))
+    return text
+
+
+def api_count(value: object, name: str) -> int:
+    """A count from an API answer (a number, or a decimal string); raises ValueError for anything
+    else: negative, fractional, not finite or beyond any real count."""
+    if type(value) is int:
+        number = value
+    elif isinstance(value, str) and value.isdigit() and len(value) <= 16 and value.isascii():
+        number = int(value)
+    else:
+        raise ValueError("%s %s is not a count" % (name, printable(repr(value), 40)))
+    if not 0 <= number < API_MAX_COUNT:
+        raise ValueError("%s %s is not a count" % (name, printable(repr(value), 40)))
+    return number
+
+
+def refuse_constant(name: str) -> float:
+    """json.loads' parse_constant: NaN and Infinity are not numbers an API answers with."""
+    raise ValueError("%s is not a number" % name)
+
+
+def finite_float(text: str) -> float:
+    """json.loads' parse_float: a number such as 1e999, which reads as infinity, is refused."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("%s is not a finite number" % text[:40])
+    return number
+
+
+def parse_api_json(body: bytes) -> Any:
+    """An API answer's JSON; raises ValueError for anything else (NaN, 1e999, nesting too deep to
+    read, text that is not UTF-8)."""
+    try:
+        return json.loads(body, parse_constant=refuse_constant, parse_float=finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 class AkamaiError(Exception):
     """An Akamai API call failed; the message is one line saying how."""
 
@@ -7414,10 +7614,11 @@ class AkamaiError(Exception):
 
 
 def api_error_line(status: int, body: bytes, url: str, section: str) -> str:
-    """One line about an API's refusal: what the status means here, and Akamai's own title."""
+    """One line about an API's refusal: what the status means here, and Akamai's own title (its
+    control characters escaped)."""
     try:
-        problem = json.loads(body)
-        detail = str(problem.get("detail") or problem.get("title") or "")[:200]
+        problem = parse_api_json(body)
+        detail = printable(str(problem.get("detail") or problem.get("title") or ""))
     except (ValueError, AttributeError):
         detail = ""
     meaning = {401: "the credentials of [%s] were refused (check the .edgerc section)" % section,
@@ -7431,10 +7632,8 @@ def api_error_line(status: int, body: bytes, url: str, section: str) -> str:
 
 
 class AkamaiClient:
-    """Signed GETs to the host of one .edgerc section, each answer read as JSON."""
-
-    # Bigger answers are refused rather than read whole.
-    MAX_ANSWER = 64 << 20
+    """Signed GETs to the host of one .edgerc section, each answer read as JSON within one deadline
+    per call (connection, handshake and every byte), and at most API_MAX_ANSWER bytes."""
 
     def __init__(self, credentials: EdgeGridCredentials, section: str = "default",
                  timeout: float = 30.0) -> None:
@@ -7454,22 +7653,77 @@ class AkamaiClient:
                    "Accept": "application/json", "User-Agent": "dsreceiver/" + __version__}
         connection = http.client.HTTPSConnection(self.credentials.host, timeout=self.timeout,
                                                  context=self.context)
+        expired = threading.Event()
+
+        def expire() -> None:
+            # A read timeout bounds each read only: an answer trickling a byte at a time would
+            # never end.  The socket's shutdown ends a read that waits, and a timeout too short to
+            # wait for any byte ends the next (the TLS layer is left whole: SSLSocket.shutdown
+            # would have the next read take TLS records for the answer).
+            expired.set()
+            sock = connection.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(EXPIRED_TIMEOUT)
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+        ends = time.monotonic() + self.timeout
+        alarm = threading.Timer(self.timeout, expire)
+        alarm.daemon = True
+        alarm.start()
         try:
+            connection.connect()
+            if expired.is_set():
+                raise OSError("timed out")
             connection.request("GET", target, headers=headers)
             answer = connection.getresponse()
-            body = answer.read(self.MAX_ANSWER)
-        except (OSError, http.client.HTTPException) as exc:
+            limit = API_MAX_ANSWER if answer.status == HTTPStatus.OK else API_MAX_ERROR_ANSWER
+            body = self.read_answer(answer, limit, url, ends)
+            if expired.is_set():
+                raise OSError("timed out")  # the body ended because the deadline cut it
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if expired.is_set():
+                raise AkamaiError("%s gave no complete answer within --timeout %g s"
+                                  % (self.credentials.host, self.timeout)) from None
+            # Not str(exc) of a ValueError: http.client's would quote the request's headers.
+            reason = (describe_os_error(exc) if isinstance(exc, OSError)
+                      else exc.__class__.__name__)
             raise AkamaiError("cannot reach %s: %s" % (self.credentials.host,
-                                                       describe_os_error(exc))) from None
+                                                       printable(reason))) from None
         finally:
+            alarm.cancel()
             connection.close()
         if answer.status != HTTPStatus.OK:
             raise AkamaiError(api_error_line(answer.status, body, url, self.section),
                               answer.status)
         try:
-            return json.loads(body)
-        except ValueError:
-            raise AkamaiError("%s answered something that is not JSON" % url) from None
+            return parse_api_json(body)
+        except ValueError as exc:
+            raise AkamaiError("%s answered something that is not JSON (%s)"
+                              % (url.split("?", 1)[0], printable(str(exc), 80))) from None
+
+    @staticmethod
+    def read_answer(answer: Any, limit: int, url: str, deadline: float) -> bytes:
+        """An answer's body, refused (AkamaiError) as soon as it exceeds `limit` bytes."""
+        declared = answer.getheader("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit and answer.status == HTTPStatus.OK:
+            raise AkamaiError("%s answered %s bytes, more than the %d MB read: refused"
+                              % (url.split("?", 1)[0], declared, limit >> 20))
+        parts: List[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise OSError("timed out")
+            part = answer.read1(API_READ_SIZE)
+            if not part:
+                return b"".join(parts)
+            size += len(part)
+            if size > limit:
+                if answer.status != HTTPStatus.OK:
+                    return b"".join(parts)  # enough of an error answer to name it
+                raise AkamaiError("%s answered more than the %d MB read: refused"
+                                  % (url.split("?", 1)[0], limit >> 20))
+            parts.append(part)
 
     def get_first(self, paths: Sequence[str], query: Optional[Dict[str, str]] = None
                   ) -> Tuple[str, Any]:
@@ -7501,6 +7755,9 @@ RECONCILE_MAX_SPAN = 7 * 86400
 RECONCILE_SETTLE = 900
 DURATION_RE = re.compile(r"(\d+)([mhd])")
 DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400}
+# DataStream's error codes of one window: more are not a list it would send; a code is short.
+MAX_ERROR_CODES = 100
+MAX_ERROR_CODE = 40
 
 
 def parse_moment(text: str, now: float) -> int:
@@ -7535,7 +7792,8 @@ def add_api_options(parser: ArgumentParser) -> None:
     parser.add_argument("--section", default="default",
                         help="the .edgerc section to use (default: %(default)s)")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long to wait for each API answer (default: %(default)s)")
+                        help="how long each API call may take, its whole answer included"
+                        " (default: %(default)s)")
 
 
 def build_reconcile_parser(command: str) -> ArgumentParser:
@@ -7638,22 +7896,52 @@ class Delivery(NamedTuple):
 
 def read_deliveries(answer: object) -> Dict[Tuple[str, int], Delivery]:
     """The windows of an upload-metrics answer, by (stream ID, window start); raises ValueError
-    when it is not that shape."""
+    naming the first value that is not what the API documents (every value is checked before it
+    is used: stream IDs, counts, times, error codes)."""
     if not isinstance(answer, dict) or not isinstance(answer.get("fileUploadMetrics"), list):
         raise ValueError("the answer has no fileUploadMetrics list")
     deliveries: Dict[Tuple[str, int], Delivery] = {}
     for entry in answer["fileUploadMetrics"]:
-        key = (str(entry["streamId"]), parse_window(str(entry["aggregationTime"])))
-        errors = {str(attempt["errorCode"]): int(attempt["errorCount"])
-                  for attempt in entry.get("failedUploadAttempts") or []}
-        found = Delivery(int(entry.get("recordsAttemptedUpload") or 0),
-                         int(entry.get("recordsFailedUpload") or 0), errors)
+        if not isinstance(entry, dict):
+            raise ValueError("a fileUploadMetrics entry is not an object")
+        key = (api_stream_id(entry.get("streamId")), api_window(entry.get("aggregationTime")))
+        found = Delivery(api_count(entry.get("recordsAttemptedUpload") or 0,
+                                   "recordsAttemptedUpload"),
+                         api_count(entry.get("recordsFailedUpload") or 0, "recordsFailedUpload"),
+                         api_errors(entry.get("failedUploadAttempts") or []))
+        if found.failed > found.attempted:
+            raise ValueError("recordsFailedUpload %d exceeds recordsAttemptedUpload %d"
+                             % (found.failed, found.attempted))
         previous = deliveries.get(key)
         if previous is not None:
             found = Delivery(previous.attempted + found.attempted, previous.failed + found.failed,
                              {**previous.errors, **found.errors})
         deliveries[key] = found
     return deliveries
+
+
+def api_window(value: object) -> int:
+    """An aggregationTime from an API answer, as the start of its 5-minute window."""
+    if not isinstance(value, str) or len(value) > 32:
+        raise ValueError("aggregationTime %s is not a time" % printable(repr(value), 40))
+    try:
+        moment = parse_window(value)
+    except ValueError:
+        raise ValueError("aggregationTime %s is not a time" % printable(repr(value), 40)) from None
+    return moment - moment % LEDGER_WINDOW
+
+
+def api_errors(attempts: object) -> Dict[str, int]:
+    """failedUploadAttempts as error code -> count, the codes made printable and short."""
+    if not isinstance(attempts, list) or len(attempts) > MAX_ERROR_CODES:
+        raise ValueError("failedUploadAttempts is not a short list")
+    errors: Dict[str, int] = {}
+    for attempt in attempts:
+        if not isinstance(attempt, dict) or not isinstance(attempt.get("errorCode"), (str, int)):
+            raise ValueError("a failedUploadAttempts entry has no errorCode")
+        code = printable(str(attempt["errorCode"]), MAX_ERROR_CODE)
+        errors[code] = errors.get(code, 0) + api_count(attempt.get("errorCount"), "errorCount")
+    return errors
 
 
 def fetch_deliveries(client: AkamaiClient, since: int, until: int,
@@ -7670,9 +7958,11 @@ def fetch_deliveries(client: AkamaiClient, since: int, until: int,
                 query["streamId"] = stream
             path, answer = client.get_first(METRICS_PATHS, query)
             try:
-                deliveries.update(read_deliveries(answer))
+                found = read_deliveries(answer)
             except (ValueError, KeyError, TypeError) as exc:
-                raise AkamaiError("%s answered in an unknown shape: %s" % (path, exc)) from None
+                raise AkamaiError("%s answered in an unknown shape: %s"
+                                  % (path, printable(str(exc)))) from None
+            deliveries.update(found)
     return deliveries
 
 
@@ -7747,15 +8037,17 @@ def reconcile(query: LedgerQuery, deliveries: Dict[Tuple[str, int], Delivery],
     for (row, window), counts in ledger.items():
         per_window = stored.setdefault(stream_of_row(row), {})
         per_window[window] = per_window.get(window, 0) + counts.records
+    # Grouped once by stream, so that the comparison is linear in windows x streams.
+    by_stream: Dict[str, Dict[int, Delivery]] = {}
+    for (name, window), delivery in deliveries.items():
+        by_stream.setdefault(name, {})[window] = delivery
     streams = set(query.streams) if query.streams else (
-        {stream for stream, _ in deliveries} | {stream for stream in stored
-                                                if STREAM_ID_RE.fullmatch(stream)})
+        set(by_stream) | {stream for stream in stored if STREAM_ID_RE.fullmatch(stream)})
     windows = list(range(query.since - LEDGER_WINDOW, query.until + LEDGER_WINDOW,
                          LEDGER_WINDOW))
     report = {}
     for stream in sorted(streams, key=lambda name: (len(name), name)):
-        delivered = {window: delivery for (name, window), delivery in deliveries.items()
-                     if name == stream}
+        delivered = by_stream.get(stream, {})
         compared = compare_windows(windows, delivered, stored.get(stream, {}))
         report[stream] = [verdict for verdict in compared
                           if query.since <= verdict.window < query.until]
@@ -7772,22 +8064,63 @@ def stream_totals(verdicts: Sequence[WindowVerdict]) -> Dict[str, int]:
             "windows_missing": sum(1 for v in verdicts if v.missing)}
 
 
+def write_atomically(target: Path, data: bytes, mode: Optional[int] = None,
+                     follow_folder: bool = False) -> None:
+    """Replaces `target` with `data` whole, safe whoever runs it (root under sudo included): a new
+    temporary file of a random name in the folder (opened once, not through a link unless
+    `follow_folder`), created exclusively and never through a link, given exactly `mode` (not a
+    planted file's, not less the umask), owned as the folder is when root writes, fsync'd, renamed
+    over `target` (a link there is replaced, not followed), and the folder fsync'd.  Without
+    `mode`, the folder's own less execute bits and others' write: a .dsreceiver folder 0750
+    (--file-mode 0640) gives 0640, 0700 gives 0600."""
+    nofollow = 0 if follow_folder else os.O_NOFOLLOW
+    folder = os.open(str(target.parent), os.O_RDONLY | os.O_DIRECTORY | nofollow
+                     | getattr(os, "O_CLOEXEC", 0))
+    try:
+        facts = os.fstat(folder)
+        mode = facts.st_mode & 0o664 if mode is None else mode
+        temp = ".%s.%d.%s.tmp" % (target.name, os.getpid(),
+                                  binascii.hexlify(os.urandom(8)).decode())
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | getattr(os, "O_CLOEXEC", 0), mode & 0o600, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if os.geteuid() == 0:
+                    # Root writing into the service's folder: the service must still read it.
+                    os.fchown(handle.fileno(), facts.st_uid, facts.st_gid)
+                os.fchmod(handle.fileno(), mode)
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)  # the error that brought us here is the one told
+            raise
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def save_reconciled(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
                     query: LedgerQuery) -> None:
     """Leaves each stream's totals, with when and over what range, where each server's status page
-    and /metrics read them (see read_reconciled); other streams keep their last result."""
+    and /metrics read them (see read_reconciled); other streams keep their last result.  At most
+    MAX_STREAM_LABELS streams are kept, those with records lost first, then the newest."""
     found = {stream: dict(stream_totals(verdicts), at=now, since=query.since, until=query.until)
              for stream, verdicts in report.items()}
     for root in roots:
         layout = Layout(root)
         target = layout.reconciled_path
-        temp = target.with_name(target.name + ".tmp")
         try:
+            kept = dict(read_reconciled(layout), **found)
+            ranked = sorted(kept, key=lambda stream: (kept[stream]["missing"]
+                                                      + kept[stream]["failed"] > 0,
+                                                      kept[stream]["at"]), reverse=True)
             document = {"format": LEDGER_FORMAT,
-                        "streams": dict(read_reconciled(layout), **found)}
-            with layout.create_file(temp) as handle:
-                handle.write(json.dumps(document).encode("utf-8") + b"\n")
-            os.replace(str(temp), str(target))
+                        "streams": {stream: kept[stream] for stream in
+                                    sorted(ranked[:MAX_STREAM_LABELS], key=lambda s: (len(s), s))}}
+            write_atomically(target, json.dumps(document).encode("utf-8") + b"\n")
         except OSError as exc:
             log.warning("cannot save the verdicts for the status page in %s: %s", target,
                         describe_os_error(exc))
@@ -7867,6 +8200,8 @@ def run_reconcile(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
 
 
 STREAM_PATHS = ("/datastream-config-api/v3/log/%s/streams", "/datastream-config-api/v2/log/streams")
+# A definition's problem is a sentence about one field: longer is an answer's own text, cut here.
+PROBLEM_LIMIT = 600
 LOG_TYPES = ("cdn", "appsec", "edgeworkers", "edns", "gtm")
 
 
@@ -7888,34 +8223,10 @@ def build_pull_parser() -> ArgumentParser:
 
 
 def stream_ids_in(answer: object) -> List[str]:
-    """The stream IDs of a list-streams answer (a list, or {"streams": [...]})."""
-    return [str(stream["streamId"]) for stream in definitions_in(answer)
-            if isinstance(stream, dict) and "streamId" in stream]
-
-
-def write_atomically(target: Path, text: str, mode: int = DEFAULT_FILE_MODE) -> None:
-    """Replaces `target` with `text` whole: a new temporary file beside it (created exclusively,
-    never through a link, with `mode`), fsync'd, renamed over it, and the folder fsync'd."""
-    temp = target.with_name(".%s.%d.%s.tmp" % (target.name, os.getpid(),
-                                               binascii.hexlify(os.urandom(4)).decode()))
-    fd = os.open(str(temp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(str(temp), str(target))
-    except BaseException:
-        try:
-            os.unlink(str(temp))
-        except OSError:
-            pass  # the error that brought us here is the one to report
-        raise
-    folder = os.open(str(target.parent), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """The stream IDs of a list-streams answer (a list, or {"streams": [...]}), each checked
+    before it is put in a URL; raises ValueError naming the first that is not a stream ID."""
+    return [api_stream_id(stream.get("streamId")) for stream in definitions_in(answer)
+            if isinstance(stream, dict)]
 
 
 def pulled_definition(stream: str, document: object, path: str, out: IO[str]
@@ -7928,7 +8239,7 @@ def pulled_definition(stream: str, document: object, path: str, out: IO[str]
         fallback = unreadable_definition(document, exc)
         if fallback is None:
             sys.stderr.write("dsreceiver.py streams pull: stream %s: skipped, the API's answer"
-                             " is not a stream definition: %s\n" % (stream, exc))
+                             " is not a stream definition: %s\n" % (stream, printable(str(exc))))
             return None
         definition = fallback
     if definition.stream_id != stream:
@@ -7937,7 +8248,7 @@ def pulled_definition(stream: str, document: object, path: str, out: IO[str]
         return None
     for problem in definition.problems:
         sys.stderr.write("dsreceiver.py streams pull: warning: stream %s: %s\n"
-                         % (stream, problem))
+                         % (stream, printable(problem, PROBLEM_LIMIT)))
     out.write("stream %s version %s: %d fields (API %s)\n"
               % (stream, definition.version or "any", len(definition.fields),
                  "v3" if "/v3/" in path else "v2"))
@@ -7967,7 +8278,7 @@ def folder_clash(folder: Path, pulled: Dict[str, Tuple[StreamDefinition, object]
             continue
         try:
             found = definitions_in(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue  # the server's own problem, whatever pull writes: it names the file
         for item in found:
             if isinstance(item, dict):
@@ -7977,6 +8288,15 @@ def folder_clash(folder: Path, pulled: Dict[str, Tuple[StreamDefinition, object]
                     return ("%s defines stream %s version %s already: remove it (pull writes"
                             " %s.json)" % (path, key[0], key[1] or "(any)", ours[key]))
     return None
+
+
+def list_streams(client: AkamaiClient, lists: Sequence[str]) -> List[str]:
+    """The stream IDs the API lists; raises AkamaiError when one is not a stream ID."""
+    path, answer = client.get_first(lists)
+    try:
+        return stream_ids_in(answer)
+    except ValueError as exc:
+        raise AkamaiError("%s answered in an unknown shape: %s" % (path, exc)) from None
 
 
 def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
@@ -7995,8 +8315,7 @@ def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         client = AkamaiClient(read_edgerc(options.edgerc.expanduser(), options.section),
                               options.section, options.timeout)
         lists = (STREAM_PATHS[0] % options.log_type, STREAM_PATHS[1])
-        listed = options.stream or [stream for stream in stream_ids_in(client.get_first(lists)[1])
-                                    if STREAM_ID_RE.fullmatch(stream)]
+        listed = options.stream or list_streams(client, lists)
         # A stream named twice (on the command line, or by the API) is fetched and written once.
         streams = list(OrderedDict.fromkeys(listed))
         fetched: List[Tuple[StreamDefinition, object]] = []
@@ -8015,11 +8334,13 @@ def run_streams(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
             if clash is not None:
                 raise ConfigError("nothing written: the server would refuse the folder: " + clash)
             for stream, (_, document) in documents.items():
-                write_atomically(target / ("%s.json" % stream), json.dumps(document, indent=1)
-                                 + "\n")
+                write_atomically(target / ("%s.json" % stream),
+                                 json.dumps(document, indent=1).encode("utf-8") + b"\n",
+                                 DEFAULT_FILE_MODE, follow_folder=True)
         else:
             write_atomically(target, json.dumps([document for _, document in documents.values()],
-                                                indent=1) + "\n")
+                                                indent=1).encode("utf-8") + b"\n",
+                             DEFAULT_FILE_MODE, follow_folder=True)
     except (ConfigError, AkamaiError) as exc:
         sys.stderr.write("dsreceiver.py streams pull: error: %s\n" % exc)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import ssl
@@ -15,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 import trustme
 
+import dsreceiver
 from conftest import DSRECEIVER, ServerProcess
 
 
@@ -149,3 +151,9 @@ def test_certificate_expiring_soon_is_a_warning(start_server: Callable[..., Serv
     result = run_check("https://localhost:%d/ds" % server.port, "--ca", str(ca_file))
     assert result.returncode == 0
     assert "WARN certificate is not expiring" in outcomes(result)
+
+
+def test_an_endpoints_reason_phrase_is_printed_escaped() -> None:
+    out = io.StringIO()
+    dsreceiver.CheckReport(out).line("FAIL", "JSON probe gets a 2xx", "400 Bad\x1b]0;owned\x07\x1b[2J in 3 ms")
+    assert out.getvalue().endswith("400 Bad\\x1b]0;owned\\x07\\x1b[2J in 3 ms\n") and "\x1b" not in out.getvalue()

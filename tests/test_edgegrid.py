@@ -70,3 +70,31 @@ def test_edgerc_sections_and_their_problems(tmp_path: Path) -> None:
         dsreceiver.read_edgerc(rc, "papi")
     with pytest.raises(dsreceiver.ConfigError, match=r"cannot read .*nowhere"):
         dsreceiver.read_edgerc(tmp_path / "nowhere")
+
+
+def test_a_line_break_inside_a_token_is_one_line_naming_the_key_never_the_secret(tmp_path: Path) -> None:
+    rc = tmp_path / ".edgerc"
+    rc.write_text("[default]\nhost = akab-x.luna.akamaiapis.net\nclient_token = akab-first-half\n"
+                  "  second-half-of-the-token\nclient_secret = s3cr3t-value\naccess_token = akab-access\n")
+    with pytest.raises(dsreceiver.ConfigError) as refused:
+        dsreceiver.read_edgerc(rc)
+    message = str(refused.value)
+    assert "client_token holds a space, a line break or a control character" in message and "\n" not in message
+    assert not any(secret in message for secret in ("first-half", "second-half", "s3cr3t", "akab-access"))
+    rc.write_text("[default]\nhost = akab-x.luna.akamaiapis.net/path?x=@evil.example\nclient_token = a\n"
+                  "client_secret = b\naccess_token = c\n")
+    with pytest.raises(dsreceiver.ConfigError, match="host must be a host name"):
+        dsreceiver.read_edgerc(rc)
+
+
+def test_an_edgerc_open_to_others_is_named_with_the_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rc = tmp_path / ".edgerc"
+    rc.write_bytes(EDGERC.read_bytes())
+    rc.chmod(0o644)
+    dsreceiver.read_edgerc(rc)
+    assert [record.getMessage() for record in caplog.records] == [
+        "warning: %s holds API secrets and is open to its group or others (mode 0644): chmod 600 %s" % (rc, rc)]
+    caplog.clear()
+    rc.chmod(0o600)
+    dsreceiver.read_edgerc(rc)
+    assert caplog.records == []

@@ -41,6 +41,8 @@ class AkamaiStandIn:
         # Other paths: path -> (status, JSON document).
         self.routes: Dict[str, Tuple[int, Any]] = {}
         self.forced_status: Optional[int] = None
+        # Paths answered by a function of the request instead (hostile answers: raw bytes, trickles).
+        self.raw: Dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
         self.calls: List[Tuple[str, Dict[str, str]]] = []
         stand_in = self
 
@@ -65,6 +67,7 @@ class AkamaiStandIn:
         path = self.folder / name
         path.write_text("[default]\nhost = localhost:%d\nclient_token = %s\nclient_secret = %s\naccess_token = %s\n"
                         % (self.port, SECRETS["client_token"], secret, SECRETS["access_token"]))
+        path.chmod(0o600)  # as an .edgerc should be: no warning
         return path
 
     def answer(self, request: BaseHTTPRequestHandler) -> None:
@@ -82,6 +85,8 @@ class AkamaiStandIn:
                                      "title": "Not authorized", "detail": "The signature does not match"})
         elif self.forced_status is not None:
             self.send(request, self.forced_status, {"title": "Forced", "detail": "as the test asked"})
+        elif parts.path in self.raw:
+            self.raw[parts.path](request)
         elif parts.path == V3_METRICS:
             start, end = dsreceiver.parse_window(query["start"]), dsreceiver.parse_window(query["end"])
             assert query["aggregationInterval"] == "FIVE_MINUTE" and end - start <= 7 * 86400
@@ -391,3 +396,235 @@ def test_streams_pull_never_writes_what_the_server_would_refuse(
     with server.simulator() as ds:
         assert ds.push(batch_of_lines(sample_lines("structured")[:5])).status == 200
     assert server.stored_lines() == sample_lines("json")[:5]
+
+
+# -- hostile answers and hostile folders (issue 25) ------------------------------------------------------------------
+
+
+def send_raw(body: bytes, status: int = 200) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A stand-in route answering `body` exactly as given (JSON the json module would never write)."""
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+    return answer
+
+
+def metrics_entry(stream: object, attempted: object, failed: object = 0, code: object = "503") -> str:
+    """One fileUploadMetrics entry as raw JSON text, its values spliced in as given."""
+    return ('{"aggregationTime": "%s", "streamId": %s, "successUploadsCount": 1, "recordsAttemptedUpload": %s,'
+            ' "recordsFailedUpload": %s, "failedUploadAttempts": [{"errorCode": %s, "errorCount": 1}]}'
+            % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(BASE)), stream, attempted, failed, code))
+
+
+def assert_one_clean_line(done: Any, code: int = 2) -> None:
+    """The command ended with `code`, one line on stderr, no traceback and nothing raw for a terminal."""
+    assert done.returncode == code and done.stderr.count("\n") == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    for text in (done.stdout, done.stderr):
+        assert not any(ord(char) < 32 and char != "\n" or 0x7f <= ord(char) < 0xa0 or 0xd800 <= ord(char) < 0xe000
+                       for char in text), ascii(text)
+
+
+@pytest.mark.parametrize("entry, words", [
+    (metrics_entry(61234, "9" * 400), "recordsAttemptedUpload"),
+    (metrics_entry(61234, "1e999"), "1e999 is not a finite number"),
+    (metrics_entry(61234, "NaN"), "not JSON"),
+    (metrics_entry(61234, -5), "recordsAttemptedUpload"),
+    (metrics_entry(61234, 5, 9), "exceeds"),
+    (metrics_entry(61234, "true"), "recordsAttemptedUpload True is not a count"),
+    (metrics_entry('"\\ud800"', 5), "streamId '\\ud800' is not a stream ID"),
+    (metrics_entry('"\\u001b[2J61234"', 5), "streamId '\\x1b[2J61234' is not a stream ID"),
+    (metrics_entry('"000061234"', 5), "streamId '000061234' is not a stream ID"),
+    (metrics_entry(61234, 5, 0, '"\\u001b]0;pwned\\u0007"') + ", " + metrics_entry(61234, 5, 0, "[1]"),
+     "errorCode"),
+    ("[" * 100000 + "]" * 100000, "not JSON"),
+])
+def test_a_hostile_metrics_answer_is_one_line_exit_2_and_saves_nothing(
+        akamai: AkamaiStandIn, trust: Dict[str, str], entry: str, words: str) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 5)
+    body = entry if entry.startswith("[") else '{"fileUploadMetrics": [%s]}' % entry
+    akamai.raw[V3_METRICS] = send_raw(body.encode())
+    done = reconcile(akamai, trust)
+    assert_one_clean_line(done)
+    assert words in done.stderr
+    assert not (akamai.folder / "data" / ".dsreceiver" / "reconciled.json").exists()
+
+
+def test_an_error_answer_is_printed_escaped(akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 1)
+    akamai.raw[V3_METRICS] = send_raw(json.dumps({"title": "x", "detail": "\x1b]0;owned\x07\x1b[2J\ud800 done"}).encode(),
+                                      status=403)
+    done = reconcile(akamai, trust)
+    assert_one_clean_line(done)
+    assert "(\\x1b]0;owned\\x07\\x1b[2J\\ud800 done)" in done.stderr
+
+
+def test_streams_pull_never_puts_a_listed_value_that_is_not_a_stream_id_in_a_url(
+        akamai: AkamaiStandIn, trust: Dict[str, str], tmp_path: Path) -> None:
+    v3 = "/datastream-config-api/v3/log/cdn/streams"
+    for listed in ("../../../../identity-management/v3/user-profile?x=", "061234", "61234\x1b[2J", 0, 1.5):
+        akamai.calls.clear()
+        akamai.routes[v3] = (200, {"streams": [{"streamId": 61234}, {"streamId": listed}]})
+        done = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config",
+                           str(tmp_path / "streams.json"), env=trust)
+        assert_one_clean_line(done)
+        assert "is not a stream ID" in done.stderr
+        assert [path for path, _ in akamai.calls] == [v3]  # the list only: nothing fetched, nothing written
+        assert not (tmp_path / "streams.json").exists()
+
+
+def test_files_the_tools_write_never_follow_a_planted_link_nor_keep_a_planted_mode(
+        akamai: AkamaiStandIn, trust: Dict[str, str], tmp_path: Path) -> None:
+    output = tmp_path / "data"
+    store_at(output, "61234", BASE, 5)
+    akamai.deliver("61234", BASE, 5)
+    state = output / ".dsreceiver"
+    state.chmod(0o700)  # as --file-mode 0600 makes it
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (state / "reconciled.json.tmp").symlink_to(victim)  # the name the tools used to write through
+    (state / "reconciled.json").write_text("{}")
+    (state / "reconciled.json").chmod(0o666)
+    done = reconcile(akamai, trust)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "precious\n"
+    saved = state / "reconciled.json"
+    assert not saved.is_symlink() and saved.stat().st_mode & 0o777 == 0o600
+    assert json.loads(saved.read_text())["streams"]["61234"]["stored"] == 5
+    saved.unlink()
+    saved.symlink_to(victim)  # a link at the file itself is replaced, not written through
+    state.chmod(0o750)  # --file-mode 0640
+    assert reconcile(akamai, trust).returncode == 0
+    assert victim.read_text() == "precious\n" and not saved.is_symlink()
+    assert saved.stat().st_mode & 0o777 == 0o640
+    # The state folder itself replaced by a link (to a folder root would write in): nothing written there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    saved.unlink()
+    state.rename(tmp_path / "state")
+    state.symlink_to(tmp_path / "state")
+    linked = reconcile(akamai, trust)
+    assert linked.returncode == 0 and "cannot save the verdicts" in linked.stderr
+    assert not (tmp_path / "state" / "reconciled.json").exists()
+    # streams pull: a planted 0666 file at the target is replaced by a 0640 one.
+    akamai.routes["/datastream-config-api/v2/log/streams/61234"] = (200, json.loads(SAMPLE_DEFINITION.read_text()))
+    target = tmp_path / "streams.json"
+    target.write_text("[]")
+    target.chmod(0o666)
+    pulled = run_command("streams", "pull", "--edgerc", str(akamai.edgerc), "--stream-config", str(target),
+                         "--stream", "61234", env=trust)
+    assert pulled.returncode == 0, pulled.stderr
+    assert target.stat().st_mode & 0o777 == 0o640 and json.loads(target.read_text())[0]["streamId"] == 61234
+    assert sorted(path.name for path in tmp_path.iterdir() if ".tmp" in path.name) == []
+
+
+def test_a_broken_reconciled_json_leaves_the_status_page_and_metrics_working(
+        akamai: AkamaiStandIn, trust: Dict[str, str], start_server: Callable[..., ServerProcess],
+        tmp_path: Path) -> None:
+    output = tmp_path / "data"
+    store_at(output, "61234", BASE, 5)
+    good = {"delivered": 5, "stored": 5, "missing": 0, "extra": 0, "failed": 0, "windows_missing": 0,
+            "at": 1764200000.0, "since": BASE, "until": BASE + 300}
+    saved = output / ".dsreceiver" / "reconciled.json"
+    saved.write_text('{"format": 1, "streams": {"61234": %s, "70001": {"delivered": NaN, "stored": 1e999,'
+                     ' "missing": 0, "failed": 0, "at": 1}, "70002": {"delivered": %s, "stored": 0, "missing": 0,'
+                     ' "failed": 0, "at": 1}, "\\ud800": %s, "070003": %s, "70004": {"delivered": 1}}}'
+                     % (json.dumps(good), "9" * 400, json.dumps(good), json.dumps(good)))
+    server = start_server(output_dir=output)
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(sample_lines("json")[:10])).status == 200  # a row for 61234
+        for path in ("/status", "/status.json"):
+            assert ds.request("GET", path=path).status == 200
+        document = json.loads(ds.request("GET", path="/status.json").body)
+    samples = scrape(server)
+    assert value(samples, "dsreceiver_reconcile_delivered_records", stream="61234") == 5
+    assert {labels["stream"] for name, labels, _ in samples if name.startswith("dsreceiver_reconcile_")} == {"61234"}
+    assert [row["reconciled"]["delivered"] for row in document["streams"] if row["stream"] == "61234"] == [5]
+    server.wait_for_log(r"reconciled\.json: 5 streams whose entry is not a stream ID with counts: left out")
+    scrape(server)
+    assert server.log_text().count("left out of the status page") == 1  # once per version of the file
+    # Truncated, or an older format: the same.
+    for text in ('{"format": 1, "streams": {"61234": {"deliv', '{"streams": {"61234": %s}}' % json.dumps(good)):
+        saved.write_text(text)
+        with server.simulator() as ds:
+            assert ds.request("GET", path="/status").status == 200
+        scrape(server)
+    # A reconcile over the broken file keeps what is valid and replaces the rest.
+    akamai.deliver("61234", BASE, 5)
+    done = reconcile(akamai, trust, roots=(output,))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert set(json.loads(saved.read_text())["streams"]) == {"61234"}
+
+
+def test_an_answer_trickling_past_the_deadline_ends_the_call_in_one_line(
+        akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 1)
+    stop = threading.Event()
+
+    def trickle(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Length", "100000")
+        request.end_headers()
+        try:
+            while not stop.wait(0.3):  # pacing of the hostile server, not synchronisation
+                request.wfile.write(b" ")
+                request.wfile.flush()
+        except OSError:
+            pass  # the client gave up, as it must
+
+    akamai.raw[V3_METRICS] = trickle
+    started = time.monotonic()
+    done = reconcile(akamai, trust, "--timeout", "2")
+    stop.set()
+    assert_one_clean_line(done)
+    assert "gave no complete answer within --timeout 2 s" in done.stderr
+    assert time.monotonic() - started < 40  # per call, not per read: a read every 0.3 s would never time out
+
+
+def test_a_huge_answer_is_refused_unread(akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 1)
+    body = b'{"fileUploadMetrics": [' + b" " * (17 << 20) + b"]}"
+    akamai.raw[V3_METRICS] = send_raw(body)
+    done = reconcile(akamai, trust)
+    assert_one_clean_line(done)
+    assert "more than the 16 MB read: refused" in done.stderr
+
+
+def test_twenty_thousand_streams_are_reconciled_and_only_a_hundred_kept_for_the_server(
+        akamai: AkamaiStandIn, trust: Dict[str, str], start_server: Callable[..., ServerProcess],
+        tmp_path: Path) -> None:
+    output = tmp_path / "data"
+    store_at(output, "61234", BASE, 5)
+    for stream in range(100000, 120000):
+        akamai.deliver(str(stream), BASE, 1)
+    done = reconcile(akamai, trust, "--json", until=BASE + WINDOW - 1)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)["streams"]) == 20001
+    saved = json.loads((output / ".dsreceiver" / "reconciled.json").read_text())["streams"]
+    assert len(saved) == dsreceiver.MAX_STREAM_LABELS
+    assert all(totals["missing"] == 1 for totals in saved.values())  # streams with records lost are kept first
+    server = start_server(output_dir=output)
+    samples = scrape(server)
+    assert len([name for name, _, _ in samples
+                if name == "dsreceiver_reconcile_missing_records"]) == dsreceiver.MAX_STREAM_LABELS
+
+
+def test_an_edgerc_token_broken_over_two_lines_is_one_line_without_secrets(
+        akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    store_at(akamai.folder / "data", "61234", BASE, 1)
+    text = akamai.edgerc.read_text().replace("client_token = ", "client_token = akab-first\n  ")
+    akamai.edgerc.write_text(text)
+    done = reconcile(akamai, trust)
+    assert_one_clean_line(done)
+    assert "client_token holds a space, a line break or a control character" in done.stderr
+    assert not any(secret in done.stderr for secret in SECRETS.values()) and "akab-first" not in done.stderr
+    akamai.edgerc.write_text(text.replace("akab-first\n  ", ""))
+    akamai.edgerc.chmod(0o644)
+    akamai.deliver("61234", BASE, 1)
+    warned = reconcile(akamai, trust)
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr == "warning: %s holds API secrets and is open to its group or others (mode 0644): chmod 600 %s\n" % (
+        akamai.edgerc, akamai.edgerc)

@@ -4,6 +4,7 @@ both layouts, field 999 among the fields, security events named by the endpoint 
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -11,7 +12,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, scrape, value
+from conftest import ServerProcess, batch_of, ledger_totals, scrape, value
 from simulator import SAMPLES, batch_of_lines
 from test_streams import stream_files
 
@@ -297,7 +298,8 @@ def test_a_security_batch_with_an_event_lacking_its_request_id_is_never_dropped(
     assert stream_files(server) == {"stream=80001": lines * 2}
 
 
-@pytest.mark.parametrize("query", ["streamId=abc", "streamId=1", "streamId=", "streamId=80001&streamId=80002"])
+@pytest.mark.parametrize("query", ["streamId=abc", "streamId=1", "streamId=", "streamId=80001&streamId=80002",
+                                   "streamId=0061234", "streamId=00"])
 def test_a_url_naming_no_valid_stream_is_refused_and_stores_nothing(
         start_server: Callable[..., ServerProcess], query: str) -> None:
     server = start_server()
@@ -305,3 +307,64 @@ def test_a_url_naming_no_valid_stream_is_refused_and_stores_nothing(
         answer = ds.push(batch_of_lines(SECURITY_EVENTS[:2]))
     assert answer.status == 400 and b"stream" in answer.body
     assert server.data_files() == []
+
+
+# -- hostile definitions, forged times, one name per stream (issue 25) ----------------------------------------------
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+def test_a_deeply_nested_stream_config_is_one_line_at_start_and_refused_on_sighup(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    path = tmp_path / "streams.json"
+    path.write_text(DEEP)
+    refused = start_server("--stream-config", str(path), "--records", "json", wait=False)
+    assert refused.wait_exit() == 2
+    [line] = [line for line in refused.log_text().splitlines() if line.strip()]
+    assert "ERROR stream definition %s: JSON nested too deeply to read" % path in line
+    path.write_text(json.dumps({"streamId": 61234, "fields": ["cp", "reqTimeSec"]}))
+    server = start_server("--stream-config", str(path), "--records", "json", "--workers", "2")
+    path.write_text(DEEP)
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log("stream definitions reload refused, keeping the previous ones: stream definition %s: JSON "
+                        "nested too deeply to read" % path, count=2)
+    with server.simulator() as ds:
+        for _ in range(4):  # a connection each, so that both workers are likely asked
+            assert ds.push(batch_of_lines([b"4 61234 99321 1764200000.123"])).status == 200
+    assert set(stream_files(server)["stream=61234"]) == {
+        b'{"version":"4","streamId":"61234","cp":"99321","reqTimeSec":"1764200000.123"}'}
+    assert value(scrape(server), "dsreceiver_worker_restarts_total") == 0
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_visitors_time_token_never_moves_the_lag_of_a_structured_stream(tmp_path: Path) -> None:
+    path = tmp_path / "streams.json"
+    path.write_text(json.dumps({"streamId": 61234, "fields": ["queryStr", "reqTimeSec", "reqId"]}))
+    forged = [b"4 61234 a=9999999999.999 1764200000.123 r1", b"4 61234 9999999999.999 1764200001.456 r2"]
+    for to_json in (True, False):
+        catalog = dsreceiver.StreamCatalog(path, to_json)
+        assert catalog.classify(batch_of(*forged)).newest_event == 1764200001.456
+        # A line that does not fit the definition, and a stream without one: no lag rather than a forged one.
+        assert catalog.classify(batch_of(b"4 61234 9999999999.999 1764200000.123")).newest_event is None
+        assert catalog.classify(batch_of(b"4 70001 9999999999.999 1764200000.123 r1")).newest_event is None
+
+
+def test_a_stream_id_with_leading_zeros_is_filed_as_unknown_and_counted(
+        start_server: Callable[..., ServerProcess]) -> None:
+    catalog = dsreceiver.StreamCatalog(None, False)
+    for lines in ([b'{"streamId":"000061234","n":1}'], [b"4 000061234 99321 r1"], [b'{"streamId":"0","n":1}']):
+        records = catalog.classify(batch_of(*lines))
+        assert (records.stream, records.odd_stream_id) == ("unknown", True)
+    assert catalog.classify(batch_of(b'{"streamId":"61234","n":1}')).odd_stream_id is False
+    server = start_server()
+    odd = [b'{"streamId":"000061234","n":%d}' % n for n in range(3)]
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines([b'{"streamId":"61234","n":9}'])).status == 200
+        assert ds.push(batch_of_lines(odd)).status == 200
+    with server.simulator(path="/datastream?streamId=80001") as ds:  # never filed under the URL's stream either
+        assert ds.push(batch_of_lines(odd[:1])).status == 200
+    assert stream_files(server) == {"stream=61234": [b'{"streamId":"61234","n":9}'], "stream=unknown": odd + odd[:1]}
+    assert value(scrape(server), "dsreceiver_odd_stream_ids_total") == 2
+    assert server.stop() == 0
+    totals = ledger_totals(server.output_dir)
+    assert totals["61234"]["records"] == 1 and totals["unknown"]["records"] == 4
