@@ -862,7 +862,7 @@ def machine_facts() -> Dict[str, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15, help="length of each run (default: 15)")
     parser.add_argument("--scenarios", default="ABCDEF",
                         help="which scenarios (default: ABCDEF); R, S and P (restart, sealing, pushes during a "
