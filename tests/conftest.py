@@ -25,7 +25,7 @@ from cryptography import x509
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import dsreceiver  # noqa: E402
-from simulator import Batch, DataStreamSimulator  # noqa: E402
+from simulator import Batch, DataStreamSimulator, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DSRECEIVER = ROOT / "dsreceiver.py"
@@ -500,3 +500,34 @@ class HeldSync:
     def release(self) -> None:
         """Lets every fdatasync through from now on."""
         self.released.set()
+
+
+# nginx's stream module, which the scale-out recipe needs (Debian: libnginx-mod-stream).
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+def start_nginx(tmp_path: Path, ports: Sequence[int]) -> Tuple[subprocess.Popen[bytes], int]:
+    """nginx running contrib/nginx-stream.conf, its ports and paths adapted, in front of these instances."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None or not STREAM_MODULE.exists():
+        pytest.skip("nginx with the stream module is not installed (.ci/run installs it)")
+    port = free_port()
+    conf = (ROOT / "contrib" / "nginx-stream.conf").read_text()
+    conf = conf.replace("server 127.0.0.1:8444;", "server 127.0.0.1:%d;" % ports[0])
+    conf = conf.replace("server 127.0.0.1:8445;", "server 127.0.0.1:%d;" % ports[1])
+    conf = conf.replace("listen 443;", "listen 127.0.0.1:%d;" % port)
+    conf = "pid %s;\nerror_log %s;\n" % (tmp_path / "nginx.pid", tmp_path / "nginx-error.log") + conf
+    (tmp_path / "nginx.conf").write_text(conf)
+    process = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def listening() -> bool:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(listening, what="nginx to listen")
+    return process, port

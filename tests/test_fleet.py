@@ -19,19 +19,18 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import trustme
 
 import dsreceiver
-from conftest import DSRECEIVER, ROOT, ServerProcess, run_command, wait_until
+from conftest import DSRECEIVER, ROOT, ServerProcess, run_command, start_nginx, wait_until
 from simulator import Batch, DataStreamSimulator, free_port, make_batch, restreamed, batch_of_lines
 from test_reconcile import AkamaiStandIn, reconcile
 
 pytestmark = pytest.mark.slow
 
-STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 KEY, SECRET = "fleet-test-key", "fleet-test-secret"
 SOURCES = ["127.0.0.%d" % number for number in range(2, 14)]
 STREAMS = ("61234", "70001")
@@ -114,33 +113,6 @@ def bucket_objects(env: Dict[str, str], bucket: str) -> Dict[str, Tuple[int, str
     """Every object of the bucket: key -> (size, modification time)."""
     listing = rclone(env, "lsjson", "-R", "--files-only", "s3:" + bucket)
     return {entry["Path"]: (entry["Size"], entry["ModTime"]) for entry in json.loads(listing[listing.index("["):])}
-
-
-def start_nginx(tmp_path: Path, ports: Sequence[int]) -> Tuple[subprocess.Popen[bytes], int]:
-    """nginx running contrib/nginx-stream.conf, its ports and paths adapted, in front of these instances."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None or not STREAM_MODULE.exists():
-        pytest.skip("nginx with the stream module is not installed (.ci/run installs it)")
-    port = free_port()
-    conf = (ROOT / "contrib" / "nginx-stream.conf").read_text()
-    conf = conf.replace("server 127.0.0.1:8444;", "server 127.0.0.1:%d;" % ports[0])
-    conf = conf.replace("server 127.0.0.1:8445;", "server 127.0.0.1:%d;" % ports[1])
-    conf = conf.replace("listen 443;", "listen 127.0.0.1:%d;" % port)
-    conf = "pid %s;\nerror_log %s;\n" % (tmp_path / "nginx.pid", tmp_path / "nginx-error.log") + conf
-    (tmp_path / "nginx.conf").write_text(conf)
-    process = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def listening() -> bool:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(listening, what="nginx to listen")
-    return process, port
 
 
 def data_files(root: Path) -> List[Path]:

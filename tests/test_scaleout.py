@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import re
-import shutil
-import socket
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from conftest import ROOT, ServerProcess, wait_until
-from simulator import Batch, DataStreamSimulator, count_lines, free_port, make_batch
-
-STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+from conftest import ServerProcess, start_nginx
+from simulator import Batch, DataStreamSimulator, count_lines, make_batch
 
 
 @pytest.fixture
 def nginx_in_front(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> Iterator[Tuple[int, List[ServerProcess]]]:
     """nginx running contrib/nginx-stream.conf (ports and paths adapted) before two dsreceiver instances."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None or not STREAM_MODULE.exists():
-        pytest.skip("nginx with the stream module is not installed (.ci/run installs it)")
     instances = [start_server(workdir=tmp_path / name) for name in ("a", "b")]
-    port = free_port()
-    conf = (ROOT / "contrib" / "nginx-stream.conf").read_text()
-    conf = conf.replace("server 127.0.0.1:8444;", "server 127.0.0.1:%d;" % instances[0].port)
-    conf = conf.replace("server 127.0.0.1:8445;", "server 127.0.0.1:%d;" % instances[1].port)
-    conf = re.sub(r"listen 443;", "listen 127.0.0.1:%d;" % port, conf)
-    conf = "pid %s;\nerror_log %s;\n" % (tmp_path / "nginx.pid", tmp_path / "nginx-error.log") + conf
-    (tmp_path / "nginx.conf").write_text(conf)
-    process = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def listening() -> bool:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(listening, what="nginx to listen")
+    process, port = start_nginx(tmp_path, [server.port for server in instances])
     try:
         yield port, instances
     finally:
