@@ -2389,21 +2389,21 @@ class LineLayout:
         self.keys = tuple(keys)
         self.midgress_head = midgress_head
         # Values before the first of `keys`: version and stream ID, or version alone.
-        self.lead = 2 if stream is None else 1
+        self.values_before = 2 if stream is None else 1
         self.swap = midgress_head and stream is None
-        self.width = self.lead + len(self.keys)
+        self.width = self.values_before + len(self.keys)
         self.head = (b'{"version":"%s","streamId":"%s"' if stream is None
                      else b'{"version":"%s","streamId":"' + stream.encode("ascii") + b'"')
         self.slots = [b"%.0s" if key is None else b',"' + key.encode("ascii") + b'":"%s"'
                       for key in self.keys]
         # Where a line holds its reqId, if the stream has one: a record whose value there is not '-'
         # is unique.
-        self.request_id = (self.lead + self.keys.index("reqId") if "reqId" in self.keys
+        self.request_id = (self.values_before + self.keys.index("reqId") if "reqId" in self.keys
                            else None)
         # Where a line holds its event time (the first of EVENT_TIME_KEYS the stream lists), as
         # sent: read there only, so that no value a visitor controls is taken for it.
         timed = next((key for key in EVENT_TIME_KEYS if key in self.keys), None)
-        position = None if timed is None else self.lead + self.keys.index(timed)
+        position = None if timed is None else self.values_before + self.keys.index(timed)
         self.event_time = (3 - position if self.swap and position in (1, 2) else position)
         self.templates: Dict[Tuple[bool, ...], bytes] = {}
 
@@ -2466,7 +2466,7 @@ class StructuredConverter:
         if template is None:
             template = layout.head + b"".join(
                 b"%.0s" if dash else slot
-                for dash, slot in zip(dashes[layout.lead:], layout.slots)) + b"}"
+                for dash, slot in zip(dashes[layout.values_before:], layout.slots)) + b"}"
             if len(layout.templates) < StructuredConverter.MAX_TEMPLATES:
                 layout.templates[dashes] = template
         return template
@@ -2660,11 +2660,11 @@ class StreamCatalog:
             named_ids = (found.group(1) if found else None,
                          found_last.group(1) if found_last else None)
             found_version = JSON_VERSION_RE.search(first)
-            events = batch
+            records = batch
             return StreamRecords(stream_of(*named_ids),
                                  found_version.group(1).decode("ascii") if found_version else "",
-                                 events, 0, json_event_time(first, last),
-                                 lambda: json_records_are_unique(events),
+                                 records, 0, json_event_time(first, last),
+                                 lambda: json_records_are_unique(records),
                                  not_stream_ids(*named_ids))
         head, head_last = STRUCTURED_HEAD_RE.match(first), STRUCTURED_HEAD_RE.match(last)
         bare = self.bare_stream(first, head, named) if head is not None else None
@@ -5262,7 +5262,7 @@ class PushPipeline:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
                                         records.stream)
         except BatchRefused as exc:
-            log.warning("refused a batch of %d records from %s: %s", count, facts.client, exc)
+            # Logged as any 400 is: by its access line, with this reason.
             return Outcome(PushResult.REFUSED, stream_row=row, reason=str(exc))
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")

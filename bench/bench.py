@@ -504,7 +504,6 @@ def fill(port: int, cert: Path, body: bytes, tail: bytes, decoded: int, target_m
     stop, enough = threading.Event(), threading.Event()
     acknowledged = [0]
     lock = threading.Lock()
-    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 
     def pusher(number: int) -> None:
         connection: Optional[http.client.HTTPSConnection] = None
@@ -512,18 +511,14 @@ def fill(port: int, cert: Path, body: bytes, tail: bytes, decoded: int, target_m
         while not stop.is_set():
             counter += 1
             try:
-                if connection is None:
-                    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
-                connection.request("POST", "/datastream", unique_body(body, tail, "gzip", "r%d-%d" % (number, counter)),
-                                   headers)
-                answer = connection.getresponse()
-                answer.read()
+                connection, status = post_gzip(connection, port, context,
+                                               unique_body(body, tail, "gzip", "r%d-%d" % (number, counter)))
             except (OSError, http.client.HTTPException):
                 connection = None
                 if stop.is_set():
                     return
                 continue
-            if answer.status == 200:
+            if status == 200:
                 with lock:
                     acknowledged[0] += 1
                     if acknowledged[0] * decoded >= target_mb * 1e6:
@@ -608,6 +603,17 @@ def run_seal(kind: str, variant: str, workdir: Path, bodies: Dict[str, Path], me
             "records": records, "sha256_mb_s": sha256_limit_mb_s()}
 
 
+def post_gzip(connection: Optional[http.client.HTTPSConnection], port: int, context: ssl.SSLContext,
+              body: bytes) -> Tuple[http.client.HTTPSConnection, int]:
+    """POSTs a gzip'd JSON body on a keep-alive connection (opened when None); returns it and the status."""
+    if connection is None:
+        connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    connection.request("POST", "/datastream", body, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    answer = connection.getresponse()
+    answer.read()
+    return connection, answer.status
+
+
 def sha256_limit_mb_s() -> float:
     """One core's SHA-256 rate on this machine (the bound of sealing a plain file), in MB/s."""
     block = os.urandom(16 << 20)
@@ -625,7 +631,6 @@ def paced_pushes(port: int, cert: str, body: bytes, tail: bytes, tag: str, rate:
     answer delays the next push, not its schedule), until `stop`; reports (scheduled time, latency from
     that time, answered 200) of each push."""
     context = client_context(Path(cert))
-    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     connection: Optional[http.client.HTTPSConnection] = None
     done: List[Tuple[float, float, bool]] = []
     counter = 0
@@ -637,13 +642,8 @@ def paced_pushes(port: int, cert: str, body: bytes, tail: bytes, tag: str, rate:
             break
         ok = False
         try:
-            if connection is None:
-                connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
-            connection.request("POST", "/datastream", unique_body(body, tail, "gzip", "%s-%d" % (tag, counter)),
-                               headers)
-            answer = connection.getresponse()
-            answer.read()
-            ok = answer.status == 200
+            connection, status = post_gzip(connection, port, context, unique_body(body, tail, "gzip", "%s-%d" % (tag, counter)))
+            ok = status == 200
         except (OSError, http.client.HTTPException):
             connection = None
         done.append((scheduled, time.monotonic() - scheduled, ok))

@@ -423,6 +423,7 @@ def test_a_poisoned_push_among_honest_ones_is_refused_alone(start_server: Callab
     stored = server.stored_lines()
     assert len(stored) == 40 * 50 + 1 and stored.count(poisoned_event()) == 1
     assert "storage failed" not in server.log_text() and "Traceback" not in server.log_text()
+    assert server.log_text().count("nests too deeply") == 1  # the refusal's one line: its access line
 
 
 def test_a_retry_in_the_group_of_its_failed_original_is_never_answered_stored(
