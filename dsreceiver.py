@@ -62,15 +62,16 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-    store         Storage.store: its event range, then DataFile.append queues the batch with its
-                  dedupe key (LEAD_PROTOCOL: the first push to find nobody committing leads)
+                  (with the event range, read on the way)
+    store         Storage.store -> DataFile.append queues the batch with its dedupe key
+                  (LEAD_PROTOCOL: the first push to find nobody committing leads)
     claim         DataFile._claim: one claim call for the group's keys (CLAIM_PROTOCOL); with
                   --workers a process hop: SupervisorClient.claim_all sends them in one write,
                   Supervisor.handle answers each (GRANTED, DUPLICATE, or WAITING and later)
     commit        DataFile._commit_queue: each batch decided (BATCH_PROTOCOL; one whose check
                   fails is refused alone), the batches and their index entries (records, stream,
-                  event range) written, one fdatasync pair, the claims committed or released,
-                  each push woken once, the lead handed on
+                  event range when known) written, one fdatasync pair, the claims committed or
+                  released, each push woken once, the lead handed on
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
 Every name under --output-dir comes from Layout.  At start only recovery runs before serving; the
 files an earlier run left are finished in the background (see Housekeeper).
@@ -1852,6 +1853,9 @@ class RecordBatch:
         self.digest = digest
         # With --store gzip: what is written instead of the records, as gzip members.
         self.gzip_members: Optional[Buffer] = None
+        # The earliest and latest event times of the records, when the push path learnt them on the
+        # way (converted STRUCTURED records); None: the records are read back when sealed.
+        self.events: Optional[Tuple[float, float]] = None
         # first_line(), once read: the pipeline and storage both look at it.
         self.first: Optional[bytes] = None
 
@@ -1929,6 +1933,8 @@ class RecordBatch:
 
     def last_line(self) -> bytes:
         """The last record, without its LF; reads only as much of the batch as the record takes."""
+        if self.records == 1:
+            return self.first_line()  # the same object: its checks can tell and skip a second look
         window = LINE_WINDOW
         while True:
             tail = self._bytes_at(max(0, self.size - window), window)
@@ -2144,9 +2150,9 @@ MIDGRESS_VALUES = (b"0", b"1", b"2")
 # Where a record says when its event happened, first found first: a CDN record's reqTimeSec, a
 # security event's httpMessage.start, an EdgeWorkers log's time (see event_time_seconds for units).
 EVENT_TIME_KEYS = ("reqTimeSec", "httpMessage.start", "time")
-# Each key's pattern; a long key's starts at its third letter: the scan of a whole batch (see
-# event_range, on every push) runs 1.7x faster from a rare letter than from '"'.  Still a key: a
-# value cannot hold the '"' that must follow it, JSON escapes it.
+# Each key's pattern; a long key's starts at its third letter: the scan of a whole file (see
+# read_back) runs 1.7x faster from a rare letter than from '"'.  Still a key: a value cannot hold
+# the '"' that must follow it, JSON escapes it.
 RECORD_TIME_RES = tuple(re.compile(rb'%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?)"?'
                                   % (b'"' + name if len(name) < 8 else name[2:]))
                        for name in [key.rsplit(".", 1)[-1].encode("ascii")
@@ -2155,8 +2161,10 @@ RECORD_TIME_RES = tuple(re.compile(rb'%s"\s*:\s*"?([0-9]{9,19}(?:\.[0-9]{1,9})?)
 DELIVERY_METADATA_KEYS = frozenset(("total", "offset", "limit"))
 DELIVERY_METADATA_RE = re.compile(rb'\{\s*"(?:total|offset|limit)"\s*:')
 DELIVERY_METADATA_MAX = 1024
-# What event_range says of records that name no event time.
+# The event range of records that name no event time, and of records whose times are not known
+# until they are read back (see read_back).
 NO_EVENTS = (0.0, 0.0)
+UNKNOWN_EVENTS = (math.nan, math.nan)
 MS_TIME_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\n]*[ \t])*?[0-9]{9,11}\.[0-9]{3}(?=[ \t\n]|$)")
 # Bytes a JSON string cannot hold as they are (LF never occurs inside a record).
 JSON_UNSAFE_RE = re.compile(rb'[\x00-\x09\x0b-\x1f"\\\x7f-\xff]')
@@ -2497,22 +2505,30 @@ class StructuredConverter:
                 or len(data.translate(None, self.controls)) != len(data))
 
     def convert_lines(self, lines: List[bytes], bare: bool = False
-                      ) -> Tuple[List[bytes], int, bool]:
+                      ) -> Tuple[List[bytes], int, bool, Optional[Tuple[float, float]]]:
         """Converts lines that need no JSON escaping, of the layout of the first: (the lines, those
         that do not fit kept as they are; how many did not fit; whether every converted one has a
-        reqId).  The hot loop of --records json."""
+        reqId; their event range, None when not every line had the first's layout).  The hot loop
+        of --records json."""
         delimiter = self.definition.delimiter
         layout = self.layout(lines[0].split(delimiter), bare) if lines else None
         if layout is None:
-            return list(lines), len(lines), False
+            return list(lines), len(lines), False, None
         width, request_id, swap = layout.width, layout.request_id, layout.swap
         cached, template, is_dash = layout.templates.get, self.template, DASH.__eq__
         out: List[bytes] = []
         append = out.append
-        unfit = without_id = 0
+        unfit = without_id = others = 0
+        # The event time as sent, from its place in each line: one list append a line, where
+        # finding it in the JSON records afterwards would be a pass over all of them.
+        timed = layout.event_time
+        times: List[bytes] = []
+        note_time = times.append
         for line in lines:
             values = line.split(delimiter)
             if len(values) == width:
+                if timed is not None:
+                    note_time(values[timed])
                 if swap:
                     values[1], values[2] = values[2], values[1]
                 dashes = tuple(map(is_dash, values))
@@ -2523,8 +2539,10 @@ class StructuredConverter:
                 converted = self.convert(values, bare)
                 unfit += converted is None
                 without_id += 1
+                others += 1
                 append(line if converted is None else converted)
-        return out, unfit, request_id is not None and not without_id
+        events = None if others else collected_range(times)
+        return out, unfit, request_id is not None and not without_id, events
 
     def convert_escaping(self, values: List[bytes], bare: bool = False) -> Optional[bytes]:
         """Like convert(), for values that may hold quotes, backslashes or control characters; None
@@ -2656,7 +2674,8 @@ class StreamCatalog:
                     return StreamRecords(named or UNKNOWN_STREAM, "", batch, 0, None,
                                          lambda: False)
                 first, last = batch.first_line(), batch.last_line()
-            found, found_last = JSON_STREAM_ID_RE.search(first), JSON_STREAM_ID_RE.search(last)
+            found = JSON_STREAM_ID_RE.search(first)
+            found_last = found if last is first else JSON_STREAM_ID_RE.search(last)
             named_ids = (found.group(1) if found else None,
                          found_last.group(1) if found_last else None)
             found_version = JSON_VERSION_RE.search(first)
@@ -2735,13 +2754,14 @@ class StreamCatalog:
         converter = self.converter(stream, version)
         out: Optional[List[bytes]] = None
         unconverted, identified = len(lines), False
+        events: Optional[Tuple[float, float]] = None
         if uniform and (converter is None or converter.definition.delimiter != head.group(2)):
             self.warn_once(stream,
                            "stream %s version %s has no definition for its STRUCTURED records: they"
                            " are stored as sent (add it to --stream-config and send SIGHUP)",
                            stream, version)
         elif uniform and converter is not None and not converter.needs_escaping(data):
-            out, unconverted, identified = converter.convert_lines(lines, bare)
+            out, unconverted, identified, events = converter.convert_lines(lines, bare)
         else:
             out, unconverted = self._convert_each(lines, converter if bare else None)
         if unconverted:
@@ -2757,6 +2777,7 @@ class StreamCatalog:
         out.append(b"")
         converted = b"\n".join(out)
         json_batch = RecordBatch([converted], None, len(converted), batch.records, batch.digest)
+        json_batch.events = events
         return StreamRecords(stream, version, json_batch, unconverted,
                              json_event_time(json_batch.first_line(), json_batch.last_line()),
                              lambda: not unconverted
@@ -2797,8 +2818,10 @@ def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
     what a stream ID pattern matched, 1 to 12 digits); an ID that is not one as the receiver
     writes it (000061234, 0) counts as no ID, so that no stream gets a second folder under another
     name."""
-    first, last = (found if found is not None and found[:1] != b"0" else None
-                   for found in (first, last))
+    if first is not None and first[:1] == b"0":
+        first = None
+    if last is not None and last[:1] == b"0":
+        last = None
     if first is None and last is None:
         return UNKNOWN_STREAM
     return first.decode("ascii") if first == last and first is not None else MIXED_STREAM
@@ -2807,7 +2830,10 @@ def stream_of(first: Optional[bytes], last: Optional[bytes]) -> str:
 def not_stream_ids(*found: Optional[bytes]) -> bool:
     """Whether any of the stream IDs records name is not one (leading zeros, 0).  The values are
     what a stream ID pattern matched (1 to 12 digits): only a leading 0 makes one odd."""
-    return any(value is not None and value[:1] == b"0" for value in found)
+    for value in found:
+        if value is not None and value[:1] == b"0":
+            return True
+    return False
 
 
 def lines_headed_alike(data: bytes, head: re.Match[bytes]) -> int:
@@ -2914,21 +2940,6 @@ def without_last_record(batch: RecordBatch, size: int) -> RecordBatch:
                        batch.digest)
 
 
-def event_range(batch: RecordBatch) -> Tuple[float, float]:
-    """The earliest and latest event times of a batch's JSON records, read by the time key (of
-    EVENT_TIME_KEYS) its first record has: one pass of one pattern; NO_EVENTS when they have none
-    (STRUCTURED records as sent among them: nothing but a definition tells which value is the
-    time).  A keyed value only: a visitor's query string never reads as a time."""
-    first = batch.first_line()
-    pattern = next((pattern for pattern in RECORD_TIME_RES if pattern.search(first)), None)
-    if pattern is None:
-        return NO_EVENTS
-    data = batch.joined()
-    found = pattern.findall(data) if data is not None else [
-        value for chunk in record_pieces(batch) for value in pattern.findall(chunk)]
-    return times_range(found)
-
-
 def times_range(found: Sequence[bytes]) -> Tuple[float, float]:
     """The earliest and latest of time values of one log type (one unit), in seconds."""
     if not found:
@@ -2942,17 +2953,18 @@ def times_range(found: Sequence[bytes]) -> Tuple[float, float]:
     return (first, last) if first is not None and last is not None else NO_EVENTS
 
 
-def record_pieces(batch: RecordBatch) -> Iterator[bytes]:
-    """A spooled batch's records in pieces that end with a record."""
-    carry = b""
-    for chunk in batch.chunks():
-        piece = carry + bytes(chunk)
-        cut = piece.rfind(b"\n") + 1
-        carry = piece[cut:]
-        if cut:
-            yield piece[:cut]
-    if carry:
-        yield carry
+def collected_range(values: Sequence[bytes]) -> Optional[Tuple[float, float]]:
+    """The earliest and latest of time values each read at its known place in a record (converted
+    STRUCTURED lines, one unit), as read_back() would find them in the JSON records made of them;
+    None when the edges alone cannot tell (a '-' or broken value, units mixed): those records are
+    read back when their file is sealed."""
+    if not values:
+        return NO_EVENTS
+    earliest, latest = min(values), max(values)
+    first, last = event_time_seconds(earliest), event_time_seconds(latest)
+    if first is None or last is None or len(earliest.split(b".")[0]) != len(latest.split(b".")[0]):
+        return None
+    return first, last
 
 
 # ---------------------------------------------------------------------------
@@ -3320,15 +3332,16 @@ class IndexEntry(NamedTuple):
     digest: bytes = NO_DIGEST
     stream: str = UNKNOWN_STREAM
     records: int = UNCOUNTED
-    # The earliest and latest event times of its records (Unix seconds; see event_range), so that
-    # sealing reads them here instead of in the records; NaN when not known (an older format).
+    # The earliest and latest event times of its records (Unix seconds; see read_back), so that
+    # sealing reads them here instead of in the records; NaN when not known (learnt only when
+    # STRUCTURED records are converted, or an older format).
     first_event: float = math.nan
     last_event: float = math.nan
 
-    def pack(self) -> bytes:
-        """The entry as BATCH_ENTRY bytes."""
+    def pack(self, end: Optional[int] = None) -> bytes:
+        """The entry as BATCH_ENTRY bytes (its batch ending at `end` when given)."""
         code = STREAM_CODES.get(self.stream)
-        return BATCH_ENTRY.pack(self.end, self.stamp, self.digest,
+        return BATCH_ENTRY.pack(self.end if end is None else end, self.stamp, self.digest,
                                 int(self.stream) if code is None else code, self.records,
                                 self.first_event, self.last_event)
 
@@ -3444,6 +3457,8 @@ class Layout:
                  file_mode: int = DEFAULT_FILE_MODE) -> None:
         self.root = root
         self.rotate = rotate
+        # The last period named: (its first second, the next period's, its name).
+        self.period: Tuple[float, float, str] = (0.0, 0.0, "")
         self.tag = tag
         self.store_gzip = store_gzip
         self.file_mode = file_mode
@@ -3487,8 +3502,15 @@ class Layout:
 
     def period_name(self, now: float) -> str:
         """Names the period of `now`: 2026-11-27T15Z (hourly) or 2026-11-27 (daily), in UTC."""
-        return time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d",
-                             time.gmtime(now))
+        first, after, name = self.period
+        if first <= now < after:
+            return name  # every push asks: strftime only when the period changes
+        length = 3600 if self.rotate == "hourly" else 86400
+        first = now - now % length  # Unix time has no leap seconds: UTC hours are whole 3600s
+        name = time.strftime("%Y-%m-%dT%HZ" if self.rotate == "hourly" else "%Y-%m-%d",
+                             time.gmtime(first))
+        self.period = (first, first + length, name)
+        return name
 
     def data_path(self, folder: str, period: str, sequence: int) -> Path:
         """Where this layout writes file number `sequence` of `period` in `folder` ('' for the
@@ -3956,7 +3978,7 @@ class DataFile:
         entries: List[Buffer] = []
         for pending in group:
             end += pending.batch.stored_size
-            entries.append(pending.entry._replace(end=end).pack())
+            entries.append(pending.entry.pack(end))
         try:
             if start < self.size:
                 self._reset_index(start)  # truncated behind our back (copytruncate)
@@ -4150,14 +4172,15 @@ class Storage:
         digest, so it never vouches for another).  `pushed_gzip`, the body as
         pushed when it decodes to exactly these records, is what --store gzip
         keeps; `stream`, the records' stream, goes to the index entry, for the
-        ledger, with their event range (see event_range), for the manifest.
+        ledger, with their event range when the push path learnt it (see
+        RecordBatch.events), for the manifest.
         Durable on return when fsync is 'always'.  Raises StorageError,
         with nothing of the batch left behind, when it cannot be stored now.
         """
         self.layout.check_folder(folder)
         key = (dedupe_key(folder, batch.digest) if self.dedupe is not None and batch.digest
                else None)
-        events = event_range(batch)
+        events = batch.events if batch.events is not None else UNKNOWN_EVENTS
         if self.layout.store_gzip:
             batch.compress(pushed_gzip)
         ticket: Optional[ClaimTicket] = None
@@ -4817,20 +4840,12 @@ ROTATED_GZIP_LEVEL = 6
 MANIFEST_FORMAT = 1
 
 
-def record_chunks(path: Path) -> Iterator[bytes]:
-    """The records of a data file (gunzip'd when it ends in .gz), in pieces that end with a
-    record."""
-    with (gzip.open(str(path), "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
-        carry = b""
-        for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
-            cut = chunk.rfind(b"\n") + 1
-            if cut:
-                yield carry + chunk[:cut]
-                carry = chunk[cut:]
-            else:
-                carry += chunk
-        if carry:
-            yield carry
+# What a read back reads at a time: holding the GIL a quarter of a millisecond each, its scan lets
+# the digest beside it (and the serving threads) run most (see digest_and_read_back).
+READ_BACK_CHUNK = 256 << 10
+# What the digest reads at a time: fewer turns for the GIL beside a read back (1.33 against 1.28
+# GB/s together here).
+DIGEST_CHUNK = 4 << 20
 
 
 def file_digest(path: Path) -> Tuple[str, int]:
@@ -4838,7 +4853,7 @@ def file_digest(path: Path) -> Tuple[str, int]:
     other threads run meanwhile)."""
     digest = hashlib.sha256()
     size = 0
-    buffer = bytearray(COPY_CHUNK)
+    buffer = bytearray(DIGEST_CHUNK)
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as handle:
         for length in iter(lambda: handle.readinto(buffer), 0):
@@ -4847,37 +4862,105 @@ def file_digest(path: Path) -> Tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def read_back(path: Path) -> Tuple[int, List[float]]:
-    """The records of a data file and the event times found in them, counted by reading them: for a
-    file whose index does not tell (pruned, started afresh, or of an older format)."""
-    records, events = 0, []
-    for chunk in record_chunks(path):
-        records += chunk.count(b"\n")
-        for pattern in RECORD_TIME_RES:
-            events += [moment for moment in times_range(pattern.findall(chunk))
-                       if moment != NO_EVENTS[0]]
-    return records, events
+class RecordScan:
+    """Finds the event times in the records of a data file and counts them (unless `count` is
+    False: the index counted them), fed its bytes piece by piece: what sealing needs when the
+    batch index does not tell (JSON records as sent, a pruned index, an older format).  A piece's
+    times are read by the time key its first record has (any, when it has none); a piece without
+    a '"' holds no JSON record."""
+
+    def __init__(self, count: bool = True) -> None:
+        self.count = count
+        self.records = 0
+        self.events: List[float] = []
+        # The start of a record the last piece cut.
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        """Reads the records that `chunk` ends, in place (only a record the last piece cut is
+        copied whole); the rest waits for the next piece."""
+        start = 0
+        if self.carry:
+            start = chunk.find(b"\n") + 1
+            if not start:
+                self.carry += chunk
+                return
+            joined = self.carry + chunk[:start]
+            self._scan(joined, 0, len(joined))
+        cut = chunk.rfind(b"\n", start) + 1
+        if cut > start:
+            self._scan(chunk, start, cut)
+        self.carry = chunk[max(cut, start):]
+
+    def finish(self) -> Tuple[int, List[float]]:
+        """The records counted and the event times found (a torn last record, without its LF, is
+        not counted; its time is read)."""
+        if self.carry:
+            self._scan(self.carry, 0, len(self.carry))
+            self.carry = b""
+        return self.records, self.events
+
+    def _scan(self, data: bytes, start: int, end: int) -> None:
+        if self.count:
+            self.records += data.count(b"\n", start, end)
+        if data.find(b'"', start, end) < 0:
+            return
+        first_end = data.find(b"\n", start, end)
+        first = data[start:first_end if first_end >= 0 else end]
+        keyed = [pattern for pattern in RECORD_TIME_RES if pattern.search(first)][:1]
+        for pattern in keyed or RECORD_TIME_RES:
+            self.events += [moment for moment in times_range(pattern.findall(data, start, end))
+                            if moment != NO_EVENTS[0]]
 
 
-def seal_facts(path: Path, index: Path, now: float) -> Dict[str, Any]:
+def read_back(path: Path, count: bool = True) -> Tuple[int, List[float]]:
+    """The records of a data file (gunzip'd when it ends in .gz; 0 unless `count`) and the event
+    times found in them, by reading them (see RecordScan)."""
+    scan = RecordScan(count)
+    with (gzip.open(str(path), "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
+        for chunk in iter(lambda: handle.read(READ_BACK_CHUNK), b""):
+            scan.feed(chunk)
+    return scan.finish()
+
+
+def digest_and_read_back(path: Path, count: bool) -> Tuple[str, int, int, List[float]]:
+    """file_digest() and read_back() of one file at once, the digest in a thread of its own
+    (hashlib lets go of the GIL): it takes about as long as the slower of the two."""
+    from concurrent.futures import ThreadPoolExecutor  # here: only a read back needs it
+
+    with ThreadPoolExecutor(1, thread_name_prefix="digest") as pool:
+        digest = pool.submit(file_digest, path)
+        records, events = read_back(path, count)
+        sha256, size = digest.result()
+    return sha256, size, records, events
+
+
+def seal_facts(path: Path, index: Path, now: float,
+               scanned: Optional[Tuple[int, List[float]]] = None) -> Dict[str, Any]:
     """What the manifest of a finished data file says: its records, its size and the SHA-256 of its
     bytes as they are on disk, when its first and last batches were received (from its batch index,
     None once that is pruned), and its earliest and latest event times (each record's own time key:
-    see event_range), all times in Unix seconds.  The index tells records and event times, so
-    sealing reads the file once, for its digest."""
-    sha256, size = file_digest(path)
+    see RecordScan), all times in Unix seconds.  When the index tells records and event times, or
+    `scanned` does (the records, read as they were compressed), sealing reads the file once, for
+    its digest; else it reads the records back beside it."""
     try:
         raw = index.read_bytes()
     except FileNotFoundError:
         raw = b""
     entries = read_index(raw)
-    if raw and all(entry.records != UNCOUNTED and not math.isnan(entry.first_event)
-                   for entry in entries):
-        records = sum(entry.records for entry in entries)
+    counted = bool(raw) and all(entry.records != UNCOUNTED for entry in entries)
+    indexed = sum(entry.records for entry in entries) if counted else 0
+    if counted and not any(math.isnan(entry.first_event) for entry in entries):
+        sha256, size = file_digest(path)
+        records = indexed
         events = [moment for entry in entries for moment in (entry.first_event, entry.last_event)
                   if moment != NO_EVENTS[0]]
+    elif scanned is not None:
+        sha256, size = file_digest(path)
+        records, events = scanned
     else:
-        records, events = read_back(path)
+        sha256, size, records, events = digest_and_read_back(path, count=not counted)
+        records += indexed
     received = [entry.stamp for entry in entries]
     folder = path.parent.name
     return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
@@ -4919,10 +5002,11 @@ class Housekeeper:
     has one finisher: the files this process closes are its own; of the
     files an earlier run left, each worker takes those of its tag, and the
     first worker (or the only process) those of tags no worker has now.
-    Pushes are answered meanwhile: none of this runs before serving, and
-    gzip and SHA-256 let the serving threads run.  (A lower priority for
-    this thread would stall them: preempted while it holds the GIL, it
-    holds them all.)
+    Pushes are answered meanwhile: none of this runs before serving, gzip
+    and SHA-256 let the serving threads run, and a read back (see
+    read_back) holds the GIL for half a millisecond a piece.  (A lower
+    priority for this thread would stall them: preempted while it holds
+    the GIL, it holds them all.)
     """
 
     def __init__(self, layout: Layout, storage: Optional[Storage] = None, compress: bool = False,
@@ -5042,10 +5126,10 @@ class Housekeeper:
         if not self.compress or path.name.endswith(".gz"):
             self.seal(path, indexed_as=path)
             return
-        compressed = self._compress(path)
+        compressed, scanned = self._compress(path)
         with finishing_lock(compressed) as locked:
             if locked and not self.layout.manifest_path(compressed).exists():
-                self.seal(compressed, indexed_as=path)
+                self.seal(compressed, indexed_as=path, scanned=scanned)
 
     def _removed_if_empty(self, path: Path) -> bool:
         """Removes an empty data file and its index; True when it did."""
@@ -5061,10 +5145,13 @@ class Housekeeper:
         log.info("removed %s: it holds no record", path)
         return True
 
-    def _compress(self, path: Path) -> Path:
-        """Gzips a finished file: temporary file, fsync, rename, then remove the original."""
+    def _compress(self, path: Path) -> Tuple[Path, Tuple[int, List[float]]]:
+        """Gzips a finished file: temporary file, fsync, rename, then remove the original; returns
+        the .gz, and its records and event times, read on the way (so that sealing does not
+        gunzip it again)."""
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
+        scan = RecordScan()
         try:
             with path.open("rb") as source, self.layout.create_file(temp) as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
@@ -5074,6 +5161,7 @@ class Housekeeper:
                             # A stop does not wait for a large file: the next start does it again.
                             raise InterruptedError("stopping")
                         compressed.write(chunk)
+                        scan.feed(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(str(temp), str(target))
@@ -5086,14 +5174,16 @@ class Housekeeper:
         path.unlink()
         fsync_directory(path.parent)
         log.info("compressed %s", target)
-        return target
+        return target, scan.finish()
 
-    def seal(self, path: Path, indexed_as: Path) -> None:
+    def seal(self, path: Path, indexed_as: Path,
+             scanned: Optional[Tuple[int, List[float]]] = None) -> None:
         """Writes the manifest of a finished data file beside it, atomically: what a loader checks
-        before it takes the file (see seal_facts); `indexed_as` is the name its batch index has."""
+        before it takes the file (see seal_facts); `indexed_as` is the name its batch index has,
+        `scanned` its records and event times when they were read already."""
         manifest = self.layout.manifest_path(path)
         temp = manifest.with_name(manifest.name + ".tmp")
-        facts = seal_facts(path, self.layout.index_path(indexed_as), self.clock())
+        facts = seal_facts(path, self.layout.index_path(indexed_as), self.clock(), scanned)
         with self.layout.create_file(temp) as handle:
             handle.write(json.dumps(facts, indent=1).encode("utf-8") + b"\n")
             handle.flush()

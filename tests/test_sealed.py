@@ -7,13 +7,16 @@ import gzip
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
 
 import dsreceiver
 from conftest import ServerProcess, batch_of, open_storage
-from simulator import batch_of_lines, sample_lines
+from simulator import SAMPLE_DEFINITION, batch_of_lines, sample_lines
 
 
 def manifest_of(path: Path) -> Dict[str, Any]:
@@ -139,3 +142,100 @@ def test_files_of_tags_no_worker_has_are_the_first_workers(tmp_path: Path) -> No
     single = dsreceiver.Housekeeper(layout)
     single.queue_earlier_files()
     assert len(single.to_finish) == 3
+
+
+def test_json_records_as_sent_are_read_back_beside_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1764201599.0]
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    # A visitor's query string that looks like a time is no event time: only each record's own time key is.
+    path = storage.store("", batch_of(b'{"reqTimeSec":"1764201500.250","queryStr":"t=9999999999.999"}',
+                                      b'{"reqTimeSec":"1764201400"}')).path
+    storage.store("", batch_of(b'{"reqTimeSec":"1764201450"}'))
+    storage.store("", batch_of(b"1 61234 a-line-without-a-definition 0000000001.000"))
+    now[0] += 2
+    storage.retire_stale()
+    # The digest and the read back meet halfway: were one run after the other, the first would wait in vain.
+    both_running = threading.Barrier(2, timeout=30)
+    digest, read_back = dsreceiver.file_digest, dsreceiver.read_back
+
+    def meeting_digest(path: Path) -> Tuple[str, int]:
+        both_running.wait()
+        return digest(path)
+
+    def meeting_read_back(path: Path, count: bool = True) -> Tuple[int, List[float]]:
+        both_running.wait()
+        return read_back(path, count)
+
+    monkeypatch.setattr(dsreceiver, "file_digest", meeting_digest)
+    monkeypatch.setattr(dsreceiver, "read_back", meeting_read_back)
+    dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0]).finish_files()
+    assert path is not None
+    manifest = manifest_of(path)
+    assert (manifest["records"], manifest["first_event"], manifest["last_event"]) == (4, 1764201400.0, 1764201500.25)
+    assert manifest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    storage.close()
+
+
+def test_converted_structured_records_are_sealed_from_the_index_alone(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1764201599.0]
+    settings = dsreceiver.parse_config(["--output-dir", str(tmp_path), "--stream-config", str(SAMPLE_DEFINITION),
+                                        "--records", "json"])
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    pipeline = dsreceiver.PushPipeline(settings, storage, dsreceiver.StreamCatalog(settings.stream_config, True),
+                                       dsreceiver.Metrics())
+    lines = sample_lines("structured")
+    for start in range(0, len(lines), 250):
+        body = gzip.compress(b"".join(line + b"\n" for line in lines[start:start + 250]))
+        outcome = pipeline.accept(dsreceiver.PushFacts("/ds", "192.0.2.7", True), bytearray(body))
+        assert outcome.result is dsreceiver.PushResult.STORED
+    now[0] += 2
+    storage.retire_stale()
+
+    def read_back(path: Path) -> None:
+        raise AssertionError("the records were read back")
+
+    monkeypatch.setattr(dsreceiver, "read_back", read_back)
+    dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0]).finish_files()
+    [path] = [path for path, _ in storage.layout.data_files()]
+    manifest, records = manifest_of(path), records_of(path)
+    times = [float(json.loads(record)["reqTimeSec"]) for record in records]
+    assert (manifest["records"], manifest["first_event"], manifest["last_event"]) == (len(lines), min(times), max(times))
+    storage.close()
+
+
+def test_a_compressed_file_is_sealed_from_what_its_compression_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1764201599.0]
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    # Records cut across the pieces compression reads: each is counted once, and its time read whole.
+    lines = [b'{"reqTimeSec":"17642014%02d.%03d","pad":"%s"}' % (n % 100, n % 1000, b"x" * (n % 700)) for n in range(6000)]
+    path = storage.store("", batch_of(*lines)).path
+    assert path is not None and path.stat().st_size > 2 * dsreceiver.COPY_CHUNK
+    now[0] += 2
+    storage.retire_stale()
+
+    def read_back(path: Path) -> None:
+        raise AssertionError("the .gz was gunzip'd again")
+
+    monkeypatch.setattr(dsreceiver, "read_back", read_back)
+    dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=lambda: now[0]).finish_files()
+    compressed = dsreceiver.Layout.compressed_path(path)
+    manifest = manifest_of(compressed)
+    assert (manifest["records"], manifest["first_event"], manifest["last_event"]) == (6000, 1764201400.0, 1764201499.999)
+    assert records_of(compressed) == lines
+    storage.close()
+
+
+def test_a_scan_fed_in_any_pieces_finds_what_one_piece_shows() -> None:
+    # Records of many lengths, and a torn last one (no LF): its time is read, it is not counted.
+    data = b"".join(b'{"reqTimeSec":"17642014%02d.%03d","pad":"%s"}\n' % (n % 100, n % 1000, b"x" * (n * 37 % 300))
+                    for n in range(500)) + b'{"reqTimeSec":"1764201300"'
+    for size in (len(data), 4096, 100, 7, 1):
+        scan = dsreceiver.RecordScan()
+        for start in range(0, len(data), size):
+            scan.feed(data[start:start + size])
+        records, events = scan.finish()
+        assert (records, min(events), max(events)) == (500, 1764201300.0, 1764201499.499), size
+    uncounted = dsreceiver.RecordScan(count=False)
+    uncounted.feed(data)
+    assert uncounted.finish()[0] == 0

@@ -4,7 +4,6 @@ the open-file limit is raised and shared so that no load runs a process out of d
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -90,30 +89,6 @@ def test_a_file_another_process_finishes_is_left_to_it(tmp_path: Path) -> None:
     again.to_finish.append(path)
     again.finish_files()
     assert manifest_of(path)["sealed_at"] == sealed_at and housekeeper.to_finish == [] == again.to_finish
-
-
-def test_sealing_takes_records_and_event_times_from_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1764201599.0]
-    storage = open_storage(tmp_path, clock=lambda: now[0])
-    # A visitor's query string that looks like a time is no event time: only each record's own time key is.
-    path = storage.store("", batch_of(b'{"reqTimeSec":"1764201500.250","queryStr":"t=9999999999.999"}',
-                                      b'{"reqTimeSec":"1764201400"}')).path
-    storage.store("", batch_of(b'{"reqTimeSec":"1764201450"}'))
-    storage.store("", batch_of(b"1 61234 a-line-without-a-definition 0000000001.000"))
-    now[0] += 2
-    storage.retire_stale()
-    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0])
-
-    def read_back(path: Path) -> None:
-        raise AssertionError("the records were read back")
-
-    monkeypatch.setattr(dsreceiver, "read_back", read_back)
-    housekeeper.finish_files()
-    assert path is not None
-    manifest = manifest_of(path)
-    assert (manifest["records"], manifest["first_event"], manifest["last_event"]) == (4, 1764201400.0, 1764201500.25)
-    assert manifest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    storage.close()
 
 
 def test_an_index_of_format_2_is_read_as_it_is_and_its_file_read_back_when_sealed(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def midgress_document(**changes: Any) -> Dict[str, Any]:
 
 def converted(definition: dsreceiver.StreamDefinition, lines: List[bytes]) -> List[bytes]:
     """What the converter's hot loop makes of `lines`, checking that every one fitted."""
-    out, unfit, _ = dsreceiver.StructuredConverter(definition).convert_lines(list(lines))
+    out, unfit, _, _ = dsreceiver.StructuredConverter(definition).convert_lines(list(lines))
     assert unfit == 0
     return out
 
@@ -213,6 +213,20 @@ def test_caret_is_a_value_and_dash_is_left_out() -> None:
     definition = dsreceiver.StreamDefinition("70090", None, ("accLang", "cookie", "overheadBytes"), b" ")
     [record] = converted(definition, [b"3 70090 ^ - ^"])
     assert json.loads(record) == {"version": "3", "streamId": "70090", "accLang": "^", "overheadBytes": "^"}
+
+
+def test_the_converter_tells_the_event_range_only_when_every_time_is_one() -> None:
+    definition = dsreceiver.StreamDefinition("70092", None, ("cp", "reqTimeSec"), b" ")
+    converter = dsreceiver.StructuredConverter(definition)
+    times = [b"3 70092 1 1764200000.507", b"3 70092 1 1764199990.000", b"3 70092 1 1764200010.250"]
+    assert converter.convert_lines(times)[3] == (1764199990.0, 1764200010.25)
+    # A value that is no time within the range is no event time, as when the JSON records are read back.
+    assert converter.convert_lines(times + [b"3 70092 1 17642"])[3] == (1764199990.0, 1764200010.25)
+    # A time left out ('-') or not one at an edge, or another layout among the lines: read back when sealed.
+    for odd in (b"3 70092 1 -", b"3 70092 1 9", b"3 70092 1 1764200000.1 extra"):
+        assert converter.convert_lines(times + [odd])[3] is None
+    assert dsreceiver.StructuredConverter(
+        dsreceiver.StreamDefinition("70093", None, ("cp",), b" ")).convert_lines([b"3 70093 1"])[3] == (0.0, 0.0)
 
 
 def test_a_tab_stream_splits_on_tab_only() -> None:
