@@ -4862,77 +4862,150 @@ def file_digest(path: Path) -> Tuple[str, int]:
     return digest.hexdigest(), size
 
 
-class RecordScan:
-    """Finds the event times in the records of a data file and counts them (unless `count` is
-    False: the index counted them), fed its bytes piece by piece: what sealing needs when the
-    batch index does not tell (JSON records as sent, a pruned index, an older format).  A piece's
-    times are read by the time key its first record has (any, when it has none); a piece without
-    a '"' holds no JSON record."""
+# A byte range of a data file: [start, end).
+Span = Tuple[int, int]
 
-    def __init__(self, count: bool = True) -> None:
+
+class SealPlan(NamedTuple):
+    """What a data file's batch index tells its manifest, and what sealing must read back."""
+
+    # The records the index counts; None when it does not count them all (format 1, no index).
+    records: Optional[int]
+    # The event times of the batches whose range the index keeps.
+    events: List[float]
+    # The batches whose event times must be read, as byte ranges of the records; None: the whole
+    # file, as one batch (no index).
+    spans: Optional[List[Span]]
+
+
+def seal_plan(raw: bytes) -> SealPlan:
+    """The SealPlan of a batch index's bytes ('' when there is none)."""
+    if not raw:
+        return SealPlan(None, [], None)
+    entries = read_index(raw)
+    counted = all(entry.records != UNCOUNTED for entry in entries)
+    events: List[float] = []
+    spans: List[Span] = []
+    start = 0
+    for entry in entries:
+        if math.isnan(entry.first_event):
+            spans.append((start, entry.end))
+        else:
+            events += [moment for moment in (entry.first_event, entry.last_event)
+                       if moment != NO_EVENTS[0]]
+        start = entry.end
+    return SealPlan(sum(entry.records for entry in entries) if counted else None, events, spans)
+
+
+class RecordScan:
+    """Finds the event times in a data file's records and counts them (unless `count` is False:
+    the index counted them), fed the file's bytes piece by piece, each read where it lies.  Times
+    are read in `spans` (the batches the index does not tell; None: the whole file as one batch),
+    each batch's by the time key of EVENT_TIME_KEYS its first record has, as a push's would be:
+    none when that record is no JSON object (STRUCTURED records as sent say nothing a visitor
+    could not have written)."""
+
+    def __init__(self, count: bool = True, spans: Optional[Sequence[Span]] = None) -> None:
         self.count = count
+        self.spans = list(spans) if spans is not None else [(0, sys.maxsize)]
+        # The first span not yet read to its end, and its batch's time key.
+        self.span = 0
+        self.pattern: Optional[re.Pattern[bytes]] = None
         self.records = 0
         self.events: List[float] = []
-        # The start of a record the last piece cut.
-        self.carry = b""
+        # The start of a record the pieces cut, in pieces (a long record is joined once).
+        self.carry: List[bytes] = []
+        self.carried = 0
+        # The file offset of the next byte fed.
+        self.fed = 0
 
     def feed(self, chunk: bytes) -> None:
-        """Reads the records that `chunk` ends, in place (only a record the last piece cut is
-        copied whole); the rest waits for the next piece."""
+        """Reads the records that `chunk` ends, in place (only a record the pieces cut is copied
+        whole); the rest waits for the next piece."""
+        base, self.fed = self.fed, self.fed + len(chunk)
         start = 0
-        if self.carry:
+        if self.carried:
             start = chunk.find(b"\n") + 1
             if not start:
-                self.carry += chunk
+                self.carry.append(chunk)
+                self.carried += len(chunk)
                 return
-            joined = self.carry + chunk[:start]
-            self._scan(joined, 0, len(joined))
+            record = b"".join(self.carry) + chunk[:start]
+            self._scan(record, 0, len(record), base - self.carried)
+            self.carry, self.carried = [], 0
         cut = chunk.rfind(b"\n", start) + 1
         if cut > start:
-            self._scan(chunk, start, cut)
-        self.carry = chunk[max(cut, start):]
+            self._scan(chunk, start, cut, base)
+        if len(chunk) > max(cut, start):
+            self.carry.append(chunk[max(cut, start):])
+            self.carried += len(chunk) - max(cut, start)
 
     def finish(self) -> Tuple[int, List[float]]:
-        """The records counted and the event times found (a torn last record, without its LF, is
-        not counted; its time is read)."""
-        if self.carry:
-            self._scan(self.carry, 0, len(self.carry))
-            self.carry = b""
+        """The records counted (0 unless `count`) and the event times found (a torn last record,
+        without its LF, is not counted; its time is read)."""
+        if self.carried:
+            record = b"".join(self.carry)
+            self._scan(record, 0, len(record), self.fed - self.carried)
+            self.carry, self.carried = [], 0
         return self.records, self.events
 
-    def _scan(self, data: bytes, start: int, end: int) -> None:
+    def _scan(self, data: bytes, start: int, end: int, base: int) -> None:
+        """Reads data[start:end], whole records at file offset base + start."""
         if self.count:
             self.records += data.count(b"\n", start, end)
-        if data.find(b'"', start, end) < 0:
-            return
-        first_end = data.find(b"\n", start, end)
-        first = data[start:first_end if first_end >= 0 else end]
-        keyed = [pattern for pattern in RECORD_TIME_RES if pattern.search(first)][:1]
-        for pattern in keyed or RECORD_TIME_RES:
-            self.events += [moment for moment in times_range(pattern.findall(data, start, end))
-                            if moment != NO_EVENTS[0]]
+        here, stop = base + start, base + end
+        while self.span < len(self.spans):
+            first, last = self.spans[self.span]
+            if first >= stop:
+                return
+            low, high = max(first, here) - base, min(last, stop) - base
+            if low < high:
+                if first >= here:
+                    self.pattern = record_time_pattern(data, low, high)
+                if self.pattern is not None:
+                    self.events += [moment for moment in times_range(
+                        self.pattern.findall(data, low, high)) if moment != NO_EVENTS[0]]
+            if last > stop:
+                return
+            self.span += 1
 
 
-def read_back(path: Path, count: bool = True) -> Tuple[int, List[float]]:
+def record_time_pattern(data: bytes, start: int, end: int) -> Optional[re.Pattern[bytes]]:
+    """The RECORD_TIME_RES pattern of the time key the record at data[start:] has; None when it is
+    no JSON object or has none."""
+    if data[start:start + 1] != b"{":
+        return None
+    newline = data.find(b"\n", start, end)
+    first = data[start:newline if newline >= 0 else end]
+    return next((pattern for pattern in RECORD_TIME_RES if pattern.search(first)), None)
+
+
+def read_back(path: Path, count: bool = True, spans: Optional[Sequence[Span]] = None
+              ) -> Tuple[int, List[float]]:
     """The records of a data file (gunzip'd when it ends in .gz; 0 unless `count`) and the event
-    times found in them, by reading them (see RecordScan)."""
-    scan = RecordScan(count)
+    times found in `spans` of them, by reading them (see RecordScan).  A damaged .gz raises
+    OSError, as an unreadable file does."""
+    scan = RecordScan(count, spans)
     with (gzip.open(str(path), "rb") if path.name.endswith(".gz") else path.open("rb")) as handle:
-        for chunk in iter(lambda: handle.read(READ_BACK_CHUNK), b""):
-            scan.feed(chunk)
+        try:
+            for chunk in iter(lambda: handle.read(READ_BACK_CHUNK), b""):
+                scan.feed(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise OSError("damaged gzip data (%s)" % exc) from None
     return scan.finish()
 
 
-def digest_and_read_back(path: Path, count: bool) -> Tuple[str, int, int, List[float]]:
+def digest_and_read_back(path: Path, count: bool, spans: Optional[Sequence[Span]]
+                         ) -> Tuple[str, int, Tuple[int, List[float]]]:
     """file_digest() and read_back() of one file at once, the digest in a thread of its own
     (hashlib lets go of the GIL): it takes about as long as the slower of the two."""
     from concurrent.futures import ThreadPoolExecutor  # here: only a read back needs it
 
     with ThreadPoolExecutor(1, thread_name_prefix="digest") as pool:
         digest = pool.submit(file_digest, path)
-        records, events = read_back(path, count)
+        read = read_back(path, count, spans)
         sha256, size = digest.result()
-    return sha256, size, records, events
+    return sha256, size, read
 
 
 def seal_facts(path: Path, index: Path, now: float,
@@ -4941,27 +5014,24 @@ def seal_facts(path: Path, index: Path, now: float,
     bytes as they are on disk, when its first and last batches were received (from its batch index,
     None once that is pruned), and its earliest and latest event times (each record's own time key:
     see RecordScan), all times in Unix seconds.  When the index tells records and event times, or
-    `scanned` does (the records, read as they were compressed), sealing reads the file once, for
-    its digest; else it reads the records back beside it."""
+    `scanned` tells the rest (a RecordScan of the records as they were compressed, by the same
+    index's SealPlan), sealing reads the file once, for its digest; else it reads the records back
+    beside it (the whole file as one batch when it is a .gz of --store gzip: its index counts
+    compressed bytes)."""
     try:
         raw = index.read_bytes()
     except FileNotFoundError:
         raw = b""
-    entries = read_index(raw)
-    counted = bool(raw) and all(entry.records != UNCOUNTED for entry in entries)
-    indexed = sum(entry.records for entry in entries) if counted else 0
-    if counted and not any(math.isnan(entry.first_event) for entry in entries):
+    plan = seal_plan(raw)
+    if scanned is not None or (plan.records is not None and plan.spans == []):
         sha256, size = file_digest(path)
-        records = indexed
-        events = [moment for entry in entries for moment in (entry.first_event, entry.last_event)
-                  if moment != NO_EVENTS[0]]
-    elif scanned is not None:
-        sha256, size = file_digest(path)
-        records, events = scanned
+        read = scanned or (0, [])
     else:
-        sha256, size, records, events = digest_and_read_back(path, count=not counted)
-        records += indexed
-    received = [entry.stamp for entry in entries]
+        sha256, size, read = digest_and_read_back(
+            path, plan.records is None, None if path.name.endswith(".gz") else plan.spans)
+    records = plan.records if plan.records is not None else read[0]
+    events = plan.events + read[1]
+    received = [entry.stamp for entry in read_index(raw)]
     folder = path.parent.name
     return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
             if folder.startswith("stream=") else None, "records": records,
@@ -5003,10 +5073,10 @@ class Housekeeper:
     files an earlier run left, each worker takes those of its tag, and the
     first worker (or the only process) those of tags no worker has now.
     Pushes are answered meanwhile: none of this runs before serving, gzip
-    and SHA-256 let the serving threads run, and a read back (see
-    read_back) holds the GIL for half a millisecond a piece.  (A lower
-    priority for this thread would stall them: preempted while it holds
-    the GIL, it holds them all.)
+    and SHA-256 let the serving threads run, and reading event times back
+    (see RecordScan) holds the GIL for at most about half a millisecond a
+    piece.  (A lower priority for this thread would stall them: preempted
+    while it holds the GIL, it holds them all.)
     """
 
     def __init__(self, layout: Layout, storage: Optional[Storage] = None, compress: bool = False,
@@ -5117,6 +5187,8 @@ class Housekeeper:
                 self.to_finish.append(path)
             except OSError as exc:
                 log.error("cannot finish %s (left as it is): %s", path, describe_os_error(exc))
+            except Exception:  # one file's surprise never keeps the others unsealed
+                log.exception("cannot finish %s (left as it is)", path)
 
     def _finish(self, path: Path) -> None:
         """Removes an empty file, or gzips (with --compress-rotated) and seals one not yet
@@ -5147,11 +5219,14 @@ class Housekeeper:
 
     def _compress(self, path: Path) -> Tuple[Path, Tuple[int, List[float]]]:
         """Gzips a finished file: temporary file, fsync, rename, then remove the original; returns
-        the .gz, and its records and event times, read on the way (so that sealing does not
-        gunzip it again)."""
+        the .gz, and what sealing would read back of it, read on the way (see seal_facts)."""
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
-        scan = RecordScan()
+        try:
+            plan = seal_plan(self.layout.index_path(path).read_bytes())
+        except FileNotFoundError:
+            plan = seal_plan(b"")
+        scan = RecordScan(plan.records is None, plan.spans)
         try:
             with path.open("rb") as source, self.layout.create_file(temp) as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -162,9 +162,10 @@ def test_json_records_as_sent_are_read_back_beside_the_digest(tmp_path: Path, mo
         both_running.wait()
         return digest(path)
 
-    def meeting_read_back(path: Path, count: bool = True) -> Tuple[int, List[float]]:
+    def meeting_read_back(path: Path, count: bool = True,
+                          spans: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[int, List[float]]:
         both_running.wait()
-        return read_back(path, count)
+        return read_back(path, count, spans)
 
     monkeypatch.setattr(dsreceiver, "file_digest", meeting_digest)
     monkeypatch.setattr(dsreceiver, "read_back", meeting_read_back)
@@ -239,3 +240,69 @@ def test_a_scan_fed_in_any_pieces_finds_what_one_piece_shows() -> None:
     uncounted = dsreceiver.RecordScan(count=False)
     uncounted.feed(data)
     assert uncounted.finish()[0] == 0
+
+
+def test_each_batch_is_read_by_its_own_first_records_time_key_however_the_file_is_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1764201599.0]
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    # An EdgeWorkers log (its first record's key is the batch's: a later record's other key is not read, as
+    # when the push was stored), a security event, and STRUCTURED records as sent whose visitor wrote JSON in
+    # a URL: the last say nothing (only a definition tells which value is their time).
+    path = storage.store("", batch_of(b'{"time":"1764201400000","message":"a"}', b'{"time":"1764201410000"}',
+                                      b'{"reqTimeSec":"1999999999"}')).path
+    storage.store("", batch_of(b'{"httpMessage":{"start":"1764201300"},"time":"1999999999000"}'))
+    storage.store("", batch_of(b'4 61234 1764201450.507 /x?q={"time":"1999999999"} 200',
+                               b'4 61234 1764201451.507 /y?q={"reqTimeSec":"1000000000"} 200'))
+    now[0] += 2
+    storage.retire_stale()
+    assert path is not None
+    facts = []
+    for piece in (1 << 20, 64, 7, 1):
+        monkeypatch.setattr(dsreceiver, "READ_BACK_CHUNK", piece)
+        facts.append(dsreceiver.seal_facts(path, storage.layout.index_path(path), now[0]))
+    assert all((fact["records"], fact["first_event"], fact["last_event"]) == (6, 1764201300.0, 1764201410.0)
+               for fact in facts)
+    storage.close()
+
+
+def test_a_damaged_gz_is_left_unsealed_with_one_line_and_the_others_are_sealed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [1764201599.0]
+    layout = dsreceiver.Layout(tmp_path, store_gzip=True)
+    storage = dsreceiver.Storage(layout, dedupe=dsreceiver.prepare_output(layout, 0.0), clock=lambda: now[0])
+    damaged = storage.store("stream=1111", batch_of(b'{"reqTimeSec":"1764201400"}')).path
+    whole = storage.store("stream=2222", batch_of(b'{"reqTimeSec":"1764201500"}')).path
+    now[0] += 2
+    storage.retire_stale()
+    assert damaged is not None and whole is not None
+    damaged.write_bytes(damaged.read_bytes()[:-9])  # its gzip trailer cut short
+    dsreceiver.Housekeeper(layout, storage, clock=lambda: now[0]).finish_files()
+    assert not dsreceiver.Layout.manifest_path(damaged).exists()
+    assert manifest_of(whole)["last_event"] == 1764201500.0
+    [line] = [record.getMessage() for record in caplog.records if str(damaged) in record.getMessage()]
+    assert "damaged gzip data" in line
+    storage.close()
+
+
+def test_a_surprise_while_finishing_one_file_never_keeps_the_others_unsealed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    now = [1764201599.0]
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    first = storage.store("stream=1111", batch_of(b'{"reqTimeSec":"1764201400"}')).path
+    second = storage.store("stream=2222", batch_of(b'{"reqTimeSec":"1764201500"}')).path
+    now[0] += 2
+    storage.retire_stale()
+    seal_facts = dsreceiver.seal_facts
+
+    def failing_for_the_first(path: Path, *rest: Any) -> Dict[str, Any]:
+        if path == first:
+            raise ValueError("a surprise")
+        return seal_facts(path, *rest)
+
+    monkeypatch.setattr(dsreceiver, "seal_facts", failing_for_the_first)
+    dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0]).finish_files()
+    assert first is not None and second is not None and not dsreceiver.Layout.manifest_path(first).exists()
+    assert manifest_of(second)["last_event"] == 1764201500.0
+    assert [record.levelname for record in caplog.records if str(first) in record.getMessage()] == ["ERROR"]
+    storage.close()
