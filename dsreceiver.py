@@ -5074,7 +5074,7 @@ class Housekeeper:
     first worker (or the only process) those of tags no worker has now.
     Pushes are answered meanwhile: none of this runs before serving, gzip
     and SHA-256 let the serving threads run, and reading event times back
-    (see RecordScan) holds the GIL for at most about half a millisecond a
+    (see RecordScan) holds the GIL for about a quarter of a millisecond a
     piece.  (A lower priority for this thread would stall them: preempted
     while it holds the GIL, it holds them all.)
     """
@@ -5231,7 +5231,8 @@ class Housekeeper:
             with path.open("rb") as source, self.layout.create_file(temp) as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                    compresslevel=ROTATED_GZIP_LEVEL) as compressed:
-                    for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
+                    # Pieces of a read back's size: its scan holds the GIL as briefly.
+                    for chunk in iter(lambda: source.read(READ_BACK_CHUNK), b""):
                         if self.stopped.is_set():
                             # A stop does not wait for a large file: the next start does it again.
                             raise InterruptedError("stopping")
