@@ -2142,7 +2142,6 @@ JSON_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 MAX_DEFINITIONS_FILE = 16 << 20
 JSON_STREAM_ID_RE = re.compile(rb'"(?:streamId|ds2id)"\s*:\s*"?([0-9]{1,12})"?\s*[,}]')
 JSON_VERSION_RE = re.compile(rb'"version"\s*:\s*"?([0-9]{1,6})"?\s*[,}]')
-JSON_REQ_TIME_RE = re.compile(rb'"reqTimeSec"\s*:\s*"?([0-9]{1,12}(?:\.[0-9]{1,6})?)"?')
 JSON_MS_TIME_LINE_RE = re.compile(rb'(?m)^[^\n]*?"reqTimeSec"\s*:\s*"?[0-9]{9,11}\.[0-9]{3}"')
 # version, delimiter, isMidgress (0, 1 or 2) when in second place, stream ID (never 0, 1 or 2).
 STRUCTURED_HEAD_RE = re.compile(rb"([0-9]{1,6})([ \t])(?:([012])\2)?([0-9]{1,12})\2")
@@ -4878,11 +4877,10 @@ class SealPlan(NamedTuple):
     spans: Optional[List[Span]]
 
 
-def seal_plan(raw: bytes) -> SealPlan:
-    """The SealPlan of a batch index's bytes ('' when there is none)."""
-    if not raw:
+def seal_plan(entries: Optional[List[IndexEntry]]) -> SealPlan:
+    """The SealPlan of a batch index's entries (None when there is no index)."""
+    if entries is None:
         return SealPlan(None, [], None)
-    entries = read_index(raw)
     counted = all(entry.records != UNCOUNTED for entry in entries)
     events: List[float] = []
     spans: List[Span] = []
@@ -5022,7 +5020,8 @@ def seal_facts(path: Path, index: Path, now: float,
         raw = index.read_bytes()
     except FileNotFoundError:
         raw = b""
-    plan = seal_plan(raw)
+    entries = read_index(raw) if raw else None
+    plan = seal_plan(entries)
     if scanned is not None or (plan.records is not None and plan.spans == []):
         sha256, size = file_digest(path)
         read = scanned or (0, [])
@@ -5031,7 +5030,7 @@ def seal_facts(path: Path, index: Path, now: float,
             path, plan.records is None, None if path.name.endswith(".gz") else plan.spans)
     records = plan.records if plan.records is not None else read[0]
     events = plan.events + read[1]
-    received = [entry.stamp for entry in read_index(raw)]
+    received = [entry.stamp for entry in entries or []]
     folder = path.parent.name
     return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
             if folder.startswith("stream=") else None, "records": records,
@@ -5223,9 +5222,10 @@ class Housekeeper:
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
         try:
-            plan = seal_plan(self.layout.index_path(path).read_bytes())
+            index = self.layout.index_path(path).read_bytes()
         except FileNotFoundError:
-            plan = seal_plan(b"")
+            index = b""
+        plan = seal_plan(read_index(index) if index else None)
         scan = RecordScan(plan.records is None, plan.spans)
         try:
             with path.open("rb") as source, self.layout.create_file(temp) as raw:
