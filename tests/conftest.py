@@ -373,6 +373,13 @@ def open_storage(root: Path, rotate: str = "hourly", clock: Callable[[], float] 
     return dsreceiver.Storage(layout, dedupe=dedupe, clock=clock, **options)
 
 
+def die(storage: dsreceiver.Storage) -> None:
+    """What the kernel does for a process that dies (killed, crashed) with this storage: its run's lock is let
+    go, and nothing is closed or synced, nor its run ended."""
+    os.close(storage.journal.lock_fd)
+    storage.journal.lock_fd = -1
+
+
 def push_concurrently(server: ServerProcess, batches: Sequence[Batch], chunked_every: int = 0) -> List[int]:
     """Pushes every batch at once, each from its own thread on its own connection (every `chunked_every`-th one
     chunked); returns the statuses in order."""

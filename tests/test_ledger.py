@@ -94,10 +94,15 @@ def test_a_moved_file_and_a_pruned_index_are_each_counted_once(
     assert ledger_totals(output)["61234"]["records"] == 32
     assert len(list((output / ".dsreceiver" / "batches").rglob("*.moved-*.idx"))) == 1
 
-    # Housekeeping, an hour later: both indexes are pruned, their rows kept in summaries.
+    # Housekeeping, an hour later: the stopped server's file is finished, then both indexes are pruned, their rows
+    # kept in summaries.
     layout = dsreceiver.Layout(output)
     later = time.time() + 7200
-    dsreceiver.Housekeeper(layout, dedupe_window=60, clock=lambda: later).prune_indexes()
+    housekeeper = dsreceiver.Housekeeper(layout, dedupe_window=60, clock=lambda: later)
+    housekeeper.queue_earlier_files()
+    housekeeper.finish_files()
+    housekeeper.prune_indexes()
+    housekeeper.stop()
     assert not list(layout.indexes())
     assert len(list(layout.summaries())) == 2
     assert ledger_totals(output)["61234"]["records"] == 32

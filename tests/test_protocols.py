@@ -1,4 +1,4 @@
-"""The commit protocols' state tables (claims, batches, lead), walked in-process: every transition each table allows
+"""The protocols' state tables (claims, batches, lead, runs), walked in-process: every transition each table allows
 is made by the real code, and nothing else is."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any, Callable, Dict, List, Set, Tuple
 import pytest
 
 import dsreceiver
-from conftest import HeldSync, open_storage, wait_until
-from dsreceiver import (BATCH_PROTOCOL, CLAIM_PROTOCOL, LEAD_PROTOCOL, BatchEvent, ClaimEvent, ClaimState, Lead,
-                        LeadEvent, Stored)
+from conftest import HeldSync, die, open_storage, wait_until
+from dsreceiver import (BATCH_PROTOCOL, CLAIM_PROTOCOL, LEAD_PROTOCOL, RUN_PROTOCOL, BatchEvent, ClaimEvent, ClaimState,
+                        Lead, LeadEvent, Stored)
 
 Move = Tuple[str, Any, Any]
 TABLES: Dict[str, Dict[Tuple[Any, Any], Any]] = {"claim": CLAIM_PROTOCOL, "batch": BATCH_PROTOCOL,
-                                                "lead": LEAD_PROTOCOL}
+                                                "lead": LEAD_PROTOCOL, "run": RUN_PROTOCOL}
 
 
 def record_moves(monkeypatch: pytest.MonkeyPatch) -> Set[Move]:
@@ -155,6 +155,16 @@ def test_every_transition_of_every_table_is_walked_by_the_code(tmp_path: Path, m
     assert all(isinstance(result, dsreceiver.StoreResult) for result in results)
     plain.close()
     storage.close()
+
+    # Runs: one that died is recovered once, then adopted; one that stopped cleanly is adopted as it is.
+    dead = dsreceiver.Storage(layout.for_worker(".w1"))
+    left = dead.store("", digest_batch(dead, b"left by a run that died")).path
+    die(dead)
+    assert dsreceiver.recover_ended_runs(layout) == [left]
+    housekeeper = dsreceiver.Housekeeper(layout)
+    housekeeper.adopt_ended_runs()
+    assert len(housekeeper.to_finish) == 2 and layout.run_names() == [housekeeper.journal.name]
+    housekeeper.stop()
 
     expected = {(name, state, event) for name, table in TABLES.items() for state, event in table}
     assert expected - moves == set(), "transitions never made"

@@ -118,20 +118,25 @@ def test_interrupted_compression_is_finished_at_start(tmp_path: Path) -> None:
         ".2025-11-26T21Z.log.gz.sealed.json", ".2025-11-26T22Z.log.gz.sealed.json"]  # no temporary left
 
 
-def test_retention_deletes_old_finished_files_only(tmp_path: Path) -> None:
-    clock = Clock(BEFORE_MIDNIGHT + 10 * 86400)
-    for name, age_days in (("2025-11-20T00Z.log.gz", 7), ("2025-11-25T00Z.log", 2), ("2025-11-24T00Z.log", 3.5)):
-        path = tmp_path / name
-        path.write_bytes(b"x\n")
-        os.utime(str(path), (clock.now - age_days * 86400,) * 2)
+def test_retention_deletes_the_files_sealed_on_days_that_expired_and_never_a_current_one(tmp_path: Path) -> None:
+    clock = Clock(BEFORE_MIDNIGHT)
     storage = open_storage(tmp_path, clock=clock)
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, retention_days=3, clock=clock)
+    old = storage.store("", batch_of(b"old hour")).path
+    clock.now += 2
+    storage.retire_stale()
+    housekeeper.finish_files()  # sealed on 2025-11-27, just after midnight
+    assert old is not None and dsreceiver.Layout.manifest_path(old).exists()
+    clock.now += 3 * 86400
     storage.store("", batch_of(b"current"))
     current = storage.layout.data_path("", storage.layout.period_name(clock.now), 0)
     os.utime(str(current), (clock.now - 30 * 86400,) * 2)  # even an old mtime never deletes the open file
     housekeeper.apply_retention()
+    assert old.exists()  # its day of sealing ended less than 3 days ago
+    clock.now += 86400
+    housekeeper.apply_retention()
     storage.close()
-    assert names(tmp_path) == sorted(["2025-11-25T00Z.log", current.name])
+    assert names(tmp_path) == [current.name]
 
 
 def test_compression_runs_within_seconds_in_the_server(start_server: Callable[..., ServerProcess]) -> None:

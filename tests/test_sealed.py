@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -84,23 +83,26 @@ def test_store_gzip_files_are_counted_through_their_members(tmp_path: Path) -> N
     assert manifest_of(path)["records"] == 12 and manifest_of(path)["stream"] == "70077"
 
 
-def test_retention_deletes_a_manifest_with_its_file_and_restart_clears_a_torn_one(tmp_path: Path) -> None:
+def test_retention_deletes_a_manifest_with_its_file_and_no_torn_manifest_is_left(tmp_path: Path) -> None:
     layout = dsreceiver.Layout(tmp_path)
     dsreceiver.prepare_output(layout, 0)
-    old = tmp_path / "2025-01-01T00Z.log"
+    old = tmp_path / "2025-01-01T00Z.log"  # an earlier version's, whose seal was cut short
     old.write_bytes(b"old\n")
-    housekeeper = dsreceiver.Housekeeper(layout, retention_days=30)
-    housekeeper.queue_earlier_files()
-    housekeeper.finish_files()
-    assert manifest_of(old)["records"] == 1
-    torn = dsreceiver.Layout.manifest_path(tmp_path / "2025-01-02T00Z.log")
+    torn = dsreceiver.Layout.manifest_path(old)
     torn = torn.with_name(torn.name + ".tmp")
     torn.write_bytes(b'{"format": 1, "rec')
-    dsreceiver.recover_output(layout)
-    assert not torn.exists()
-    os.utime(str(old), (time.time() - 40 * 86400,) * 2)
+    now = [time.time()]
+    housekeeper = dsreceiver.Housekeeper(layout, retention_days=30, clock=lambda: now[0])
+    housekeeper.queue_earlier_files()
+    housekeeper.finish_files()
+    assert manifest_of(old)["records"] == 1 and not torn.exists()
+    now[0] += 30 * 86400  # sealed today, and today is not 30 days gone yet
+    housekeeper.apply_retention()
+    assert old.exists()
+    now[0] += 86400
     housekeeper.apply_retention()
     assert not old.exists() and not dsreceiver.Layout.manifest_path(old).exists()
+    housekeeper.stop()
 
 
 def test_an_earlier_runs_file_is_never_appended_to_and_is_sealed_by_its_owner(tmp_path: Path) -> None:
@@ -127,21 +129,31 @@ def test_an_earlier_runs_file_is_never_appended_to_and_is_sealed_by_its_owner(tm
     assert second.read_bytes() == b"after the restart\n"
 
 
-def test_files_of_tags_no_worker_has_are_the_first_workers(tmp_path: Path) -> None:
+def test_runs_of_tags_no_worker_has_are_the_first_workers(tmp_path: Path) -> None:
     layout = dsreceiver.Layout(tmp_path)
     dsreceiver.prepare_output(layout, 0)
-    for name in ("2025-01-01T00Z.log", "2025-01-01T00Z.w1.log", "2025-01-01T00Z.w3.log"):
-        (tmp_path / name).write_bytes(b"x\n")
+    # A single process's run, then runs of workers 1 and 3, each leaving an unfinished file.
+    for tag in ("", ".w1", ".w3"):
+        storage = dsreceiver.Storage(layout.for_worker(tag))
+        storage.store("", batch_of(b"x"))
+        storage.close()
     queued = {}
+    keepers = []
     for tag in (".w1", ".w2"):
         housekeeper = dsreceiver.Housekeeper(layout.for_worker(tag), tags=[".w1", ".w2"])
         housekeeper.queue_earlier_files()
-        queued[tag] = sorted(path.name for path in housekeeper.to_finish)
-    assert queued == {".w1": ["2025-01-01T00Z.log", "2025-01-01T00Z.w1.log", "2025-01-01T00Z.w3.log"],
-                      ".w2": []}
+        queued[tag] = sorted(path.name.split(".", 1)[1] for path in housekeeper.to_finish)
+        keepers.append(housekeeper)
+    assert queued == {".w1": ["log", "w1.log", "w3.log"], ".w2": []}
+    for housekeeper in keepers:
+        housekeeper.stop()  # before finishing them: the files pass on with worker 1's run
     single = dsreceiver.Housekeeper(layout)
     single.queue_earlier_files()
-    assert len(single.to_finish) == 3
+    left = list(single.to_finish)
+    assert len(left) == 3
+    single.finish_files()
+    assert all(manifest_of(path)["records"] == 1 for path in left) and single.to_finish == []
+    single.stop()
 
 
 def test_json_records_as_sent_are_read_back_beside_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,14 +170,14 @@ def test_json_records_as_sent_are_read_back_beside_the_digest(tmp_path: Path, mo
     both_running = threading.Barrier(2, timeout=30)
     digest, read_back = dsreceiver.file_digest, dsreceiver.read_back
 
-    def meeting_digest(path: Path) -> Tuple[str, int]:
+    def meeting_digest(path: Path, stopped: Optional[threading.Event] = None) -> Tuple[str, int]:
         both_running.wait()
-        return digest(path)
+        return digest(path, stopped)
 
-    def meeting_read_back(path: Path, count: bool = True,
-                          spans: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[int, List[float]]:
+    def meeting_read_back(path: Path, count: bool = True, spans: Optional[Sequence[Tuple[int, int]]] = None,
+                          stopped: Optional[threading.Event] = None) -> Tuple[int, List[float]]:
         both_running.wait()
-        return read_back(path, count, spans)
+        return read_back(path, count, spans, stopped)
 
     monkeypatch.setattr(dsreceiver, "file_digest", meeting_digest)
     monkeypatch.setattr(dsreceiver, "read_back", meeting_read_back)

@@ -240,27 +240,29 @@ def test_5000_streams_under_a_1024_limit_are_all_stored(start_server: Callable[.
 
 
 
-def test_a_file_created_while_the_earlier_files_are_listed_is_never_finished(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_created_while_an_earlier_versions_folder_is_walked_is_never_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = open_storage(tmp_path / "out")
-    earlier_run(tmp_path / "out", ["2025-01-01T00Z.log"], lines=3)
+    earlier_run(tmp_path / "out", ["2025-01-01T00Z.log"], lines=3)  # an earlier version's: no journal
+    (tmp_path / "out" / "stream=70001").mkdir()
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True)
-    real = dsreceiver.Layout.data_files
+    real_walk = os.walk
 
-    def listing_while_a_push_arrives(layout: dsreceiver.Layout, compressed: bool = False
-                                     ) -> Iterator[Tuple[Path, dsreceiver.DataName]]:
-        for found in real(layout, compressed):
+    def walk_while_a_push_arrives(top: str, topdown: bool = True) -> Iterator[Tuple[str, List[str], List[str]]]:
+        for step, found in enumerate(real_walk(top, topdown)):
+            if step == 0:  # the root is listed; the stream's folder, walked next, gets a file now
+                storage.store("stream=70001", batch_of(b"the first push after the start"))
             yield found
-            storage.store("", batch_of(b"the first push after the start"))  # while the listing runs
 
-    monkeypatch.setattr(dsreceiver.Layout, "data_files", listing_while_a_push_arrives)
+    monkeypatch.setattr(os, "walk", walk_while_a_push_arrives)
     housekeeper.queue_earlier_files()
-    monkeypatch.setattr(dsreceiver.Layout, "data_files", real)
+    monkeypatch.setattr(os, "walk", real_walk)
     assert [path.name for path in housekeeper.to_finish] == ["2025-01-01T00Z.log"]
     housekeeper.finish_files()
-    path = storage.store("", batch_of(b"a later push")).path
+    path = storage.store("stream=70001", batch_of(b"a later push")).path
     storage.close()
     assert path is not None and path.read_bytes() == b"the first push after the start\na later push\n"
+    assert storage.layout.listed_mark.exists()
 
 
 def test_a_roll_never_takes_a_number_an_earlier_file_has(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ROOT, HeldSync, ServerProcess, batch_of, open_storage, wait_until
+from conftest import ROOT, HeldSync, ServerProcess, batch_of, die, open_storage, wait_until
 from simulator import Batch, expected_lines, make_batch
 
 
@@ -235,22 +235,32 @@ def test_layout_parses_every_name_it_makes(tmp_path: Path) -> None:
         assert layout.parse(name) is None, name
 
 
-def test_set_aside_indexes_are_read_for_their_worker_after_logrotate_and_sighup(tmp_path: Path) -> None:
-    # What the supervisor reads after a worker dies: the batches that worker stored, from every index it wrote.
+def test_a_dead_workers_batches_are_learnt_from_its_journal_and_a_start_reads_set_aside_indexes(
+        tmp_path: Path) -> None:
     layout = dsreceiver.Layout(tmp_path, tag=".w1")
     dsreceiver.prepare_output(layout, 900)
     storage = dsreceiver.Storage(layout, dedupe=dsreceiver.DedupeIndex(900))
-    batch = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"before the move\n")
-    path = storage.store("", batch).path
-    assert path is not None and batch.digest is not None
-    path.rename(path.with_name(path.name + ".1"))  # logrotate
+    before = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"before the move\n")
+    moved = storage.store("", before).path
+    assert moved is not None and before.digest is not None
+    moved.rename(moved.with_name(moved.name + ".1"))  # logrotate
     assert storage.reopen() == 1  # SIGHUP: the index is set aside under a new name
-    storage.close()
-    [(index, folder, name)] = list(layout.indexes())
-    assert ".moved-" in index.name and folder == "" and name == layout.parse(path.name)
-    learnt = [key for _, key in dsreceiver.indexed_batches(layout, 900, time.time(), ".w1")]
-    assert learnt == [dsreceiver.dedupe_key("", batch.digest)]
-    assert not list(dsreceiver.indexed_batches(layout, 900, time.time(), ".w2"))
+    after = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"after the move\n")
+    current = storage.store("", after).path
+    assert current is not None and after.digest is not None
+    die(storage)
+    # What a restarted worker reads before it serves: the files its predecessor's journal lists.
+    recovered = dsreceiver.recover_ended_runs(layout, ".w1")
+    assert recovered == [current]
+    learnt = [key for _, key in dsreceiver.indexed_batches(layout, 900, time.time(), recovered)]
+    assert learnt == [dsreceiver.dedupe_key("", after.digest)]
+    assert dsreceiver.recover_ended_runs(layout, ".w1") == []  # recovered once
+    assert dsreceiver.recover_ended_runs(layout.for_worker(".w2"), ".w2") == []
+    # A start reads every index touched within the window, the set-aside one included.
+    [(index, folder, name)] = [found for found in layout.indexes() if ".moved-" in found[0].name]
+    assert folder == "" and name == layout.parse(moved.name)
+    everything = sorted(key for _, key in dsreceiver.indexed_batches(layout, 900, time.time()))
+    assert everything == sorted(dsreceiver.dedupe_key("", batch.digest or b"") for batch in (before, after))
 
 
 # -- private files ------------------------------------------------------------------------------------

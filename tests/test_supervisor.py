@@ -13,8 +13,9 @@ from typing import Iterator, List
 import pytest
 
 import dsreceiver
-from conftest import batch_of, wait_until
-from dsreceiver import Claim, ClaimAnswer, Commit, MetricsAnswer, MetricsRequest, Release, SnapshotAnswer, SnapshotRequest
+from conftest import wait_until
+from dsreceiver import (Claim, ClaimAnswer, Commit, MetricsAnswer, MetricsRequest, Recovered, Release, SnapshotAnswer,
+                        SnapshotRequest)
 
 
 class WorkerEnd:
@@ -45,7 +46,8 @@ def supervisor(tmp_path: Path) -> Iterator[dsreceiver.Supervisor]:
     layout = dsreceiver.Layout(tmp_path)
     layout.create()
     listeners = [socket.socket(), socket.socket()]
-    chief = dsreceiver.Supervisor(listeners, layout, dsreceiver.DedupeIndex(900), lambda *args: 0)
+    chief = dsreceiver.Supervisor([[listener] for listener in listeners], layout, dsreceiver.DedupeIndex(900),
+                                  lambda *args: 0)
     yield chief
     for slot in chief.slots:
         slot.ended()
@@ -106,25 +108,45 @@ def test_metrics_are_gathered_from_every_worker_and_merged(supervisor: dsreceive
     assert answer.snapshot.counters == {"records_stored": 7, "worker_restarts": 0}
 
 
-def test_after_an_exit_the_batches_it_stored_are_learnt_before_its_claims_are_released(
-        supervisor: dsreceiver.Supervisor) -> None:
+def test_a_dead_workers_claims_wait_in_doubt_until_its_successor_says_what_its_files_hold(
+        supervisor: dsreceiver.Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = attach(supervisor)
-    # Worker 1 stores a batch and dies before it can send its Commit.
-    storage = dsreceiver.Storage(supervisor.layout.for_worker(supervisor.slots[0].tag), dedupe=dsreceiver.DedupeIndex(900))
-    batch = batch_of(b"stored by worker 1")
-    batch.digest = b"\x01" * 32
-    key = dsreceiver.dedupe_key("", batch.digest)
-    turn(supervisor, 0, Claim(1, key))
-    first.receive()
-    storage.store("", batch)
-    storage.close()
-    turn(supervisor, 1, Claim(9, key))  # DataStream's retry reaches worker 2 meanwhile
-    assert second.receive() == ClaimAnswer(9, "waiting")
-    supervisor.stopping = True  # no restart: this test has no process to fork
+    respawned: List[int] = []
+    monkeypatch.setattr(supervisor, "spawn", lambda slot: respawned.append(slot.index))  # no process to fork
+    # Worker 1 claims two batches, stores one, and dies before it can send either Commit.
+    stored, lost = "-/" + "01" * 32, "-/" + "02" * 32
+    turn(supervisor, 0, Claim(1, stored))
+    turn(supervisor, 0, Claim(2, lost))
+    assert [first.receive(), first.receive()] == [ClaimAnswer(1, "granted"), ClaimAnswer(2, "granted")]
+    turn(supervisor, 1, Claim(8, stored))  # DataStream's retries reach worker 2 meanwhile
+    turn(supervisor, 1, Claim(9, lost))
+    assert [second.receive(), second.receive()] == [ClaimAnswer(8, "waiting"), ClaimAnswer(9, "waiting")]
     supervisor.after_exit(supervisor.slots[0], -9)
     supervisor.flush_outbox()
-    assert supervisor.slots[0].channel is None and supervisor.owners == {}
-    assert second.receive() == ClaimAnswer(9, "duplicate")  # a duplicate: it is never stored twice
+    # The supervisor read no file: the retries wait, in doubt, and the live worker's other claims are answered.
+    assert respawned == [0] and second.nothing_waiting()
+    turn(supervisor, 1, Claim(10, "-/fresh"))
+    assert second.receive() == ClaimAnswer(10, "granted")
+    # The restarted worker recovered its predecessor's files: the stored batch is there, the other is not.
+    ours, theirs = socket.socketpair()
+    supervisor.slots[0].started(0, dsreceiver.ControlChannel(ours))
+    turn(supervisor, 0, Recovered([(time.time(), stored)]))
+    answers = {second.receive(), second.receive()}
+    assert answers == {ClaimAnswer(8, "duplicate"), ClaimAnswer(9, "granted")}  # never stored twice, never lost
+    assert supervisor.owners == {"-/fresh": 1, lost: 1} and supervisor.slots[0].doubtful == set()
+    theirs.close()
+
+
+def test_a_worker_that_dies_while_stopping_has_its_claims_released(supervisor: dsreceiver.Supervisor) -> None:
+    first, second = attach(supervisor)
+    turn(supervisor, 0, Claim(1, "-/batch"))
+    first.receive()
+    turn(supervisor, 1, Claim(9, "-/batch"))
+    assert second.receive() == ClaimAnswer(9, "waiting")
+    supervisor.stopping = True  # nobody will recover its files now: the next start learns what was stored
+    supervisor.after_exit(supervisor.slots[0], -9)
+    supervisor.flush_outbox()
+    assert second.receive() == ClaimAnswer(9, "granted") and supervisor.owners == {"-/batch": 1}
 
 
 def test_after_an_exit_nothing_waits_for_its_snapshot(supervisor: dsreceiver.Supervisor) -> None:
