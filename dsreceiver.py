@@ -6719,6 +6719,8 @@ class ConnectionHandler:
         # True while no request is being served: in the handshake, the head, or between requests.
         self.waiting = True
         self.waiting_since = time.monotonic()
+        # Requests answered: a connection that has none yet is about to send one.
+        self.answered = 0
         # Whether it counts against --max-client-connections.
         self.counted = False
         self.reader = ClientReader(sock)
@@ -6846,8 +6848,11 @@ class ConnectionHandler:
         finally:
             self.server.inflight.release(exchange.reserved)
         self.log_request(exchange, status)
+        self.answered += 1
         self.server.set_waiting(self, True)
-        if close or self.server.is_stopping():
+        # What the answer said, and nothing else: closing a connection answered keep-alive (a stop
+        # that began meanwhile) would reset the client's next request (see shutdown).
+        if close:
             if exchange.body_pending():
                 self.linger()
             return False
@@ -7876,19 +7881,22 @@ class ReceiverServer:
             if not self.connections:
                 self.all_closed.notify_all()
 
-    def shutdown(self, timeout: float) -> bool:
+    def shutdown(self, timeout: float, keep_listening: bool = False) -> bool:
         """Stops accepting, closes idle connections, waits for in-flight requests; False if some
-        remain.
+        remain.  With `keep_listening` (an upgrade hands them over) the sockets stay open.
 
         Keep-alive connections get DRAIN_GRACE to send their next request,
         answered with Connection: close: a connection closed as its client
         sends would be a reset it has to retry.  Those still idle then are
-        closed.  The sockets stay open wherever another process holds them
-        (systemd's socket, an upgrade's new process), so nothing is refused.
+        closed; a new connection, whose client is about to send its first
+        request, is closed only at the deadline.  The sockets stay open
+        wherever another process holds them (systemd's socket, an upgrade's
+        new process), so nothing is refused.
         """
         self.stopping.set()
-        for listener in self.listeners:
-            listener.close()
+        if not keep_listening:
+            for listener in self.listeners:
+                listener.close()
         started = time.monotonic()
         deadline, grace = started + timeout, started + min(DRAIN_GRACE, timeout)
         with self.lock:
@@ -7897,15 +7905,14 @@ class ReceiverServer:
         self.closing_idle.set()
         self.parked.wake()
         with self.lock:
-            for handler in list(self.connections):
-                handler.interrupt_if_waiting()
             while self.connections:
+                for handler in list(self.connections):
+                    if handler.answered:
+                        handler.interrupt_if_waiting()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self.all_closed.wait(min(remaining, 0.5))
-                for handler in list(self.connections):
-                    handler.interrupt_if_waiting()
         return True
 
 
@@ -10022,7 +10029,8 @@ def serve_until_stopped(settings: Settings, layout: Layout, listeners: Sequence[
     log.info("%s: finishing in-flight requests (up to %gs)", "received signal %d"
              % signals.stop_signal if signals.stop_signal is not None else "handing over",
              settings.shutdown_timeout)
-    finished = server.shutdown(settings.shutdown_timeout)
+    finished = server.shutdown(settings.shutdown_timeout, handover is not None
+                               and handover.state is HandoverState.HANDING_OVER)
     server.noisy_log.log_summary("since the last summary (stopping)")
     housekeeper.stop()
     storage.close()

@@ -112,8 +112,10 @@ class ServerProcess:
 
     def __init__(self, workdir: Path, args: Sequence[str], env: Dict[str, str], python: str,
                  client_context: Optional[ssl.SSLContext], script: Path = DSRECEIVER,
-                 nofile: Optional[Tuple[int, int]] = None) -> None:
+                 nofile: Optional[Tuple[int, int]] = None, pass_fds: Sequence[int] = ()) -> None:
         self.workdir = workdir
+        # Descriptors it inherits (a listening socket that outlives it, as systemd's does).
+        self.pass_fds = tuple(pass_fds)
         # The (soft, hard) open-file limit it starts with, as a shell's `ulimit -n` would set it.
         self.nofile = nofile
         self.script = script
@@ -142,7 +144,8 @@ class ServerProcess:
             self.process = subprocess.Popen(self.command() + self.args, cwd=str(self.workdir),
                                             env=self.env, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=self._limit_files if self.nofile else None)
+                                            preexec_fn=self._limit_files if self.nofile else None,
+                                            pass_fds=self.pass_fds)
         if wait:
             match = self.wait_for_log(LISTENING_RE, timeout=timeout)
             self.scheme, self.port = match.group(1), int(match.group(3))
@@ -266,13 +269,14 @@ def status_of(response: bytes) -> int:
 @pytest.fixture
 def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
                  ) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: start_server(*args, env=, python=, tls=, wait=, workdir=, output_dir=, host=, script=) -> ServerProcess."""
+    """Factory: start_server(*args, env=, python=, tls=, wait=, workdir=, output_dir=, host=, script=, nofile=,
+    pass_fds=) -> ServerProcess."""
     started: List[ServerProcess] = []
 
     def start(*args: str, env: Optional[Dict[str, str]] = None, python: str = sys.executable, tls: bool = True,
               wait: bool = True, workdir: Optional[Path] = None, output_dir: Optional[Path] = None,
               host: Optional[str] = "127.0.0.1", script: Path = DSRECEIVER,
-              nofile: Optional[Tuple[int, int]] = None) -> ServerProcess:
+              nofile: Optional[Tuple[int, int]] = None, pass_fds: Sequence[int] = ()) -> ServerProcess:
         folder = workdir or tmp_path
         folder.mkdir(parents=True, exist_ok=True)
         # One process unless a test asks for workers: file names and order stay predictable.
@@ -283,7 +287,7 @@ def start_server(tmp_path: Path, cert_dir: Path, client_context: ssl.SSLContext
             base += ["--cert", str(cert_dir / "fullchain.pem"), "--key", str(cert_dir / "privkey.pem")]
         full_env = {key: value for key, value in os.environ.items() if not key.startswith("DSRECEIVER_")}
         full_env.update(env or {})
-        server = ServerProcess(folder, base + list(args), full_env, python, client_context, script, nofile)
+        server = ServerProcess(folder, base + list(args), full_env, python, client_context, script, nofile, pass_fds)
         started.append(server)
         return server.start(wait=wait)
 
