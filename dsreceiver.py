@@ -76,8 +76,10 @@ One push through them:
                   event range when known) written, one fdatasync pair, the claims committed or
                   released, each push woken once, the lead handed on
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
-Every name under --output-dir comes from Layout.  At start only recovery runs before serving; the
-files an earlier run left are finished in the background (see Housekeeper).
+Every name under --output-dir comes from Layout.  Start-up (prepare_output) recovers only the files
+of processes that died, from their run journals (see RUN_PROTOCOL), whatever the folder keeps; what
+ended runs left unfinished is finished in the background (see Housekeeper).  Listening sockets can
+outlive the process (systemd's socket activation, the SIGUSR2 upgrade: see Handover).
 """
 
 from __future__ import annotations
@@ -277,11 +279,15 @@ commands:
 signals:
   SIGTERM, SIGINT   finish in-flight requests, sync, exit 0
   SIGHUP            reload the certificate and credential files, reopen moved output files
+  SIGUSR2           upgrade in place: start the file on disk beside this process, hand it the
+                    listening sockets, then re-execute under the same PID; nothing is refused
 
 environment:
   %-29s user:password[,user:password...] accepted by Basic auth
   %-29s accepted values of --auth-header, comma-separated
   %-29s accepted values of --auth-query-param, comma-separated
+  LISTEN_FDS, LISTEN_PID        systemd's socket activation (contrib/dsreceiver.socket): serve on
+                                the sockets it passes; --host and --port are then not used
 
 Secrets are never taken from the command line, where `ps` would show them.
 Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of receipt;
@@ -397,8 +403,8 @@ def build_parser() -> ArgumentParser:
     storage.add_argument("--compress-rotated", action="store_true",
                          help="gzip each file once it is finished (default: off)")
     storage.add_argument("--retention-days", type=positive_seconds, default=None, metavar="DAYS",
-                         help="delete finished files last written more than DAYS ago (default: keep"
-                         " all)")
+                         help="delete sealed files once the UTC day they were sealed on ended more"
+                         " than DAYS ago (default: keep all)")
     storage.add_argument("--dedupe-window", type=non_negative_seconds, default=360.0,
                          metavar="SECONDS",
                          help="answer a retry of a batch stored this recently with 200 without"

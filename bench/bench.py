@@ -3,7 +3,7 @@
 Each (server, scenario) pair runs on a fresh server; every request body is unique, and after each run the
 stored lines are counted against what was acknowledged.  Writes the table to stdout and BENCHMARKS.md.
 
-Three more scenarios run only when named (--scenarios RSP), for dsreceiver and --baseline only (the
+More scenarios run only when named (--scenarios RSPGKUH), for dsreceiver and --baseline only (the
 peers neither seal nor finish files), each taking minutes on a 2-core machine:
 
   R  restart: seconds from exec to the first 200 over --restart-mb MB of this hour's files that an
@@ -15,6 +15,14 @@ peers neither seal nor finish files), each taking minutes on a 2-core machine:
   P  p99 of pushes paced at --push-rate a second over 8 connections while the server gzips and seals
      a --seal-file-mb MB past-hour file left in its folder (--compress-rotated), against the same
      load without that file.  Latency counts from each push's scheduled time (open loop).
+  G  at any age: exec to the first 200, and SIGTERM to exit, over the folder of a receiver that ran
+     for a month (20,000 finished files) and for seven months (1,000,000), with 2 workers and 1.
+  K  the longest push of 4 uploaders (every 20 ms) from a worker's SIGKILL on, over 20,000 files.
+  U  refused, reset, lost, doubled and the longest gap between 200s of 4 uploaders across a restart,
+     a restart with the socket held (systemd's socket unit), and an upgrade by SIGUSR2.
+  H  p99 of paced pushes over 1,000,000 files, housekeeping passes included, against a new folder.
+The aged folders (bench/aged_folder.py) are written once into --aged-dir and mounted under an overlay
+for each run (copied where overlays cannot be mounted), so no run changes them.
 
 e.g. bench/bench.py --scenarios RSP --baseline /tmp/dsreceiver-old.py --output /tmp/report.md
 """
@@ -44,7 +52,7 @@ import time
 import types
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -143,17 +151,20 @@ class Server:
     """One server under test in its own folder; `stored_lines()` counts what it wrote."""
 
     def __init__(self, kind: str, workdir: Path, cert: Path, key: Path, extra: Sequence[str] = (),
-                 script: Path = ROOT / "dsreceiver.py", reuse_output: bool = False, wait: bool = True) -> None:
+                 script: Path = ROOT / "dsreceiver.py", reuse_output: bool = False, wait: bool = True,
+                 port: Optional[int] = None, launch: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> None:
         """`reuse_output`: serve the output folder an earlier server (or the bench) left in `workdir`;
-        `wait`: return only once the port is open (scenario R measures that itself)."""
+        `wait`: return only once the port is open (scenario R measures that itself); `port`: that one, not a free
+        one; `launch`: arguments of `script` before dsreceiver's (a launcher's); `pass_fds`: descriptors it
+        inherits (a socket held across restarts)."""
         self.kind = kind
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.output = workdir / "out"
         self.output.mkdir(parents=True, exist_ok=reuse_output)
         log = (workdir / "server.log").open("ab")
         if kind.startswith("dsreceiver"):
-            command = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(self.port),
+            command = [sys.executable, str(script), *launch, "--host", "127.0.0.1", "--port", str(self.port),
                        "--cert", str(cert), "--key", str(key), "--output-dir", str(self.output),
                        "--log-level", "warning", *extra]
         elif kind == "flask":
@@ -179,7 +190,7 @@ class Server:
         # When the server was exec'd (scenario R measures from here).
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
-                                        env=environment)
+                                        env=environment, pass_fds=tuple(pass_fds))
         log.close()
         if wait:
             wait_for_port(self.port, self.process)
@@ -396,6 +407,17 @@ LIFECYCLE_SCENARIOS = {
     "P": "p99 of pushes paced at --push-rate a second over 8 connections (1 MB JSON gzip'd) while the "
          "server gzips and seals a --seal-file-mb MB past-hour file left in its folder (--compress-rotated, "
          "2 workers), against the same load without that file",
+    "G": "exec to the first 200, and SIGTERM to exit, over the folder of a receiver that ran for long "
+         "(bench/aged_folder.py: 20,000 finished files of 14 streams, a month; 1,000,000 of 100 streams, seven "
+         "months; each with this hour's files as killed runs left them), with 2 workers and with 1",
+    "K": "the longest push of 4 uploaders (one record every 20 ms each, keep-alive) from the moment a worker "
+         "of two is SIGKILLed over the 20,000-file folder, for --kill-seconds",
+    "U": "pushes refused, reset, lost, doubled, and the longest gap between two 200s, while 4 uploaders push "
+         "every 20 ms: across a restart (SIGTERM, then a new process binds the port), a restart with the socket "
+         "unit (the socket outlives the process, as systemd's does) and an upgrade by SIGUSR2",
+    "H": "p99 of pushes paced at --push-rate over 8 connections for --housekeeping-seconds (the housekeeping "
+         "passes at start and a minute later included, --retention-days 3650) over the 1,000,000-file folder, "
+         "against the same over a new folder",
 }
 LIFECYCLE_CONNECTIONS = 8
 # Attempts at the first 200 after a restart: each gives up after this long, then tries again at once.
@@ -704,7 +726,11 @@ def run_pushes_during_seal(kind: str, variant: str, workdir: Path, cert: Path, k
             "load_s": time.monotonic() - load_started}
 
 
-LIFECYCLE_VARIANTS = {"R": ("SIGTERM", "SIGKILL", "gzip"), "S": ("plain", "gzip"), "P": ("idle", "seal")}
+LIFECYCLE_VARIANTS = {"R": ("SIGTERM", "SIGKILL", "gzip"), "S": ("plain", "gzip"), "P": ("idle", "seal"),
+                      "G": ("20k-w2", "20k-w1", "1m-w2", "1m-w1"), "K": ("kill",),
+                      "U": ("restart", "socket", "USR2"), "H": ("young", "aged")}
+# What the baseline cannot do: take a passed socket, or upgrade in place.
+BASELINE_SKIPS = {("U", "socket"), ("U", "USR2")}
 
 
 def run_lifecycle(kind: str, scenario: str, variant: str, workdir: Path, cert: Path, key: Path,
@@ -714,8 +740,325 @@ def run_lifecycle(kind: str, scenario: str, variant: str, workdir: Path, cert: P
         return run_restart(kind, variant, workdir, cert, key, bodies, options.restart_mb, script, extra)
     if scenario == "S":
         return run_seal(kind, variant, workdir, bodies, options.seal_mb, script)
+    if scenario == "G":
+        return run_age(kind, variant, workdir, cert, key, options, script)
+    if scenario == "K":
+        return run_kill(kind, variant, workdir, cert, key, options, script)
+    if scenario == "U":
+        return run_upgrade(kind, variant, workdir, cert, key, options, script)
+    if scenario == "H":
+        return run_housekeeping(kind, variant, workdir, cert, key, bodies, options, script)
     return run_pushes_during_seal(kind, variant, workdir, cert, key, bodies, options.seal_file_mb,
                                   options.push_rate, options.seconds, script, extra)
+
+
+# -- at any age: G, K, U, H ----------------------------------------------------------
+
+# The folders of a receiver that ran for a long time (bench/aged_folder.py): finished files, streams.
+AGED_SIZES = {"20k": (20000, 14), "1m": (1000000, 100)}
+# A stop that takes longer than this is cut with SIGKILL and reported as such.
+STOP_DEADLINE = 120.0
+# The uploaders of K and U: DataStream-like, each a push every UPLOAD_INTERVAL on a keep-alive connection.
+UPLOADERS = 4
+UPLOAD_INTERVAL = 0.02
+UPLOAD_BODY = b'{"version":"4","streamId":"61234","cp":"123","reqId":"%s","reqTimeSec":"1764201500","statusCode":"200"}\n'
+# What systemd does for a socket-activated service: the socket as descriptor 3, LISTEN_FDS, LISTEN_PID.
+SOCKET_LAUNCHER = """\
+import os, sys
+fd = int(os.environ.pop("BENCH_LISTEN_FD"))
+os.dup2(fd, 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+
+def aged_base(cache: Path, size: str) -> Path:
+    """The aged folder of `size`, written once into `cache` (and kept there for the next run)."""
+    files, streams = AGED_SIZES[size]
+    folder, done = cache / ("aged-%s" % size), cache / ("aged-%s.done" % size)
+    if not done.exists():
+        shutil.rmtree(str(folder), ignore_errors=True)
+        print("writing the %s aged folder (%d files, %d streams) ..." % (size, files, streams), flush=True)
+        from aged_folder import make_aged_folder
+        make_aged_folder(folder, files, streams)
+        done.write_text("%d files, %d streams\n" % (files, streams))
+    return folder
+
+
+class AgedView:
+    """A writable view of an aged folder for one run: an overlay mount over it (the folder itself never
+    changes), or a copy where overlays cannot be mounted (not root, no overlayfs)."""
+
+    def __init__(self, base: Path, scratch: Path) -> None:
+        self.base = base
+        self.scratch = scratch
+        self.mounted = False
+
+    def __enter__(self) -> Path:
+        merged = self.scratch / "out"
+        for name in ("upper", "work", "out"):
+            (self.scratch / name).mkdir(parents=True, exist_ok=True)
+        options = "lowerdir=%s,upperdir=%s,workdir=%s" % (self.base, self.scratch / "upper", self.scratch / "work")
+        mount = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+                               capture_output=True, text=True)
+        self.mounted = mount.returncode == 0
+        if not self.mounted:
+            merged.rmdir()
+            shutil.copytree(str(self.base), str(merged), symlinks=True)
+        return merged
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.scratch / "out")], check=False)
+        shutil.rmtree(str(self.scratch), ignore_errors=True)
+
+
+def stop_within(server: Server, deadline: float) -> float:
+    """SIGTERM, then the seconds until the whole process tree exited (SIGKILL after `deadline`: inf)."""
+    started = time.monotonic()
+    tree = process_tree(server.process.pid)
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return float("inf")
+    while any(Path("/proc/%d" % pid).exists() and Path("/proc/%d/stat" % pid).read_text().split(")")[-1].split()[0]
+              != "Z" for pid in tree):
+        if time.monotonic() - started > deadline:
+            server.kill()
+            return float("inf")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def run_age(kind: str, variant: str, workdir: Path, cert: Path, key: Path, options: argparse.Namespace,
+            script: Path) -> Dict[str, float]:
+    """Scenario G, one variant ('20k-w2', '1m-w1', ...): exec -> first 200 over an aged folder, then SIGTERM ->
+    exit."""
+    size, workers = variant.split("-")
+    base = aged_base(options.aged_dir or workdir, size)
+    scratch = Path(tempfile.mkdtemp(prefix="%s-G-%s-" % (kind, variant), dir=str(workdir)))
+    with AgedView(base, scratch):
+        server = Server(kind, scratch, cert, key, ["--workers", workers[1:]] + LOAD_GENERATOR_OPTIONS, script,
+                        reuse_output=True, wait=False)
+        try:
+            answered = first_200(server.port, cert, server.process, server.started + options.first_200_deadline)
+            value = answered - server.started
+        except RuntimeError:
+            value = float("inf")
+        stop_s = stop_within(server, STOP_DEADLINE)
+    return {"value": value, "stop_s": stop_s, "files": AGED_SIZES[size][0]}
+
+
+class Uploaders:
+    """DataStream-like uploaders: each pushes a new one-record batch every UPLOAD_INTERVAL on a keep-alive
+    connection and sends it again until it is answered 200, timing each attempt; counts connections refused and
+    reset, and keeps when each 200 came."""
+
+    def __init__(self, port: Callable[[], int], cert: Path) -> None:
+        self.port = port
+        self.context = client_context(cert)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.acknowledged: List[str] = []
+        self.answers: List[Tuple[float, float]] = []  # (when answered, seconds the push took)
+        self.refused = self.reset = self.other = 0
+        self.threads = [threading.Thread(target=self._run, args=(number,)) for number in range(UPLOADERS)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, number: int) -> None:
+        connection: Optional[http.client.HTTPSConnection] = None
+        index = 0
+        while not self.stop.is_set():
+            name = "up%d-%06d" % (number, index)
+            started = time.monotonic()
+            while not self.stop.is_set():
+                try:
+                    if connection is None:
+                        connection = http.client.HTTPSConnection("localhost", self.port(), context=self.context,
+                                                                 timeout=30)
+                    connection.request("POST", "/datastream", UPLOAD_BODY % name.encode(),
+                                       {"Content-Type": "application/json"})
+                    answer = connection.getresponse()
+                    answer.read()
+                    if answer.will_close:
+                        connection.close()
+                        connection = None
+                    if answer.status == 200:
+                        with self.lock:
+                            self.acknowledged.append(name)
+                            self.answers.append((time.monotonic(), time.monotonic() - started))
+                        break
+                    with self.lock:
+                        self.other += 1
+                except ConnectionRefusedError:
+                    connection = None
+                    with self.lock:
+                        self.refused += 1
+                except (OSError, http.client.HTTPException):
+                    connection = None
+                    with self.lock:
+                        self.reset += 1
+                self.stop.wait(UPLOAD_INTERVAL)
+            index += 1
+            self.stop.wait(UPLOAD_INTERVAL)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+    def longest_gap(self, since: float = 0.0) -> float:
+        """The longest time between two 200s (any uploader's) after `since`."""
+        moments = sorted(moment for moment, _ in self.answers if moment >= since)
+        return max((later - earlier for earlier, later in zip(moments, moments[1:])), default=0.0)
+
+    def verdict(self, output: Path) -> Tuple[int, int]:
+        """(acknowledged batches not stored, batches stored more than once), from the records on disk."""
+        seen: Dict[str, int] = {}
+        for path in output.rglob("*.log*"):
+            if any(part.startswith(".") for part in path.relative_to(output).parts) or not path.is_file():
+                continue
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(str(path), "rb") as handle:
+                for line in handle:
+                    match = re.search(rb'"reqId":"(up\d-\d+)"', line)
+                    if match:
+                        seen[match.group(1).decode()] = seen.get(match.group(1).decode(), 0) + 1
+        return (sum(1 for name in self.acknowledged if name not in seen),
+                sum(1 for count in seen.values() if count > 1))
+
+
+def run_kill(kind: str, variant: str, workdir: Path, cert: Path, key: Path, options: argparse.Namespace,
+             script: Path) -> Dict[str, float]:
+    """Scenario K: a worker of two SIGKILLed over the 20k aged folder while the uploaders push; the longest
+    push from the kill on."""
+    base = aged_base(options.aged_dir or workdir, "20k")
+    scratch = Path(tempfile.mkdtemp(prefix="%s-K-" % kind, dir=str(workdir)))
+    with AgedView(base, scratch) as output:
+        server = Server(kind, scratch, cert, key, ["--workers", "2"] + LOAD_GENERATOR_OPTIONS, script,
+                        reuse_output=True)
+        uploaders = Uploaders(lambda: server.port, cert)
+        try:
+            time.sleep(3.0)
+            workers = [pid for pid in process_tree(server.process.pid) if pid != server.process.pid]
+            killed = time.monotonic()
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(options.kill_seconds)
+        finally:
+            uploaders.finish()
+            stop_within(server, STOP_DEADLINE)
+        lost, doubled = uploaders.verdict(output)
+    after = [took for moment, took in uploaders.answers if moment >= killed]
+    return {"value": max(after, default=0.0) * 1000, "p99_ms": percentile(sorted(after), 99) * 1000,
+            "pushes": len(after), "reset": uploaders.reset, "refused": uploaders.refused,
+            "other": uploaders.other, "lost": lost, "doubled": doubled}
+
+
+def run_upgrade(kind: str, variant: str, workdir: Path, cert: Path, key: Path, options: argparse.Namespace,
+                script: Path) -> Dict[str, float]:
+    """Scenario U, one variant: 'restart' (SIGTERM, then a new process binds the port: what the baseline can
+    do), 'socket' (systemctl restart with the socket unit: the socket outlives the process) or 'USR2' (an
+    upgrade in place), while the uploaders push; refused, reset, lost, doubled and the longest gap between
+    200s."""
+    scratch = Path(tempfile.mkdtemp(prefix="%s-U-%s-" % (kind, variant), dir=str(workdir)))
+    extra = ["--workers", "2", "--log-level", "info"] + LOAD_GENERATOR_OPTIONS
+    holder: Optional[socket.socket] = None
+    port = free_port()
+    if variant == "socket":
+        holder = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        holder.set_inheritable(True)
+        port = holder.getsockname()[1]
+        launcher = scratch / "launcher.py"
+        launcher.write_text(SOCKET_LAUNCHER)
+        os.environ["BENCH_LISTEN_FD"] = str(holder.fileno())
+
+    servers = [start_on(kind, scratch, cert, key, extra, script, port, holder)]
+    uploaders = Uploaders(lambda: port, cert)
+    try:
+        time.sleep(3.0)
+        began = time.monotonic()
+        if variant == "USR2":
+            log_size = (scratch / "server.log").stat().st_size
+            servers[0].process.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 60
+            while b"upgraded: the interim process" not in (scratch / "server.log").read_bytes()[log_size:]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the upgrade did not end")
+                time.sleep(0.05)
+        else:
+            stop_within(servers[0], STOP_DEADLINE)
+            servers.append(start_on(kind, scratch, cert, key, extra, script, port, holder))
+        ended = time.monotonic()
+        time.sleep(3.0)
+    finally:
+        uploaders.finish()
+        for server in servers:
+            if server.process.poll() is None:
+                stop_within(server, STOP_DEADLINE)
+        if holder is not None:
+            holder.close()
+            os.environ.pop("BENCH_LISTEN_FD", None)
+    lost, doubled = uploaders.verdict(scratch / "out")
+    shutil.rmtree(str(scratch))
+    return {"value": uploaders.longest_gap(began - 1.0), "refused": uploaders.refused, "reset": uploaders.reset,
+            "other": uploaders.other, "lost": lost, "doubled": doubled, "pushes": len(uploaders.acknowledged),
+            "took_s": ended - began}
+
+
+def start_on(kind: str, scratch: Path, cert: Path, key: Path, extra: Sequence[str], script: Path, port: int,
+             holder: Optional[socket.socket]) -> Server:
+    """A server on `port`: binding it itself, or (with `holder`) taking the held socket as systemd passes it."""
+    if holder is None:
+        return Server(kind, scratch, cert, key, list(extra), script, reuse_output=True, port=port)
+    return Server(kind, scratch, cert, key, list(extra), scratch / "launcher.py", reuse_output=True, port=port,
+                  launch=[str(script)], pass_fds=(holder.fileno(),))
+
+
+def run_housekeeping(kind: str, variant: str, workdir: Path, cert: Path, key: Path, bodies: Dict[str, Path],
+                     options: argparse.Namespace, script: Path) -> Dict[str, float]:
+    """Scenario H, one variant: 'young' (a new folder) or 'aged' (the 1m aged folder, with --retention-days 3650
+    so that every pass reads what retention would): the p99 of paced pushes for --housekeeping-seconds, which
+    spans the passes at start and after a minute."""
+    scratch = Path(tempfile.mkdtemp(prefix="%s-H-%s-" % (kind, variant), dir=str(workdir)))
+    view = AgedView(aged_base(options.aged_dir or workdir, "1m"), scratch) if variant == "aged" else None
+    if view is not None:
+        view.__enter__()
+    try:
+        server = Server(kind, scratch, cert, key, LIFECYCLE_OPTIONS + ["--retention-days", "3650"], script,
+                        reuse_output=True, wait=False)
+        body, tail = bodies["big.gz"].read_bytes(), Path(str(bodies["big.gz"]) + ".tail").read_bytes()
+        results: multiprocessing.Queue[List[Tuple[float, float, bool]]] = multiprocessing.Queue()
+        stop = multiprocessing.Event()
+        pushers: List[multiprocessing.Process] = []
+        try:
+            answered = first_200(server.port, cert, server.process, server.started + options.first_200_deadline)
+            load_started = time.monotonic()
+            pushers = [multiprocessing.Process(
+                target=paced_pushes, args=(server.port, str(cert), body, tail, "h%d" % number,
+                                           options.push_rate / LIFECYCLE_CONNECTIONS, load_started + number /
+                                           options.push_rate, stop, results))
+                for number in range(LIFECYCLE_CONNECTIONS)]
+            for pusher in pushers:
+                pusher.start()
+            while time.monotonic() < load_started + options.housekeeping_seconds and server.process.poll() is None:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            collected = [push for _ in pushers for push in results.get(timeout=120)]
+            for pusher in pushers:
+                pusher.join()
+            stop_within(server, STOP_DEADLINE)
+    finally:
+        if view is not None:
+            view.__exit__()
+        shutil.rmtree(str(scratch), ignore_errors=True)
+    latencies = sorted(latency for _, latency, _ in collected)
+    return {"value": percentile(latencies, 99) * 1000, "p50_ms": percentile(latencies, 50) * 1000,
+            "max_ms": latencies[-1] * 1000 if latencies else 0.0, "requests": len(latencies),
+            "errors": sum(not ok for _, _, ok in collected), "first_200_s": answered - server.started}
 
 
 # -- the limits --------------------------------------------------------------------
@@ -865,8 +1208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15, help="length of each run (default: 15)")
     parser.add_argument("--scenarios", default="ABCDEF",
-                        help="which scenarios (default: ABCDEF); R, S and P (restart, sealing, pushes during a "
-                        "seal: dsreceiver and the baseline only, minutes each) run only when named")
+                        help="which scenarios (default: ABCDEF); R, S, P, G, K, U and H (restart, sealing, pushes "
+                        "during a seal, and at any age: dsreceiver and the baseline only, minutes each) run only when "
+                        "named")
     parser.add_argument("--servers", default="dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip",
                         help="which servers (default: dsreceiver,gunicorn,uvicorn,flask,nginx,dsreceiver-gzip)")
     parser.add_argument("--dsreceiver-args", default="", help="extra options for dsreceiver, e.g. '--workers 4'")
@@ -889,6 +1233,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="scenario P: MB of the past-hour file gzip'd and sealed under load (default: 1024)")
     parser.add_argument("--push-rate", type=float, default=32,
                         help="scenario P: pushes a second, over %d connections (default: 32)" % LIFECYCLE_CONNECTIONS)
+    parser.add_argument("--aged-dir", type=Path, default=None, metavar="DIR",
+                        help="scenarios G, K, H: where the aged folders are written once and kept (default: the "
+                        "scratch folder, written again each run: 7 minutes for the 1,000,000-file one)")
+    parser.add_argument("--first-200-deadline", type=float, default=180,
+                        help="scenarios G, H: seconds to wait for the first 200 before reporting none (default: 180)")
+    parser.add_argument("--kill-seconds", type=float, default=10,
+                        help="scenario K: seconds of pushes after the kill (default: 10)")
+    parser.add_argument("--housekeeping-seconds", type=float, default=75,
+                        help="scenario H: seconds of paced pushes (default: 75, past the second pass)")
     parser.add_argument("--poll-status", action="store_true",
                         help="load dsreceiver's /status once a second during each run, as an open browser tab would")
     options = parser.parse_args(argv)
@@ -957,9 +1310,10 @@ def run_lifecycle_rounds(scenario: str, servers: Sequence[str], workdir: Path, c
     the order; keeps the median of each."""
     kinds = [kind for kind in servers if kind in ("dsreceiver", "dsreceiver-baseline")]
     for variant in LIFECYCLE_VARIANTS[scenario]:
-        runs: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds}
+        runs: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds
+                                                   if kind == "dsreceiver" or (scenario, variant) not in BASELINE_SKIPS}
         for round_number in range(options.rounds):
-            for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
+            for kind in list(runs) if round_number % 2 == 0 else list(runs)[::-1]:
                 script = options.baseline if kind == "dsreceiver-baseline" else options.script
                 print("running %s %s %s (round %d) ..." % (kind, scenario, variant, round_number + 1), flush=True)
                 runs[kind].append(run_lifecycle(kind, scenario, variant, workdir, cert, key, bodies, options, script))
@@ -1081,9 +1435,14 @@ def sealed_verdict(result: Dict[str, Any]) -> str:
     return "MISMATCH: %+d records" % (result["records_sealed"] - result["records_acked"])
 
 
+def seconds_or_none(value: float, deadline: float) -> str:
+    """A duration, or what a run cut at `deadline` means."""
+    return "%.2f s" % value if value != float("inf") else "none within %.0f s" % deadline
+
+
 def render_lifecycle(lifecycle: Dict[Tuple[str, str, str], Dict[str, Any]], options: argparse.Namespace) -> List[str]:
     """The section of scenarios R, S and P: a table, then each against the baseline and its target."""
-    lines = ["", "## Restart, sealing, pushes during a seal", "",
+    lines = ["", "## Restart, sealing, pushes during a seal, at any age", "",
              "Scenarios: " + "; ".join("**%s** %s" % (name, text) for name, text in LIFECYCLE_SCENARIOS.items()
                                        if name in options.scenarios) + ".",
              "dsreceiver: %s; dsreceiver-baseline: %s." % (options.script, options.baseline), "",
@@ -1098,6 +1457,24 @@ def render_lifecycle(lifecycle: Dict[Tuple[str, str, str], Dict[str, Any]], opti
             figure = "%.0f MB/s" % r["value"]
             details = ("%.0f MB in %d files finished in %.2f s, %d records (one core's SHA-256 here: %.0f MB/s)"
                        % (r["mb"], r["files"], r["seconds"], r["records"], r["sha256_mb_s"]))
+        elif scenario == "G":
+            figure = seconds_or_none(r["value"], options.first_200_deadline) + " to the first 200"
+            details = "SIGTERM to exit: %s; %d finished files" % (seconds_or_none(r["stop_s"], STOP_DEADLINE),
+                                                                  r["files"])
+        elif scenario == "K":
+            figure = "longest push %.0f ms" % r["value"]
+            details = ("p99 %.0f ms over %d pushes from the kill on; %d refused, %d reset, %d other answers; "
+                       "%d lost, %d doubled" % (r["p99_ms"], r["pushes"], r["refused"], r["reset"], r["other"],
+                                                r["lost"], r["doubled"]))
+        elif scenario == "U":
+            figure = "longest gap %.2f s" % r["value"]
+            details = ("%d refused, %d reset, %d other answers; %d lost, %d doubled, of %d pushes; the %s took %.1f s"
+                       % (r["refused"], r["reset"], r["other"], r["lost"], r["doubled"], r["pushes"],
+                          "upgrade" if variant == "USR2" else "restart", r["took_s"]))
+        elif scenario == "H":
+            figure = "p99 %.1f ms" % r["value"]
+            details = ("p50 %.1f ms, max %.0f ms over %d pushes, %d errors; first 200 %.2f s after exec"
+                       % (r["p50_ms"], r["max_ms"], r["requests"], r["errors"], r["first_200_s"]))
         else:
             figure = "p99 %.1f ms" % r["value"]
             details = ("p50 %.1f ms, max %.0f ms over %d pushes%s, %d errors; first 200 %.2f s after exec%s"
@@ -1117,12 +1494,37 @@ def render_lifecycle(lifecycle: Dict[Tuple[str, str, str], Dict[str, Any]], opti
             lines.append("- **S %s against the baseline**: %.0f vs %.0f MB/s: %.1fx%s"
                          % (variant, ours["value"], base["value"], ours["value"] / base["value"],
                             " (target: 1,000 MB/s)" if variant == "plain" else ""))
+        elif scenario == "G":
+            lines.append("- **G %s against the baseline**: first 200 %s vs %s after exec (target: within 1 s); "
+                         "SIGTERM to exit %s vs %s" % (variant, seconds_or_none(ours["value"], options.first_200_deadline),
+                                                       seconds_or_none(base["value"], options.first_200_deadline),
+                                                       seconds_or_none(ours["stop_s"], STOP_DEADLINE),
+                                                       seconds_or_none(base["stop_s"], STOP_DEADLINE)))
+        elif scenario == "K":
+            lines.append("- **K against the baseline**: longest push after the kill %.0f vs %.0f ms (target: within "
+                         "1 s)" % (ours["value"], base["value"]))
+        elif scenario == "U":
+            lines.append("- **U restart against the baseline's**: %d refused and %d reset vs %d and %d; longest gap "
+                         "%.2f vs %.2f s" % (ours["refused"], ours["reset"], base["refused"], base["reset"],
+                                             ours["value"], base["value"]))
+        elif scenario == "H":
+            continue
         else:
             lines.append("- **P %s against the baseline**: p99 %.1f vs %.1f ms%s" % (
                 variant, ours["value"], base["value"],
                 "; the baseline finished the file before serving: first 200 %.1f s vs %.2f s after exec"
                 % (base["first_200_s"], ours["first_200_s"]) if variant == "seal" and not base["during_seal"] else ""))
     for kind in ("dsreceiver", "dsreceiver-baseline"):
+        aged, young = lifecycle.get((kind, "H", "aged")), lifecycle.get((kind, "H", "young"))
+        if aged and young:
+            lines.append("- **H %s**: p99 at 1,000,000 files %.1f ms / in a new folder %.1f ms = %.2fx (target: "
+                         "within 1.5x)" % (kind, aged["value"], young["value"], aged["value"] / young["value"]))
+        for variant in ("socket", "USR2"):
+            upgrade = lifecycle.get((kind, "U", variant))
+            if upgrade:
+                lines.append("- **U %s %s**: %d refused, %d reset, %d lost, %d doubled (target: 0 each); longest gap "
+                             "between 200s %.2f s" % (variant, kind, upgrade["refused"], upgrade["reset"],
+                                                      upgrade["lost"], upgrade["doubled"], upgrade["value"]))
         seal, idle = lifecycle.get((kind, "P", "seal")), lifecycle.get((kind, "P", "idle"))
         if seal and idle:
             lines.append("- **P %s**: p99 with the seal %.1f ms / without %.1f ms = %.2fx (target: within 1.5x)%s"

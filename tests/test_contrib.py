@@ -63,3 +63,29 @@ def test_the_hardened_unit_still_lets_the_service_do_its_job() -> None:
     assert settings["UMask"] == ["0027"] and options.file_mode == 0o640  # private files, both ways
     assert "AF_UNIX" in settings["RestrictAddressFamilies"][0]  # the workers' socketpairs
     assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+SOCKET_UNIT = ROOT / "contrib" / "dsreceiver.socket"
+
+
+def socket_settings() -> Dict[str, List[str]]:
+    settings: Dict[str, List[str]] = {}
+    for line in SOCKET_UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_socket_unit_holds_the_port_the_service_serves() -> None:
+    settings = socket_settings()
+    options = build_parser().parse_args(shlex.split(unit_settings()["ExecStart"][0])[2:])
+    assert settings["ListenStream"] == [str(options.port)] and settings["Accept"] == ["no"]
+    assert settings["Service"] == [UNIT.name]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_finds_nothing_wrong_with_the_socket_unit_and_its_service() -> None:
+    verify = subprocess.run(["systemd-analyze", "verify", str(SOCKET_UNIT), str(UNIT)], capture_output=True,
+                            text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
