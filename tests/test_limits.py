@@ -13,7 +13,7 @@ from typing import Callable, List
 
 import pytest
 
-from conftest import ServerProcess, push_held_after_continue, read_until_close, status_of, wait_until
+from conftest import ServerProcess, push_held_after_continue, read_until_close, scrape, status_of, value, wait_until
 from simulator import make_batch
 
 
@@ -254,6 +254,8 @@ def test_bytes_in_flight_beyond_the_limit_get_503(start_server: Callable[..., Se
     first = b"a" * (900 << 10) + b"\n"
     with push_held_after_continue(server, len(first)) as holder:
         holder.sendall(first[:-1])  # 900K arrived and are held: they count against the budget
+        wait_until(lambda: value(scrape(server), "dsreceiver_inflight_bytes") >= 900 << 10,
+                   what="the server to hold the first push's 900K")
         wait_until(lambda: status_of(server.exchange(b"POST /ds HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n"
                                                      b"\r\n%s" % (len(first), first))) == 503,
                    what="a second 900K push to be refused while the first is held")
