@@ -3304,21 +3304,31 @@ def folder_for_path(url_path: str) -> str:
 
 
 # A batch index is INDEX_HEADER, then one BATCH_ENTRY per stored batch (see IndexEntry).  Older
-# indexes are read as they are: format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times), and
+# indexes are read as they are: format 3 (V3_INDEX_HEADER: the same entries, streams coded as
+# V3_STREAM_NAMES), format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times either), and
 # dsreceiver 0.1's (no header, V1_BATCH_ENTRY: no records or stream either), which is rewritten at
 # start with its batches' records counted (upgrade_index).  Nothing is appended to an index a
 # process did not create (see Storage), so no index ever mixes formats.
-INDEX_HEADER = b"dsreceiver batch index 3\n".ljust(64, b"\0")
+INDEX_HEADER = b"dsreceiver batch index 4\n".ljust(64, b"\0")
 BATCH_ENTRY = struct.Struct("<Qd32sQQdd")
+V3_INDEX_HEADER = b"dsreceiver batch index 3\n".ljust(64, b"\0")
 V2_INDEX_HEADER = b"dsreceiver batch index 2\n".ljust(64, b"\0")
 V2_BATCH_ENTRY = struct.Struct("<Qd32sQQ")
 V1_BATCH_ENTRY = struct.Struct("<Qd32s")
 NO_DIGEST = bytes(32)
 # The records of an entry that vouches for bytes it did not count (an index started afresh).
 UNCOUNTED = (1 << 64) - 1
-# An entry's stream: the stream ID, or one of these (a stream ID is never 0 or 1).
-STREAM_CODES = {UNKNOWN_STREAM: 0, MIXED_STREAM: 1}
+# An entry's stream: the stream ID, or the code of a stream that is none, far above any stream ID
+# (at most 12 digits), so that no stream ID, 1 and 2 included, is ever read as another stream.
+STREAM_CODES = {UNKNOWN_STREAM: (1 << 64) - 1, MIXED_STREAM: (1 << 64) - 2}
 STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
+# Formats 2 and 3 coded 'unknown' as 0 and 'mixed' as 1, which stream 1's entries read as too (see
+# fold_index, which tells them apart by their folder).
+V3_STREAM_NAMES = {0: UNKNOWN_STREAM, 1: MIXED_STREAM}
+# Each format with a header: (header, entry, stream names).
+INDEX_FORMATS = ((INDEX_HEADER, BATCH_ENTRY, STREAM_NAMES),
+                 (V3_INDEX_HEADER, BATCH_ENTRY, V3_STREAM_NAMES),
+                 (V2_INDEX_HEADER, V2_BATCH_ENTRY, V3_STREAM_NAMES))
 
 
 class IndexEntry(NamedTuple):
@@ -3348,21 +3358,20 @@ class IndexEntry(NamedTuple):
 
 def index_format(raw: bytes) -> Tuple[int, int]:
     """The header length and entry size of a batch index's bytes, in any format."""
-    if raw.startswith(INDEX_HEADER):
-        return len(INDEX_HEADER), BATCH_ENTRY.size
-    if raw.startswith(V2_INDEX_HEADER):
-        return len(V2_INDEX_HEADER), V2_BATCH_ENTRY.size
+    for header, entry, _ in INDEX_FORMATS:
+        if raw.startswith(header):
+            return len(header), entry.size
     return 0, V1_BATCH_ENTRY.size
 
 
 def read_index(raw: bytes) -> List[IndexEntry]:
     """The complete entries of a batch index's bytes, in any format (a torn last entry is
     left out)."""
-    for header, entry in ((INDEX_HEADER, BATCH_ENTRY), (V2_INDEX_HEADER, V2_BATCH_ENTRY)):
+    for header, entry, names in INDEX_FORMATS:
         if raw.startswith(header):
             body = raw[len(header):]
             return [IndexEntry(fields[0], fields[1], fields[2],
-                               STREAM_NAMES.get(fields[3], str(fields[3])), *fields[4:])
+                               names.get(fields[3], str(fields[3])), *fields[4:])
                     for fields in entry.iter_unpack(body[:len(body) - len(body) % entry.size])]
     whole = len(raw) - len(raw) % V1_BATCH_ENTRY.size
     return [IndexEntry(end, stamp, digest) for end, stamp, digest
@@ -3408,7 +3417,7 @@ def upgrade_index(index: Path, data_path: Path) -> None:
         os.close(fd)
     os.replace(str(temp), str(index))
     fsync_directory(index.parent)
-    log.info("upgraded batch index %s to format 3 (%d batches)", index, len(entries))
+    log.info("upgraded batch index %s to format 4 (%d batches)", index, len(entries))
 
 
 class DataName(NamedTuple):
@@ -3535,6 +3544,14 @@ class Layout:
         Hive-style), as used."""
         partition = "stream=" + stream if stream is not None else ""
         return "/".join(part for part in (route, partition) if part)
+
+    @staticmethod
+    def split_folder(folder: str) -> Tuple[str, Optional[str]]:
+        """A folder's --route-by-path part, and the stream its last part names (None: none)."""
+        route, _, last = folder.rpartition("/")
+        if last.startswith("stream="):
+            return route, last[len("stream="):]
+        return folder, None
 
     @staticmethod
     def check_folder(folder: str) -> None:
@@ -4673,9 +4690,7 @@ def add_rows(into: Dict[LedgerKey, LedgerRow], rows: Dict[LedgerKey, LedgerRow])
 
 def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, LedgerRow]:
     """The ledger rows of one data file's index entries; `folder` is the data file's."""
-    parts = folder.split("/") if folder else []
-    partition = [part[len("stream="):] for part in parts if part.startswith("stream=")]
-    route = "/".join(part for part in parts if not part.startswith("stream="))
+    route, partition = Layout.split_folder(folder)
     rows: Dict[LedgerKey, LedgerRow] = {}
     previous_end = 0
     for entry in entries:
@@ -4685,8 +4700,10 @@ def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, Le
         if entry.records == UNCOUNTED:
             continue
         stream = entry.stream
-        if stream == UNKNOWN_STREAM and partition:
-            stream = partition[0]  # a format-1 entry, which does not name its stream
+        if stream in (UNKNOWN_STREAM, MIXED_STREAM) and partition is not None:
+            # A format-1 entry names no stream, and stream 1's read as 'mixed' in formats 2 and 3:
+            # the folder tells (a push of either kind has a folder of that name).
+            stream = partition
         key = (stream_row(route, stream),
                int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
         row = rows.setdefault(key, LedgerRow())
