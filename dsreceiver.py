@@ -16,7 +16,7 @@ Usage:
     python3 dsreceiver.py --help
 
 Security: the endpoint is meant for the public internet.  Configure at least
-one authentication method (Basic, custom header, URL token or mTLS); secrets
+one authentication method (Basic, Bearer, custom header, URL token or mTLS); secrets
 come from files or the environment, never from the command line, and are
 compared in constant time.  TLS 1.2 is the minimum, every read has a deadline,
 bodies have hard size limits, clients never see internal errors, and folder
@@ -140,6 +140,7 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 ENV_BASIC_AUTH = "DSRECEIVER_BASIC_AUTH"
 ENV_AUTH_HEADER_VALUE = "DSRECEIVER_AUTH_HEADER_VALUE"
 ENV_AUTH_QUERY_VALUE = "DSRECEIVER_AUTH_QUERY_VALUE"
+ENV_BEARER_TOKEN = "DSRECEIVER_BEARER_TOKEN"
 
 TARGET_RE = re.compile(rb"[\x21-\x7e]+")
 # DataStream gives up on a batch after about 5 minutes of 429/5xx answers; the status page turns red
@@ -273,6 +274,7 @@ environment:
   %-29s user:password[,user:password...] accepted by Basic auth
   %-29s accepted values of --auth-header, comma-separated
   %-29s accepted values of --auth-query-param, comma-separated
+  %-29s tokens accepted by Authorization: Bearer, comma-separated
 
 Secrets are never taken from the command line, where `ps` would show them.
 Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of receipt;
@@ -280,7 +282,7 @@ YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per 
 ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
 left out with --partition-by none.  Records that name no stream (security events) take
 the stream their endpoint URL names: https://HOST/PATH?streamId=ID.
-""" % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
+""" % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE, ENV_BEARER_TOKEN)
 
 
 def build_parser() -> ArgumentParser:
@@ -325,10 +327,14 @@ def build_parser() -> ArgumentParser:
                      help="how often to look for a renewed certificate or key; SIGHUP reloads at"
                      " once (default: %(default)s)")
 
-    auth = parser.add_argument_group("authentication (all configured methods must pass)")
+    auth = parser.add_argument_group("authentication (all configured methods must pass; Basic and"
+                                     " Bearer: either one)")
     auth.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                       help="accepted user:password lines for Basic auth; adds to $%s (default:"
                       " none)" % ENV_BASIC_AUTH)
+    auth.add_argument("--bearer-token-file", type=Path, metavar="FILE",
+                      help="accepted tokens for Authorization: Bearer TOKEN, one per line; adds to"
+                      " $%s (default: none)" % ENV_BEARER_TOKEN)
     auth.add_argument("--auth-header", metavar="NAME",
                       help="require this request header (DataStream's custom header) to hold an "
                       "accepted value (default: off)")
@@ -460,6 +466,7 @@ class CredentialSettings(NamedTuple):
     auth_query_param: Optional[str] = None
     auth_query_file: Optional[Path] = None
     client_ca: Optional[Path] = None
+    bearer_token_file: Optional[Path] = None
 
 
 class Settings(NamedTuple):
@@ -481,6 +488,7 @@ class Settings(NamedTuple):
     auth_header_file: Optional[Path]
     auth_query_param: Optional[str]
     auth_query_file: Optional[Path]
+    bearer_token_file: Optional[Path]
     auth_brake: float
     paths: Tuple[str, ...]
     output_dir: Path
@@ -517,7 +525,8 @@ class Settings(NamedTuple):
     def credentials(self) -> CredentialSettings:
         """The credential part, as the check command has it too."""
         return CredentialSettings(self.basic_auth_file, self.auth_header, self.auth_header_file,
-                                  self.auth_query_param, self.auth_query_file, self.client_ca)
+                                  self.auth_query_param, self.auth_query_file, self.client_ca,
+                                  self.bearer_token_file)
 
     @property
     def scheme(self) -> str:
@@ -536,7 +545,9 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
     if header is not None and not HEADER_NAME_RE.fullmatch(header):
         raise ConfigError("--auth-header must be letters, digits, '-' or '_': %r" % header)
     if header is not None and header.lower() in RESERVED_HEADERS:
-        raise ConfigError("--auth-header cannot be %r" % header)
+        raise ConfigError("--auth-header cannot be %r%s" % (header, " (for Authorization: Bearer"
+                          " TOKEN, use --bearer-token-file or $%s)" % ENV_BEARER_TOKEN
+                          if header.lower() == "authorization" else ""))
     if options.group and not options.user:
         raise ConfigError("--group goes with --user")
     if options.records == "json" and options.stream_config is None:
@@ -549,7 +560,8 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
         client_ca=options.client_ca, cert_check_interval=options.cert_check_interval,
         basic_auth_file=options.basic_auth_file, auth_header=header,
         auth_header_file=options.auth_header_file, auth_query_param=options.auth_query_param,
-        auth_query_file=options.auth_query_file, auth_brake=options.auth_brake,
+        auth_query_file=options.auth_query_file, bearer_token_file=options.bearer_token_file,
+        auth_brake=options.auth_brake,
         paths=tuple(options.paths), output_dir=options.output_dir,
         route_by_path=options.route_by_path, partition_by_stream=options.partition_by == "stream",
         stream_config=options.stream_config, records_as_json=options.records == "json",
@@ -1634,6 +1646,10 @@ def split_secret_list(value: Optional[str]) -> List[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
+# RFC 6750 2.1: a Bearer token is a b64token.
+BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
 def matches_any(supplied: bytes, accepted: Sequence[bytes]) -> bool:
     """Compares against every accepted secret in constant time, without stopping at a match."""
     found = False
@@ -1643,17 +1659,20 @@ def matches_any(supplied: bytes, accepted: Sequence[bytes]) -> bool:
 
 
 class Authenticator:
-    """Checks the credentials of a request; every configured method must pass."""
+    """Checks the credentials of a request; every configured method must pass, Basic and Bearer
+    being one: the Authorization header carries either, so either passes when both are set."""
 
     def __init__(self, basic: Sequence[bytes] = (), header_name: Optional[str] = None,
                  header_values: Sequence[bytes] = (), query_param: Optional[str] = None,
-                 query_values: Sequence[bytes] = (), client_certificates: bool = False) -> None:
+                 query_values: Sequence[bytes] = (), client_certificates: bool = False,
+                 bearer: Sequence[bytes] = ()) -> None:
         self.basic = list(basic)
         self.header_name = header_name
         self.header_values = list(header_values)
         self.query_param = query_param
         self.query_values = list(query_values)
         self.client_certificates = client_certificates
+        self.bearer = list(bearer)
 
     @classmethod
     def from_settings(cls, settings: CredentialSettings, environ: Dict[str, str]) -> Authenticator:
@@ -1669,10 +1688,18 @@ class Authenticator:
                                     environ.get(ENV_AUTH_HEADER_VALUE), settings.auth_header_file)
         query_values = cls._values(settings.auth_query_param, "--auth-query-param",
                                    environ.get(ENV_AUTH_QUERY_VALUE), settings.auth_query_file)
+        bearer = split_secret_list(environ.get(ENV_BEARER_TOKEN))
+        if settings.bearer_token_file:
+            bearer += read_secret_file(settings.bearer_token_file)
+        if not all(BEARER_TOKEN_RE.fullmatch(token) for token in bearer):
+            raise ConfigError("Bearer tokens are letters, digits and -._~+/ (RFC 6750), then"
+                              " optional '=' (check $%s and --bearer-token-file)"
+                              % ENV_BEARER_TOKEN)
         return cls(basic=[item.encode("utf-8") for item in basic],
                    header_name=settings.auth_header, header_values=header_values,
                    query_param=settings.auth_query_param, query_values=query_values,
-                   client_certificates=settings.client_ca is not None)
+                   client_certificates=settings.client_ca is not None,
+                   bearer=[token.encode("ascii") for token in bearer])
 
     @staticmethod
     def _values(name: Optional[str], option: str, env_value: Optional[str],
@@ -1689,15 +1716,20 @@ class Authenticator:
 
     def methods(self) -> List[str]:
         """Names the configured methods, for the start-up log line."""
-        return [name for name, active in (("basic", self.basic), ("header", self.header_name),
+        authorization = " or ".join(name for name, active in (("basic", self.basic),
+                                                              ("bearer", self.bearer)) if active)
+        return [name for name, active in ((authorization, authorization),
+                                          ("header", self.header_name),
                                           ("query-token", self.query_param),
                                           ("mtls", self.client_certificates)) if active]
 
     def check(self, authorization: Optional[str], header_value: Optional[str],
               query: str) -> Optional[str]:
         """Returns why the request is refused, or None when every configured method passes."""
-        if self.basic and not self._basic_ok(authorization):
-            return "bad or missing Basic credentials"
+        if (self.basic or self.bearer) and not (self.basic and self._basic_ok(authorization)
+                                                or self.bearer and self._bearer_ok(authorization)):
+            return "bad or missing %s credentials" % " or ".join(
+                name for name, active in (("Basic", self.basic), ("Bearer", self.bearer)) if active)
         if self.header_name and not matches_any((header_value or "").encode("latin-1"),
                                                 self.header_values):
             return "bad or missing %s header" % self.header_name
@@ -1718,6 +1750,13 @@ class Authenticator:
         except (binascii.Error, ValueError):
             return False
         return matches_any(supplied, self.basic)
+
+    def _bearer_ok(self, authorization: Optional[str]) -> bool:
+        """Checks an Authorization: Bearer header against the accepted tokens."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return matches_any(token.strip().encode("latin-1"), self.bearer)
 
     def redact(self, query: str) -> str:
         """Returns the query string with the token parameter's value hidden, for logs."""
@@ -6119,8 +6158,9 @@ class ConnectionHandler:
                                       request.query)
         if refusal is not None:
             brake.failed(exchange.client)
-            challenge = [("WWW-Authenticate",
-                          'Basic realm="dsreceiver"')] if authenticator.basic else []
+            challenge = [("WWW-Authenticate", '%s realm="dsreceiver"' % scheme)
+                         for scheme, active in (("Basic", authenticator.basic),
+                                                ("Bearer", authenticator.bearer)) if active]
             raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
     def do_GET(self, request: Request, exchange: Exchange) -> Response:
@@ -7441,9 +7481,10 @@ def build_check_parser() -> ArgumentParser:
                             " does, explaining every failure: name, TLS, certificate, then both"
                             " validation probes (JSON and STRUCTURED streams), plain and gzip'd."
                             " Credentials come from the same settings as the server's: $%s (first"
-                            " entry), --auth-header with $%s, --auth-query-param with $%s, or their"
-                            " files."
-                            % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
+                            " entry), $%s (first token), --auth-header with $%s, --auth-query-param"
+                            " with $%s, or their files."
+                            % (ENV_BASIC_AUTH, ENV_BEARER_TOKEN, ENV_AUTH_HEADER_VALUE,
+                               ENV_AUTH_QUERY_VALUE))
     parser.add_argument("url",
                         help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
     parser.add_argument("--ca", type=Path, metavar="FILE",
@@ -7455,6 +7496,10 @@ def build_check_parser() -> ArgumentParser:
                         help="its private key (default: none)")
     parser.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                         help="use the first user:password line (default: $%s)" % ENV_BASIC_AUTH)
+    parser.add_argument("--bearer-token-file", type=Path, metavar="FILE",
+                        help="send Authorization: Bearer with the first token, when no Basic"
+                        " credential is set: DataStream sends none (default: $%s)"
+                        % ENV_BEARER_TOKEN)
     parser.add_argument("--auth-header", metavar="NAME",
                         help="send this custom header (default: none)")
     parser.add_argument("--auth-header-file", type=Path, metavar="FILE",
@@ -7486,7 +7531,8 @@ def parse_check_options(argv: Sequence[str]) -> CheckSettings:
                          options.timeout,
                          CredentialSettings(options.basic_auth_file, options.auth_header,
                                             options.auth_header_file, options.auth_query_param,
-                                            options.auth_query_file))
+                                            options.auth_query_file,
+                                            bearer_token_file=options.bearer_token_file))
 
 
 def printable(text: str, limit: int = PRINTABLE_LIMIT) -> str:
@@ -7605,7 +7651,10 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
             {credentials.query_param: credentials.query_values[0].decode("utf-8")})
     target = (url.path or "/") + ("?" + query if query else "")
     headers = {"Content-Type": "application/json", "User-Agent": "dsreceiver-check/" + __version__}
-    if credentials.basic:
+    # DataStream sends Basic: a token goes only where no Basic credential is set.
+    if credentials.bearer and not credentials.basic:
+        headers["Authorization"] = "Bearer " + credentials.bearer[0].decode("ascii")
+    elif credentials.basic:
         headers["Authorization"] = "Basic " + base64.b64encode(credentials.basic[0]).decode("ascii")
     if credentials.header_name:
         headers[credentials.header_name] = credentials.header_values[0].decode("latin-1")

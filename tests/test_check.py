@@ -83,6 +83,20 @@ def test_refused_credentials_fail_and_configured_ones_pass(start_server: Callabl
     assert accepted.returncode == 0, accepted.stdout
 
 
+def test_a_bearer_token_is_sent_when_no_basic_credential_is_set(start_server: Callable[..., ServerProcess],
+                                                                 ca_file: Path, tmp_path: Path) -> None:
+    server = start_server(env={"DSRECEIVER_BEARER_TOKEN": "tok-1,tok-2", "DSRECEIVER_BASIC_AUTH": "akamai:pw"})
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-2\n")
+    url = "https://localhost:%d/ds" % server.port
+    assert run_check(url, "--ca", str(ca_file), "--bearer-token-file", str(tokens)).returncode == 0
+    assert run_check(url, "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-3"}).returncode == 1
+    # DataStream sends Basic, which check prefers.
+    assert run_check(url, "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-1",
+                                                    "DSRECEIVER_BASIC_AUTH": "akamai:wrong"}).returncode == 1
+    assert server.stored_bytes() == b""
+
+
 def test_query_token_and_mtls(start_server: Callable[..., ServerProcess], ca: trustme.CA, ca_file: Path,
                               tmp_path: Path) -> None:
     client_ca = trustme.CA()
