@@ -33,6 +33,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Body decoding
     DataStream streams
     DataStream records
+    Unified Log Streamer
     Commit protocols
     Retry dedup
     Storage: layout
@@ -62,7 +63,9 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-                  (with the event range, read on the way)
+                  (with the event range, read on the way); from Akamai's Unified Log Streamer
+                  (its User-Agent), PushPipeline.uls_records instead: open_envelopes, one record
+                  per event, in source=uls
     store         Storage.store -> DataFile.append queues the batch with its dedupe key
                   (LEAD_PROTOCOL: the first push to find nobody committing leads)
     claim         DataFile._claim: one claim call for the group's keys (CLAIM_PROTOCOL); with
@@ -83,6 +86,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import datetime
 import enum
 import functools
 import gzip
@@ -110,8 +114,8 @@ import zlib
 from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
-from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn,
-                    Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union)
+from typing import (IO, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple,
+                    NoReturn, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union)
 __version__ = "0.1.0"
 
 log = logging.getLogger("dsreceiver")
@@ -281,7 +285,8 @@ Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of rec
 YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per line;
 ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
 left out with --partition-by none.  Records that name no stream (security events) take
-the stream their endpoint URL names: https://HOST/PATH?streamId=ID.
+the stream their endpoint URL names: https://HOST/PATH?streamId=ID.  The events Akamai's
+Unified Log Streamer sends land in OUTPUT_DIR/[ROUTE/]source=uls/, one per line.
 """ % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE, ENV_BEARER_TOKEN)
 
 
@@ -980,6 +985,10 @@ class Metrics:
         ("records_stored", "Records stored."),
         ("batches_stored", "Pushes whose records were stored."),
         ("validation_probes", "DataStream validation probes answered."),
+        ("liveness_probes", "Liveness probes (OPTIONS, as Akamai's Unified Log Streamer sends at "
+         "connect) answered."),
+        ("uls_bodies_as_sent", "Pushes from Akamai's Unified Log Streamer whose body is not "
+         "{\"event\": ...} envelopes: stored as sent, one record per line."),
         ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
         ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored "
          "again: not every record carries a reqId or a millisecond reqTimeSec, so they may be "
@@ -1948,6 +1957,11 @@ class RecordBatch:
         joined = self.parts[0]
         assert isinstance(joined, bytes)
         return joined
+
+    def contents(self) -> bytes:
+        """The records as one bytes object, read whole from the spool file when they are spooled."""
+        joined = self.joined()
+        return joined if joined is not None else self._bytes_at(0, self.size)
 
     def count(self, token: bytes) -> int:
         """How many times `token` occurs in the records."""
@@ -3007,6 +3021,173 @@ def collected_range(values: Sequence[bytes]) -> Optional[Tuple[float, float]]:
 
 
 # ---------------------------------------------------------------------------
+# Unified Log Streamer
+# ---------------------------------------------------------------------------
+# A push from Akamai's Unified Log Streamer (ULS: the forwarder of EAA, SIA/ETP, Guardicore, Linode
+# and Control Center logs, github.com/akamai/uls), whose HTTP output wraps its events in envelopes:
+# each event becomes one record, as sent, with its time where its product's is certain.
+
+# Every ULS request says so (its global_config.py: "Akamai Unified Log Streamer/<version>");
+# DataStream never does, so no DataStream push is ever read as an envelope.
+ULS_USER_AGENT = "Akamai Unified Log Streamer/"
+# The stream of ULS records: their row in the ledger, metrics and status page; their folder is
+# [ROUTE/]source=uls (see Layout.folder).
+ULS_STREAM = "uls"
+ULS_FOLDER = "source=" + ULS_STREAM
+# The body of ULS's liveness probe, OPTIONS at connect and after any network error.
+ULS_PROBE = b'{"event":"connection test"}'
+# A larger body, decoded, is stored as sent: ULS sends at most 500 events a push.
+ULS_MAX_BODY = 64 << 20
+# The one envelope read: ULS's default --httpformat '{"event": %s}' (Splunk HEC's event envelope
+# too), holding an array of events (json-list: group 1 is '' or, for an empty one, ']') or one
+# event (single-event: group 1 is None, the event starts at the end of the match).
+ULS_ENVELOPE_RE = re.compile(r'[ \t\r\n]*\{[ \t\r\n]*"event"[ \t\r\n]*:[ \t\r\n]*'
+                             r'(?:\[[ \t\r\n]*(\]?)|(?=\{))')
+ULS_ENVELOPE_END_RE = re.compile(r"[ \t\r\n]*\}[ \t\r\n]*")
+JSON_SEPARATOR_RE = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+# Reads one JSON value where it starts and says where it ends: the span of an event as written.
+JSON_DECODER = json.JSONDecoder()
+# An ISO 8601 time that names its offset: 2021-07-27T18:20:14+00:00, 2020-05-26T06:34:53.676Z.
+ZONED_TIME_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                           r"(\.[0-9]{1,9})?(?:Z|([+-])([0-9]{2}):?([0-9]{2}))")
+# Each product's events, told by keys that only they carry together, and where their time is (a
+# dotted path), from ULS's docs/LOG_OVERVIEW.md.  A time counts only when it is certain: an epoch
+# number, or an ISO 8601 time that names its offset (EAA admin and Linode audit samples name none).
+ULS_EVENT_TIMES: Tuple[Tuple[FrozenSet[str], str], ...] = (
+    (frozenset(("apphost", "url_path", "http_method")), "datetime"),  # EAA access
+    (frozenset(("resource_type", "resource", "event_type")), "datetime"),  # EAA admin
+    (frozenset(("connector_uuid", "dialout_total")), "datetime"),  # EAA connector health
+    (frozenset(("dir_id", "directory_status")), "datetime"),  # EAA directory health
+    (frozenset(("configId", "query")), "query.time"),  # SIA threat, AUP, DNS
+    (frozenset(("isEvent", "request")), "request.startTime"),  # SIA proxy
+    (frozenset(("connectionId", "connStartTime")), "connStartTime"),  # SIA netcon
+    (frozenset(("incident_type", "start_time")), "start_time"),  # Guardicore incident
+    (frozenset(("report_time", "aggregated")), "report_time"),  # Guardicore agent
+    (frozenset(("doc_version", "remote_addr", "time")), "time"),  # Guardicore audit
+    (frozenset(("action", "entity", "created")), "created"),  # Linode audit
+    (frozenset(("account", "linode", "time")), "time"),  # Linode utilization
+    (frozenset(("eventId", "eventType", "eventTime")), "eventTime"),  # Control Center events
+)
+
+
+def read_event(text: str, position: int, events: List[Tuple[str, Any]]) -> int:
+    """Adds the JSON object at text[position] to `events`, as it is written and as it reads;
+    returns where it ends, -1 when no JSON object starts there."""
+    if text[position:position + 1] != "{":
+        return -1
+    try:
+        event, end = JSON_DECODER.raw_decode(text, position)
+    except (ValueError, RecursionError):
+        return -1
+    events.append((text[position:end], event))
+    return int(end)
+
+
+def read_events(text: str, position: int, events: List[Tuple[str, Any]]) -> int:
+    """Adds each JSON object of a JSON array to `events`, the first starting at text[position];
+    returns where the array ends, -1 when it is not an array of objects."""
+    while True:
+        end = read_event(text, position, events)
+        separator = JSON_SEPARATOR_RE.match(text, end) if end >= 0 else None
+        if separator is None:
+            return -1
+        if separator.group(1) == "]":
+            return separator.end(1)
+        position = separator.end()
+
+
+def envelope_events(text: str) -> Optional[List[Tuple[str, Any]]]:
+    """The events of a body of envelopes, each as it is written and as it reads: one or more
+    {"event": [...]} or {"event": {...}}, whitespace or nothing between them, every event a JSON
+    object; None when the body is anything else (so a record that merely has a key "event" among
+    others is never one)."""
+    events: List[Tuple[str, Any]] = []
+    position = 0
+    while position < len(text):
+        head = ULS_ENVELOPE_RE.match(text, position)
+        if head is None:
+            return None
+        if head.group(1) is None:
+            end = read_event(text, head.end(), events)
+        else:
+            end = head.end() if head.group(1) else read_events(text, head.end(), events)
+        tail = ULS_ENVELOPE_END_RE.match(text, end) if end >= 0 else None
+        if tail is None:
+            return None
+        position = tail.end()
+    return events
+
+
+def zoned_time(text: str) -> Optional[float]:
+    """The Unix time of an ISO 8601 time that names its offset; None for any other text."""
+    found = ZONED_TIME_RE.fullmatch(text)
+    if found is None:
+        return None
+    year, month, day, hour, minute, second = (int(value) for value in found.group(1, 2, 3, 4, 5, 6))
+    try:
+        moment = datetime.datetime(year, month, day, hour, minute, second,
+                                   tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    sign, hours, minutes = found.group(8, 9, 10)
+    offset = (int(hours) * 3600 + int(minutes) * 60) * (-1 if sign == "-" else 1) if sign else 0
+    return moment - offset + float("0" + (found.group(7) or ""))
+
+
+def uls_event_time(event: Dict[str, Any]) -> Optional[float]:
+    """When a ULS event happened, read where its product puts it (see ULS_EVENT_TIMES); None when
+    its product or its time is not certain."""
+    for keys, path in ULS_EVENT_TIMES:
+        if keys.issubset(event):
+            value: Any = event
+            for name in path.split("."):
+                value = value.get(name) if isinstance(value, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return event_time_seconds(str(value))
+            if isinstance(value, str):
+                return zoned_time(value) if "-" in value else event_time_seconds(value)
+            return None
+    return None
+
+
+def compact_json(value: object) -> bytes:
+    """`value` as one line of compact JSON in UTF-8 (all escaped if a lone surrogate, which UTF-8
+    cannot hold, is in it)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def open_envelopes(batch: RecordBatch) -> Optional[RecordBatch]:
+    """The records of a ULS push whose body is envelopes (see envelope_events): one per event, each
+    event's JSON as sent (compacted only when it spans lines), with their event range (NO_EVENTS
+    when no time is certain) and, when the push has one, a digest of their own; None when the body
+    is anything else, or larger than ULS_MAX_BODY."""
+    if batch.size > ULS_MAX_BODY:
+        return None
+    try:
+        # Decoded and encoded again, UTF-8 gives back the bytes as sent.
+        found = envelope_events(batch.contents().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+    if found is None:
+        return None
+    lines: List[bytes] = []
+    times: List[float] = []
+    for written, event in found:
+        lines.append(compact_json(event) if "\n" in written else written.encode("utf-8"))
+        seconds = uls_event_time(event)
+        if seconds is not None:
+            times.append(seconds)
+    records = b"".join(line + b"\n" for line in lines)
+    events = RecordBatch([records], None, len(records), len(lines),
+                         hashlib.sha256(records).digest() if batch.digest is not None else None)
+    events.events = (min(times), max(times)) if times else NO_EVENTS
+    return events
+
+
+# ---------------------------------------------------------------------------
 # Commit protocols
 # ---------------------------------------------------------------------------
 # The three protocols a push's batch follows from the queue to the disk, as state tables: the code
@@ -3359,7 +3540,8 @@ NO_DIGEST = bytes(32)
 UNCOUNTED = (1 << 64) - 1
 # An entry's stream: the stream ID, or the code of a stream that is none, far above any stream ID
 # (at most 12 digits), so that no stream ID, 1 and 2 included, is ever read as another stream.
-STREAM_CODES = {UNKNOWN_STREAM: (1 << 64) - 1, MIXED_STREAM: (1 << 64) - 2}
+STREAM_CODES = {UNKNOWN_STREAM: (1 << 64) - 1, MIXED_STREAM: (1 << 64) - 2,
+                ULS_STREAM: (1 << 64) - 3}
 STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
 # Formats 2 and 3 coded 'unknown' as 0 and 'mixed' as 1, which stream 1's entries read as too (see
 # fold_index, which tells them apart by their folder).
@@ -3489,7 +3671,8 @@ class Layout:
                                                    being written)
 
     FOLDER is empty, or safe folder names: a --route-by-path folder, then stream=ID
-    (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed').
+    (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed'), or source=uls for
+    the records of Akamai's Unified Log Streamer, whatever --partition-by says.
     Everything besides records is under the dot-path, so a consumer that reads
     every non-dot file sees only records.
     """
@@ -3580,14 +3763,17 @@ class Layout:
     @staticmethod
     def folder(route: str, stream: Optional[str]) -> str:
         """The folder of a push: its --route-by-path folder, then its stream's (stream=ID,
-        Hive-style), as used."""
-        partition = "stream=" + stream if stream is not None else ""
+        Hive-style; source=uls for ULS_STREAM), as used."""
+        partition = ("" if stream is None else ULS_FOLDER if stream == ULS_STREAM
+                     else "stream=" + stream)
         return "/".join(part for part in (route, partition) if part)
 
     @staticmethod
     def split_folder(folder: str) -> Tuple[str, Optional[str]]:
         """A folder's --route-by-path part, and the stream its last part names (None: none)."""
         route, _, last = folder.rpartition("/")
+        if last == ULS_FOLDER:
+            return route, ULS_STREAM
         if last.startswith("stream="):
             return route, last[len("stream="):]
         return folder, None
@@ -5088,9 +5274,9 @@ def seal_facts(path: Path, index: Path, now: float,
     records = plan.records if plan.records is not None else read[0]
     events = plan.events + read[1]
     received = [entry.stamp for entry in entries or []]
-    folder = path.parent.name
-    return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
-            if folder.startswith("stream=") else None, "records": records,
+    stream = Layout.split_folder(path.parent.name)[1]
+    return {"format": MANIFEST_FORMAT, "file": path.name,
+            "stream": None if stream == ULS_STREAM else stream, "records": records,
             "bytes": size, "sha256": sha256,
             "first_received": min(received, default=None),
             "last_received": max(received, default=None),
@@ -5391,6 +5577,8 @@ class PushFacts(NamedTuple):
     declared_gzip: bool
     # The stream the endpoint URL names (?streamId=ID), for records that carry no stream ID.
     named_stream: Optional[str] = None
+    # Whether Akamai's Unified Log Streamer sent it (its User-Agent says so): its body is envelopes.
+    uls: bool = False
 
 
 class PushResult(enum.Enum):
@@ -5451,21 +5639,25 @@ class PushPipeline:
         except BodyError as exc:
             return Outcome(PushResult.UNDECODABLE, reason=str(exc))
         try:
-            return self.store(facts, push)
+            return self.store(facts, push, on_growth)
         finally:
             push.batch.close()
 
-    def store(self, facts: PushFacts, push: DecodedPush) -> Outcome:
-        """Stores a decoded push's records in its stream's folder."""
+    def store(self, facts: PushFacts, push: DecodedPush,
+              on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
+        """Stores a decoded push's records in its stream's folder (a ULS push's in source=uls)."""
         batch, metrics = push.batch, self.metrics
-        if batch.is_validation_probe():
+        if not facts.uls and batch.is_validation_probe():
             metrics.count("validation_probes")
             return Outcome(PushResult.PROBE, reason="validation probe")
         metrics.count("decoded_bytes", batch.size)
         if not batch.records:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
-        records = self.streams.classify(batch, facts.named_stream)
+        if facts.uls:
+            records = self.uls_records(batch, on_growth)
+        else:
+            records = self.streams.classify(batch, facts.named_stream)
         if records.odd_stream_id:
             # Filed as 'unknown' (never under the URL's stream): what they name is not that stream.
             metrics.count("odd_stream_ids")
@@ -5477,7 +5669,8 @@ class PushPipeline:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
-        folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
+        folder = Layout.folder(route, records.stream if self.settings.partition_by_stream
+                               or records.stream == ULS_STREAM else None)
         # A stream's row: per route as well with --route-by-path.
         row = stream_row(route, records.stream)
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
@@ -5502,6 +5695,23 @@ class PushPipeline:
         metrics.stream_stored(row, count, records.unconverted, records.newest_event,
                               facts.client, records.batch.stored_size)
         return Outcome(PushResult.STORED, count, row)
+
+    def uls_records(self, batch: RecordBatch, on_growth: Callable[[int], None]) -> StreamRecords:
+        """A ULS push's records: one per event of its envelopes, else its body as sent (another
+        --httpformat), logged once.  A copy of a batch ULS re-sends is a retry whatever its events
+        hold: ULS batches are runs of events that carry their own times and IDs (see README)."""
+        on_growth(2 * batch.size)  # the body and its events, in memory at once
+        events = open_envelopes(batch)
+        if events is None:
+            self.metrics.count("uls_bodies_as_sent")
+            self.streams.warn_once(ULS_STREAM, "a push from Akamai's Unified Log Streamer is not"
+                                   " {\"event\": ...} envelopes: stored as sent (give ULS its"
+                                   " default --httpformat '{\"event\": %s}')")
+            # Its event times are not certain: they are not read back when its file is sealed.
+            batch.events = NO_EVENTS
+            return StreamRecords(ULS_STREAM, "", batch, 0, None, always_unique)
+        newest = events.events[1] if events.events and events.events != NO_EVENTS else None
+        return StreamRecords(ULS_STREAM, "", events, 0, newest, always_unique)
 
 
 # ---------------------------------------------------------------------------
@@ -5759,7 +5969,10 @@ METRICS_PATH = "/metrics"
 STATUS_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-PUSH_METHODS = ("POST", "PUT")
+# The methods of a push path: OPTIONS is the liveness probe of Akamai's Unified Log Streamer.
+PUSH_METHODS = ("POST", "PUT", "OPTIONS")
+# The largest body an OPTIONS request may carry (ULS's is {"event":"connection test"}).
+OPTIONS_MAX_BODY = 4096
 RETRY_AFTER_SECONDS = 10
 RECV_SIZE = 262144
 # A body buffer starts at most this large and doubles as bytes arrive, so a large Content-Length
@@ -6227,7 +6440,8 @@ class ConnectionHandler:
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.read_body(exchange)
-        facts = PushFacts(request.path, exchange.client, is_gzip, named_stream)
+        uls = (request.header("user-agent") or "").startswith(ULS_USER_AGENT)
+        facts = PushFacts(request.path, exchange.client, is_gzip, named_stream, uls)
         # Decoded bytes held in memory count against the in-flight budget too.
         outcome = self.server.accept_push(facts, body,
                                           lambda held: self.reserve_inflight(exchange,
@@ -6236,6 +6450,24 @@ class ConnectionHandler:
 
     do_PUT = do_POST
 
+    def do_OPTIONS(self, request: Request, exchange: Exchange) -> Response:
+        """Answers a liveness probe (Akamai's Unified Log Streamer sends one at connect, with a
+        small body) once it authenticates: 200, nothing stored, not counted as a push."""
+        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, STATUS_JSON_PATH):
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD",
+                            headers=[("Allow", "GET, HEAD")])
+        if self.settings.paths and request.path not in self.settings.paths:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
+        self.authenticate(request, exchange)
+        if isinstance(exchange.framing, int) and exchange.framing > OPTIONS_MAX_BODY:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "an OPTIONS body exceeds %d bytes" % OPTIONS_MAX_BODY)
+        if exchange.framing is not None:
+            self.read_body(exchange, OPTIONS_MAX_BODY)
+        self.server.metrics.count("liveness_probes")
+        exchange.note = "liveness probe"
+        return Response(HTTPStatus.OK, b"ok\n", [("Allow", ", ".join(PUSH_METHODS))])
+
     def content_is_gzip(self, request: Request) -> bool:
         """Tells whether Content-Encoding declares gzip; other encodings are 415."""
         encoding = (request.header("content-encoding") or "identity").strip().lower()
@@ -6243,18 +6475,24 @@ class ConnectionHandler:
             return True
         if encoding in ("identity", ""):
             return False
+        if encoding == "br":
+            # The standard library has no brotli decoder; ULS (--httpcompressiontype) has gzip too.
+            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                            "Content-Encoding br is not supported: send gzip (Akamai's Unified Log"
+                            " Streamer: --httpcompressiontype GZIP)")
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                         "unsupported Content-Encoding %r" % encoding[:40])
 
-    def read_body(self, exchange: Exchange) -> bytearray:
-        """Reads the whole body under the --timeout deadline and --min-body-rate."""
+    def read_body(self, exchange: Exchange, limit: Optional[int] = None) -> bytearray:
+        """Reads the whole body under the --timeout deadline and --min-body-rate; a chunked one of
+        at most `limit` bytes (default: --max-body-size)."""
         pace = BodyPace(time.monotonic() + self.settings.timeout, self.settings.min_body_rate,
                         lambda size: self.reserve_inflight(exchange, size))
         try:
             if isinstance(exchange.framing, int):
                 body = self.reader.read_exact(exchange.framing, pace)
             else:
-                body = self.reader.read_chunked(self.settings.max_body_size, pace)
+                body = self.reader.read_chunked(limit or self.settings.max_body_size, pace)
         except SlowBody as exc:
             raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, str(exc), close=True) from None
         exchange.body_read = True
@@ -7479,7 +7717,8 @@ def build_check_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dsreceiver.py check",
                             description="Test an endpoint the way DataStream's \"Validate & Save\""
                             " does, explaining every failure: name, TLS, certificate, then both"
-                            " validation probes (JSON and STRUCTURED streams), plain and gzip'd."
+                            " validation probes (JSON and STRUCTURED streams), plain and gzip'd;"
+                            " with --uls, as Akamai's Unified Log Streamer connects instead."
                             " Credentials come from the same settings as the server's: $%s (first"
                             " entry), $%s (first token), --auth-header with $%s, --auth-query-param"
                             " with $%s, or their files."
@@ -7494,11 +7733,15 @@ def build_check_parser() -> ArgumentParser:
                         help="client certificate for mTLS (default: none)")
     parser.add_argument("--client-key", type=Path, metavar="FILE",
                         help="its private key (default: none)")
+    parser.add_argument("--uls", action="store_true",
+                        help="check the endpoint for Akamai's Unified Log Streamer (ULS): an IP"
+                        " address will do, and its liveness probe (OPTIONS) must get 200 or 204,"
+                        " instead of DataStream's probes (default: off)")
     parser.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                         help="use the first user:password line (default: $%s)" % ENV_BASIC_AUTH)
     parser.add_argument("--bearer-token-file", type=Path, metavar="FILE",
-                        help="send Authorization: Bearer with the first token, when no Basic"
-                        " credential is set: DataStream sends none (default: $%s)"
+                        help="send Authorization: Bearer with the first token; Basic goes first for"
+                        " DataStream (which sends no token), Bearer with --uls (default: $%s)"
                         % ENV_BEARER_TOKEN)
     parser.add_argument("--auth-header", metavar="NAME",
                         help="send this custom header (default: none)")
@@ -7522,6 +7765,8 @@ class CheckSettings(NamedTuple):
     client_key: Optional[Path]
     timeout: float
     credentials: CredentialSettings
+    # Check as Akamai's Unified Log Streamer connects, not as DataStream validates.
+    uls: bool = False
 
 
 def parse_check_options(argv: Sequence[str]) -> CheckSettings:
@@ -7532,7 +7777,8 @@ def parse_check_options(argv: Sequence[str]) -> CheckSettings:
                          CredentialSettings(options.basic_auth_file, options.auth_header,
                                             options.auth_header_file, options.auth_query_param,
                                             options.auth_query_file,
-                                            bearer_token_file=options.bearer_token_file))
+                                            bearer_token_file=options.bearer_token_file),
+                         options.uls)
 
 
 def printable(text: str, limit: int = PRINTABLE_LIMIT) -> str:
@@ -7570,9 +7816,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
         return
     try:
         ipaddress.ip_address(host)
-        report.line("FAIL", "URL host is a DNS name",
-                    "%s is an IP address; DataStream refuses those" % host)
-        return
+        if not options.uls:
+            report.line("FAIL", "URL host is a DNS name",
+                        "%s is an IP address; DataStream refuses those" % host)
+            return
     except ValueError:
         report.line("PASS", "URL host is a DNS name", host)
     try:
@@ -7630,6 +7877,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
     report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS",
                 "certificate is not expiring",
                 "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
+    if options.uls:
+        post_probe(options, credentials, context, url, report, "ULS liveness probe gets 200 or 204",
+                   ULS_PROBE, False, "OPTIONS")
+        return
     for step, body, compressed in (("JSON probe gets a 2xx", VALIDATION_PROBES[0], False),
                                    ("JSON probe, gzip'd, gets a 2xx", VALIDATION_PROBES[0], True),
                                    ("STRUCTURED probe gets a 2xx", VALIDATION_PROBES[1], False),
@@ -7640,9 +7891,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
 
 def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.SSLContext,
                url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes,
-               compressed: bool) -> None:
+               compressed: bool, method: str = "POST") -> None:
     """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with
-    compressLogs), with the configured credentials, and checks for a 2xx in time."""
+    compressLogs), with the configured credentials, and checks for a 2xx in time; or (OPTIONS)
+    ULS's liveness probe, which passes on 200 or 204 only."""
     import http.client  # here: only the check command needs an HTTP client
 
     query = url.query
@@ -7650,9 +7902,10 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
         query = (query + "&" if query else "") + urllib.parse.urlencode(
             {credentials.query_param: credentials.query_values[0].decode("utf-8")})
     target = (url.path or "/") + ("?" + query if query else "")
-    headers = {"Content-Type": "application/json", "User-Agent": "dsreceiver-check/" + __version__}
-    # DataStream sends Basic: a token goes only where no Basic credential is set.
-    if credentials.bearer and not credentials.basic:
+    agent = ULS_USER_AGENT + "check" if options.uls else "dsreceiver-check/" + __version__
+    headers = {"Content-Type": "application/json", "User-Agent": agent}
+    # DataStream sends Basic; ULS sends whatever --httpauthheader holds, a token as a rule.
+    if credentials.bearer and (options.uls or not credentials.basic):
         headers["Authorization"] = "Bearer " + credentials.bearer[0].decode("ascii")
     elif credentials.basic:
         headers["Authorization"] = "Basic " + base64.b64encode(credentials.basic[0]).decode("ascii")
@@ -7665,7 +7918,7 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
                                              timeout=options.timeout, context=context)
     try:
         started = time.monotonic()
-        connection.request("POST", target, body=body, headers=headers)
+        connection.request(method, target, body=body, headers=headers)
         answer = connection.getresponse()
         answer.read()
         elapsed = time.monotonic() - started
@@ -7678,7 +7931,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
     finally:
         connection.close()
     detail = "%d %s in %.0f ms" % (answer.status, answer.reason, elapsed * 1000)
-    if 200 <= answer.status < 300:
+    passed = answer.status in (200, 204) if method == "OPTIONS" else 200 <= answer.status < 300
+    if passed:
         report.line("PASS", step, detail)
     elif answer.status == 401:
         report.line("FAIL", step, detail + ": credentials refused (check the credential settings)")
@@ -7687,8 +7941,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
 
 
 def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
-    """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad
-    usage."""
+    """The check command: 0 when DataStream (with --uls, ULS) would accept the endpoint, 1 when
+    not, 2 for bad usage."""
     options = parse_check_options(argv)
     try:
         credentials = Authenticator.from_settings(options.credentials, dict(os.environ))
@@ -7697,10 +7951,11 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         return 2
     report = CheckReport(out)
     check_endpoint(options, credentials, report)
+    sender = "Akamai's Unified Log Streamer" if options.uls else "DataStream"
     if report.failed:
-        out.write("verdict: DataStream would NOT accept %s\n" % options.url)
+        out.write("verdict: %s would NOT accept %s\n" % (sender, options.url))
         return 1
-    out.write("verdict: DataStream would accept %s\n" % options.url)
+    out.write("verdict: %s would accept %s\n" % (sender, options.url))
     return 0
 
 

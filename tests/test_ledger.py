@@ -141,7 +141,7 @@ def test_format_1_indexes_are_upgraded_with_their_records_counted(tmp_path: Path
 def test_streams_1_and_2_are_counted_as_themselves_and_format_3_indexes_still_read(tmp_path: Path) -> None:
     output = tmp_path / "out"
     storage = open_storage(output)
-    names = ("1", "2", "unknown", "mixed", "61234")
+    names = ("1", "2", "unknown", "mixed", "uls", "61234")
     for number, stream in enumerate(names, 1):
         data = b"".join(b"%s %d\n" % (stream.encode(), n) for n in range(number))
         storage.store(dsreceiver.Layout.folder("", stream), dsreceiver.RecordBatch([data], None, len(data), number),
@@ -150,20 +150,23 @@ def test_streams_1_and_2_are_counted_as_themselves_and_format_3_indexes_still_re
     counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
     assert counted == {stream: number for number, stream in enumerate(names, 1)}
     assert sorted(folder for _, folder, _ in storage.layout.indexes()) == [
-        "stream=1", "stream=2", "stream=61234", "stream=mixed", "stream=unknown"]
-    # The same entries as format 3 wrote them, 'unknown' as 0 and 'mixed' as 1, which stream 1's entries read as
-    # too: their folder tells them apart.
+        "source=uls", "stream=1", "stream=2", "stream=61234", "stream=mixed", "stream=unknown"]
+    # The same entries as format 3 wrote them (it had no ULS), 'unknown' as 0 and 'mixed' as 1, which stream 1's
+    # entries read as too: their folder tells them apart.
     format_3_codes = {"unknown": 0, "mixed": 1}
-    for index, _, _ in list(storage.layout.indexes()):
+    for index, folder, _ in list(storage.layout.indexes()):
         entries = dsreceiver.read_index(index.read_bytes())
         assert index.read_bytes().startswith(b"dsreceiver batch index 4\n")
+        if folder == "source=uls":
+            index.unlink()
+            continue
         index.write_bytes(dsreceiver.V3_INDEX_HEADER + b"".join(
             dsreceiver.BATCH_ENTRY.pack(entry.end, entry.stamp, entry.digest,
                                         format_3_codes[entry.stream] if entry.stream in format_3_codes
                                         else int(entry.stream), entry.records, entry.first_event, entry.last_event)
             for entry in entries))
     counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
-    assert counted == {"1": 1, "2": 2, "unknown": 3, "mixed": 4, "61234": 5}
+    assert counted == {"1": 1, "2": 2, "unknown": 3, "mixed": 4, "61234": 6}
     assert ledger_totals(output)["1"]["records"] == 1
 
 
