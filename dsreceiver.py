@@ -5705,8 +5705,9 @@ class PushPipeline:
         if events is None:
             self.metrics.count("uls_bodies_as_sent")
             self.streams.warn_once(ULS_STREAM, "a push from Akamai's Unified Log Streamer is not"
-                                   " {\"event\": ...} envelopes: stored as sent (give ULS its"
-                                   " default --httpformat '{\"event\": %s}')")
+                                   " {\"event\": ...} envelopes, or over %d MiB decoded: stored as"
+                                   " sent (give ULS its default --httpformat '{\"event\": %%s}')",
+                                   ULS_MAX_BODY >> 20)
             # Its event times are not certain: they are not read back when its file is sealed.
             batch.events = NO_EVENTS
             return StreamRecords(ULS_STREAM, "", batch, 0, None, always_unique)
