@@ -16,7 +16,7 @@ Usage:
     python3 dsreceiver.py --help
 
 Security: the endpoint is meant for the public internet.  Configure at least
-one authentication method (Basic, custom header, URL token or mTLS); secrets
+one authentication method (Basic, Bearer, custom header, URL token or mTLS); secrets
 come from files or the environment, never from the command line, and are
 compared in constant time.  TLS 1.2 is the minimum, every read has a deadline,
 bodies have hard size limits, clients never see internal errors, and folder
@@ -33,6 +33,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Body decoding
     DataStream streams
     DataStream records
+    Unified Log Streamer
     Commit protocols
     Retry dedup
     Storage: layout
@@ -65,7 +66,9 @@ One push through them:
     push          ReceiverServer.accept_push -> PushPipeline.accept: the steps below, no socket
     decode        decode_push: gunzip, line normalisation, the batch digest
     classify      StreamCatalog.classify: the stream (its stream=ID folder), STRUCTURED as JSON
-                  (with the event range, read on the way)
+                  (with the event range, read on the way); from Akamai's Unified Log Streamer
+                  (its User-Agent), PushPipeline.uls_records instead: open_envelopes, one record
+                  per event, in source=uls
     store         Storage.store -> DataFile.append queues the batch with its dedupe key
                   (LEAD_PROTOCOL: the first push to find nobody committing leads)
     claim         DataFile._claim: one claim call for the group's keys (CLAIM_PROTOCOL); with
@@ -88,6 +91,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import datetime
 import enum
 import errno
 import fcntl
@@ -118,7 +122,7 @@ import zlib
 from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
-from typing import (IO, TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
+from typing import (IO, TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List,
                     MutableMapping, NamedTuple, NoReturn, Optional, Protocol, Sequence, Set, Tuple,
                     TypeVar, Union)
 if TYPE_CHECKING:
@@ -151,6 +155,7 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 ENV_BASIC_AUTH = "DSRECEIVER_BASIC_AUTH"
 ENV_AUTH_HEADER_VALUE = "DSRECEIVER_AUTH_HEADER_VALUE"
 ENV_AUTH_QUERY_VALUE = "DSRECEIVER_AUTH_QUERY_VALUE"
+ENV_BEARER_TOKEN = "DSRECEIVER_BEARER_TOKEN"
 
 TARGET_RE = re.compile(rb"[\x21-\x7e]+")
 # DataStream gives up on a batch after about 5 minutes of 429/5xx answers; the status page turns red
@@ -286,6 +291,7 @@ environment:
   %-29s user:password[,user:password...] accepted by Basic auth
   %-29s accepted values of --auth-header, comma-separated
   %-29s accepted values of --auth-query-param, comma-separated
+  %-29s tokens accepted by Authorization: Bearer, comma-separated
   LISTEN_FDS, LISTEN_PID        systemd's socket activation (contrib/dsreceiver.socket): serve on
                                 the sockets it passes; --host and --port are then not used
 
@@ -294,8 +300,9 @@ Records land in OUTPUT_DIR/[ROUTE/]stream=ID/YYYY-MM-DDTHHZ.log (UTC hour of rec
 YYYY-MM-DD.log with --rotate daily; .N.log when --max-file-size rolls), one per line;
 ROUTE is the folder named after the URL path with --route-by-path, and stream=ID is
 left out with --partition-by none.  Records that name no stream (security events) take
-the stream their endpoint URL names: https://HOST/PATH?streamId=ID.
-""" % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE)
+the stream their endpoint URL names: https://HOST/PATH?streamId=ID.  The events Akamai's
+Unified Log Streamer sends land in OUTPUT_DIR/[ROUTE/]source=uls/, one per line.
+""" % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE, ENV_BEARER_TOKEN)
 
 
 def build_parser() -> ArgumentParser:
@@ -340,10 +347,14 @@ def build_parser() -> ArgumentParser:
                      help="how often to look for a renewed certificate or key; SIGHUP reloads at"
                      " once (default: %(default)s)")
 
-    auth = parser.add_argument_group("authentication (all configured methods must pass)")
+    auth = parser.add_argument_group("authentication (all configured methods must pass; Basic and"
+                                     " Bearer: either one)")
     auth.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                       help="accepted user:password lines for Basic auth; adds to $%s (default:"
                       " none)" % ENV_BASIC_AUTH)
+    auth.add_argument("--bearer-token-file", type=Path, metavar="FILE",
+                      help="accepted tokens for Authorization: Bearer TOKEN, one per line; adds to"
+                      " $%s (default: none)" % ENV_BEARER_TOKEN)
     auth.add_argument("--auth-header", metavar="NAME",
                       help="require this request header (DataStream's custom header) to hold an "
                       "accepted value (default: off)")
@@ -475,6 +486,7 @@ class CredentialSettings(NamedTuple):
     auth_query_param: Optional[str] = None
     auth_query_file: Optional[Path] = None
     client_ca: Optional[Path] = None
+    bearer_token_file: Optional[Path] = None
 
 
 class Settings(NamedTuple):
@@ -496,6 +508,7 @@ class Settings(NamedTuple):
     auth_header_file: Optional[Path]
     auth_query_param: Optional[str]
     auth_query_file: Optional[Path]
+    bearer_token_file: Optional[Path]
     auth_brake: float
     paths: Tuple[str, ...]
     output_dir: Path
@@ -532,7 +545,8 @@ class Settings(NamedTuple):
     def credentials(self) -> CredentialSettings:
         """The credential part, as the check command has it too."""
         return CredentialSettings(self.basic_auth_file, self.auth_header, self.auth_header_file,
-                                  self.auth_query_param, self.auth_query_file, self.client_ca)
+                                  self.auth_query_param, self.auth_query_file, self.client_ca,
+                                  self.bearer_token_file)
 
     @property
     def scheme(self) -> str:
@@ -551,7 +565,9 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
     if header is not None and not HEADER_NAME_RE.fullmatch(header):
         raise ConfigError("--auth-header must be letters, digits, '-' or '_': %r" % header)
     if header is not None and header.lower() in RESERVED_HEADERS:
-        raise ConfigError("--auth-header cannot be %r" % header)
+        raise ConfigError("--auth-header cannot be %r%s" % (header, " (for Authorization: Bearer"
+                          " TOKEN, use --bearer-token-file or $%s)" % ENV_BEARER_TOKEN
+                          if header.lower() == "authorization" else ""))
     if options.group and not options.user:
         raise ConfigError("--group goes with --user")
     if options.records == "json" and options.stream_config is None:
@@ -564,7 +580,8 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
         client_ca=options.client_ca, cert_check_interval=options.cert_check_interval,
         basic_auth_file=options.basic_auth_file, auth_header=header,
         auth_header_file=options.auth_header_file, auth_query_param=options.auth_query_param,
-        auth_query_file=options.auth_query_file, auth_brake=options.auth_brake,
+        auth_query_file=options.auth_query_file, bearer_token_file=options.bearer_token_file,
+        auth_brake=options.auth_brake,
         paths=tuple(options.paths), output_dir=options.output_dir,
         route_by_path=options.route_by_path, partition_by_stream=options.partition_by == "stream",
         stream_config=options.stream_config, records_as_json=options.records == "json",
@@ -994,6 +1011,10 @@ class Metrics:
         ("records_stored", "Records stored."),
         ("batches_stored", "Pushes whose records were stored."),
         ("validation_probes", "DataStream validation probes answered."),
+        ("liveness_probes", "Liveness probes (OPTIONS, as Akamai's Unified Log Streamer sends at "
+         "connect) answered."),
+        ("uls_bodies_as_sent", "Pushes from Akamai's Unified Log Streamer whose body is not "
+         "{\"event\": ...} envelopes: stored as sent, one record per line."),
         ("dedupe_hits", "Re-sent batches answered 200 without being stored again."),
         ("dedupe_ineligible", "Batches identical to one stored within the dedupe window, stored "
          "again: not every record carries a reqId or a millisecond reqTimeSec, so they may be "
@@ -1660,6 +1681,10 @@ def split_secret_list(value: Optional[str]) -> List[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
+# RFC 6750 2.1: a Bearer token is a b64token.
+BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
 def matches_any(supplied: bytes, accepted: Sequence[bytes]) -> bool:
     """Compares against every accepted secret in constant time, without stopping at a match."""
     found = False
@@ -1669,17 +1694,20 @@ def matches_any(supplied: bytes, accepted: Sequence[bytes]) -> bool:
 
 
 class Authenticator:
-    """Checks the credentials of a request; every configured method must pass."""
+    """Checks the credentials of a request; every configured method must pass, Basic and Bearer
+    being one: the Authorization header carries either, so either passes when both are set."""
 
     def __init__(self, basic: Sequence[bytes] = (), header_name: Optional[str] = None,
                  header_values: Sequence[bytes] = (), query_param: Optional[str] = None,
-                 query_values: Sequence[bytes] = (), client_certificates: bool = False) -> None:
+                 query_values: Sequence[bytes] = (), client_certificates: bool = False,
+                 bearer: Sequence[bytes] = ()) -> None:
         self.basic = list(basic)
         self.header_name = header_name
         self.header_values = list(header_values)
         self.query_param = query_param
         self.query_values = list(query_values)
         self.client_certificates = client_certificates
+        self.bearer = list(bearer)
 
     @classmethod
     def from_settings(cls, settings: CredentialSettings, environ: Dict[str, str]) -> Authenticator:
@@ -1695,10 +1723,18 @@ class Authenticator:
                                     environ.get(ENV_AUTH_HEADER_VALUE), settings.auth_header_file)
         query_values = cls._values(settings.auth_query_param, "--auth-query-param",
                                    environ.get(ENV_AUTH_QUERY_VALUE), settings.auth_query_file)
+        bearer = split_secret_list(environ.get(ENV_BEARER_TOKEN))
+        if settings.bearer_token_file:
+            bearer += read_secret_file(settings.bearer_token_file)
+        if not all(BEARER_TOKEN_RE.fullmatch(token) for token in bearer):
+            raise ConfigError("Bearer tokens are letters, digits and -._~+/ (RFC 6750), then"
+                              " optional '=' (check $%s and --bearer-token-file)"
+                              % ENV_BEARER_TOKEN)
         return cls(basic=[item.encode("utf-8") for item in basic],
                    header_name=settings.auth_header, header_values=header_values,
                    query_param=settings.auth_query_param, query_values=query_values,
-                   client_certificates=settings.client_ca is not None)
+                   client_certificates=settings.client_ca is not None,
+                   bearer=[token.encode("ascii") for token in bearer])
 
     @staticmethod
     def _values(name: Optional[str], option: str, env_value: Optional[str],
@@ -1715,15 +1751,20 @@ class Authenticator:
 
     def methods(self) -> List[str]:
         """Names the configured methods, for the start-up log line."""
-        return [name for name, active in (("basic", self.basic), ("header", self.header_name),
+        authorization = " or ".join(name for name, active in (("basic", self.basic),
+                                                              ("bearer", self.bearer)) if active)
+        return [name for name, active in ((authorization, authorization),
+                                          ("header", self.header_name),
                                           ("query-token", self.query_param),
                                           ("mtls", self.client_certificates)) if active]
 
     def check(self, authorization: Optional[str], header_value: Optional[str],
               query: str) -> Optional[str]:
         """Returns why the request is refused, or None when every configured method passes."""
-        if self.basic and not self._basic_ok(authorization):
-            return "bad or missing Basic credentials"
+        if (self.basic or self.bearer) and not (self.basic and self._basic_ok(authorization)
+                                                or self.bearer and self._bearer_ok(authorization)):
+            return "bad or missing %s credentials" % " or ".join(
+                name for name, active in (("Basic", self.basic), ("Bearer", self.bearer)) if active)
         if self.header_name and not matches_any((header_value or "").encode("latin-1"),
                                                 self.header_values):
             return "bad or missing %s header" % self.header_name
@@ -1744,6 +1785,13 @@ class Authenticator:
         except (binascii.Error, ValueError):
             return False
         return matches_any(supplied, self.basic)
+
+    def _bearer_ok(self, authorization: Optional[str]) -> bool:
+        """Checks an Authorization: Bearer header against the accepted tokens."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return matches_any(token.strip().encode("latin-1"), self.bearer)
 
     def redact(self, query: str) -> str:
         """Returns the query string with the token parameter's value hidden, for logs."""
@@ -1935,6 +1983,11 @@ class RecordBatch:
         joined = self.parts[0]
         assert isinstance(joined, bytes)
         return joined
+
+    def contents(self) -> bytes:
+        """The records as one bytes object, read whole from the spool file when they are spooled."""
+        joined = self.joined()
+        return joined if joined is not None else self._bytes_at(0, self.size)
 
     def count(self, token: bytes) -> int:
         """How many times `token` occurs in the records."""
@@ -2207,7 +2260,8 @@ DATASET_FIELDS = {
     1066: "edgeIP", 1068: "errorCode", 1082: "customField", 1102: "turnAroundTimeMSec",
     1103: "transferTimeMSec", 2001: "tlsOverheadTimeMSec", 2002: "tlsVersion", 2003: "objSize",
     2004: "uncompressedSize", 2005: "maxAgeSec", 2006: "overheadBytes", 2007: "dnsLookupTimeMSec",
-    2008: "totalBytes", 2009: "queryStr", 2010: "cacheStatus", 2012: "country", 2013: "state",
+    2008: "totalBytes", 2009: "queryStr", 2010: "cacheStatus", 2011: "cacheRefreshSrc",
+    2012: "country", 2013: "state",
     2014: "city", 2019: "cacheable", 2020: "breadcrumbs", 2021: "lastByte", 2022: "asn",
     2023: "fileSizeBucket", 2024: "edgeAttempts", 2025: "timeToFirstByte", 2026: "startupError",
     2027: "downloadTime", 2028: "throughput", 2084: "prefetchMidgressHits", 2050: "securityRules",
@@ -2993,6 +3047,173 @@ def collected_range(values: Sequence[bytes]) -> Optional[Tuple[float, float]]:
 
 
 # ---------------------------------------------------------------------------
+# Unified Log Streamer
+# ---------------------------------------------------------------------------
+# A push from Akamai's Unified Log Streamer (ULS: the forwarder of EAA, SIA/ETP, Guardicore, Linode
+# and Control Center logs, github.com/akamai/uls), whose HTTP output wraps its events in envelopes:
+# each event becomes one record, as sent, with its time where its product's is certain.
+
+# Every ULS request says so (its global_config.py: "Akamai Unified Log Streamer/<version>");
+# DataStream never does, so no DataStream push is ever read as an envelope.
+ULS_USER_AGENT = "Akamai Unified Log Streamer/"
+# The stream of ULS records: their row in the ledger, metrics and status page; their folder is
+# [ROUTE/]source=uls (see Layout.folder).
+ULS_STREAM = "uls"
+ULS_FOLDER = "source=" + ULS_STREAM
+# The body of ULS's liveness probe, OPTIONS at connect and after any network error.
+ULS_PROBE = b'{"event":"connection test"}'
+# A larger body, decoded, is stored as sent: ULS sends at most 500 events a push.
+ULS_MAX_BODY = 64 << 20
+# The one envelope read: ULS's default --httpformat '{"event": %s}' (Splunk HEC's event envelope
+# too), holding an array of events (json-list: group 1 is '' or, for an empty one, ']') or one
+# event (single-event: group 1 is None, the event starts at the end of the match).
+ULS_ENVELOPE_RE = re.compile(r'[ \t\r\n]*\{[ \t\r\n]*"event"[ \t\r\n]*:[ \t\r\n]*'
+                             r'(?:\[[ \t\r\n]*(\]?)|(?=\{))')
+ULS_ENVELOPE_END_RE = re.compile(r"[ \t\r\n]*\}[ \t\r\n]*")
+JSON_SEPARATOR_RE = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
+# Reads one JSON value where it starts and says where it ends: the span of an event as written.
+JSON_DECODER = json.JSONDecoder()
+# An ISO 8601 time that names its offset: 2021-07-27T18:20:14+00:00, 2020-05-26T06:34:53.676Z.
+ZONED_TIME_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                           r"(\.[0-9]{1,9})?(?:Z|([+-])([0-9]{2}):?([0-9]{2}))")
+# Each product's events, told by keys that only they carry together, and where their time is (a
+# dotted path), from ULS's docs/LOG_OVERVIEW.md.  A time counts only when it is certain: an epoch
+# number, or an ISO 8601 time that names its offset (EAA admin and Linode audit samples name none).
+ULS_EVENT_TIMES: Tuple[Tuple[FrozenSet[str], str], ...] = (
+    (frozenset(("apphost", "url_path", "http_method")), "datetime"),  # EAA access
+    (frozenset(("resource_type", "resource", "event_type")), "datetime"),  # EAA admin
+    (frozenset(("connector_uuid", "dialout_total")), "datetime"),  # EAA connector health
+    (frozenset(("dir_id", "directory_status")), "datetime"),  # EAA directory health
+    (frozenset(("configId", "query")), "query.time"),  # SIA threat, AUP, DNS
+    (frozenset(("isEvent", "request")), "request.startTime"),  # SIA proxy
+    (frozenset(("connectionId", "connStartTime")), "connStartTime"),  # SIA netcon
+    (frozenset(("incident_type", "start_time")), "start_time"),  # Guardicore incident
+    (frozenset(("report_time", "aggregated")), "report_time"),  # Guardicore agent
+    (frozenset(("doc_version", "remote_addr", "time")), "time"),  # Guardicore audit
+    (frozenset(("action", "entity", "created")), "created"),  # Linode audit
+    (frozenset(("account", "linode", "time")), "time"),  # Linode utilization
+    (frozenset(("eventId", "eventType", "eventTime")), "eventTime"),  # Control Center events
+)
+
+
+def read_event(text: str, position: int, events: List[Tuple[str, Any]]) -> int:
+    """Adds the JSON object at text[position] to `events`, as it is written and as it reads;
+    returns where it ends, -1 when no JSON object starts there."""
+    if text[position:position + 1] != "{":
+        return -1
+    try:
+        event, end = JSON_DECODER.raw_decode(text, position)
+    except (ValueError, RecursionError):
+        return -1
+    events.append((text[position:end], event))
+    return int(end)
+
+
+def read_events(text: str, position: int, events: List[Tuple[str, Any]]) -> int:
+    """Adds each JSON object of a JSON array to `events`, the first starting at text[position];
+    returns where the array ends, -1 when it is not an array of objects."""
+    while True:
+        end = read_event(text, position, events)
+        separator = JSON_SEPARATOR_RE.match(text, end) if end >= 0 else None
+        if separator is None:
+            return -1
+        if separator.group(1) == "]":
+            return separator.end(1)
+        position = separator.end()
+
+
+def envelope_events(text: str) -> Optional[List[Tuple[str, Any]]]:
+    """The events of a body of envelopes, each as it is written and as it reads: one or more
+    {"event": [...]} or {"event": {...}}, whitespace or nothing between them, every event a JSON
+    object; None when the body is anything else (so a record that merely has a key "event" among
+    others is never one)."""
+    events: List[Tuple[str, Any]] = []
+    position = 0
+    while position < len(text):
+        head = ULS_ENVELOPE_RE.match(text, position)
+        if head is None:
+            return None
+        if head.group(1) is None:
+            end = read_event(text, head.end(), events)
+        else:
+            end = head.end() if head.group(1) else read_events(text, head.end(), events)
+        tail = ULS_ENVELOPE_END_RE.match(text, end) if end >= 0 else None
+        if tail is None:
+            return None
+        position = tail.end()
+    return events
+
+
+def zoned_time(text: str) -> Optional[float]:
+    """The Unix time of an ISO 8601 time that names its offset; None for any other text."""
+    found = ZONED_TIME_RE.fullmatch(text)
+    if found is None:
+        return None
+    year, month, day, hour, minute, second = (int(value) for value in found.group(1, 2, 3, 4, 5, 6))
+    try:
+        moment = datetime.datetime(year, month, day, hour, minute, second,
+                                   tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    sign, hours, minutes = found.group(8, 9, 10)
+    offset = (int(hours) * 3600 + int(minutes) * 60) * (-1 if sign == "-" else 1) if sign else 0
+    return moment - offset + float("0" + (found.group(7) or ""))
+
+
+def uls_event_time(event: Dict[str, Any]) -> Optional[float]:
+    """When a ULS event happened, read where its product puts it (see ULS_EVENT_TIMES); None when
+    its product or its time is not certain."""
+    for keys, path in ULS_EVENT_TIMES:
+        if keys.issubset(event):
+            value: Any = event
+            for name in path.split("."):
+                value = value.get(name) if isinstance(value, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return event_time_seconds(str(value))
+            if isinstance(value, str):
+                return zoned_time(value) if "-" in value else event_time_seconds(value)
+            return None
+    return None
+
+
+def compact_json(value: object) -> bytes:
+    """`value` as one line of compact JSON in UTF-8 (all escaped if a lone surrogate, which UTF-8
+    cannot hold, is in it)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def open_envelopes(batch: RecordBatch) -> Optional[RecordBatch]:
+    """The records of a ULS push whose body is envelopes (see envelope_events): one per event, each
+    event's JSON as sent (compacted only when it spans lines), with their event range (NO_EVENTS
+    when no time is certain) and, when the push has one, a digest of their own; None when the body
+    is anything else, or larger than ULS_MAX_BODY."""
+    if batch.size > ULS_MAX_BODY:
+        return None
+    try:
+        # Decoded and encoded again, UTF-8 gives back the bytes as sent.
+        found = envelope_events(batch.contents().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+    if found is None:
+        return None
+    lines: List[bytes] = []
+    times: List[float] = []
+    for written, event in found:
+        lines.append(compact_json(event) if "\n" in written else written.encode("utf-8"))
+        seconds = uls_event_time(event)
+        if seconds is not None:
+            times.append(seconds)
+    records = b"".join(line + b"\n" for line in lines)
+    events = RecordBatch([records], None, len(records), len(lines),
+                         hashlib.sha256(records).digest() if batch.digest is not None else None)
+    events.events = (min(times), max(times)) if times else NO_EVENTS
+    return events
+
+
+# ---------------------------------------------------------------------------
 # Commit protocols
 # ---------------------------------------------------------------------------
 # The three protocols a push's batch follows from the queue to the disk, as state tables: the code
@@ -3368,21 +3589,32 @@ def folder_for_path(url_path: str) -> str:
 
 
 # A batch index is INDEX_HEADER, then one BATCH_ENTRY per stored batch (see IndexEntry).  Older
-# indexes are read as they are: format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times), and
+# indexes are read as they are: format 3 (V3_INDEX_HEADER: the same entries, streams coded as
+# V3_STREAM_NAMES), format 2 (V2_INDEX_HEADER, V2_BATCH_ENTRY: no event times either), and
 # dsreceiver 0.1's (no header, V1_BATCH_ENTRY: no records or stream either), which is rewritten at
 # start with its batches' records counted (upgrade_index).  Nothing is appended to an index a
 # process did not create (see Storage), so no index ever mixes formats.
-INDEX_HEADER = b"dsreceiver batch index 3\n".ljust(64, b"\0")
+INDEX_HEADER = b"dsreceiver batch index 4\n".ljust(64, b"\0")
 BATCH_ENTRY = struct.Struct("<Qd32sQQdd")
+V3_INDEX_HEADER = b"dsreceiver batch index 3\n".ljust(64, b"\0")
 V2_INDEX_HEADER = b"dsreceiver batch index 2\n".ljust(64, b"\0")
 V2_BATCH_ENTRY = struct.Struct("<Qd32sQQ")
 V1_BATCH_ENTRY = struct.Struct("<Qd32s")
 NO_DIGEST = bytes(32)
 # The records of an entry that vouches for bytes it did not count (an index started afresh).
 UNCOUNTED = (1 << 64) - 1
-# An entry's stream: the stream ID, or one of these (a stream ID is never 0 or 1).
-STREAM_CODES = {UNKNOWN_STREAM: 0, MIXED_STREAM: 1}
+# An entry's stream: the stream ID, or the code of a stream that is none, far above any stream ID
+# (at most 12 digits), so that no stream ID, 1 and 2 included, is ever read as another stream.
+STREAM_CODES = {UNKNOWN_STREAM: (1 << 64) - 1, MIXED_STREAM: (1 << 64) - 2,
+                ULS_STREAM: (1 << 64) - 3}
 STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
+# Formats 2 and 3 coded 'unknown' as 0 and 'mixed' as 1, which stream 1's entries read as too (see
+# fold_index, which tells them apart by their folder).
+V3_STREAM_NAMES = {0: UNKNOWN_STREAM, 1: MIXED_STREAM}
+# Each format with a header: (header, entry, stream names).
+INDEX_FORMATS = ((INDEX_HEADER, BATCH_ENTRY, STREAM_NAMES),
+                 (V3_INDEX_HEADER, BATCH_ENTRY, V3_STREAM_NAMES),
+                 (V2_INDEX_HEADER, V2_BATCH_ENTRY, V3_STREAM_NAMES))
 
 
 class IndexEntry(NamedTuple):
@@ -3412,21 +3644,20 @@ class IndexEntry(NamedTuple):
 
 def index_format(raw: bytes) -> Tuple[int, int]:
     """The header length and entry size of a batch index's bytes, in any format."""
-    if raw.startswith(INDEX_HEADER):
-        return len(INDEX_HEADER), BATCH_ENTRY.size
-    if raw.startswith(V2_INDEX_HEADER):
-        return len(V2_INDEX_HEADER), V2_BATCH_ENTRY.size
+    for header, entry, _ in INDEX_FORMATS:
+        if raw.startswith(header):
+            return len(header), entry.size
     return 0, V1_BATCH_ENTRY.size
 
 
 def read_index(raw: bytes) -> List[IndexEntry]:
     """The complete entries of a batch index's bytes, in any format (a torn last entry is
     left out)."""
-    for header, entry in ((INDEX_HEADER, BATCH_ENTRY), (V2_INDEX_HEADER, V2_BATCH_ENTRY)):
+    for header, entry, names in INDEX_FORMATS:
         if raw.startswith(header):
             body = raw[len(header):]
             return [IndexEntry(fields[0], fields[1], fields[2],
-                               STREAM_NAMES.get(fields[3], str(fields[3])), *fields[4:])
+                               names.get(fields[3], str(fields[3])), *fields[4:])
                     for fields in entry.iter_unpack(body[:len(body) - len(body) % entry.size])]
     whole = len(raw) - len(raw) % V1_BATCH_ENTRY.size
     return [IndexEntry(end, stamp, digest) for end, stamp, digest
@@ -3472,7 +3703,7 @@ def upgrade_index(index: Path, data_path: Path) -> None:
         os.close(fd)
     os.replace(str(temp), str(index))
     fsync_directory(index.parent)
-    log.info("upgraded batch index %s to format 3 (%d batches)", index, len(entries))
+    log.info("upgraded batch index %s to format 4 (%d batches)", index, len(entries))
 
 
 class DataName(NamedTuple):
@@ -3514,7 +3745,8 @@ class Layout:
                                                    being written)
 
     FOLDER is empty, or safe folder names: a --route-by-path folder, then stream=ID
-    (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed').
+    (--partition-by stream; ID is the stream's number, 'unknown' or 'mixed'), or source=uls for
+    the records of Akamai's Unified Log Streamer, whatever --partition-by says.
     RUN is TAG.PID.STAMP: the worker's tag without its dot ('main' for a single
     process), its process ID and start time.
     Everything besides records is under the dot-path, so a consumer that reads
@@ -3621,9 +3853,20 @@ class Layout:
     @staticmethod
     def folder(route: str, stream: Optional[str]) -> str:
         """The folder of a push: its --route-by-path folder, then its stream's (stream=ID,
-        Hive-style), as used."""
-        partition = "stream=" + stream if stream is not None else ""
+        Hive-style; source=uls for ULS_STREAM), as used."""
+        partition = ("" if stream is None else ULS_FOLDER if stream == ULS_STREAM
+                     else "stream=" + stream)
         return "/".join(part for part in (route, partition) if part)
+
+    @staticmethod
+    def split_folder(folder: str) -> Tuple[str, Optional[str]]:
+        """A folder's --route-by-path part, and the stream its last part names (None: none)."""
+        route, _, last = folder.rpartition("/")
+        if last == ULS_FOLDER:
+            return route, ULS_STREAM
+        if last.startswith("stream="):
+            return route, last[len("stream="):]
+        return folder, None
 
     @staticmethod
     def check_folder(folder: str) -> None:
@@ -4944,8 +5187,8 @@ def vouched_length(index_fd: int, data_size: int) -> Tuple[int, int]:
     a data file of `data_size` bytes: the last entry whose batch is all in the file.  Reads the
     index from its end: one entry, unless unsynced writes were lost."""
     head = os.pread(index_fd, len(INDEX_HEADER), 0)
-    if len(head) < len(INDEX_HEADER) and (INDEX_HEADER.startswith(head)
-                                          or V2_INDEX_HEADER.startswith(head)):
+    if len(head) < len(INDEX_HEADER) and any(header.startswith(head)
+                                             for header, _, _ in INDEX_FORMATS):
         return 0, 0  # a header never synced: no batch of the file was ever acknowledged
     header, entry_size = index_format(head)
     count = max(0, os.fstat(index_fd).st_size - header) // entry_size
@@ -5223,9 +5466,7 @@ def add_rows(into: Dict[LedgerKey, LedgerRow], rows: Dict[LedgerKey, LedgerRow])
 
 def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, LedgerRow]:
     """The ledger rows of one data file's index entries; `folder` is the data file's."""
-    parts = folder.split("/") if folder else []
-    partition = [part[len("stream="):] for part in parts if part.startswith("stream=")]
-    route = "/".join(part for part in parts if not part.startswith("stream="))
+    route, partition = Layout.split_folder(folder)
     rows: Dict[LedgerKey, LedgerRow] = {}
     previous_end = 0
     for entry in entries:
@@ -5235,8 +5476,10 @@ def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, Le
         if entry.records == UNCOUNTED:
             continue
         stream = entry.stream
-        if stream == UNKNOWN_STREAM and partition:
-            stream = partition[0]  # a format-1 entry, which does not name its stream
+        if stream in (UNKNOWN_STREAM, MIXED_STREAM) and partition is not None:
+            # A format-1 entry names no stream, and stream 1's read as 'mixed' in formats 2 and 3:
+            # the folder tells (a push of either kind has a folder of that name).
+            stream = partition
         key = (stream_row(route, stream),
                int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
         row = rows.setdefault(key, LedgerRow())
@@ -5589,9 +5832,9 @@ def seal_facts(path: Path, index: Path, now: float,
     records = plan.records if plan.records is not None else read[0]
     events = plan.events + read[1]
     received = [entry.stamp for entry in entries or []]
-    folder = path.parent.name
-    return {"format": MANIFEST_FORMAT, "file": path.name, "stream": folder[len("stream="):]
-            if folder.startswith("stream=") else None, "records": records,
+    stream = Layout.split_folder(path.parent.name)[1]
+    return {"format": MANIFEST_FORMAT, "file": path.name,
+            "stream": None if stream == ULS_STREAM else stream, "records": records,
             "bytes": size, "sha256": sha256,
             "first_received": min(received, default=None),
             "last_received": max(received, default=None),
@@ -6119,6 +6362,8 @@ class PushFacts(NamedTuple):
     declared_gzip: bool
     # The stream the endpoint URL names (?streamId=ID), for records that carry no stream ID.
     named_stream: Optional[str] = None
+    # Whether Akamai's Unified Log Streamer sent it (its User-Agent says so): its body is envelopes.
+    uls: bool = False
 
 
 class PushResult(enum.Enum):
@@ -6179,21 +6424,25 @@ class PushPipeline:
         except BodyError as exc:
             return Outcome(PushResult.UNDECODABLE, reason=str(exc))
         try:
-            return self.store(facts, push)
+            return self.store(facts, push, on_growth)
         finally:
             push.batch.close()
 
-    def store(self, facts: PushFacts, push: DecodedPush) -> Outcome:
-        """Stores a decoded push's records in its stream's folder."""
+    def store(self, facts: PushFacts, push: DecodedPush,
+              on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
+        """Stores a decoded push's records in its stream's folder (a ULS push's in source=uls)."""
         batch, metrics = push.batch, self.metrics
-        if batch.is_validation_probe():
+        if not facts.uls and batch.is_validation_probe():
             metrics.count("validation_probes")
             return Outcome(PushResult.PROBE, reason="validation probe")
         metrics.count("decoded_bytes", batch.size)
         if not batch.records:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
-        records = self.streams.classify(batch, facts.named_stream)
+        if facts.uls:
+            records = self.uls_records(batch, on_growth)
+        else:
+            records = self.streams.classify(batch, facts.named_stream)
         if records.odd_stream_id:
             # Filed as 'unknown' (never under the URL's stream): what they name is not that stream.
             metrics.count("odd_stream_ids")
@@ -6205,7 +6454,8 @@ class PushPipeline:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
-        folder = Layout.folder(route, records.stream if self.settings.partition_by_stream else None)
+        folder = Layout.folder(route, records.stream if self.settings.partition_by_stream
+                               or records.stream == ULS_STREAM else None)
         # A stream's row: per route as well with --route-by-path.
         row = stream_row(route, records.stream)
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
@@ -6230,6 +6480,24 @@ class PushPipeline:
         metrics.stream_stored(row, count, records.unconverted, records.newest_event,
                               facts.client, records.batch.stored_size)
         return Outcome(PushResult.STORED, count, row)
+
+    def uls_records(self, batch: RecordBatch, on_growth: Callable[[int], None]) -> StreamRecords:
+        """A ULS push's records: one per event of its envelopes, else its body as sent (another
+        --httpformat), logged once.  A copy of a batch ULS re-sends is a retry whatever its events
+        hold: ULS batches are runs of events that carry their own times and IDs (see README)."""
+        on_growth(2 * batch.size)  # the body and its events, in memory at once
+        events = open_envelopes(batch)
+        if events is None:
+            self.metrics.count("uls_bodies_as_sent")
+            self.streams.warn_once(ULS_STREAM, "a push from Akamai's Unified Log Streamer is not"
+                                   " {\"event\": ...} envelopes, or over %d MiB decoded: stored as"
+                                   " sent (give ULS its default --httpformat '{\"event\": %%s}')",
+                                   ULS_MAX_BODY >> 20)
+            # Its event times are not certain: they are not read back when its file is sealed.
+            batch.events = NO_EVENTS
+            return StreamRecords(ULS_STREAM, "", batch, 0, None, always_unique)
+        newest = events.events[1] if events.events and events.events != NO_EVENTS else None
+        return StreamRecords(ULS_STREAM, "", events, 0, newest, always_unique)
 
 
 # ---------------------------------------------------------------------------
@@ -6487,7 +6755,10 @@ METRICS_PATH = "/metrics"
 STATUS_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-PUSH_METHODS = ("POST", "PUT")
+# The methods of a push path: OPTIONS is the liveness probe of Akamai's Unified Log Streamer.
+PUSH_METHODS = ("POST", "PUT", "OPTIONS")
+# The largest body an OPTIONS request may carry (ULS's is {"event":"connection test"}).
+OPTIONS_MAX_BODY = 4096
 RETRY_AFTER_SECONDS = 10
 RECV_SIZE = 262144
 # A body buffer starts at most this large and doubles as bytes arrive, so a large Content-Length
@@ -6891,8 +7162,9 @@ class ConnectionHandler:
                                       request.query)
         if refusal is not None:
             brake.failed(exchange.client)
-            challenge = [("WWW-Authenticate",
-                          'Basic realm="dsreceiver"')] if authenticator.basic else []
+            challenge = [("WWW-Authenticate", '%s realm="dsreceiver"' % scheme)
+                         for scheme, active in (("Basic", authenticator.basic),
+                                                ("Bearer", authenticator.bearer)) if active]
             raise HTTPError(HTTPStatus.UNAUTHORIZED, refusal, headers=challenge)
 
     def do_GET(self, request: Request, exchange: Exchange) -> Response:
@@ -6959,7 +7231,8 @@ class ConnectionHandler:
         if expect is not None and request.version >= (1, 1):
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.read_body(exchange)
-        facts = PushFacts(request.path, exchange.client, is_gzip, named_stream)
+        uls = (request.header("user-agent") or "").startswith(ULS_USER_AGENT)
+        facts = PushFacts(request.path, exchange.client, is_gzip, named_stream, uls)
         # Decoded bytes held in memory count against the in-flight budget too.
         outcome = self.server.accept_push(facts, body,
                                           lambda held: self.reserve_inflight(exchange,
@@ -6968,6 +7241,24 @@ class ConnectionHandler:
 
     do_PUT = do_POST
 
+    def do_OPTIONS(self, request: Request, exchange: Exchange) -> Response:
+        """Answers a liveness probe (Akamai's Unified Log Streamer sends one at connect, with a
+        small body) once it authenticates: 200, nothing stored, not counted as a push."""
+        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, STATUS_JSON_PATH):
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or HEAD",
+                            headers=[("Allow", "GET, HEAD")])
+        if self.settings.paths and request.path not in self.settings.paths:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "unknown push path")
+        self.authenticate(request, exchange)
+        if isinstance(exchange.framing, int) and exchange.framing > OPTIONS_MAX_BODY:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "an OPTIONS body exceeds %d bytes" % OPTIONS_MAX_BODY)
+        if exchange.framing is not None:
+            self.read_body(exchange, OPTIONS_MAX_BODY)
+        self.server.metrics.count("liveness_probes")
+        exchange.note = "liveness probe"
+        return Response(HTTPStatus.OK, b"ok\n", [("Allow", ", ".join(PUSH_METHODS))])
+
     def content_is_gzip(self, request: Request) -> bool:
         """Tells whether Content-Encoding declares gzip; other encodings are 415."""
         encoding = (request.header("content-encoding") or "identity").strip().lower()
@@ -6975,18 +7266,24 @@ class ConnectionHandler:
             return True
         if encoding in ("identity", ""):
             return False
+        if encoding == "br":
+            # The standard library has no brotli decoder; ULS (--httpcompressiontype) has gzip too.
+            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                            "Content-Encoding br is not supported: send gzip (Akamai's Unified Log"
+                            " Streamer: --httpcompressiontype GZIP)")
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                         "unsupported Content-Encoding %r" % encoding[:40])
 
-    def read_body(self, exchange: Exchange) -> bytearray:
-        """Reads the whole body under the --timeout deadline and --min-body-rate."""
+    def read_body(self, exchange: Exchange, limit: Optional[int] = None) -> bytearray:
+        """Reads the whole body under the --timeout deadline and --min-body-rate; a chunked one of
+        at most `limit` bytes (default: --max-body-size)."""
         pace = BodyPace(time.monotonic() + self.settings.timeout, self.settings.min_body_rate,
                         lambda size: self.reserve_inflight(exchange, size))
         try:
             if isinstance(exchange.framing, int):
                 body = self.reader.read_exact(exchange.framing, pace)
             else:
-                body = self.reader.read_chunked(self.settings.max_body_size, pace)
+                body = self.reader.read_chunked(limit or self.settings.max_body_size, pace)
         except SlowBody as exc:
             raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, str(exc), close=True) from None
         exchange.body_read = True
@@ -8569,11 +8866,13 @@ def build_check_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dsreceiver.py check",
                             description="Test an endpoint the way DataStream's \"Validate & Save\""
                             " does, explaining every failure: name, TLS, certificate, then both"
-                            " validation probes (JSON and STRUCTURED streams), plain and gzip'd."
+                            " validation probes (JSON and STRUCTURED streams), plain and gzip'd;"
+                            " with --uls, as Akamai's Unified Log Streamer connects instead."
                             " Credentials come from the same settings as the server's: $%s (first"
-                            " entry), --auth-header with $%s, --auth-query-param with $%s, or their"
-                            " files."
-                            % (ENV_BASIC_AUTH, ENV_AUTH_HEADER_VALUE, ENV_AUTH_QUERY_VALUE))
+                            " entry), $%s (first token), --auth-header with $%s, --auth-query-param"
+                            " with $%s, or their files."
+                            % (ENV_BASIC_AUTH, ENV_BEARER_TOKEN, ENV_AUTH_HEADER_VALUE,
+                               ENV_AUTH_QUERY_VALUE))
     parser.add_argument("url",
                         help="the stream's endpoint URL, e.g. https://logs.example.com/datastream")
     parser.add_argument("--ca", type=Path, metavar="FILE",
@@ -8583,8 +8882,16 @@ def build_check_parser() -> ArgumentParser:
                         help="client certificate for mTLS (default: none)")
     parser.add_argument("--client-key", type=Path, metavar="FILE",
                         help="its private key (default: none)")
+    parser.add_argument("--uls", action="store_true",
+                        help="check the endpoint for Akamai's Unified Log Streamer (ULS): an IP"
+                        " address will do, and its liveness probe (OPTIONS) must get 200 or 204,"
+                        " instead of DataStream's probes (default: off)")
     parser.add_argument("--basic-auth-file", type=Path, metavar="FILE",
                         help="use the first user:password line (default: $%s)" % ENV_BASIC_AUTH)
+    parser.add_argument("--bearer-token-file", type=Path, metavar="FILE",
+                        help="send Authorization: Bearer with the first token; Basic goes first for"
+                        " DataStream (which sends no token), Bearer with --uls (default: $%s)"
+                        % ENV_BEARER_TOKEN)
     parser.add_argument("--auth-header", metavar="NAME",
                         help="send this custom header (default: none)")
     parser.add_argument("--auth-header-file", type=Path, metavar="FILE",
@@ -8607,6 +8914,8 @@ class CheckSettings(NamedTuple):
     client_key: Optional[Path]
     timeout: float
     credentials: CredentialSettings
+    # Check as Akamai's Unified Log Streamer connects, not as DataStream validates.
+    uls: bool = False
 
 
 def parse_check_options(argv: Sequence[str]) -> CheckSettings:
@@ -8616,7 +8925,9 @@ def parse_check_options(argv: Sequence[str]) -> CheckSettings:
                          options.timeout,
                          CredentialSettings(options.basic_auth_file, options.auth_header,
                                             options.auth_header_file, options.auth_query_param,
-                                            options.auth_query_file))
+                                            options.auth_query_file,
+                                            bearer_token_file=options.bearer_token_file),
+                         options.uls)
 
 
 def printable(text: str, limit: int = PRINTABLE_LIMIT) -> str:
@@ -8654,9 +8965,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
         return
     try:
         ipaddress.ip_address(host)
-        report.line("FAIL", "URL host is a DNS name",
-                    "%s is an IP address; DataStream refuses those" % host)
-        return
+        if not options.uls:
+            report.line("FAIL", "URL host is a DNS name",
+                        "%s is an IP address; DataStream refuses those" % host)
+            return
     except ValueError:
         report.line("PASS", "URL host is a DNS name", host)
     try:
@@ -8714,6 +9026,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
     report.line("WARN" if days_left < CERT_EXPIRY_WARNING_DAYS else "PASS",
                 "certificate is not expiring",
                 "%.0f days left (until %s)" % (days_left, certificate["notAfter"]))
+    if options.uls:
+        post_probe(options, credentials, context, url, report, "ULS liveness probe gets 200 or 204",
+                   ULS_PROBE, False, "OPTIONS")
+        return
     for step, body, compressed in (("JSON probe gets a 2xx", VALIDATION_PROBES[0], False),
                                    ("JSON probe, gzip'd, gets a 2xx", VALIDATION_PROBES[0], True),
                                    ("STRUCTURED probe gets a 2xx", VALIDATION_PROBES[1], False),
@@ -8724,9 +9040,10 @@ def check_endpoint(options: CheckSettings, credentials: Authenticator, report: C
 
 def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.SSLContext,
                url: urllib.parse.SplitResult, report: CheckReport, step: str, body: bytes,
-               compressed: bool) -> None:
+               compressed: bool, method: str = "POST") -> None:
     """POSTs a validation probe, as a JSON or a STRUCTURED stream sends it (gzip'd with
-    compressLogs), with the configured credentials, and checks for a 2xx in time."""
+    compressLogs), with the configured credentials, and checks for a 2xx in time; or (OPTIONS)
+    ULS's liveness probe, which passes on 200 or 204 only."""
     import http.client  # here: only the check command needs an HTTP client
 
     query = url.query
@@ -8734,8 +9051,12 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
         query = (query + "&" if query else "") + urllib.parse.urlencode(
             {credentials.query_param: credentials.query_values[0].decode("utf-8")})
     target = (url.path or "/") + ("?" + query if query else "")
-    headers = {"Content-Type": "application/json", "User-Agent": "dsreceiver-check/" + __version__}
-    if credentials.basic:
+    agent = ULS_USER_AGENT + "check" if options.uls else "dsreceiver-check/" + __version__
+    headers = {"Content-Type": "application/json", "User-Agent": agent}
+    # DataStream sends Basic; ULS sends whatever --httpauthheader holds, a token as a rule.
+    if credentials.bearer and (options.uls or not credentials.basic):
+        headers["Authorization"] = "Bearer " + credentials.bearer[0].decode("ascii")
+    elif credentials.basic:
         headers["Authorization"] = "Basic " + base64.b64encode(credentials.basic[0]).decode("ascii")
     if credentials.header_name:
         headers[credentials.header_name] = credentials.header_values[0].decode("latin-1")
@@ -8746,7 +9067,7 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
                                              timeout=options.timeout, context=context)
     try:
         started = time.monotonic()
-        connection.request("POST", target, body=body, headers=headers)
+        connection.request(method, target, body=body, headers=headers)
         answer = connection.getresponse()
         answer.read()
         elapsed = time.monotonic() - started
@@ -8759,7 +9080,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
     finally:
         connection.close()
     detail = "%d %s in %.0f ms" % (answer.status, answer.reason, elapsed * 1000)
-    if 200 <= answer.status < 300:
+    passed = answer.status in (200, 204) if method == "OPTIONS" else 200 <= answer.status < 300
+    if passed:
         report.line("PASS", step, detail)
     elif answer.status == 401:
         report.line("FAIL", step, detail + ": credentials refused (check the credential settings)")
@@ -8768,8 +9090,8 @@ def post_probe(options: CheckSettings, credentials: Authenticator, context: ssl.
 
 
 def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
-    """The check command: 0 when DataStream would accept the endpoint, 1 when not, 2 for bad
-    usage."""
+    """The check command: 0 when DataStream (with --uls, ULS) would accept the endpoint, 1 when
+    not, 2 for bad usage."""
     options = parse_check_options(argv)
     try:
         credentials = Authenticator.from_settings(options.credentials, dict(os.environ))
@@ -8778,10 +9100,11 @@ def run_check(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         return 2
     report = CheckReport(out)
     check_endpoint(options, credentials, report)
+    sender = "Akamai's Unified Log Streamer" if options.uls else "DataStream"
     if report.failed:
-        out.write("verdict: DataStream would NOT accept %s\n" % options.url)
+        out.write("verdict: %s would NOT accept %s\n" % (sender, options.url))
         return 1
-    out.write("verdict: DataStream would accept %s\n" % options.url)
+    out.write("verdict: %s would accept %s\n" % (sender, options.url))
     return 0
 
 

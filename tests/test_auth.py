@@ -1,4 +1,4 @@
-"""Authentication: Basic, custom header, URL token, mTLS; combinations, rotation, logging, paths."""
+"""Authentication: Basic, Bearer, custom header, URL token, mTLS; combinations, rotation, logging, paths."""
 
 from __future__ import annotations
 
@@ -62,6 +62,51 @@ def test_password_with_colon_and_unicode(start_server: Callable[..., ServerProce
     server = start_server(env={"DSRECEIVER_BASIC_AUTH": "akamai:pa:ss-wörd"})
     assert push_status(server, basic("akamai", "pa:ss-wörd")) == 200
     assert push_status(server, basic("akamai", "pa")) == 401
+
+
+# -- Bearer -------------------------------------------------------------------
+
+def bearer(token: str) -> Dict[str, str]:
+    return {"Authorization": "Bearer " + token}
+
+
+def test_bearer_tokens_from_environment_and_file_rotate(start_server: Callable[..., ServerProcess],
+                                                        tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotating: the new one first\nnew-T0ken_2026\n")
+    server = start_server("--bearer-token-file", str(tokens), env={"DSRECEIVER_BEARER_TOKEN": "old-T0ken="})
+    server.wait_for_log("(?m)authentication required: bearer$")
+    assert push_status(server, bearer("old-T0ken="), batch_id="old") == 200
+    assert push_status(server, bearer("new-T0ken_2026"), batch_id="new") == 200
+    assert push_status(server, {"Authorization": "bearer  new-T0ken_2026"}, batch_id="case") == 200
+    for wrong in (bearer("new-T0ken_202"), bearer("new-T0ken_20266"), bearer(""), {"Authorization": "Bearer"},
+                  {"Authorization": "new-T0ken_2026"}, basic("new", "T0ken_2026"),
+                  bearer("old-T0ken=, Bearer new-T0ken_2026")):
+        assert push_status(server, wrong) == 401, wrong
+    with server.simulator() as ds:
+        refused = ds.push(make_batch("none", count=3))
+    assert refused.status == 401 and refused.headers["www-authenticate"] == 'Bearer realm="dsreceiver"'
+    assert len(server.stored_lines()) == 9
+    assert "T0ken" not in server.log_text()
+
+
+def test_basic_and_bearer_share_the_authorization_header_and_the_other_methods_still_count(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--auth-header", "X-Token", env={"DSRECEIVER_BASIC_AUTH": "u:p",
+                                                            "DSRECEIVER_BEARER_TOKEN": "tok",
+                                                            "DSRECEIVER_AUTH_HEADER_VALUE": "h"})
+    server.wait_for_log("(?m)authentication required: basic or bearer \\+ header$")
+    header = {"X-Token": "h"}
+    assert push_status(server, dict(basic("u", "p"), **header), batch_id="basic") == 200
+    assert push_status(server, dict(bearer("tok"), **header), batch_id="bearer") == 200
+    assert push_status(server, bearer("tok")) == 401
+    assert push_status(server, dict(basic("u", "tok"), **header)) == 401
+    assert push_status(server, dict(bearer("p"), **header)) == 401
+    response = server.exchange(b"POST /ds HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 2\r\n\r\nx\n")
+    assert response.startswith(b"HTTP/1.1 401 ") and b"bad or missing Basic or Bearer credentials" in response
+    assert b'\r\nWWW-Authenticate: Basic realm="dsreceiver"\r\nWWW-Authenticate: Bearer realm="dsreceiver"\r\n' \
+        in response
+    assert len(server.stored_lines()) == 6
 
 
 # -- custom header ----------------------------------------------------------------
@@ -218,6 +263,9 @@ def test_health_check_needs_no_credentials(start_server: Callable[..., ServerPro
     (["--auth-header", "X-Token"], {}, "--auth-header is set but no accepted values"),
     ([], {"DSRECEIVER_AUTH_QUERY_VALUE": "q"}, "--auth-query-param is not"),
     ([], {"DSRECEIVER_BASIC_AUTH": "no-colon"}, "user:password"),
+    ([], {"DSRECEIVER_BEARER_TOKEN": "two words"}, "Bearer tokens are letters, digits and -._~+/ (RFC 6750)"),
+    (["--auth-header", "Authorization"], {"DSRECEIVER_AUTH_HEADER_VALUE": "Bearer t"},
+     "for Authorization: Bearer TOKEN, use --bearer-token-file or $DSRECEIVER_BEARER_TOKEN"),
 ])
 def test_inconsistent_auth_settings_are_config_errors(start_server: Callable[..., ServerProcess],
                                                       args: List[str], env: Dict[str, str], mentions: str) -> None:

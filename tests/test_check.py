@@ -83,6 +83,38 @@ def test_refused_credentials_fail_and_configured_ones_pass(start_server: Callabl
     assert accepted.returncode == 0, accepted.stdout
 
 
+def test_a_bearer_token_is_sent_when_no_basic_credential_is_set(start_server: Callable[..., ServerProcess],
+                                                                 ca_file: Path, tmp_path: Path) -> None:
+    server = start_server(env={"DSRECEIVER_BEARER_TOKEN": "tok-1,tok-2", "DSRECEIVER_BASIC_AUTH": "akamai:pw"})
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-2\n")
+    url = "https://localhost:%d/ds" % server.port
+    assert run_check(url, "--ca", str(ca_file), "--bearer-token-file", str(tokens)).returncode == 0
+    assert run_check(url, "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-3"}).returncode == 1
+    # DataStream sends Basic, which check prefers.
+    assert run_check(url, "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-1",
+                                                    "DSRECEIVER_BASIC_AUTH": "akamai:wrong"}).returncode == 1
+    assert server.stored_bytes() == b""
+
+
+def test_uls_mode_sends_its_liveness_probe_with_a_bearer_token(start_server: Callable[..., ServerProcess],
+                                                                ca_file: Path) -> None:
+    server = start_server(env={"DSRECEIVER_BEARER_TOKEN": "tok-1", "DSRECEIVER_BASIC_AUTH": "akamai:pw"})
+    url = "https://127.0.0.1:%d/uls" % server.port  # ULS takes an IP address
+    # ULS sends a token as a rule: with --uls, check prefers it to Basic.
+    result = run_check(url, "--uls", "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-1",
+                                                               "DSRECEIVER_BASIC_AUTH": "akamai:wrong"})
+    assert result.returncode == 0, result.stdout
+    assert outcomes(result) == ["PASS DNS resolves", "PASS TLS 1.2+ negotiates", "PASS certificate chain is trusted",
+                                "PASS certificate matches 127.0.0.1", "PASS certificate is not expiring",
+                                "PASS ULS liveness probe gets 200 or 204"]
+    assert result.stdout.splitlines()[-1].startswith("verdict: Akamai's Unified Log Streamer would accept")
+    server.wait_for_log(r"access 127\.0\.0\.1 OPTIONS /uls 200 bytes=27 records=0 .*\(liveness probe\)")
+    refused = run_check(url, "--uls", "--ca", str(ca_file), env={"DSRECEIVER_BEARER_TOKEN": "tok-3"})
+    assert refused.returncode == 1 and "401 Unauthorized" in refused.stdout and "would NOT accept" in refused.stdout
+    assert server.stored_bytes() == b""
+
+
 def test_query_token_and_mtls(start_server: Callable[..., ServerProcess], ca: trustme.CA, ca_file: Path,
                               tmp_path: Path) -> None:
     client_ca = trustme.CA()

@@ -143,6 +143,49 @@ def test_format_1_indexes_are_upgraded_with_their_records_counted(tmp_path: Path
     assert path.read_bytes() == b"a\nb\nc\n" and later is not None and later.read_bytes() == b"d\n"
 
 
+def test_streams_1_and_2_are_counted_as_themselves_and_format_3_indexes_still_read(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    storage = open_storage(output)
+    names = ("1", "2", "unknown", "mixed", "uls", "61234")
+    for number, stream in enumerate(names, 1):
+        data = b"".join(b"%s %d\n" % (stream.encode(), n) for n in range(number))
+        storage.store(dsreceiver.Layout.folder("", stream), dsreceiver.RecordBatch([data], None, len(data), number),
+                      stream=stream)
+    storage.close()
+    counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
+    assert counted == {stream: number for number, stream in enumerate(names, 1)}
+    assert sorted(folder for _, folder, _ in storage.layout.indexes()) == [
+        "source=uls", "stream=1", "stream=2", "stream=61234", "stream=mixed", "stream=unknown"]
+    # The same entries as format 3 wrote them (it had no ULS), 'unknown' as 0 and 'mixed' as 1, which stream 1's
+    # entries read as too: their folder tells them apart.
+    format_3_codes = {"unknown": 0, "mixed": 1}
+    for index, folder, _ in list(storage.layout.indexes()):
+        entries = dsreceiver.read_index(index.read_bytes())
+        assert index.read_bytes().startswith(b"dsreceiver batch index 4\n")
+        if folder == "source=uls":
+            index.unlink()
+            continue
+        index.write_bytes(dsreceiver.V3_INDEX_HEADER + b"".join(
+            dsreceiver.BATCH_ENTRY.pack(entry.end, entry.stamp, entry.digest,
+                                        format_3_codes[entry.stream] if entry.stream in format_3_codes
+                                        else int(entry.stream), entry.records, entry.first_event, entry.last_event)
+            for entry in entries))
+    counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
+    assert counted == {"1": 1, "2": 2, "unknown": 3, "mixed": 4, "61234": 6}
+    assert ledger_totals(output)["1"]["records"] == 1
+
+
+def test_streams_1_and_2_pushed_to_a_server_get_their_own_rows(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    with server.simulator() as ds:
+        for stream, count in (("1", 3), ("2", 5)):
+            assert ds.push(batch_of_lines(restreamed(sample_lines("json")[:count], stream))).status == 200
+    assert server.stop() == 0
+    assert stored_per_stream(server.output_dir) == {"1": 3, "2": 5}
+    totals = ledger_totals(server.output_dir)
+    assert {stream: totals[stream]["records"] for stream in totals} == {"1": 3, "2": 5}
+
+
 def test_the_ledger_command_reads_a_fleet_and_refuses_what_is_not_an_output_folder(tmp_path: Path) -> None:
     roots = [tmp_path / "host-a", tmp_path / "host-b"]
     for number, root in enumerate(roots, 1):

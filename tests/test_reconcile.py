@@ -239,6 +239,17 @@ def test_a_fleet_is_added_up_and_a_stream_filter_applies(akamai: AkamaiStandIn, 
         assert (last["61234"]["missing"], last["70077"]["missing"]) == (0, 495)
 
 
+def test_streams_1_and_2_are_reconciled_as_themselves(akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
+    for stream, records in (("1", 40), ("2", 60)):
+        store_at(akamai.folder / "data", stream, BASE, records)
+        akamai.deliver(stream, BASE, records)
+    done = reconcile(akamai, trust, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert {row["stream"]: (row["delivered"], row["stored"]) for row in report["streams"]} == {
+        "1": (40, 40), "2": (60, 60)}
+
+
 def test_seven_days_are_read_in_calls_of_one_day(akamai: AkamaiStandIn, trust: Dict[str, str]) -> None:
     end = BASE // 86400 * 86400
     start = end - 7 * 86400

@@ -52,6 +52,13 @@ def test_a_v3_definition_with_field_ids_only_is_named_from_the_catalog() -> None
                                  "reqHost", "reqPath", "UA", "cacheStatus", "country")
 
 
+def test_field_2011_converts_to_cache_refresh_source() -> None:
+    definition = dsreceiver.parse_stream_definition({"streamId": 70010, "dataset_fields": [1002, 2011, 2010]})
+    assert (definition.fields, definition.problems) == (("reqId", "cacheRefreshSrc", "cacheStatus"), ())
+    assert converted(definition, [b"3 70010 a1 1 0"]) == [
+        b'{"version":"3","streamId":"70010","reqId":"a1","cacheRefreshSrc":"1","cacheStatus":"0"}']
+
+
 def test_a_key_given_in_the_file_wins_over_the_catalog() -> None:
     entries = [{"datasetFieldId": 1000, "datasetFieldJsonKey": "cpCode"}, {"datasetFieldId": 1002}]
     definition = dsreceiver.parse_stream_definition({"streamId": 5, "datasetFields": entries})
