@@ -143,6 +143,9 @@ KEY_FILE_NAME = "privkey.pem"
 VALIDATION_PROBES = (b'{"access_validation":true}', b"0,access_validation")
 
 COPY_CHUNK = 1 << 20
+# --max-record-bytes: DataStream's records are a few KB (customField holds up to 1,000 bytes),
+# security events tens of KB; a line beyond this is no log record.
+DEFAULT_MAX_RECORD = 1 << 20
 # --min-body-rate applies once a body has had this long to get going.
 BODY_RATE_GRACE = 5.0
 # Failed authentications from one address, within --auth-brake seconds, that brake it.
@@ -437,6 +440,10 @@ def build_parser() -> ArgumentParser:
                         help="largest body on the wire, else 413 (default: 64M)")
     limits.add_argument("--max-decompressed-size", type=parse_size, default=512 << 20,
                         metavar="SIZE", help="largest body after gunzip, else 413 (default: 512M)")
+    limits.add_argument("--max-record-bytes", type=parse_size, default=DEFAULT_MAX_RECORD,
+                        metavar="SIZE",
+                        help="longest record (line), else the push gets 413: DataStream's records"
+                        " are a few KB, security events tens of KB (default: 1M)")
     limits.add_argument("--max-connections", type=positive_int, default=4096, metavar="N",
                         help="connections per worker process, lowered at start to fit under the"
                         " open-file limit; beyond it they are closed at once, and from 90%% of it"
@@ -528,6 +535,7 @@ class Settings(NamedTuple):
     keepalive_timeout: float
     max_body_size: int
     max_decompressed_size: int
+    max_record_bytes: int
     max_connections: int
     max_client_connections: int
     max_inflight_bytes: int
@@ -591,6 +599,7 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
         retention_days=options.retention_days or 0.0, dedupe_window=options.dedupe_window,
         timeout=options.timeout, keepalive_timeout=options.keepalive_timeout,
         max_body_size=options.max_body_size, max_decompressed_size=options.max_decompressed_size,
+        max_record_bytes=options.max_record_bytes,
         max_connections=options.max_connections,
         max_client_connections=options.max_client_connections,
         max_inflight_bytes=options.max_inflight_bytes, min_body_rate=options.min_body_rate,
@@ -620,6 +629,39 @@ def describe_os_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower() if exc.strerror[:1].isupper() else exc.strerror
     return str(exc) or exc.__class__.__name__
+
+
+class Surprises:
+    """Logs the traceback of an unexpected error once per kind (its type and where it was raised)
+    a minute, counting the others: a body that sets one off on every retry never floods the
+    log."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self.last: Dict[Tuple[str, str], Tuple[float, int]] = {}
+        self.lock = threading.Lock()
+
+    def report(self, what: str, exc: BaseException) -> None:
+        """Logs `exc`, raised while handling `what`, unless its kind was logged within INTERVAL."""
+        frame = exc.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        where = ("%s:%d" % (frame.tb_frame.f_code.co_name, frame.tb_lineno) if frame is not None
+                 else "?")
+        kind = (type(exc).__name__, where)
+        now = time.monotonic()
+        with self.lock:
+            last, held = self.last.get(kind, (-self.INTERVAL, 0))
+            if now - last < self.INTERVAL:
+                self.last[kind] = (last, held + 1)
+                return
+            self.last[kind] = (now, 0)
+        log.error("unexpected %s in %s (%d more like it since the last line)", kind[0], what,
+                  held, exc_info=exc)
+
+
+SURPRISES = Surprises()
 
 
 # At most this many buffers go to one writev (Linux takes 1024).
@@ -1030,6 +1072,8 @@ class Metrics:
         ("connections_evicted", "Connections not serving a request closed to make room near "
          "--max-connections."),
         ("storage_errors", "Pushes answered 503 because storage failed."),
+        ("surprises", "Pushes answered 400 because their records set off an unexpected error (the"
+         " log has its traceback)."),
         ("worker_restarts", "Worker processes restarted after they exited (--workers)."),
     )
 
@@ -1824,12 +1868,34 @@ STORE_GZIP_LEVEL = 1
 BLANK_LINE_RE = re.compile(rb"\n\n")
 
 
+
 class BodyError(Exception):
     """The body cannot be decoded: sending the same bytes again cannot help."""
 
 
 class BodyTooLarge(BodyError):
-    """The decompressed body exceeds its limit."""
+    """The decompressed body, or one of its records, exceeds its limit."""
+
+
+def line_over(data: Bytes, start: int, end: int, limit: int, lead: int = 0) -> bool:
+    """Whether data[start:end], whose first line began `lead` bytes before `start`, holds a line
+    longer than `limit` (its LF left out; a last line without one counts as far as it goes).  It
+    looks for an LF every limit // 2 bytes and measures a line only where a stretch has none, so
+    it costs a few searches a megabyte."""
+    if lead + end - start <= limit:
+        return False
+    step = max(1, limit // 2)
+    position = start
+    while position < end:
+        stop = min(end, position + step)
+        if data.find(b"\n", position, stop) < 0:
+            first = data.rfind(b"\n", start, position) + 1
+            last = data.find(b"\n", stop, end)
+            length = (last if last >= 0 else end) - first + (lead if first == start else 0)
+            if length > limit:
+                return True
+        position = stop
+    return False
 
 
 class Gunzip:
@@ -2050,15 +2116,19 @@ class BatchBuilder:
     """Collects decoded body chunks into a RecordBatch, normalising lines and spooling big
     bodies."""
 
-    def __init__(self, spool_dir: Path, digest: bool = False) -> None:
+    def __init__(self, spool_dir: Path, digest: bool = False,
+                 max_record: int = DEFAULT_MAX_RECORD) -> None:
         self.spool_dir = spool_dir
+        # A longer record refuses the body (BodyTooLarge), before it takes more memory or disk.
+        self.max_record = max_record
         # The digest identifies a re-sent batch; it is taken only when retry dedup is on.
         self.hasher = hashlib.sha256() if digest else None
         self.parts: List[Buffer] = []
         self.spool: Optional[IO[bytes]] = None
         self.carry = b""
-        # True once part of a very long line has been emitted ahead of its end.
+        # True once part of a very long line has been emitted ahead of its end, and how much.
         self.mid_line = False
+        self.line_emitted = 0
         # True once the records differ from the decoded body (CRs, blank lines, a final LF, an
         # array).
         self.altered = False
@@ -2066,10 +2136,14 @@ class BatchBuilder:
         self.records = 0
 
     def feed(self, chunk: bytes) -> None:
-        """Adds decoded bytes; a line cut by the chunk boundary waits for the next chunk."""
+        """Adds decoded bytes; a line cut by the chunk boundary waits for the next chunk.  Raises
+        BodyTooLarge at a record longer than max_record."""
         start = 0
         if self.carry or self.mid_line:
             newline = chunk.find(b"\n")
+            held = self.line_emitted + len(self.carry)
+            if held + (newline if newline >= 0 else len(chunk)) > self.max_record:
+                raise self.record_too_long()
             if newline < 0:
                 self.carry += chunk
                 if self.mid_line or len(self.carry) > COPY_CHUNK:
@@ -2083,9 +2157,11 @@ class BatchBuilder:
                 self.altered |= line.endswith(b"\r\n")
                 self._emit(line[:-2] if line.endswith(b"\r\n") else line[:-1], 0)
                 self._emit(b"\n", 1)
-                self.mid_line = False
+                self.mid_line, self.line_emitted = False, 0
             else:
                 self._emit_normalized(line)
+        if line_over(chunk, start, len(chunk), self.max_record):
+            raise self.record_too_long()
         cut = chunk.rfind(b"\n", start) + 1
         if cut > start:
             if is_clean_range(chunk, start, cut):
@@ -2108,6 +2184,12 @@ class BatchBuilder:
             self.carry, piece = b"\r", piece[:-1]
         self._emit(piece, 0)
         self.mid_line = True
+        self.line_emitted += len(piece)
+
+    def record_too_long(self) -> BodyTooLarge:
+        """The refusal of a body with a record longer than max_record."""
+        return BodyTooLarge("a record is longer than %d bytes (--max-record-bytes)"
+                            % self.max_record)
 
     def finish(self) -> RecordBatch:
         """Ends the body: a last line without LF gets one; a body that is one JSON array becomes one
@@ -2127,6 +2209,8 @@ class BatchBuilder:
         """Builds the batch from a complete undecoded body without copying it when it is already
         clean."""
         if body.endswith(b"\n"):
+            if line_over(body, 0, len(body), self.max_record):
+                raise self.record_too_long()
             self._emit_normalized(body)
         else:
             self.feed(bytes(body))
@@ -2152,22 +2236,38 @@ class BatchBuilder:
             self.hasher.update(data)
 
     def _expand_json_array(self) -> None:
-        """DataStream 1 may send one JSON array: store one element per line."""
-        joined = b"".join(self.parts)
-        try:
-            elements = json.loads(joined)
-        except ValueError:
+        """DataStream 1 may send one JSON array: store one element per line (see
+        json_array_lines); one it cannot split is stored as sent."""
+        lines = json_array_lines(b"".join(self.parts))
+        if lines is None:
             return
-        if not isinstance(elements, list):
-            return
-        lines = [json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                 for item in elements]
         self.parts, self.size, self.records = [], 0, 0
         self.altered = True
         if self.hasher is not None:
             self.hasher = hashlib.sha256()
         if lines:
             self._emit(b"\n".join(lines) + b"\n", len(lines))
+
+
+def json_array_lines(data: bytes) -> Optional[List[bytes]]:
+    """The elements of a body that is one JSON array, one line each, compact; an element with a
+    lone surrogate (a string JavaScript cut inside an emoji), which UTF-8 cannot hold, keeps it as
+    JSON's \\u escape.  None when the body is no JSON array, or one too deep to read: it is stored
+    as sent."""
+    try:
+        elements = json.loads(data)
+        if not isinstance(elements, list):
+            return None
+        lines = []
+        for item in elements:
+            try:
+                lines.append(json.dumps(item, ensure_ascii=False,
+                                        separators=(",", ":")).encode("utf-8"))
+            except UnicodeEncodeError:
+                lines.append(json.dumps(item, separators=(",", ":")).encode("ascii"))
+        return lines
+    except (ValueError, RecursionError):
+        return None
 
 
 class DecodedPush(NamedTuple):
@@ -2179,14 +2279,16 @@ class DecodedPush(NamedTuple):
 
 
 def decode_push(body: bytearray, declared_gzip: bool, limit: int, spool_dir: Path, digest: bool,
-                on_growth: Callable[[int], None]) -> DecodedPush:
+                on_growth: Callable[[int], None],
+                max_record: int = DEFAULT_MAX_RECORD) -> DecodedPush:
     """Decodes a push body into records: gunzip when the header says so or the magic bytes do, then
     lines.
 
     on_growth(size) sees the decoded bytes held in memory grow (spooled ones
-    are not); raises BodyError, or BodyTooLarge past `limit` decoded bytes.
+    are not); raises BodyError, or BodyTooLarge past `limit` decoded bytes or
+    at a record longer than `max_record`.
     """
-    builder = BatchBuilder(spool_dir, digest)
+    builder = BatchBuilder(spool_dir, digest, max_record)
     if not declared_gzip and body[:2] != GZIP_MAGIC:
         return DecodedPush(builder.feed_whole(body), None)
     gunzip = Gunzip(body, limit)
@@ -3576,11 +3678,13 @@ def open_regular(path: Path, flags: int, mode: int = DEFAULT_FILE_MODE) -> int:
 
 
 def folder_for_path(url_path: str) -> str:
-    """Maps a URL path to one safe folder name: no separator, no leading dot, at most 100
-    characters."""
+    """Maps any URL path to one safe folder name (SAFE_FOLDER_RE): %-decoded, its letters, digits,
+    '.', '_' and '-' kept, every run of other characters (a '/' inside included) made one '_', a
+    '_' put before a leading '.' or '-', '_root' for '/', and past 100 characters cut, with 16 hex
+    digits of its SHA-256."""
     decoded = urllib.parse.unquote(url_path, errors="replace")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", decoded.strip("/")) or "_root"
-    if name.startswith("."):
+    if name[:1] in (".", "-"):
         name = "_" + name
     if len(name) > MAX_FOLDER_NAME:
         digest = hashlib.sha256(decoded.encode("utf-8", "replace")).hexdigest()
@@ -3793,8 +3897,20 @@ class Layout:
 
     def make_folder(self, folder: Path) -> bool:
         """Creates `folder` and its missing parents with folder_mode (less what the umask takes
-        away); returns whether it had to."""
-        if folder.is_dir():
+        away); returns whether it had to.  A folder under the output folder that is a symbolic
+        link (dsreceiver makes none) is refused with OSError: nothing is written through one."""
+        if folder != self.root and self.root in folder.parents:
+            try:
+                facts = os.lstat(str(folder))
+            except FileNotFoundError:
+                facts = None
+            if facts is not None and stat.S_ISLNK(facts.st_mode):
+                raise OSError(errno.ELOOP, "%s is a symbolic link: dsreceiver writes nothing"
+                              " through one" % folder.relative_to(self.root))
+            if facts is not None:
+                self.make_folder(folder.parent)  # its parents are checked too
+                return False
+        elif folder.is_dir():
             return False
         self.make_folder(folder.parent)
         try:
@@ -3804,9 +3920,10 @@ class Layout:
         return True
 
     def create_file(self, path: Path, append: bool = False) -> IO[bytes]:
-        """Creates (or, with `append`, opens for appending) `path` with file_mode, for writing."""
+        """Creates (or, with `append`, opens for appending) `path` with file_mode, for writing; a
+        symbolic link there is refused (ELOOP), never followed."""
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        fd = os.open(str(path), flags | getattr(os, "O_CLOEXEC", 0), self.file_mode)
+        fd = os.open(str(path), flags | os.O_CLOEXEC | os.O_NOFOLLOW, self.file_mode)
         return os.fdopen(fd, "ab" if append else "wb")
 
     def create_new(self, path: Path) -> bool:
@@ -4379,6 +4496,12 @@ def always_unique() -> bool:
     """The eligibility of a batch whose caller vouches that a matching digest can only mean a
     retry."""
     return True
+
+
+def never_unique() -> bool:
+    """The eligibility of a batch nothing is known of: a match may be genuine, so it is stored
+    again."""
+    return False
 
 
 class PendingBatch:
@@ -6397,6 +6520,22 @@ class Outcome(NamedTuple):
     reason: str = ""
 
 
+class GrowthWatch:
+    """A push's on_growth (see PushPipeline.accept), remembering whether it raised: the handler
+    abandoning the push is never taken for a surprise."""
+
+    def __init__(self, on_growth: Callable[[int], None]) -> None:
+        self.on_growth = on_growth
+        self.raised = False
+
+    def __call__(self, held: int) -> None:
+        try:
+            self.on_growth(held)
+        except Exception:
+            self.raised = True
+            raise
+
+
 class PushPipeline:
     """Takes a push body to its Outcome: decode, tell a probe, classify the stream, pick the folder,
     store (dedupe included), count.  Socket-free and HTTP-free, so it is tested in-process."""
@@ -6416,21 +6555,38 @@ class PushPipeline:
         if named is not None and (not STREAM_ID_RE.fullmatch(named) or named in ("0", "1", "2")):
             return Outcome(PushResult.BAD_STREAM, reason="the URL's %s= names no stream ID: %r"
                            % (STREAM_QUERY_PARAMETER, named[:40]))
+        growth = GrowthWatch(on_growth)
         try:
             push = decode_push(body, facts.declared_gzip, self.settings.max_decompressed_size,
-                               self.storage.layout.spool_dir, self.storage.dedupes, on_growth)
+                               self.storage.layout.spool_dir, self.storage.dedupes, growth,
+                               self.settings.max_record_bytes)
         except BodyTooLarge as exc:
             return Outcome(PushResult.TOO_LARGE, reason=str(exc))
         except BodyError as exc:
             return Outcome(PushResult.UNDECODABLE, reason=str(exc))
+        except Exception as exc:  # a bug that one body sets off: that body alone is refused
+            if growth.raised:
+                raise
+            return self.refused_by_surprise(exc)
         try:
-            return self.store(facts, push, on_growth)
+            return self.store(facts, push, growth)
         finally:
             push.batch.close()
 
+    def refused_by_surprise(self, exc: Exception) -> Outcome:
+        """The answer to a push whose body sets off an unexpected error while it is decoded: 400
+        (the same bytes would set it off again on every retry DataStream makes of a 5xx), with the
+        traceback logged once per kind a minute."""
+        self.metrics.count("surprises")
+        SURPRISES.report("a push", exc)
+        return Outcome(PushResult.REFUSED, reason="its records set off an unexpected %s (logged);"
+                       " they cannot be stored as sent" % type(exc).__name__)
+
     def store(self, facts: PushFacts, push: DecodedPush,
-              on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
-        """Stores a decoded push's records in its stream's folder (a ULS push's in source=uls)."""
+              growth: Optional[GrowthWatch] = None) -> Outcome:
+        """Stores a decoded push's records in its stream's folder (a ULS push's in source=uls).  An
+        unexpected error while telling their stream keeps them as sent, under 'unknown'; one while
+        storing them is a storage failure (503: a retry may succeed)."""
         batch, metrics = push.batch, self.metrics
         if not facts.uls and batch.is_validation_probe():
             metrics.count("validation_probes")
@@ -6439,10 +6595,19 @@ class PushPipeline:
         if not batch.records:
             metrics.stored(facts.path, 0)
             return Outcome(PushResult.STORED)
-        if facts.uls:
-            records = self.uls_records(batch, on_growth)
-        else:
-            records = self.streams.classify(batch, facts.named_stream)
+        growth = growth or GrowthWatch(lambda held: None)
+        try:
+            if facts.uls:
+                records = self.uls_records(batch, growth)
+            else:
+                records = self.streams.classify(batch, facts.named_stream)
+        except Exception as exc:  # a bug its records set off: kept as sent, never lost
+            if growth.raised:
+                raise
+            metrics.count("surprises")
+            SURPRISES.report("telling the stream of a push (its records are kept as sent)", exc)
+            batch.events = UNKNOWN_EVENTS
+            records = StreamRecords(UNKNOWN_STREAM, "", batch, 0, None, never_unique)
         if records.odd_stream_id:
             # Filed as 'unknown' (never under the URL's stream): what they name is not that stream.
             metrics.count("odd_stream_ids")
@@ -6469,6 +6634,12 @@ class PushPipeline:
             metrics.count("storage_errors")
             metrics.storage_failed(str(exc))
             return Outcome(PushResult.STORAGE_FAILED, stream_row=row, reason=str(exc))
+        except Exception as exc:  # a bug in storing: nothing acknowledged, DataStream retries
+            metrics.count("storage_errors")
+            SURPRISES.report("storing a push", exc)
+            reason = "unexpected %s while storing (logged)" % type(exc).__name__
+            metrics.storage_failed(reason)
+            return Outcome(PushResult.STORAGE_FAILED, stream_row=row, reason=reason)
         if result.path is None:
             metrics.count("dedupe_hits")
             metrics.stream_deduplicated(row)
@@ -6751,6 +6922,8 @@ class ChunkedDecoder:
 # ---------------------------------------------------------------------------
 
 HEALTH_PATH = "/healthz"
+# What monitors poll: their successful answers are logged a line a second per client at most.
+PROBE_PATHS = (HEALTH_PATH, "/metrics")
 METRICS_PATH = "/metrics"
 STATUS_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"
@@ -7373,6 +7546,10 @@ class ConnectionHandler:
             # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
+        elif (request is not None and request.method in ("GET", "HEAD")
+              and request.path in PROBE_PATHS
+              and not self.server.quiet_log.allow(exchange.client)):
+            return  # a monitor's probes: counted, and a line a second per client at most
         if not log.isEnabledFor(logging.INFO):
             return
         method = request.method if request is not None else "-"
@@ -7639,6 +7816,8 @@ class Handover:
 LOG_SUMMARY_INTERVAL = 60.0
 # How long keep-alive connections may take, once stopping, to send the request they may be sending.
 DRAIN_GRACE = 1.0
+# How long a health verdict is shared (see ReceiverServer.health).
+HEALTH_CACHE = 1.0
 # Near --max-connections (this share of it), connections not serving a request make room for new
 # ones.
 EVICT_AT = 0.9
@@ -7674,8 +7853,10 @@ class RateLimitedLog:
 
     MAX_KEYS = 10000
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, noun: str = "refusals") -> None:
         self.interval = interval
+        # What its lines are, for the summary.
+        self.noun = noun
         self.last: Dict[str, float] = {}
         self.suppressed: Dict[str, int] = {}
         self.lock = threading.Lock()
@@ -7700,7 +7881,7 @@ class RateLimitedLog:
         with self.lock:
             suppressed, self.suppressed = self.suppressed, {}
         for key, count in sorted(suppressed.items(), key=lambda item: -item[1]):
-            log.warning("suppressed %d refusals from %s %s", count, key, period)
+            log.warning("suppressed %d %s from %s %s", count, self.noun, key, period)
 
 class ClientConnections:
     """Open connections per client address, across every worker: counters in memory mapped before
@@ -7863,7 +8044,7 @@ class ReceiverServer:
     under way.
 
     What a ConnectionHandler may use, and nothing else:
-        settings, metrics, authenticator, auth_brake, inflight, noisy_log
+        settings, metrics, authenticator, auth_brake, inflight, noisy_log, quiet_log
         tls_context()                        the context new connections take; None for plain HTTP
         client_address(peer, request)        whom a request speaks for (X-Forwarded-For of a proxy)
         accept_push(facts, body, on_growth)  a push's body to its Outcome (the PushPipeline)
@@ -7900,6 +8081,11 @@ class ReceiverServer:
         self.lock = threading.Lock()
         self.all_closed = threading.Condition(self.lock)
         self.stopping = threading.Event()
+        # The last health verdict and when it was found (see health).
+        self.health_lock = threading.Lock()
+        self.health_checked: Tuple[float, Optional[str]] = (-HEALTH_CACHE, None)
+        # Successful probes (GET /healthz and the like) log a line a second per client at most.
+        self.quiet_log = RateLimitedLog(noun="access lines of probes")
         # Set once stopping, after DRAIN_GRACE: the connections still idle are closed.
         self.closing_idle = threading.Event()
         self.parked = ParkedConnections(self)
@@ -8008,12 +8194,19 @@ class ReceiverServer:
 
     def health(self) -> Optional[str]:
         """Why storage fails: a worker's store failed recently and none succeeded since, or the
-        probe fails."""
-        try:
-            snapshot = self.merged_snapshot(SnapshotScope.HEALTH)
-        except SupervisorGone as exc:
-            return str(exc)
-        return snapshot.storage_failure(time.time()) or self.storage.probe()
+        probe fails.  Found at most once per HEALTH_CACHE (the others wait for it, then share it):
+        a flood of /healthz costs neither a disk write nor a supervisor round trip each."""
+        with self.health_lock:
+            checked, verdict = self.health_checked
+            if time.monotonic() - checked < HEALTH_CACHE:
+                return verdict
+            try:
+                snapshot = self.merged_snapshot(SnapshotScope.HEALTH)
+                verdict = snapshot.storage_failure(time.time()) or self.storage.probe()
+            except SupervisorGone as exc:
+                verdict = str(exc)
+            self.health_checked = (time.monotonic(), verdict)
+            return verdict
 
     def metrics_snapshot(self, scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
         """This process's metrics."""
@@ -8104,6 +8297,7 @@ class ReceiverServer:
                     next_check = time.monotonic() + self.settings.cert_check_interval
                 if time.monotonic() >= next_summary:
                     self.noisy_log.log_summary("in the last minute")
+                    self.quiet_log.log_summary("in the last minute")
                     next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
 
     def accept_pending(self, listener: socket.socket) -> None:
@@ -9508,7 +9702,10 @@ def parse_ledger_query(options: argparse.Namespace, now: float) -> LedgerQuery:
     for stream in options.stream:
         if not STREAM_ID_RE.fullmatch(stream):
             raise ConfigError("--stream %r is not a stream ID" % stream)
-    roots = options.output_dir or [Path("data")]
+    # Each folder once, however it is spelled (D and D/, a link to it): counted twice, the ledger
+    # would hide a loss.
+    roots = list({os.path.realpath(str(root)): root
+                  for root in options.output_dir or [Path("data")]}.values())
     for root in roots:
         if not (root / Layout.STATE_DIR).is_dir():
             raise ConfigError("%s is not a dsreceiver output folder (no %s in it)"
@@ -10361,6 +10558,7 @@ def serve_until_stopped(settings: Settings, layout: Layout, listeners: Sequence[
     finished = server.shutdown(settings.shutdown_timeout, handover is not None
                                and handover.state is HandoverState.HANDING_OVER)
     server.noisy_log.log_summary("since the last summary (stopping)")
+    server.quiet_log.log_summary("since the last summary (stopping)")
     housekeeper.stop()
     storage.close()
     if not finished:

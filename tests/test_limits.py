@@ -296,7 +296,8 @@ def test_negotiated_tls_1_2_cipher_is_forward_secret_aead(server: ServerProcess,
     assert name.startswith(("ECDHE-", "DHE-")) and ("GCM" in name or "CHACHA20" in name), name
 
 
-def test_gzip_chunk_boundaries_keep_long_lines_whole(server: ServerProcess) -> None:
+def test_gzip_chunk_boundaries_keep_long_lines_whole(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--max-record-bytes", "4M")
     long_line = b"L" * (3 << 20)
     body = b"first\n" + long_line + b"\r\nlast"
     with server.simulator() as ds:

@@ -68,11 +68,11 @@ sys.path.insert(0, {root!r})
 import dsreceiver
 
 
-def broken_finish(self):
+def broken_answer(self, exchange, outcome):
     raise RuntimeError("internal detail: /etc/dsreceiver/secret")
 
 
-dsreceiver.BatchBuilder.finish = broken_finish
+dsreceiver.ConnectionHandler.answer_push = broken_answer
 sys.exit(dsreceiver.main())
 """
 
@@ -87,4 +87,3 @@ def test_unexpected_errors_are_500_without_detail(start_server: Callable[..., Se
         assert response.body == b"internal error\n"
         assert ds.request("GET", path="/healthz").status == 200  # still serving
     server.wait_for_log(r"(?s)ERROR unexpected error serving 127\.0\.0\.1.*Traceback.*RuntimeError: internal detail")
-    assert server.stored_bytes() == b""

@@ -191,12 +191,13 @@ def test_healthz_answers_for_every_worker(start_server: Callable[..., ServerProc
                 break
         else:
             raise AssertionError("the 256 KiB disk never filled")
-    assert health_everywhere() == [503] * 8  # a failure seen by one worker fails /healthz on all
+    # A failure seen by one worker fails /healthz on all, once their verdicts (shared for a second) are renewed.
+    wait_until(lambda: health_everywhere() == [503] * 8, what="every worker's /healthz to fail")
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
     with server.simulator() as ds:
         wait_until(lambda: ds.push(batch_of_lines(restreamed(sample_lines("json")[:5], "70001"))).status == 200,
                    what="a push to succeed once there is space")
-    assert health_everywhere() == [200] * 8  # and a store after it clears it on all
+    wait_until(lambda: health_everywhere() == [200] * 8, what="a store after it to clear it on all")
 
 
 def test_a_hundred_streams_render_whole() -> None:
