@@ -3629,6 +3629,11 @@ class StorageError(Exception):
     """Records could not be stored now; nothing of them is left behind, and a retry may succeed."""
 
 
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters matched as themselves."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def fsync_directory(path: Path) -> None:
     """Makes changes to the entries of directory `path` durable."""
     fd = os.open(str(path), os.O_RDONLY)
@@ -3811,12 +3816,14 @@ def upgrade_index(index: Path, data_path: Path) -> None:
 
 
 class DataName(NamedTuple):
-    """What a data file's name says, e.g. 2026-11-27T15Z.w1.2.log.gz."""
+    """What a data file's name says, e.g. 2026-11-27T15Z.w1.2.log.gz, or 2026-11-27.log.1 for a
+    file logrotate moved or copied (its suffix in `rotated`)."""
 
     period: str
     tag: str
     sequence: int
     compressed: bool
+    rotated: str = ""
 
 
 class Layout:
@@ -3859,7 +3866,8 @@ class Layout:
 
     STATE_DIR = ".dsreceiver"
     ROOT_FOLDER = "-"
-    DATA_NAME_RE = re.compile(r"(\d{4}-\d\d-\d\d(?:T\d\dZ)?)((?:\.w\d+)?)(?:\.(\d+))?\.log(\.gz)?")
+    DATA_NAME_RE = re.compile(r"(\d{4}-\d\d-\d\d(?:T\d\dZ)?)((?:\.w\d+)?)(?:\.(\d+))?\.log(\.gz)?"
+                              r"((?:\.[0-9]{1,4}|-[0-9]{8,10})(\.gz)?)?")
     INDEX_NAME_RE = re.compile(r"(.+?)(?:\.moved-\d+)?\.idx")
     ANSWERS_NAME_RE = re.compile(r"(\d{4}-\d\d-\d\d)(?:\.w\d+)?\.jsonl")
     RUN_NAME_RE = re.compile(r"(main|w\d+)\.\d+\.[0-9a-f]+")
@@ -3965,7 +3973,7 @@ class Layout:
         if match is None:
             return None
         return DataName(match.group(1), match.group(2), int(match.group(3) or 0),
-                        bool(match.group(4)))
+                        bool(match.group(4) or match.group(6)), match.group(5) or "")
 
     @staticmethod
     def folder(route: str, stream: Optional[str]) -> str:
@@ -4003,9 +4011,51 @@ class Layout:
 
     def set_aside_index_path(self, data_path: Path) -> Path:
         """A new name for the index of a data file that logrotate moved, still read by dedup and
-        recovery."""
-        aside = "%s.moved-%d.idx" % (data_path.name, time.time_ns())
-        return self.index_path(data_path).with_name(aside)
+        recovery (see aside_index_name)."""
+        return self.index_path(data_path).with_name(self.aside_index_name(data_path))
+
+    @staticmethod
+    def aside_index_name(data_path: Path) -> str:
+        """A name, never taken before, for an index set aside for `data_path`: a file logrotate
+        made of one of ours (NAME.log.1: logrotate gives that name to a newer file at its next
+        run), or one of ours that it moved or deleted."""
+        return "%s.moved-%d.idx" % (data_path.name, time.time_ns())
+
+    def index_of(self, data_path: Path) -> Path:
+        """The batch index of a data file, or of a file logrotate made of one (see
+        rotated_index)."""
+        name = self.parse(data_path.name)
+        if name is not None and name.rotated:
+            return self.rotated_index(data_path)
+        return self.index_path(data_path)
+
+    def rotated_index(self, data_path: Path) -> Path:
+        """The index of a file logrotate made of one of ours: the newest set aside for its name
+        (those of older files of that name are older); the usual name when there is none."""
+        index = self.index_path(data_path)
+        aside = sorted(index.parent.glob(glob_escape(data_path.name) + ".moved-*.idx"),
+                       key=lambda path: int(path.name.rsplit(".moved-", 1)[1][:-len(".idx")]))
+        return aside[-1] if aside else index
+
+    @classmethod
+    def rotated_copy(cls, data_path: Path, inode: Optional[int] = None,
+                     size: Optional[int] = None) -> Optional[Path]:
+        """The file logrotate made of a data file in its folder (NAME.1, NAME-20261127): the one
+        that is the moved file itself (`inode`), or the newest copy of `size` bytes; None when
+        there is none (deleted, or another name).  Reads the folder once."""
+        found: List[Tuple[float, Path]] = []
+        with os.scandir(str(data_path.parent)) as entries:
+            for entry in entries:
+                name = cls.parse(entry.name)
+                if (name is None or not name.rotated or name.rotated.endswith(".gz")
+                        or not entry.name.startswith(data_path.name)
+                        or not entry.is_file(follow_symlinks=False)):
+                    continue
+                if inode is not None and entry.inode() == inode:
+                    return Path(entry.path)
+                if size is not None and entry.stat(follow_symlinks=False).st_size == size:
+                    found.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path)))
+        return max(found)[1] if found else None
 
     @staticmethod
     def compressed_path(data_path: Path) -> Path:
@@ -4099,14 +4149,16 @@ class Layout:
     # -- listings ---------------------------------------------------------------
 
     def data_files(self, compressed: bool = False) -> Iterator[Tuple[Path, DataName]]:
-        """Every data file this layout appends to (and with `compressed`, every gzip'd one as
-        well), in no dot-folder: a walk of the whole tree, for tools and an earlier version's
-        folder (the server finds its files in journals and seal lists)."""
+        """Every data file this layout appends to (with `compressed`, every gzip'd one and every
+        one logrotate moved or copied as well), in no dot-folder: a walk of the whole tree, for
+        tools and an earlier version's folder (the server finds its files in journals and seal
+        lists)."""
         for folder, subfolders, names in os.walk(str(self.root)):
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
             for file_name in sorted(names):
                 name = self.parse(file_name)
-                if name is None or not (compressed or name.compressed == self.store_gzip):
+                if name is None or not (compressed or name.compressed == self.store_gzip
+                                        and not name.rotated):
                     continue
                 path = Path(folder, file_name)
                 if path.is_file() and not path.is_symlink():
@@ -4157,19 +4209,20 @@ class Layout:
         return (self.manifest_path(data_path).exists() or not data_path.name.endswith(".gz")
                 and self.manifest_path(self.compressed_path(data_path)).exists())
 
-    def ledger_files_of(self, data_path: Path) -> List[Path]:
+    def ledger_files_of(self, data_path: Path, index_name: Optional[str] = None) -> List[Path]:
         """The ledger files of a finished data file that exist: its batch index, and the summary
-        that replaces it once pruned, under the name the file was written as (a --compress-rotated
-        .gz: the plain file's)."""
-        written = [data_path]
-        plain = data_path.with_name(data_path.name[:-len(".gz")])
-        if data_path.name.endswith(".gz") and not plain.exists():
-            written.append(plain)
-        found = []
-        for name in written:
-            index = self.index_path(name)
-            found += [path for path in (index, self.summary_path(index)) if path.is_file()]
-        return found
+        that replaces it once pruned; the index its manifest names (`index_name`), else the one
+        under the name the file was written as (a --compress-rotated .gz: the plain file's)."""
+        if index_name is not None and self.INDEX_NAME_RE.fullmatch(index_name):
+            indexes = [self.index_path(data_path).with_name(index_name)]
+        else:
+            written = [data_path]
+            plain = data_path.with_name(data_path.name[:-len(".gz")])
+            if data_path.name.endswith(".gz") and not plain.exists():
+                written.append(plain)
+            indexes = [self.index_path(name) for name in written]
+        return [path for index in indexes for path in (index, self.summary_path(index))
+                if path.is_file()]
 
     def answers_files_named(self) -> List[Path]:
         """The answers files whose names this layout gives (answers_path), sorted."""
@@ -4253,6 +4306,8 @@ RECOVERED_MARK = b"recovered"
 # A journal is rewritten with its unfinished files alone once it holds this many finished ones
 # (and more than those unfinished).
 JOURNAL_COMPACT_AT = 256
+# How often the lock of a run whose process is gone is tried while another process holds it.
+RUN_LOCK_POLL = 0.02
 
 
 class RunRecord(NamedTuple):
@@ -4337,7 +4392,8 @@ class RunJournal:
         fd = os.open(str(self.layout.run_journal_path(self.name)),
                      os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            write_all(fd, [b"".join(line + b"\n" for line in lines)])
+            # From a fresh line: a line a crash tore never swallows the next one.
+            write_all(fd, [b"\n" + b"".join(line + b"\n" for line in lines)])
             if sync:
                 os.fdatasync(fd)
         finally:
@@ -4358,8 +4414,13 @@ class RunJournal:
         self._strike(path, sync=True)
 
     def finished(self, path: Path) -> None:
-        """Strikes off a data file that no process will write again and that is finished."""
-        self._strike(path, sync=False)
+        """Strikes off a data file that no process will write again and that is finished; never
+        raises (a strike lost only has a finished file looked at again)."""
+        try:
+            self._strike(path, sync=False)
+        except OSError as exc:
+            log.error("cannot strike %s off the journal of run %s (it is looked at again): %s",
+                      path, self.name, describe_os_error(exc))
 
     def _strike(self, path: Path, sync: bool) -> None:
         text = self.layout.relative(path)
@@ -4405,23 +4466,43 @@ class RunJournal:
                     self.state = advance(RUN_PROTOCOL, self.state, RunEvent.VANISHED)
 
 
+def run_process_gone(run: str) -> bool:
+    """Whether the process a run's name gives (TAG.PID.STAMP) no longer exists."""
+    try:
+        os.kill(int(run.split(".")[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 @contextlib.contextmanager
-def run_that_ended(layout: Layout, run: str) -> Iterator[Optional[RunRecord]]:
+def run_that_ended(layout: Layout, run: str, wait: float = 0.0) -> Iterator[Optional[RunRecord]]:
     """Holds the lock of a run that is gone while the caller recovers or adopts it, yielding its
     record (state DIED, ENDED or RECOVERED); None while it lives, once it is adopted, or while
-    another process holds it."""
+    another process holds it.  With `wait`, a lock that another process holds for a moment (it
+    looks or adopts) is waited for that long when the run's own process is gone."""
     try:
         fd = os.open(str(layout.run_lock_path(run)), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         yield None
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            record = read_journal(layout, run)
-        except (BlockingIOError, FileNotFoundError):
-            yield None
-            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                record = read_journal(layout, run)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline or not run_process_gone(run):
+                    yield None
+                    return
+                time.sleep(RUN_LOCK_POLL)
+            except FileNotFoundError:
+                yield None
+                return
         if record.state is RunState.LIVE:
             record = record._replace(state=advance(RUN_PROTOCOL, RunState.LIVE,
                                                    RunEvent.VANISHED))
@@ -4455,10 +4536,13 @@ def remove_run(layout: Layout, run: str, record: RunRecord) -> None:
             pass
 
 
-def live_runs_files(layout: Layout) -> Set[Path]:
-    """The files journalled by runs that live now (their lock is held)."""
+def live_runs_files(layout: Layout, holding: str = "") -> Set[Path]:
+    """The files journalled by runs that live now (their lock is held), this process's own
+    included, but for `holding`, the ended run whose lock the caller holds."""
     busy: Set[Path] = set()
     for run in layout.run_names():
+        if run == holding:
+            continue
         with run_that_ended(layout, run) as ended:
             if ended is not None:
                 continue
@@ -4551,9 +4635,12 @@ class DataFile:
 
     def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
                  fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE,
-                 sync: bool = True, dedupe: Optional[DedupeWindow] = None) -> None:
+                 sync: bool = True, dedupe: Optional[DedupeWindow] = None,
+                 on_copy: Callable[[Path], None] = lambda copy: None) -> None:
         self.path = path
         self.dedupe = dedupe
+        # Told of the copy logrotate's copytruncate made of the file, to be sealed and shipped.
+        self.on_copy = on_copy
         self.index_path = index_path
         self.period = period
         self.sequence = sequence
@@ -4642,6 +4729,36 @@ class DataFile:
         entries = [IndexEntry(offset, time.time())] if offset else []
         write_all(self.index_fd, [index_bytes(entries)])
         self.index_size = len(INDEX_HEADER) + BATCH_ENTRY.size * len(entries)
+
+    def _set_index_aside(self, offset: int) -> None:
+        """After the file was truncated behind this process's back (logrotate's copytruncate):
+        sets its index aside, under its copy's name when the copy is there (the batches it counts
+        are the copy's now: counted, and sealed and shipped with it), and starts a fresh one,
+        saying the file is complete up to `offset` (call with write_lock)."""
+        copy = Layout.rotated_copy(self.path, size=self.size)
+        aside = self.index_path.with_name(Layout.aside_index_name(copy or self.path))
+        fresh = self.index_path.with_name(self.index_path.name + ".new")
+        # The fresh index is ready before anything is renamed: a failure leaves the old in place.
+        fd = open_regular(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, self.mode)
+        try:
+            entries = [IndexEntry(offset, time.time())] if offset else []
+            write_all(fd, [index_bytes(entries)])
+            os.rename(str(self.index_path), str(aside))
+            os.rename(str(fresh), str(self.index_path))
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(self.index_fd)
+        self.index_fd = fd
+        self.index_size = len(INDEX_HEADER) + BATCH_ENTRY.size * len(entries)
+        fsync_directory(self.index_path.parent)
+        if copy is not None:
+            log.info("%s was truncated (copytruncate): its batches are counted with its copy %s,"
+                     " which is sealed", self.path, copy.name)
+            self.on_copy(copy)
+        else:
+            log.warning("%s was truncated with no copy of its %d bytes beside it: its batches are"
+                        " still counted, under %s", self.path, self.size, aside.name)
 
     def is_full(self, max_size: int) -> bool:
         """Tells whether the file has reached `max_size` bytes (0: no limit)."""
@@ -4794,7 +4911,7 @@ class DataFile:
             entries.append(pending.entry.pack(end))
         try:
             if start < self.size:
-                self._reset_index(start)  # truncated behind our back (copytruncate)
+                self._set_index_aside(start)  # truncated behind our back (copytruncate)
                 self.durable_size, self.durable_index_size = start, self.index_size
             index_start = self.index_size
             parts: List[Buffer] = []
@@ -4941,6 +5058,10 @@ class Storage:
         self.moving: Dict[str, DataFile] = {}
         # Files closed for good since housekeeping last looked (see take_finished).
         self.finished: List[Path] = []
+        # The files logrotate moved or copied ours to, to seal (see rotated); a lock of their own:
+        # a copy is found while a DataFile's write_lock is held.
+        self.rotated_files: List[Path] = []
+        self.rotated_lock = threading.Lock()
         self.lock = threading.Lock()
         self.moved_closed = threading.Condition(self.lock)
         self.stopped = threading.Event()
@@ -5146,7 +5267,7 @@ class Storage:
             try:
                 data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds,
                                      self.layout.file_mode, self.fsync_mode == "always",
-                                     self.dedupe)
+                                     self.dedupe, self.rotated)
                 break
             except FileNotFoundError:
                 # Housekeeping removed the index folder, empty, between the two steps.
@@ -5197,21 +5318,25 @@ class Storage:
             if life is FileState.FINISHED and not empty:
                 self.finished.append(data_file.path)
                 self.on_finished()
-            elif life is FileState.MOVED and empty:
-                del self.moving[self.layout.folder_of(data_file.path)]
-                self.moved_closed.notify_all()
             elif life is FileState.MOVED:
                 # Nobody holds the index now: give its name to the new file, keeping it for dedup
-                # and recovery.  Whatever happens, the folder's pushes must not wait for ever.
+                # and recovery, under the moved file's new name when it is logrotate's (so that
+                # the moved file is sealed and shipped with it).  Whatever happens, the folder's
+                # pushes must not wait for ever.
+                moved_to: Optional[Path] = None
                 try:
+                    moved_to = Layout.rotated_copy(data_file.path, inode=data_file.identity[1])
                     os.replace(str(data_file.index_path),
-                               str(self.layout.set_aside_index_path(data_file.path)))
+                               str(self.layout.set_aside_index_path(moved_to or data_file.path)))
                 except OSError as exc:
+                    moved_to = None
                     log.error("cannot set aside the batch index of moved file %s: %s",
                               data_file.path, describe_os_error(exc))
                 finally:
                     del self.moving[self.layout.folder_of(data_file.path)]
                     self.moved_closed.notify_all()
+                if moved_to is not None:
+                    self.rotated(moved_to)
 
     def _remove_empty(self, data_file: DataFile) -> bool:
         """Removes a closed file that holds no batch, and its index; True when it is gone."""
@@ -5254,10 +5379,26 @@ class Storage:
             self._close(data_file)
 
     def take_finished(self) -> List[Path]:
-        """Returns and forgets the files closed for good since the last call."""
+        """Returns and forgets the files closed for good, and those logrotate made of ours, since
+        the last call."""
         with self.lock:
             finished, self.finished = self.finished, []
-        return finished
+        with self.rotated_lock:
+            rotated, self.rotated_files = self.rotated_files, []
+        return finished + rotated
+
+    def rotated(self, copy: Path) -> None:
+        """A file logrotate moved or copied one of ours to: journalled as this run's (no record is
+        appended to it, but it is to be finished, whatever stops the process), then sealed by
+        housekeeping, so that it is shipped with the index that counts its batches."""
+        try:
+            self.journal.opened([copy])
+        except OSError as exc:
+            log.error("cannot journal %s (sealed all the same, unless this process stops first):"
+                      " %s", copy, describe_os_error(exc))
+        with self.rotated_lock:
+            self.rotated_files.append(copy)
+        self.on_finished()
 
     def reopen(self) -> int:
         """After logrotate moved or deleted an output file, makes the next push open a new one by
@@ -5349,7 +5490,7 @@ def recover_file(layout: Layout, path: Path) -> None:
     try:
         size = os.fstat(data_fd).st_size
         try:
-            index_fd = open_regular(layout.index_path(path), os.O_RDWR)
+            index_fd = open_regular(layout.index_of(path), os.O_RDWR)
         except FileNotFoundError:
             if not path.name.endswith(".gz"):
                 _repair_torn_tail(layout, data_fd, path, size)
@@ -5470,7 +5611,7 @@ def indexed_batches(layout: Layout, window: float, now: float,
         found = [(index, folder, layout.data_file_of_index(index, folder))
                  for index, folder, _ in layout.indexes()]
     else:
-        found = [(layout.index_path(path), layout.folder_of(path), path) for path in files]
+        found = [(layout.index_of(path), layout.folder_of(path), path) for path in files]
     for index, folder, data_path in found:
         try:
             if index.stat().st_mtime < since:
@@ -5483,21 +5624,36 @@ def indexed_batches(layout: Layout, window: float, now: float,
             log.warning("%s is not a regular file: its batches are not learnt", index)
 
 
-def recover_ended_runs(layout: Layout, tag: Optional[str] = None) -> List[Path]:
-    """Recovers the files of every run that died (of `tag`'s runs alone, with a tag) and says so
-    in their journals, so that each is recovered once; returns the files recovered now."""
+def recover_ended_runs(layout: Layout, tag: Optional[str] = None, wait: float = 0.0) -> List[Path]:
+    """Recovers the files of every run that died (of `tag`'s runs alone, with a tag, waiting up to
+    `wait` for a lock another process holds a moment) and says so in their journals, so that each
+    is recovered once; returns the files of every run that died, recovered now or before and not
+    yet taken over (what a restarted worker tells the supervisor)."""
     recovered: List[Path] = []
     for run in layout.run_names():
         if tag is not None and Layout.tag_of_run(run) != tag:
             continue
-        with run_that_ended(layout, run) as record:
-            if record is None or record.state is not RunState.DIED:
+        with run_that_ended(layout, run, wait) as record:
+            if record is None or record.state not in (RunState.DIED, RunState.RECOVERED):
                 continue
-            for path in record.files:
-                recover_file(layout, path)
-            mark_recovered(layout, run, record)
-            recovered += record.files
+            files = untaken_files(layout, run, record)
+            if record.state is RunState.DIED:
+                for path in files:
+                    recover_file(layout, path)
+                mark_recovered(layout, run, record)
+            recovered += files
     return recovered
+
+
+def untaken_files(layout: Layout, run: str, record: RunRecord) -> List[Path]:
+    """The files of an ended run (whose lock the caller holds) that are still its own: those that
+    exist, less those a live run journals now (a name deleted or moved since, then reused).  The
+    live journals are read after the files were found: a live run journals a file before it
+    creates it."""
+    found = [path for path in record.files if path.exists()
+             or not path.name.endswith(".gz") and layout.compressed_path(path).exists()]
+    busy = live_runs_files(layout, holding=run) if found else set()
+    return [path for path in found if path not in busy]
 
 
 def recover_indexed(layout: Layout) -> None:
@@ -5962,7 +6118,7 @@ def seal_facts(path: Path, index: Path, now: float,
             "first_received": min(received, default=None),
             "last_received": max(received, default=None),
             "first_event": min(events, default=None), "last_event": max(events, default=None),
-            "sealed_at": now}
+            "sealed_at": now, "index": index.name if raw else None}
 
 
 # ---------------------------------------------------------------------------
@@ -6001,9 +6157,11 @@ def finishing_lock(path: Path) -> Iterator[bool]:
 
 def same_records(plain: Path, compressed: Path) -> bool:
     """Whether a .gz holds exactly a plain file's bytes, read side by side (a damaged .gz does
-    not)."""
+    not, nor anything that is no regular file: never opened)."""
     try:
-        with plain.open("rb") as original, gzip.open(str(compressed), "rb") as copy:
+        with os.fdopen(open_regular(plain, os.O_RDONLY), "rb") as original, \
+                os.fdopen(open_regular(compressed, os.O_RDONLY), "rb") as packed, \
+                gzip.GzipFile(fileobj=packed, mode="rb") as copy:
             while True:
                 chunk = original.read(READ_BACK_CHUNK)
                 if copy.read(len(chunk) or 1) != chunk:
@@ -6169,18 +6327,17 @@ class Housekeeper:
             with run_that_ended(self.layout, run) as record:
                 if record is None:
                     continue
-                for path in record.files:
-                    if not self.layout.is_sealed(path):
-                        recover_file(self.layout, path)
+                unfinished = [path for path in untaken_files(self.layout, run, record)
+                              if not self.layout.is_sealed(path)]
+                for path in unfinished:
+                    recover_file(self.layout, path)
                 if record.state is RunState.DIED:
                     record = mark_recovered(self.layout, run, record)
-                unfinished = [path for path in record.files if not self.layout.is_sealed(path)
-                              and self.layout.compressed_or_plain(path).exists()]
                 if unfinished:
                     self.journal.opened(unfinished)
                 if self.learn is not None and self.dedupe_window:
                     self.learn(list(indexed_batches(self.layout, self.dedupe_window, self.clock(),
-                                                    record.files)))
+                                                    unfinished)))
                 remove_run(self.layout, run, record)
             self._queue(unfinished)
             log.info("took over run %s (%s): %d files to finish", run, record.state.value,
@@ -6260,6 +6417,10 @@ class Housekeeper:
                 done = self._finish(path)
             except InterruptedError:
                 done = False
+            except NotRegularFile:
+                log.error("%s is not a regular file: not finished, never opened", path)
+                self.journal.finished(path)
+                done = True
             except OSError as exc:
                 done = self._failed(path, describe_os_error(exc))
             except Exception as exc:  # one file's surprise never keeps the others unsealed
@@ -6303,13 +6464,16 @@ class Housekeeper:
             current = self._settle_copy(path)
         if self._removed_if_empty(current, path):
             return
+        if (self.layout.parse(current.name) or DataName("", "", 0, False)).rotated:
+            self.seal(current, self.layout.rotated_index(current))  # logrotate compresses those
+            return
         if not self.compress or current.name.endswith(".gz"):
-            self.seal(current, indexed_as=path)
+            self.seal(current, self.layout.index_path(path))
             return
         compressed, scanned = self._compress(current)
         with finishing_lock(compressed) as locked:
             if locked and not self.layout.manifest_path(compressed).exists():
-                self.seal(compressed, indexed_as=path, scanned=scanned)
+                self.seal(compressed, self.layout.index_path(path), scanned=scanned)
 
     def _settle_copy(self, plain: Path) -> Path:
         """A .gz beside an unfinished data file is its copy only when it holds exactly its bytes
@@ -6380,16 +6544,15 @@ class Housekeeper:
         log.info("compressed %s", target)
         return target, scan.finish()
 
-    def seal(self, path: Path, indexed_as: Path,
+    def seal(self, path: Path, index: Path,
              scanned: Optional[Tuple[int, List[float]]] = None) -> None:
         """Writes the manifest of a finished data file beside it, atomically: what a loader checks
-        before it takes the file (see seal_facts); `indexed_as` is the name its batch index has,
-        `scanned` its records and event times when they were read already.  The file is put on
-        this day's seal list first, so that no sealed file is ever missing from one."""
+        before it takes the file (see seal_facts); `index` is its batch index, `scanned` its
+        records and event times when they were read already.  The file is put on this day's seal
+        list first, so that no sealed file is ever missing from one."""
         manifest = self.layout.manifest_path(path)
         temp = manifest.with_name(manifest.name + ".tmp")
-        facts = seal_facts(path, self.layout.index_path(indexed_as), self.clock(), scanned,
-                           self.stopped)
+        facts = seal_facts(path, index, self.clock(), scanned, self.stopped)
         self.list_sealed(utc_day(self.clock()), [path])
         with self.layout.create_file(temp) as handle:
             handle.write(json.dumps(facts, indent=1).encode("utf-8") + b"\n")
@@ -6404,8 +6567,9 @@ class Housekeeper:
         seal_list = self.layout.seal_list_path(day)
         self.layout.make_folder(seal_list.parent)
         with self.layout.create_file(seal_list, append=True) as handle:
-            handle.write(b"".join(self.layout.relative(path).encode("utf-8") + b"\n"
-                                  for path in paths))
+            # From a fresh line: a line a crash tore never swallows the next one.
+            handle.write(b"\n" + b"".join(self.layout.relative(path).encode("utf-8") + b"\n"
+                                           for path in paths))
             handle.flush()
             os.fdatasync(handle.fileno())
 
@@ -7767,6 +7931,17 @@ class Handover:
                          else "did not answer pushes within %g s" % UPGRADE_DEADLINE)
         return False
 
+    def cancel(self) -> None:
+        """Asks a new process that is starting, or serving beside this one, to stop, without
+        waiting (this one is stopping too: both drain at once; see abandon)."""
+        if self.successor is not None and self.successor.poll() is None:
+            self.successor.terminate()
+
+    def reaped(self, pid: int, code: int) -> None:
+        """A supervisor's loop reaped a child that is no worker: the new process's exit code."""
+        if self.successor is not None and self.successor.pid == pid:
+            self.successor.returncode = code
+
     def abandon(self, why: str) -> None:
         """Stops a new process that failed, or that this one outlives (a stop signal during the
         upgrade); this process keeps serving, or stops alone."""
@@ -7800,9 +7975,13 @@ class Handover:
             sock.set_inheritable(True)
         for handler in log.handlers:
             handler.flush()
+        # Held over the exec until the new image has its handlers (SignalFlags.install): a
+        # SIGHUP or SIGTERM meanwhile waits instead of killing the process at its default.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             os.execve(sys.executable, self.command, env)
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             log.error("cannot re-execute %s: %s; pid %d serves on", self.command[1],
                       describe_os_error(exc), self.successor.pid)
         return 1
@@ -8299,6 +8478,8 @@ class ReceiverServer:
                     self.noisy_log.log_summary("in the last minute")
                     self.quiet_log.log_summary("in the last minute")
                     next_summary = time.monotonic() + LOG_SUMMARY_INTERVAL
+        if handover is not None:
+            handover.cancel()  # stopping: a new process being started stops beside this one
 
     def accept_pending(self, listener: socket.socket) -> None:
         """Accepts every pending connection, closing those beyond --max-connections."""
@@ -8561,9 +8742,10 @@ class ControlChannel:
 class PendingCall:
     """A worker's request to the supervisor, waiting for its answer."""
 
-    __slots__ = ("answer", "done", "follow_up", "key")
+    __slots__ = ("request_id", "answer", "done", "follow_up", "key")
 
-    def __init__(self, key: Optional[str] = None) -> None:
+    def __init__(self, request_id: int, key: Optional[str] = None) -> None:
+        self.request_id = request_id
         self.answer: Optional[Message] = None
         # Released once: the answer is in, or the supervisor is gone.
         self.done = threading.Lock()
@@ -8606,17 +8788,8 @@ class SupervisorClient:
             for message in self.channel.feed(data):
                 if isinstance(message, SnapshotRequest):
                     self.channel.send(SnapshotAnswer(message.id, snapshot(message.scope)))
-                elif isinstance(message, ClaimAnswer) and message.id in self.abandoned:
-                    self._settle_abandoned(message)
                 elif isinstance(message, (ClaimAnswer, MetricsAnswer)):
-                    with self.lock:
-                        call = self.waiting.pop(message.id, None)
-                        if (call is not None and isinstance(message, ClaimAnswer)
-                                and message.state == ClaimState.WAITING.value):
-                            call.follow_up = self.waiting[message.id] = PendingCall(call.key)
-                    if call is not None:
-                        call.answer = message
-                        call.done.release()
+                    self._take_answer(message)
         with self.lock:
             self.gone = True
             calls, self.waiting = list(self.waiting.values()), {}
@@ -8627,28 +8800,62 @@ class SupervisorClient:
         log.error("the supervisor process is gone: stopping this worker")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _settle_abandoned(self, answer: ClaimAnswer) -> None:
-        """The answer to a claim whose caller gave up: a grant is released at once, so that the
-        batch's retry is not kept waiting for a commit that will never come."""
+    def _take_answer(self, message: Union[ClaimAnswer, MetricsAnswer]) -> None:
+        """Hands an answer to the call that waits for it.  A grant that no call waits for any more
+        (its caller gave up: see _abandon) is released at once, so that a retry of its batch is
+        never kept waiting for a commit that will not come."""
+        release: Optional[str] = None
+        waiting = (isinstance(message, ClaimAnswer)
+                   and message.state == ClaimState.WAITING.value)
         with self.lock:
-            key = self.abandoned.pop(answer.id)
-            if answer.state == ClaimState.WAITING.value:
-                self.abandoned[answer.id] = key
-                return
-        if answer.state == ClaimState.GRANTED.value:
-            self.release_all([key])
+            call = self.waiting.pop(message.id, None)
+            if call is not None:
+                if waiting:
+                    call.follow_up = self.waiting[message.id] = PendingCall(message.id, call.key)
+                call.answer = message
+            elif isinstance(message, ClaimAnswer) and message.id in self.abandoned:
+                key = self.abandoned.pop(message.id)
+                if waiting:
+                    self.abandoned[message.id] = key
+                elif message.state == ClaimState.GRANTED.value:
+                    release = key
+        if call is not None:
+            call.done.release()
+        if release is not None:
+            self._release_quietly([release])
+
+    def _abandon(self, calls: Sequence[PendingCall]) -> List[str]:
+        """Gives up on calls (call with the lock): an unanswered one, or the second answer of one
+        that waits, goes to `abandoned`, its grant then released when it comes; returns the keys
+        of those already granted, for the caller to release."""
+        granted: List[str] = []
+        for call in calls:
+            pending = call.follow_up or call
+            if pending.answer is None:
+                if self.waiting.pop(pending.request_id, None) is not None and call.key is not None:
+                    self.abandoned[pending.request_id] = call.key
+            elif (isinstance(pending.answer, ClaimAnswer) and call.key is not None
+                  and pending.answer.state == ClaimState.GRANTED.value):
+                granted.append(call.key)
+        return granted
+
+    def _release_quietly(self, keys: Sequence[str]) -> None:
+        try:
+            self.release_all(keys)
+        except OSError:
+            pass  # gone: nothing is held there any more
 
     def _send_calls(self, make: Sequence[Callable[[int], Message]],
                     keys: Optional[Sequence[str]] = None) -> List[PendingCall]:
         """Sends the requests make(id), in one write; returns the calls their answers go to."""
-        calls = [PendingCall(keys[number] if keys is not None else None)
-                 for number in range(len(make))]
         with self.lock:
             if self.gone:
                 raise SupervisorGone("the supervisor process is gone")
             first = self.last_id + 1
-            self.last_id += len(calls)
-            self.waiting.update(zip(range(first, self.last_id + 1), calls))
+            self.last_id += len(make)
+            calls = [PendingCall(first + number, keys[number] if keys is not None else None)
+                     for number in range(len(make))]
+            self.waiting.update((call.request_id, call) for call in calls)
         try:
             self.channel.send_all([build(first + number) for number, build in enumerate(make)])
         except OSError as exc:
@@ -8661,18 +8868,14 @@ class SupervisorClient:
 
     def _answer(self, call: PendingCall) -> Message:
         """Waits for a call's answer, up to the deadline; raises SupervisorGone when none will
-        come, or none came in time (a claim answered later is then released: see
-        _settle_abandoned)."""
+        come, or none came in time (a claim granted later is then released: see
+        _take_answer)."""
         if not call.done.acquire(timeout=self.deadline):
             with self.lock:
-                request_id = next((number for number, waiting in self.waiting.items()
-                                   if waiting is call), None)
-                if request_id is not None:
-                    del self.waiting[request_id]
-                    if call.key is not None:
-                        self.abandoned[request_id] = call.key
-            if request_id is not None or call.answer is None:
-                raise SupervisorGone("the supervisor did not answer within %g s" % self.deadline)
+                if call.answer is None:  # else it came as the deadline passed: taken
+                    self._abandon([call])
+                    raise SupervisorGone("the supervisor did not answer within %g s"
+                                         % self.deadline)
         if call.answer is None:
             raise SupervisorGone("the supervisor process is gone")
         return call.answer
@@ -8691,13 +8894,20 @@ class SupervisorClient:
         """DedupeWindow.claim_all(), decided by the supervisor for every worker."""
         calls = self._send_calls([functools.partial(Claim, key=key) for key in keys], keys)
         tickets = []
-        for call in calls:
-            answer = self._answer(call)
-            assert isinstance(answer, ClaimAnswer)
-            follow_up = call.follow_up
-            tickets.append(ClaimTicket(ClaimState(answer.state),
-                                       functools.partial(self._final_claim, follow_up)
-                                       if follow_up is not None else self._no_follow_up))
+        try:
+            for call in calls:
+                answer = self._answer(call)
+                assert isinstance(answer, ClaimAnswer)
+                follow_up = call.follow_up
+                tickets.append(ClaimTicket(ClaimState(answer.state),
+                                           functools.partial(self._final_claim, follow_up)
+                                           if follow_up is not None else self._no_follow_up))
+        except SupervisorGone:
+            # The whole group fails: nothing of it may stay held, granted or to be granted.
+            with self.lock:
+                granted = self._abandon(calls)
+            self._release_quietly(granted)
+            raise
         return tickets
 
     def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
@@ -8865,6 +9075,8 @@ class Supervisor:
                     self.handle(slot.index, message)
             if signals.stop_signal is not None and not self.stopping:
                 self.stop("received signal %d" % signals.stop_signal)
+                if handover is not None:
+                    handover.cancel()
             if signals.take_reload():
                 self.signal_all(signal.SIGHUP)
             if handover is not None and not self.stopping:
@@ -8872,7 +9084,7 @@ class Supervisor:
                     handover.request()
                 if handover.poll():
                     self.stop("upgrading")
-            self.reap()
+            self.reap(handover)
             self.flush_outbox()
         return 1 if self.failed else 0
 
@@ -8890,13 +9102,17 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def reap(self) -> None:
-        """Handles the workers that exited since the last look."""
+    def reap(self, handover: Optional[Handover] = None) -> None:
+        """Handles the workers that exited since the last look (and an upgrade's interim process,
+        which this loop reaps too)."""
         while self.running():
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
             slot = next((slot for slot in self.running() if slot.pid == pid), None)
+            if slot is None and handover is not None:
+                handover.reaped(pid, os.waitstatus_to_exitcode(status)
+                                if hasattr(os, "waitstatus_to_exitcode") else status)
             if slot is not None:
                 self.after_exit(slot, os.waitstatus_to_exitcode(status)
                                 if hasattr(os, "waitstatus_to_exitcode") else status)
@@ -8914,8 +9130,9 @@ class Supervisor:
            says which batches they hold (Recovered): only then are the claims in
            doubt settled, those batches as stored, so that a retry waiting for one
            is answered as a duplicate, never stored twice; the others released.
-        When the supervisor is stopping, nobody will recover them: they are released
-        at once (the next start learns what was stored).
+        When the supervisor is stopping, nobody recovers them: they stay held, and a
+        retry waiting on one gets a 503 at its deadline (the next start learns what was
+        stored), never a grant that could store it twice.
         """
         pid = slot.pid
         slot.ended()
@@ -8927,8 +9144,6 @@ class Supervisor:
             if not self.waiting[key]:
                 del self.waiting[key]
         slot.doubtful |= {key for key, owner in self.owners.items() if owner == slot.index}
-        if self.stopping:
-            self.settle_doubtful(slot, [])
         for number, gathering in list(self.gatherings.items()):
             gathering.expected.discard(slot.index)
             self.finish_gathering(number)
@@ -10265,24 +10480,24 @@ def build_sealed_parser() -> ArgumentParser:
     return parser
 
 
-def manifest_agrees(layout: Layout, path: Path) -> bool:
-    """Whether a data file is sealed and its manifest describes it as it is (name and size); a
-    manifest that disagrees is reported on stderr."""
+def agreeing_manifest(layout: Layout, path: Path) -> Optional[Dict[str, Any]]:
+    """The manifest of a sealed data file when it describes the file as it is (name and size);
+    None when the file is not sealed, or its manifest disagrees (reported on stderr)."""
     manifest = layout.manifest_path(path)
     try:
         facts = json.loads(manifest.read_bytes())
         size = path.stat().st_size
     except FileNotFoundError:
-        return False  # not sealed yet
+        return None  # not sealed yet
     except (OSError, ValueError) as exc:
         sys.stderr.write("dsreceiver.py sealed: %s left out: cannot read %s: %s\n"
                          % (path, manifest.name, exc))
-        return False
+        return None
     if isinstance(facts, dict) and facts.get("file") == path.name and facts.get("bytes") == size:
-        return True
+        return facts
     sys.stderr.write("dsreceiver.py sealed: %s left out: its manifest does not describe it (%d"
                      " bytes)\n" % (path, size))
-    return False
+    return None
 
 
 def sealed_files(layout: Layout, days: int = 0, now: Optional[float] = None) -> List[Path]:
@@ -10306,10 +10521,12 @@ def sealed_listing(layout: Layout, days: int = 0) -> Iterator[Path]:
             layout.check_folder(layout.folder_of(path))
         except ValueError:
             continue  # not a folder dsreceiver made: its name may not be safe to print
-        if not path.is_symlink() and manifest_agrees(layout, path):
+        facts = None if path.is_symlink() else agreeing_manifest(layout, path)
+        if facts is not None:
+            index = facts.get("index")
             yield path
             yield layout.manifest_path(path)
-            yield from layout.ledger_files_of(path)
+            yield from layout.ledger_files_of(path, index if isinstance(index, str) else None)
     first = utc_day(time.time() - (days - 1) * 86400)
     for answers in layout.answers_files_named():
         if not days or answers.name[:10] >= first:
@@ -10582,7 +10799,7 @@ def run_worker(settings: Settings, index: int, listeners: Sequence[socket.socket
     # A restarted worker: its predecessor died, and the supervisor holds its claims until it
     # learns which of their batches the files hold.  Those files only: bounded by what was open.
     try:
-        recovered = recover_ended_runs(own, own.tag)
+        recovered = recover_ended_runs(own, own.tag, wait=SUPERVISOR_DEADLINE / 2)
         supervisor.recovered(list(indexed_batches(own, settings.dedupe_window, time.time(),
                                                   recovered)) if settings.dedupe_window else [])
     except OSError as exc:
@@ -10656,10 +10873,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     settings, index, own, control, layout, certificates,
                                     authenticator, streams, client_connections, budget), serving)
         code = supervisor.run(signals, handover)
-    if handover.state is HandoverState.HANDING_OVER:
-        return handover.exec_self()
     if signals.stop_signal is not None:
         handover.abandon("was stopped by signal %d with this process" % signals.stop_signal)
+        return code
+    if handover.state is HandoverState.HANDING_OVER:
+        return handover.exec_self()
     return code
 
 

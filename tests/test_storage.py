@@ -231,8 +231,13 @@ def test_layout_parses_every_name_it_makes(tmp_path: Path) -> None:
     assert layout.index_path(path) == tmp_path / ".dsreceiver" / "batches" / "route" / "sub" / (path.name + ".idx")
     daily = dsreceiver.Layout(tmp_path, rotate="daily", store_gzip=True).data_path("", "2026-11-27", 0)
     assert daily == tmp_path / "2026-11-27.log.gz"
-    for name in ("notes.log", "2026-11-27T15Z.log.1", "x2026-11-27T15Z.log", "2026-11-27T15Z.w.log", "2026-11-27T15Z"):
+    for name in ("notes.log", "2026-11-27T15Z.log.x", "x2026-11-27T15Z.log", "2026-11-27T15Z.w.log", "2026-11-27T15Z"):
         assert layout.parse(name) is None, name
+    # What logrotate makes of a data file (moved or copied, numbered or dated, gzip'd or not) is read as one.
+    for name, rotated in (("2026-11-27T15Z.log.1", ".1"), ("2026-11-27.w2.log-20261128", "-20261128"),
+                          ("2026-11-27.log.2.gz", ".2.gz")):
+        parsed = layout.parse(name)
+        assert parsed is not None and parsed.rotated == rotated and parsed.compressed == name.endswith(".gz"), name
 
 
 def test_a_dead_workers_batches_are_learnt_from_its_journal_and_a_start_reads_set_aside_indexes(
@@ -251,14 +256,18 @@ def test_a_dead_workers_batches_are_learnt_from_its_journal_and_a_start_reads_se
     die(storage)
     # What a restarted worker reads before it serves: the files its predecessor's journal lists.
     recovered = dsreceiver.recover_ended_runs(layout, ".w1")
-    assert recovered == [current]
+    rotated = moved.with_name(moved.name + ".1")
+    assert sorted(recovered) == [current, rotated]  # the moved file, journalled to be sealed with its index
     learnt = [key for _, key in dsreceiver.indexed_batches(layout, 900, time.time(), recovered)]
-    assert learnt == [dsreceiver.dedupe_key("", after.digest)]
-    assert dsreceiver.recover_ended_runs(layout, ".w1") == []  # recovered once
+    assert sorted(learnt) == sorted(dsreceiver.dedupe_key("", batch.digest or b"") for batch in (before, after))
+    # Told again to the next worker to start (its predecessor may have died before it could tell), never recovered again.
+    assert sorted(dsreceiver.recover_ended_runs(layout, ".w1")) == [current, rotated]
+    [journal] = layout.runs_dir.glob("*.files")
+    assert journal.read_bytes().count(b"\nrecovered\n") == 1
     assert dsreceiver.recover_ended_runs(layout.for_worker(".w2"), ".w2") == []
     # A start reads every index touched within the window, the set-aside one included.
     [(index, folder, name)] = [found for found in layout.indexes() if ".moved-" in found[0].name]
-    assert folder == "" and name == layout.parse(moved.name)
+    assert folder == "" and name == layout.parse(rotated.name)  # set aside under the moved file's new name
     everything = sorted(key for _, key in dsreceiver.indexed_batches(layout, 900, time.time()))
     assert everything == sorted(dsreceiver.dedupe_key("", batch.digest or b"") for batch in (before, after))
 
