@@ -216,3 +216,53 @@ def test_a_body_without_a_final_newline_loses_no_record(start_server: Callable[.
     assert stored(server) == {"stream=61234": lines}
     totals = ledger(server)["61234"]
     assert (totals["records"], totals["duplicates"]) == (5, 1)
+
+
+def test_an_edgeworkers_array_with_a_cut_emoji_or_too_deep_to_read_is_stored_never_a_500(
+        start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    # What JSON.stringify gives for a string cut inside an emoji: a lone surrogate, which UTF-8 cannot hold.
+    cut = b'[{"ds2id":"70099","time":"1764201500000","msg":"cut emoji \\ud83d"},{"ds2id":"70099","msg":"ok"}]'
+    deep = b"[" * 970 + b"]" * 970  # about as deep as Python's json reads or writes
+    deeper = b"[" * 5000 + b"]" * 5000  # deeper than it reads
+    with server.simulator() as ds:
+        assert ds.push(raw(cut)).status == 200
+        assert ds.push(raw(deep)).status == 200
+        assert ds.push(raw(deeper)).status == 200
+    assert server.stop() == 0
+    records = stored(server)
+    assert records["stream=70099"] == [b'{"ds2id":"70099","time":"1764201500000","msg":"cut emoji \\ud83d"}',
+                                       b'{"ds2id":"70099","msg":"ok"}']  # one element a line, the escape kept
+    # Each one record: its one element, or (where json cannot rewrite it) the array as sent.
+    assert records["stream=unknown"] in ([deep[1:-1], deeper], [deep, deeper])
+    assert "Traceback" not in server.log_text()
+
+
+FAULTY_DECODER = """\
+import sys
+sys.path.insert(0, {root!r})
+import dsreceiver
+
+
+def broken_finish(self):
+    raise KeyError("a bug that this body sets off")
+
+
+dsreceiver.BatchBuilder.finish = broken_finish
+sys.exit(dsreceiver.main())
+"""
+
+
+def test_a_body_that_sets_off_a_bug_is_refused_400_with_one_traceback_a_minute(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    wrapper = tmp_path / "faulty_decoder.py"
+    wrapper.write_text(FAULTY_DECODER.format(root=str(Path(__file__).resolve().parents[1])))
+    server = start_server(script=wrapper)
+    with server.simulator() as ds:
+        answers = [ds.push(batch_of_lines(sample_lines("json")[:3])) for _ in range(5)]  # DataStream's retries
+    assert [answer.status for answer in answers] == [400] * 5
+    assert b"unexpected KeyError" in answers[0].body and b"a bug" not in answers[0].body  # no detail leaks
+    server.wait_for_log(r"(?s)ERROR unexpected KeyError in a push .*Traceback.*a bug that this body sets off")
+    assert server.log_text().count("Traceback") == 1  # once per kind a minute, not per push
+    assert value(scrape(server), "dsreceiver_surprises_total") == 5
+    assert server.stored_bytes() == b""

@@ -4,6 +4,7 @@ or moved the files; and the answers that stored nothing (retries, refusals)."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import struct
@@ -221,3 +222,19 @@ def test_answer_counts_are_saved_every_minute_and_at_stop(tmp_path: Path) -> Non
     assert ledger[("61234", 1764255900)] == dsreceiver.LedgerRow(duplicates=1, refused={"503": 1})
     assert ledger[("61234", 1764256200)] == dsreceiver.LedgerRow(duplicates=1)
     assert metrics.take_answers() == {}
+
+
+def test_a_folder_named_twice_is_counted_once(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    output = tmp_path / "data"
+    server = start_server(output_dir=output)
+    with server.simulator() as ds:
+        assert ds.push(batch_of_lines(stream_batch("61234", "once", count=9))).status == 200
+    assert server.stop() == 0
+    (tmp_path / "alias").symlink_to(output)
+    once = ledger_totals(output)["61234"]["records"]
+    assert once == 9
+    # D, D/ and a link to D are one folder: counted twice, the ledger would hide a loss.
+    done = run_command("ledger", "--json", "--since", "2h", "--output-dir", str(output), "--output-dir",
+                       str(output) + "/", "--output-dir", str(tmp_path / "alias"))
+    assert done.returncode == 0, done.stderr
+    assert sum(json.loads(line)["records"] for line in done.stdout.splitlines()) == once

@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Callable, List
 
 import pytest
@@ -340,3 +341,25 @@ def test_idle_deadlines_close_connections_quietly(start_server: Callable[..., Se
     with server.simulator() as ds:
         assert ds.request("GET", path="/healthz").status == 200
     assert "Traceback" not in server.log_text() and "unexpected error" not in server.log_text()
+
+
+def peak_rss_kb(pid: int) -> int:
+    """The most memory the process ever held (VmHWM), in KB."""
+    status = Path("/proc/%d/status" % pid).read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+@pytest.mark.slow  # gzips 450 MB in the test
+def test_one_giant_line_is_refused_within_the_memory_budget(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--max-inflight-bytes", "64M")
+    assert server.process is not None
+    body = gzip.compress(b"a" * (450 << 20), compresslevel=1)  # 450 MB in one line: about 450 KB on the wire
+    assert len(body) < 4 << 20
+    before = peak_rss_kb(server.process.pid)
+    with server.simulator(timeout=120) as ds:
+        refused = ds.request("POST", body, {"Content-Encoding": "gzip"})
+        assert refused.status == 413 and b"--max-record-bytes" in refused.body
+        assert ds.push(make_batch("after-the-giant", count=3)).status == 200
+    # Bounded by the budget and a fixed margin, never by the line: it is refused once it passes 1 MiB.
+    assert peak_rss_kb(server.process.pid) - before < (64 << 10)
+    assert server.stored_lines() == make_batch("after-the-giant", count=3).lines

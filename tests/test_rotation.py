@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -197,3 +198,69 @@ def test_the_readme_logrotate_recipe_under_pushes_loses_nothing_and_doubles_noth
     # The ledger counts each batch once, moved files and all.
     ledger = ledger_totals(output)["61234"]
     assert (ledger["records"], ledger["batches"]) == (len(stored), len(batches))
+
+
+def test_retention_never_deletes_a_file_another_worker_still_writes(tmp_path: Path) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1800)
+    layout = dsreceiver.Layout(tmp_path)
+    dsreceiver.prepare_output(layout, 0)
+    first = dsreceiver.Storage(layout.for_worker(".w1"), clock=clock)
+    second = dsreceiver.Storage(layout.for_worker(".w2"), clock=clock)
+    path = first.store("stream=61234", batch_of(b"worker 1, before a quiet spell")).path
+    assert path is not None
+    os.utime(str(path), (clock.now - 86400,) * 2)  # quiet for a day, as a stream at night
+    clock.now += 1700  # still the same hour: worker 1 writes the file yet
+    # Worker 2's retention (--retention-days 0.0001, far shorter than the quiet spell) passes by.
+    keeper = dsreceiver.Housekeeper(layout.for_worker(".w2"), second, retention_days=0.0001, clock=clock,
+                                    tags=[".w1", ".w2"])
+    keeper.apply_retention()
+    assert first.store("stream=61234", batch_of(b"worker 1, after it")).path == path
+    first.close()
+    second.close()
+    assert path.read_bytes() == b"worker 1, before a quiet spell\nworker 1, after it\n"
+
+
+def test_copytruncate_keeps_the_ledger_of_the_copy_and_seals_and_lists_it(tmp_path: Path) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1800)
+    storage = open_storage(tmp_path, clock=clock)
+    five = [b'{"reqId":"r%d","n":"%d"}' % (number, number) for number in range(5)]
+    seven = [b'{"reqId":"s%d","n":"%d"}' % (number, number) for number in range(7)]
+    path = storage.store("stream=61234", batch_of(*five), stream="61234").path
+    storage.store("stream=61234", batch_of(*seven), stream="61234")
+    assert path is not None
+    copy = path.with_name(path.name + ".1")
+    shutil.copyfile(str(path), str(copy))  # logrotate's copytruncate: copy, then truncate in place
+    os.truncate(str(path), 0)
+    storage.store("stream=61234", batch_of(b'{"reqId":"t0"}', b'{"reqId":"t1"}'), stream="61234")
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, clock=clock)
+    housekeeper.finish_files()  # the copy, journalled, is sealed with the index set aside for it
+    storage.close()
+    rows = dsreceiver.read_ledger(tmp_path)
+    assert sum(row.records for row in rows.values()) == 14 and sum(row.batches for row in rows.values()) == 3
+    manifest = json.loads(dsreceiver.Layout.manifest_path(copy).read_bytes())
+    assert manifest["records"] == 12 and manifest["first_received"] is not None
+    listed = [item.relative_to(tmp_path).as_posix() for item in dsreceiver.sealed_listing(storage.layout)]
+    index = ".dsreceiver/batches/stream=61234/" + manifest["index"]
+    assert listed[:3] == ["stream=61234/" + copy.name, "stream=61234/." + copy.name + ".sealed.json", index]
+    assert path.read_bytes() == b'{"reqId":"t0"}\n{"reqId":"t1"}\n'
+
+
+def test_a_moved_file_is_sealed_and_listed_with_its_index(tmp_path: Path) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1800)
+    storage = open_storage(tmp_path, clock=clock)
+    path = storage.store("stream=61234", batch_of(*[b"moved %d" % n for n in range(5)]), stream="61234").path
+    assert path is not None
+    moved = path.with_name(path.name + ".1")
+    path.rename(moved)  # the README's logrotate recipe, then its postrotate reload
+    assert storage.reopen() == 1
+    storage.store("stream=61234", batch_of(b"after the move"), stream="61234")
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, clock=clock)
+    housekeeper.finish_files()
+    storage.close()
+    manifest = json.loads(dsreceiver.Layout.manifest_path(moved).read_bytes())
+    assert manifest["records"] == 5 and ".moved-" in manifest["index"]
+    listed = [item.relative_to(tmp_path).as_posix() for item in dsreceiver.sealed_listing(storage.layout)]
+    assert listed[:3] == ["stream=61234/" + moved.name, "stream=61234/." + moved.name + ".sealed.json",
+                          ".dsreceiver/batches/stream=61234/" + manifest["index"]]
+    rows = dsreceiver.read_ledger(tmp_path)
+    assert sum(row.records for row in rows.values()) == 6

@@ -54,3 +54,17 @@ def test_folder_names_are_single_safe_components(path: str) -> None:
     name = dsreceiver.folder_for_path(path)
     assert dsreceiver.SAFE_FOLDER_RE.fullmatch(name), name
     assert "/" not in name and "\\" not in name and "\0" not in name and name not in (".", "..")
+
+
+def test_paths_that_start_with_a_dash_get_a_safe_folder_not_a_500(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--route-by-path")
+    batches = {path: make_batch("dash%d" % number, count=3) for number, path in enumerate(["/-x", "/-", "/%2D"])}
+    with server.simulator() as ds:
+        for path, batch in batches.items():
+            assert ds.push(batch, path=path).status == 200, path
+    assert server.stored_lines(server.output_dir / "_-x") == batches["/-x"].lines
+    # '/-' and '/%2D' are the same path once decoded: one folder.
+    assert sorted(server.stored_lines(server.output_dir / "_-")) == sorted(batches["/-"].lines + batches["/%2D"].lines)
+    assert "Traceback" not in server.log_text()
+    for path in ("/-x", "/-", "/%2D", "/.x", "/" + "-" * 300):
+        assert dsreceiver.SAFE_FOLDER_RE.fullmatch(dsreceiver.folder_for_path(path)), path

@@ -3,9 +3,11 @@ times), written atomically, that a loader checks before it takes the file."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, batch_of, open_storage
+from conftest import ServerProcess, batch_of, die, open_storage
 from simulator import SAMPLE_DEFINITION, batch_of_lines, sample_lines
 
 
@@ -318,3 +320,50 @@ def test_a_surprise_while_finishing_one_file_never_keeps_the_others_unsealed(
     assert manifest_of(second)["last_event"] == 1764201500.0
     assert [record.levelname for record in caplog.records if str(first) in record.getMessage()] == ["ERROR"]
     storage.close()
+
+
+def test_a_manifest_that_cannot_be_written_is_written_on_a_later_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1764201599.0]
+    storage = open_storage(tmp_path, clock=lambda: now[0])
+    path = storage.store("", batch_of(b'{"reqTimeSec":"1764201500"}')).path
+    assert path is not None
+    now[0] += 2
+    storage.retire_stale()
+    real_fsync = os.fsync
+    full = [True]
+
+    def fsync(fd: int) -> None:
+        if full[0] and os.readlink("/proc/self/fd/%d" % fd).endswith(".sealed.json.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # the disk nearly full at the seal
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(dsreceiver, "FINISH_RETRY", 0.0)  # try again at the next pass
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, clock=lambda: now[0])
+    housekeeper.finish_files()
+    manifest = dsreceiver.Layout.manifest_path(path)
+    assert not manifest.exists() and housekeeper.to_finish == [path]
+    assert not manifest.with_name(manifest.name + ".tmp").exists()  # nothing half-written left behind
+    full[0] = False  # space freed
+    housekeeper.finish_files()
+    assert manifest_of(path)["records"] == 1 and housekeeper.to_finish == []
+    assert [item.name for item in dsreceiver.sealed_listing(storage.layout)][:2] == [path.name, manifest.name]
+    storage.close()
+
+
+def test_a_gz_compressed_before_a_crash_is_sealed_with_its_receipt_times(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path)
+    path = storage.store("", batch_of(b'{"reqTimeSec":"1764201500"}', b'{"reqTimeSec":"1764201400"}')).path
+    assert path is not None
+    die(storage)
+    compressed = dsreceiver.Layout.compressed_path(path)
+    compressed.write_bytes(gzip.compress(path.read_bytes()))  # compressed, the original removed: then the crash
+    path.unlink()
+    dsreceiver.recover_ended_runs(storage.layout)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, compress=True)
+    housekeeper.queue_earlier_files()
+    housekeeper.finish_files()
+    housekeeper.stop()
+    manifest = manifest_of(compressed)
+    assert manifest["records"] == 2 and manifest["first_received"] is not None  # its index, under the plain name

@@ -325,3 +325,17 @@ def test_a_file_mode_without_owner_write_is_refused(start_server: Callable[..., 
     server = start_server("--file-mode", "0440", wait=False)
     assert server.wait_exit() == 2
     server.wait_for_log(r"--file-mode: the owner needs read and write")
+
+
+def test_nothing_is_written_through_a_planted_link(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    output, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    output.mkdir()
+    elsewhere.mkdir()
+    (output / "stream=61234").symlink_to(elsewhere)  # planted in a group-writable output folder
+    server = start_server(output_dir=output)
+    with server.simulator() as ds:
+        refused = ds.push(make_batch("through-a-link", count=5))
+        assert refused.status == 503
+    server.wait_for_log(r"stream=61234 is a symbolic link: dsreceiver writes nothing through one")
+    assert list(elsewhere.iterdir()) == []
+    assert server.stop() == 0

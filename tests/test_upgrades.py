@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 import traceback
@@ -19,7 +18,7 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from conftest import DSRECEIVER, ServerProcess
+from conftest import DSRECEIVER, ServerProcess, wait_until
 from simulator import Batch, count_lines, make_batch
 
 # What systemd does for a socket-activated service (sd_listen_fds(3)): the socket as descriptor 3, LISTEN_FDS=1 and
@@ -159,11 +158,12 @@ def test_an_upgrade_by_sigusr2_refuses_nothing_and_loses_nothing(start_server: C
     stored_exactly_once(server, acknowledged)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_an_upgrade_to_a_file_that_cannot_start_leaves_the_old_one_serving(
-        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: str) -> None:
     script = tmp_path / "dsreceiver.py"
     script.write_bytes(DSRECEIVER.read_bytes())
-    server = start_server(script=script)
+    server = start_server("--workers", workers, script=script)
     assert server.process is not None
     script.write_text("this is no Python\n")  # a botched copy of the new version
     server.send_signal(signal.SIGUSR2)
@@ -198,4 +198,32 @@ def test_sigusr2_to_a_worker_is_pointed_at_the_supervisor(start_server: Callable
     with server.simulator() as ds:
         assert ds.push(make_batch("still-served", count=5)).status == 200
     assert server.stop() == 0
-    assert sys.executable  # the test ran under the suite's interpreter
+
+
+# A new version that takes its time to start: long enough to be stopped, or asked again, meanwhile.
+SLOW_TO_START = "import time\ntime.sleep(5)\n"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_during_an_upgrade_stops_both_processes_and_is_never_lost(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: str) -> None:
+    script = tmp_path / "dsreceiver.py"
+    script.write_bytes(DSRECEIVER.read_bytes())
+    server = start_server("--workers", workers, script=script)
+    assert server.process is not None
+    script.write_text(SLOW_TO_START + DSRECEIVER.read_text())
+    server.send_signal(signal.SIGUSR2)
+    interim = int(server.wait_for_log(r"started \S+ as pid (\d+); serving until it answers pushes").group(1))
+    server.send_signal(signal.SIGUSR2)  # asked again meanwhile: changes nothing
+    server.wait_for_log("SIGUSR2: an upgrade is under way already")
+    assert server.stop(timeout=30) == 0  # SIGTERM: the new process is stopped beside this one, no re-exec
+    assert "upgraded" not in server.log_text() and "re-executes" not in server.log_text()
+
+    def interim_gone() -> bool:
+        try:
+            os.kill(interim, 0)
+        except ProcessLookupError:
+            return True
+        return Path("/proc/%d/stat" % interim).read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_until(interim_gone, what="the interim process to stop")
