@@ -1184,6 +1184,13 @@ class Metrics:
         with self.lock:
             self.state.storage_error = StorageFailure(self.clock(), reason)
 
+    def storage_events(self) -> Tuple[float, float]:
+        """When this process's storage last failed (0: never) and last stored: a health verdict
+        found before either changed is stale."""
+        with self.lock:
+            error = self.state.storage_error
+            return (error.time if error is not None else 0.0), self.state.last_success
+
     def snapshot(self, gauges: Dict[str, float], fsync_seconds: Histogram,
                  scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
         """Everything counted so far, with these gauges and fsync times, as a copy that workers can
@@ -8262,7 +8269,9 @@ class ReceiverServer:
         self.stopping = threading.Event()
         # The last health verdict and when it was found (see health).
         self.health_lock = threading.Lock()
-        self.health_checked: Tuple[float, Optional[str]] = (-HEALTH_CACHE, None)
+        # (when, this process's storage events then: see Metrics.storage_events, the verdict)
+        self.health_checked: Tuple[float, Tuple[float, float], Optional[str]] = (
+            -HEALTH_CACHE, (0.0, 0.0), None)
         # Successful probes (GET /healthz and the like) log a line a second per client at most.
         self.quiet_log = RateLimitedLog(noun="access lines of probes")
         # Set once stopping, after DRAIN_GRACE: the connections still idle are closed.
@@ -8373,18 +8382,22 @@ class ReceiverServer:
 
     def health(self) -> Optional[str]:
         """Why storage fails: a worker's store failed recently and none succeeded since, or the
-        probe fails.  Found at most once per HEALTH_CACHE (the others wait for it, then share it):
-        a flood of /healthz costs neither a disk write nor a supervisor round trip each."""
+        probe fails.  Found at most once per HEALTH_CACHE (the others wait for it, then share it),
+        and again at once when this process fails to store, or stores after a failure: a flood of
+        /healthz costs neither a disk write nor a supervisor round trip each."""
         with self.health_lock:
-            checked, verdict = self.health_checked
-            if time.monotonic() - checked < HEALTH_CACHE:
+            checked, (failed, stored), verdict = self.health_checked
+            events = self.metrics.storage_events()
+            # A failure since makes a verdict stale, and a store since a failing one.
+            if (time.monotonic() - checked < HEALTH_CACHE and events[0] == failed
+                    and (verdict is None or events[1] == stored)):
                 return verdict
             try:
                 snapshot = self.merged_snapshot(SnapshotScope.HEALTH)
                 verdict = snapshot.storage_failure(time.time()) or self.storage.probe()
             except SupervisorGone as exc:
                 verdict = str(exc)
-            self.health_checked = (time.monotonic(), verdict)
+            self.health_checked = (time.monotonic(), events, verdict)
             return verdict
 
     def metrics_snapshot(self, scope: SnapshotScope = SnapshotScope.FULL) -> MetricsSnapshot:
