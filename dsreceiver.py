@@ -41,7 +41,7 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Storage: data files
     Storage: writing
     Storage: recovery
-    Storage: ledger
+    Ledger
     Storage: sealing
     Storage: housekeeping
     Push pipeline
@@ -55,7 +55,8 @@ Map: the sections below, in dependency order (checked by tools/check_shape.py):
     Reconciliation
     Shipping
     Lifecycle and signals
-and main() last.  Each section uses only names defined above it (annotations aside).
+and main() last.  Each section uses only names defined above it (annotations aside);
+tests/README.md names the test files that guard each.
 
 One push through them:
     accept        ReceiverServer.accept_pending: a thread per connection
@@ -79,10 +80,18 @@ One push through them:
                   event range when known) written, one fdatasync pair, the claims committed or
                   released, each push woken once, the lead handed on
     answer        ConnectionHandler.answer_push: the Outcome as HTTP, then write_response
-Every name under --output-dir comes from Layout.  Start-up (prepare_output) recovers only the files
-of processes that died, from their run journals (see RUN_PROTOCOL), whatever the folder keeps; what
-ended runs left unfinished is finished in the background (see Housekeeper).  Listening sockets can
-outlive the process (systemd's socket activation, the SIGUSR2 upgrade: see Handover).
+Every name under --output-dir comes from Layout.
+
+Start-up, from exec to the first 200 (run_server, in this order; no step depends on how many files
+the output folder keeps):
+    read          the credentials, stream definitions and certificate
+    listen        inherited_listeners (systemd's socket unit, a SIGUSR2 upgrade: see Handover) or
+                  bind_listeners; fit_open_files; drop_privileges
+    recover       prepare_output: recover_ended_runs (only the files of runs that died, as their
+                  journals list them: see RUN_PROTOCOL); the dedupe window from indexed_batches
+    serve         serve_until_stopped; with --workers, Supervisor forks run_worker (which, after a
+                  worker's death, first recovers its predecessor's files); then Housekeeper
+                  finishes in the background what ended runs left unfinished
 """
 
 from __future__ import annotations
@@ -613,15 +622,27 @@ def parse_config(argv: Optional[Sequence[str]]) -> Settings:
 # Shared tools
 # ---------------------------------------------------------------------------
 
-def stream_row(route: str, stream: str) -> str:
-    """The row of a stream in the status page, metrics and ledger: its stream ID, or ROUTE/STREAM
-    with --route-by-path (stream_of_row reads it back)."""
-    return route + "/" + stream if route else stream
+class RoutedStream(NamedTuple):
+    """A stream as it arrives on one route: the pair that names its folder ([ROUTE/]stream=ID) and
+    keys the metrics, the status page and the ledger.  `stream` is a stream ID (or 'unknown',
+    'mixed', 'uls', 'other'), never more; `route` is the --route-by-path folder, '' without."""
+
+    route: str
+    stream: str
+
+    def label(self) -> str:
+        """How people read it: ROUTE/STREAM, or the stream alone."""
+        return self.route + "/" + self.stream if self.route else self.stream
+
+    def labels(self) -> str:
+        """Its Prometheus labels: route (only with one) and stream."""
+        return ('route="%s",stream="%s"' % (label_value(self.route), label_value(self.stream))
+                if self.route else 'stream="%s"' % label_value(self.stream))
 
 
-def stream_of_row(row: str) -> str:
-    """The stream ID (or 'unknown', 'mixed') of a stream_row()."""
-    return row.rsplit("/", 1)[-1]
+def label_value(text: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -683,6 +704,44 @@ def write_parts(fd: int, parts: Sequence[Buffer]) -> None:
     """Writes any number of parts to `fd`, WRITEV_PARTS to a writev."""
     for first in range(0, len(parts), WRITEV_PARTS):
         write_all(fd, parts[first:first + WRITEV_PARTS])
+
+
+def write_atomically(target: Path, data: bytes, mode: Optional[int] = None,
+                     follow_folder: bool = False) -> None:
+    """Replaces `target` with `data` whole, safe whoever runs it (root under sudo included): a new
+    temporary file of a random name in the folder (opened once, not through a link unless
+    `follow_folder`), created exclusively and never through a link, given exactly `mode` (not a
+    planted file's, not less the umask), owned as the folder is when root writes, fsync'd, renamed
+    over `target` (a link there is replaced, not followed), and the folder fsync'd.  Without
+    `mode`, the folder's own less execute bits and others' write: a .dsreceiver folder 0750
+    (--file-mode 0640) gives 0640, 0700 gives 0600."""
+    nofollow = 0 if follow_folder else os.O_NOFOLLOW
+    folder = os.open(str(target.parent), os.O_RDONLY | os.O_DIRECTORY | nofollow
+                     | getattr(os, "O_CLOEXEC", 0))
+    try:
+        facts = os.fstat(folder)
+        mode = facts.st_mode & 0o664 if mode is None else mode
+        temp = ".%s.%d.%s.tmp" % (target.name, os.getpid(),
+                                  binascii.hexlify(os.urandom(8)).decode())
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | getattr(os, "O_CLOEXEC", 0), mode & 0o600, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if os.geteuid() == 0:
+                    # Root writing into the service's folder: the service must still read it.
+                    os.fchown(handle.fileno(), facts.st_uid, facts.st_gid)
+                os.fchmod(handle.fileno(), mode)
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)  # the error that brought us here is the one told
+            raise
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class WakePipe:
@@ -754,10 +813,11 @@ class SignalFlags:
 # Metrics
 # ---------------------------------------------------------------------------
 
-# Distinct paths (and streams) given their own series; more would let a client grow /metrics without
-# bound.
+# Distinct paths (and routed streams) given their own series; more would let a client grow /metrics
+# without bound: the others share OTHER_STREAMS's.
 MAX_PATH_LABELS = 100
 MAX_STREAM_LABELS = 100
+OTHER_STREAMS = RoutedStream("", "other")
 # Uploader addresses of a stream are counted over this window, remembering at most MAX_UPLOADERS of
 # them.
 UPLOADER_WINDOW = 600.0
@@ -954,7 +1014,7 @@ class MetricsSnapshot(Fields):
                  requests: Optional[Dict[int, int]] = None,
                  last_push: Optional[Dict[str, float]] = None,
                  gauges: Optional[Dict[str, float]] = None,
-                 streams: Optional[Dict[str, StreamStats]] = None,
+                 streams: Optional[Dict[RoutedStream, StreamStats]] = None,
                  written: Optional[Dict[int, int]] = None, refusals: Optional[List[Refusal]] = None,
                  last_success: float = 0.0, streak_start: float = 0.0,
                  storage_error: Optional[StorageFailure] = None,
@@ -965,7 +1025,7 @@ class MetricsSnapshot(Fields):
         # URL path -> when a push to it was last stored.
         self.last_push: Dict[str, float] = last_push if last_push is not None else {}
         self.gauges: Dict[str, float] = gauges if gauges is not None else {}
-        self.streams: Dict[str, StreamStats] = streams if streams is not None else {}
+        self.streams: Dict[RoutedStream, StreamStats] = streams if streams is not None else {}
         # Minute (see minute_of) -> bytes stored, the last hour only.
         self.written: Dict[int, int] = written if written is not None else {}
         self.refusals: List[Refusal] = refusals if refusals is not None else []
@@ -1022,11 +1082,13 @@ class MetricsSnapshot(Fields):
         The wire form is one JSON object with a key per field of this class;
         dicts keyed by numbers (minutes, statuses) have them as decimal
         strings, as JSON keys are; refusals, storage_error and fsync are
-        arrays of their fields in order; streams map to StreamStats.to_wire().
+        arrays of their fields in order; streams are [route, stream,
+        StreamStats.to_wire()] arrays.
         """
         return {"counters": self.counters, "requests": self.requests, "last_push": self.last_push,
                 "gauges": self.gauges,
-                "streams": {name: stats.to_wire() for name, stats in self.streams.items()},
+                "streams": [[routed.route, routed.stream, stats.to_wire()]
+                            for routed, stats in self.streams.items()],
                 "written": self.written, "refusals": [list(refusal) for refusal in self.refusals],
                 "last_success": self.last_success, "streak_start": self.streak_start,
                 "storage_error": None if self.storage_error is None else list(self.storage_error),
@@ -1037,7 +1099,8 @@ class MetricsSnapshot(Fields):
         """Reads to_wire()'s data after its trip through JSON."""
         error = data["storage_error"]
         return cls(data["counters"], int_keys(data["requests"]), data["last_push"], data["gauges"],
-                   {name: StreamStats.from_wire(stats) for name, stats in data["streams"].items()},
+                   {RoutedStream(route, stream): StreamStats.from_wire(stats)
+                    for route, stream, stats in data["streams"]},
                    int_keys(data["written"]), [Refusal(*refusal) for refusal in data["refusals"]],
                    data["last_success"], data["streak_start"],
                    None if error is None else StorageFailure(*error),
@@ -1082,7 +1145,6 @@ class Metrics:
         self.lock = threading.Lock()
         # Everything but the gauges and the fsync histogram, which the server adds to snapshots.
         self.state = MetricsSnapshot(counters={name: 0 for name, _ in self.COUNTERS})
-        self.answers: Dict[Tuple[str, int], Dict[str, int]] = {}
 
     def count(self, name: str, amount: float = 1) -> None:
         """Adds to a counter."""
@@ -1105,17 +1167,17 @@ class Metrics:
             if path in state.last_push or len(state.last_push) < MAX_PATH_LABELS:
                 state.last_push[path] = self.clock()
 
-    def _stream(self, stream: str) -> StreamStats:
-        """The stats of a stream (call with the lock); streams past MAX_STREAM_LABELS share
-        'other'."""
+    def _stream(self, routed: RoutedStream) -> StreamStats:
+        """The stats of a routed stream (call with the lock); those past MAX_STREAM_LABELS share
+        one, 'other' (the ledger counts each on its own)."""
         streams = self.state.streams
-        if stream not in streams and len(streams) >= MAX_STREAM_LABELS:
-            stream = "other"
-        return streams.setdefault(stream, StreamStats())
+        if routed not in streams and len(streams) >= MAX_STREAM_LABELS:
+            routed = OTHER_STREAMS
+        return streams.setdefault(routed, StreamStats())
 
-    def stream_stored(self, stream: str, records: int, unconverted: int,
+    def stream_stored(self, routed: RoutedStream, records: int, unconverted: int,
                       newest_event: Optional[float], uploader: str, stored_bytes: int) -> None:
-        """Counts a stored push of a stream (whose row is `stream`)."""
+        """Counts a stored push of a routed stream."""
         now = self.clock()
         minute = minute_of(now)
         with self.lock:
@@ -1124,7 +1186,7 @@ class Metrics:
             state.written[minute] = state.written.get(minute, 0) + stored_bytes
             if len(state.written) > HISTORY_MINUTES:
                 drop_old_minutes(state.written, now)
-            stats = self._stream(stream)
+            stats = self._stream(routed)
             per_minute = stats.minutes.setdefault(minute, [0, 0])
             per_minute[0] += 1
             per_minute[1] += records
@@ -1142,29 +1204,13 @@ class Metrics:
                 stats.uploaders = {address: seen for address, seen in uploaders.items()
                                    if now - seen < UPLOADER_WINDOW}
 
-    def stream_deduplicated(self, stream: str) -> None:
-        """Counts a retry of a stream's batch answered without storing it again."""
+    def stream_deduplicated(self, routed: RoutedStream) -> None:
+        """Counts a retry of a routed stream's batch answered without storing it again."""
         with self.lock:
-            self._stream(stream).dedupe_hits += 1
-            self._tally(stream, "duplicates")
-
-    def _tally(self, stream: Optional[str], answer: str) -> None:
-        """Counts an answer of the ledger (call with the lock): by stream row ('' when none is
-        known), LEDGER_WINDOW and kind ('duplicates' or the HTTP status)."""
-        if stream is not None and stream not in self.state.streams:
-            stream = "other"
-        key = (stream or "", int(self.clock() // LEDGER_WINDOW * LEDGER_WINDOW))
-        counts = self.answers.setdefault(key, {})
-        counts[answer] = counts.get(answer, 0) + 1
-
-    def take_answers(self) -> Dict[Tuple[str, int], Dict[str, int]]:
-        """Returns and forgets the ledger's answer counts since the last call (see _tally)."""
-        with self.lock:
-            answers, self.answers = self.answers, {}
-        return answers
+            self._stream(routed).dedupe_hits += 1
 
     def refused(self, status: int, client: str, path: str, reason: str,
-                stream: Optional[str] = None) -> None:
+                routed: Optional[RoutedStream] = None) -> None:
         """Remembers a 4xx or 5xx answer (the last MAX_REFUSALS of them); a 503 starts or extends a
         streak."""
         now = self.clock()
@@ -1174,10 +1220,9 @@ class Metrics:
             del state.refusals[:-MAX_REFUSALS]
             if status == HTTPStatus.SERVICE_UNAVAILABLE and not state.streak_start:
                 state.streak_start = now
-            if stream is not None:
-                refusals = self._stream(stream).refusals
+            if routed is not None:
+                refusals = self._stream(routed).refusals
                 refusals[status] = refusals.get(status, 0) + 1
-            self._tally(stream, str(status))
 
     def storage_failed(self, reason: str) -> None:
         """Remembers a storage failure, for /healthz and the status page."""
@@ -1245,9 +1290,9 @@ class Metrics:
                 out.append("dsreceiver_%s %s" % (name, repr(float(measured))))
         family("stream_push_interval_seconds", "gauge", "How often each uploader of the stream "
                "pushes: its definition's interval, else 60.")
-        for stream in sorted(snapshot.streams):
-            out.append('dsreceiver_stream_push_interval_seconds{stream="%s"} %s'
-                       % (label_value(stream), repr(facts.push_interval(stream))))
+        for routed in sorted(snapshot.streams):
+            out.append('dsreceiver_stream_push_interval_seconds{%s} %s'
+                       % (routed.labels(), repr(facts.push_interval(routed.stream))))
         family("stream_definition_problems", "gauge", "What --stream-config's definition of the "
                "stream does not let dsreceiver read (unknown data set fields, a definition loaded "
                "without fields): see the log and /status.")
@@ -1271,8 +1316,8 @@ class Metrics:
         return ("\n".join(out) + "\n").encode("utf-8")
 
     @staticmethod
-    def render_streams(streams: Dict[str, StreamStats], family: Callable[[str, str, str], None],
-                       out: List[str]) -> None:
+    def render_streams(streams: Dict[RoutedStream, StreamStats],
+                       family: Callable[[str, str, str], None], out: List[str]) -> None:
         """The per-stream series."""
         now = time.time()
         series: List[Tuple[str, str, str, Callable[[StreamStats], Optional[float]]]] = [
@@ -1294,11 +1339,10 @@ class Metrics:
         ]
         for name, kind, help_text, measure in series:
             family(name, kind, help_text)
-            for stream, stats in sorted(streams.items()):
+            for routed, stats in sorted(streams.items()):
                 value = measure(stats)
                 if value is not None:
-                    out.append('dsreceiver_%s{stream="%s"} %s'
-                               % (name, label_value(stream), repr(float(value))))
+                    out.append('dsreceiver_%s{%s} %s' % (name, routed.labels(), repr(float(value))))
 
 
 # What /metrics shows of the last `dsreceiver.py reconcile`: (name, its key, help).
@@ -1320,17 +1364,12 @@ class ServerFacts(NamedTuple):
     disk_free_bytes: Optional[float]
     disk_size_bytes: Optional[float]
     certificate_expiry: Optional[float]
-    # A stream's row name -> its push interval in seconds.
+    # A stream ID -> its push interval in seconds.
     push_interval: Callable[[str], float]
-    # The last reconcile's totals by stream ID, with "at" (see save_reconciled); empty when none.
+    # The last reconcile's totals by stream ID, with "at" (see read_reconciled); empty when none.
     reconciled: Dict[str, Dict[str, float]] = {}
     # Each defined stream's definition problems (see StreamDefinition.problems).
     definition_problems: Dict[str, List[str]] = {}
-
-
-def label_value(text: str) -> str:
-    """Escapes a Prometheus label value."""
-    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1448,12 +1487,13 @@ def render_status_page(doc: Dict[str, Any]) -> bytes:
                               ' missing %d</td>'
                               % ("bad" if lost else "good", esc(utc_time(reconciled["at"])),
                                  reconciled["delivered"], reconciled["stored"], lost))
-        out.append('<tr data-stream="%s"><td>%s</td><td class="%s" data-field="since">%s ago</td>'
+        out.append('<tr data-route="%s" data-stream="%s"><td>%s</td>'
+                   '<td class="%s" data-field="since">%s ago</td>'
                    '<td class="n" data-field="batches">%d</td>'
                    '<td class="n" data-field="records">%d</td><td>%s</td>'
                    '<td class="n" data-field="uploaders">%d</td><td class="n">%s</td>'
                    '<td class="n">%d</td><td>%s</td>%s</tr>'
-                   % (esc(row["stream"]), esc(row["stream"]), late,
+                   % (esc(row["route"]), esc(row["stream"]), esc(row["label"]), late,
                       esc(duration(row["seconds_since_push"])), row["batches_last_hour"],
                       row["records_last_hour"], sparkline(row["records_per_minute"]),
                       row["uploaders_last_10_minutes"], esc(duration(row["event_lag_seconds"])),
@@ -3326,7 +3366,7 @@ def open_envelopes(batch: RecordBatch) -> Optional[RecordBatch]:
 # Commit protocols
 # ---------------------------------------------------------------------------
 # The three protocols a push's batch follows from the queue to the disk, as state tables: the code
-# that follows them (DedupeIndex, Supervisor, SupervisorClient, DataFile) makes every move through
+# that follows them (DedupeMemory, Supervisor, SupervisorClient, DataFile) makes every move through
 # advance(), so a move the table does not allow raises instead of corrupting anything.  A walk of
 # one batch: its push queues it in its DataFile (LEAD), the leader claims the group's dedupe keys
 # in one call (CLAIM: in a worker, a round trip to the supervisor, which holds every worker's
@@ -3502,8 +3542,11 @@ class ClaimTicket:
         return self.wait() if self.state is ClaimState.WAITING else self.state
 
 
-class DedupeWindow(Protocol):
-    """Remembers the batches stored recently, so a batch re-sent within the window is stored once.
+class DedupeClaims(Protocol):
+    """The retry dedup window as the writers see it: claims of the batches being stored, and the
+    batches stored recently, so a batch re-sent within the window is stored once.  Kept in memory
+    (DedupeMemory), by one process or by the supervisor for every worker (SupervisorClient); what
+    refills it at start are the batch indexes, files (see IndexEntry).
 
     A commit claims its batches' keys before writing them, then commits
     them once stored or releases them when storing failed (CLAIM_PROTOCOL).
@@ -3528,8 +3571,9 @@ WAITER_EVENTS = {ClaimEvent.KEY_STORED: ClaimEvent.HOLDER_COMMITTED,
                  ClaimEvent.KEY_HELD: ClaimEvent.KEY_HELD}
 
 
-class DedupeIndex:
-    """The DedupeWindow of one process: digests of the batches stored within the window.
+class DedupeMemory:
+    """The DedupeClaims kept in one process's memory: digests of the batches stored within the
+    window, and the claims held now.
 
     It lives in memory; at start it is filled again from the batch indexes,
     which are synced with the records they describe, so a batch counts as
@@ -3581,7 +3625,7 @@ class DedupeIndex:
         return self.wait_for_holder(key) if state is ClaimState.WAITING else state
 
     def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
-        """DedupeWindow.claim_all(): a key being stored by another request gets a ticket that
+        """DedupeClaims.claim_all(): a key being stored by another request gets a ticket that
         waits (see claim)."""
         with self.state:
             states = [self.try_claim(key) for key in keys]
@@ -3599,12 +3643,12 @@ class DedupeIndex:
             return state
 
     def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
-        """DedupeWindow.commit_all()."""
+        """DedupeClaims.commit_all()."""
         for key, stored_at in stored:
             self.commit(key, stored_at)
 
     def release_all(self, keys: Sequence[str]) -> None:
-        """DedupeWindow.release_all()."""
+        """DedupeClaims.release_all()."""
         for key in keys:
             self.release(key)
 
@@ -4642,7 +4686,7 @@ class DataFile:
 
     def __init__(self, path: Path, index_path: Path, period: str = "", sequence: int = 0,
                  fsync_seconds: Optional[Histogram] = None, mode: int = DEFAULT_FILE_MODE,
-                 sync: bool = True, dedupe: Optional[DedupeWindow] = None,
+                 sync: bool = True, dedupe: Optional[DedupeClaims] = None,
                  on_copy: Callable[[Path], None] = lambda copy: None) -> None:
         self.path = path
         self.dedupe = dedupe
@@ -5042,7 +5086,7 @@ class Storage:
     """
 
     def __init__(self, layout: Layout, fsync_mode: str = "always", max_file_size: int = 0,
-                 dedupe: Optional[DedupeWindow] = None,
+                 dedupe: Optional[DedupeClaims] = None,
                  clock: Callable[[], float] = time.time, max_open: int = 1024,
                  journal: Optional[RunJournal] = None) -> None:
         self.layout = layout
@@ -5611,7 +5655,7 @@ def indexed_batches(layout: Layout, window: float, now: float,
                     files: Optional[Iterable[Path]] = None) -> Iterator[Tuple[float, str]]:
     """Yields (time stored, dedupe key) for the batches stored within the window, from every batch
     index touched within it, set-aside ones included (or from the indexes of `files` alone): what
-    refills a DedupeIndex.  An index is read once it is durable (see batch_keys); one that is not a
+    refills a DedupeMemory.  An index is read once it is durable (see batch_keys); one that is not a
     regular file is skipped with one line."""
     since = now - window
     if files is None:
@@ -5675,20 +5719,40 @@ def recover_indexed(layout: Layout) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Storage: ledger
+# Ledger
 # ---------------------------------------------------------------------------
-# What was stored, per stream and LEDGER_WINDOW of receipt: records, batches and bytes, read from
-# the batch indexes (so a batch counted is a batch stored, whatever crashed), and the answers that
-# stored nothing (retries already stored, refusals by status).  Every worker writes its own files;
-# read_ledger adds them up, and a fleet's are added up the same way (by stream and window).
+# What was stored, per routed stream and LEDGER_WINDOW of receipt: records, batches and bytes, read
+# from the batch indexes (so a batch counted is a batch stored, whatever crashed), and the answers
+# that stored nothing (retries already stored, refusals by status).  Every worker writes its own
+# files; read_ledger adds them up, and a fleet's are added up the same way (fleet_ledger).
+#
+# What the ledger reads and writes, and who calls it, when (each name from Layout):
+#   .dsreceiver/batches/FOLDER/NAME.idx      the batch indexes, written by Storage with each batch;
+#                                            folded here (fold_index) into rows
+#   .dsreceiver/ledger/FOLDER/NAME.json      a pruned index's rows (LEDGER_FORMAT): write_summary,
+#                                            by housekeeping's prune_indexes, before it deletes
+#                                            the index
+#   .dsreceiver/answers/DAY[TAG].jsonl       a process's answers that stored nothing
+#                                            (LEDGER_FORMAT): counted by LedgerAnswers as pushes are
+#                                            answered, appended by housekeeping's save_answers every
+#                                            minute and at stop
+#   .dsreceiver/reconciled.json              the last reconcile's totals by stream ID
+#                                            (RECONCILED_FORMAT): save_reconciled, by reconcile;
+#                                            read_reconciled, by the status page and /metrics
+# Retention deletes the first three with the data they count (Housekeeper.apply_retention); the
+# shipping listing names the index or summary of each sealed file (Layout.ledger_files_of).
 
-LEDGER_FORMAT = 1
-# (stream row, start of the window in Unix seconds); the row is ROUTE/STREAM with --route-by-path.
-LedgerKey = Tuple[str, int]
+# Ledger files, version 2: a row's route and stream apart (version 1's "stream" held ROUTE/ID).
+LEDGER_FORMAT = 2
+RECONCILED_FORMAT = 1
+# (routed stream, start of the window in Unix seconds).
+LedgerKey = Tuple[RoutedStream, int]
+# The routed stream of an answer whose stream is not known (a push refused before it was read).
+NO_STREAM = RoutedStream("", "")
 
 
 class LedgerRow(Fields):
-    """The ledger's counts of one stream row in one window."""
+    """The ledger's counts of one routed stream in one window."""
 
     def __init__(self, records: int = 0, batches: int = 0, stored_bytes: int = 0,
                  duplicates: int = 0, refused: Optional[Dict[str, int]] = None) -> None:
@@ -5712,14 +5776,20 @@ class LedgerRow(Fields):
     def to_wire(self, key: LedgerKey) -> Dict[str, Any]:
         """The row as one JSON object of the ledger's format (see README, "Did we get
         everything?")."""
-        return {"window": iso_window(key[1]), "stream": key[0], "records": self.records,
-                "batches": self.batches, "bytes": self.stored_bytes,
+        return {"window": iso_window(key[1]), "route": key[0].route, "stream": key[0].stream,
+                "records": self.records, "batches": self.batches, "bytes": self.stored_bytes,
                 "duplicates": self.duplicates, "refused": self.refused}
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> Tuple[LedgerKey, LedgerRow]:
-        """Reads to_wire()'s object (any count may be left out)."""
-        return ((str(data["stream"]), parse_window(data["window"])),
+        """Reads to_wire()'s object (any count may be left out), or version 1's, whose "stream"
+        held ROUTE/ID."""
+        if "route" in data:
+            routed = RoutedStream(str(data["route"]), str(data["stream"]))
+        else:
+            route, _, stream = str(data["stream"]).rpartition("/")
+            routed = RoutedStream(route, stream)
+        return ((routed, parse_window(data["window"])),
                 cls(int(data.get("records", 0)), int(data.get("batches", 0)),
                     int(data.get("bytes", 0)), int(data.get("duplicates", 0)),
                     {str(status): int(number)
@@ -5766,8 +5836,7 @@ def fold_index(entries: Sequence[IndexEntry], folder: str) -> Dict[LedgerKey, Le
             # A format-1 entry names no stream, and stream 1's read as 'mixed' in formats 2 and 3:
             # the folder tells (a push of either kind has a folder of that name).
             stream = partition
-        key = (stream_row(route, stream),
-               int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
+        key = (RoutedStream(route, stream), int(entry.stamp // LEDGER_WINDOW * LEDGER_WINDOW))
         row = rows.setdefault(key, LedgerRow())
         row.records += entry.records
         row.batches += 1
@@ -5792,13 +5861,38 @@ def write_summary(layout: Layout, index: Path, folder: str) -> None:
     fsync_directory(summary.parent)
 
 
+class LedgerAnswers:
+    """The ledger's counts of the answers that store nothing (a retry answered as already stored,
+    a refusal by status), by routed stream and LEDGER_WINDOW, every one of them (the metrics' cap
+    on streams is theirs alone), until housekeeping saves them (see append_answers)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.counts: Dict[LedgerKey, Dict[str, int]] = {}
+        self.lock = threading.Lock()
+
+    def count(self, routed: Optional[RoutedStream], answer: str) -> None:
+        """Counts an answer: 'duplicates', or the HTTP status of a refusal (NO_STREAM when the
+        push's stream is not known)."""
+        key = (routed or NO_STREAM, int(self.clock() // LEDGER_WINDOW * LEDGER_WINDOW))
+        with self.lock:
+            counts = self.counts.setdefault(key, {})
+            counts[answer] = counts.get(answer, 0) + 1
+
+    def take(self) -> Dict[LedgerKey, Dict[str, int]]:
+        """Returns and forgets the counts since the last call."""
+        with self.lock:
+            counts, self.counts = self.counts, {}
+        return counts
+
+
 def append_answers(layout: Layout, answers: Dict[LedgerKey, Dict[str, int]]) -> None:
-    """Appends answer counts (see Metrics.take_answers) to this process's answers file of their
-    UTC day, and syncs it."""
+    """Appends answer counts (see LedgerAnswers.take) to this process's answers file of their UTC
+    day, and syncs it."""
     by_day: Dict[str, List[bytes]] = {}
-    for (stream, window), counts in sorted(answers.items()):
+    for (routed, window), counts in sorted(answers.items()):
         refused = {status: number for status, number in counts.items() if status != "duplicates"}
-        line = {"window": iso_window(window), "stream": stream,
+        line = {"window": iso_window(window), "route": routed.route, "stream": routed.stream,
                 "duplicates": counts.get("duplicates", 0), "refused": refused}
         day = time.strftime("%Y-%m-%d", time.gmtime(window))
         by_day.setdefault(day, []).append(json.dumps(line).encode("utf-8") + b"\n")
@@ -5847,7 +5941,7 @@ def reconciled_streams(data: bytes) -> Tuple[Dict[str, Dict[str, float]], str]:
     was wrong with the rest ('' when nothing)."""
     try:
         document = json.loads(data, parse_constant=lambda name: math.nan)
-        listed = document["streams"] if document.get("format") == LEDGER_FORMAT else None
+        listed = document["streams"] if document.get("format") == RECONCILED_FORMAT else None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}, "not a reconcile result"
     if not isinstance(listed, dict):
@@ -5902,6 +5996,33 @@ def read_ledger(root: Path, since: float = 0, until: float = float("inf")) -> Di
                 continue
             add_rows(ledger, {key: row})
     return {key: row for key, row in ledger.items() if since <= key[1] < until}
+
+
+def fleet_ledger(roots: Sequence[Path], since: float = 0,
+                 until: float = float("inf")) -> Dict[LedgerKey, LedgerRow]:
+    """The ledgers of output folders (one host's, or a fleet's), added up."""
+    ledger: Dict[LedgerKey, LedgerRow] = {}
+    for root in roots:
+        add_rows(ledger, read_ledger(root, since, until))
+    return ledger
+
+
+def save_reconciled(layout: Layout, found: Dict[str, Dict[str, float]]) -> None:
+    """Leaves each stream's reconcile totals (with when and over what range) where the status page
+    and /metrics read them (read_reconciled); other streams keep their last result.  At most
+    MAX_STREAM_LABELS streams are kept, those with records lost first, then the newest."""
+    target = layout.reconciled_path
+    try:
+        kept = dict(read_reconciled(layout), **found)
+        ranked = sorted(kept, key=lambda stream: (kept[stream]["missing"] + kept[stream]["failed"]
+                                                  > 0, kept[stream]["at"]), reverse=True)
+        document = {"format": RECONCILED_FORMAT,
+                    "streams": {stream: kept[stream] for stream in
+                                sorted(ranked[:MAX_STREAM_LABELS], key=lambda s: (len(s), s))}}
+        write_atomically(target, json.dumps(document).encode("utf-8") + b"\n")
+    except OSError as exc:
+        log.warning("cannot save the verdicts for the status page in %s: %s", target,
+                    describe_os_error(exc))
 
 
 # ---------------------------------------------------------------------------
@@ -6685,8 +6806,9 @@ class Outcome(NamedTuple):
 
     result: PushResult
     records: int = 0
-    # The stream's row in the status page and metrics, once its records named it.
-    stream_row: Optional[str] = None
+    # The push's route and stream, once its records named it: its row on the status page, in
+    # the metrics and in the ledger.
+    routed: Optional[RoutedStream] = None
     # Why, in a few words, for the access log and the client.
     reason: str = ""
 
@@ -6712,11 +6834,13 @@ class PushPipeline:
     store (dedupe included), count.  Socket-free and HTTP-free, so it is tested in-process."""
 
     def __init__(self, settings: Settings, storage: Storage, streams: StreamCatalog,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, answers: Optional[LedgerAnswers] = None) -> None:
         self.settings = settings
         self.storage = storage
         self.streams = streams
         self.metrics = metrics
+        # The ledger's count of retries answered as already stored.
+        self.answers = answers if answers is not None else LedgerAnswers()
 
     def accept(self, facts: PushFacts, body: bytearray,
                on_growth: Callable[[int], None] = lambda held: None) -> Outcome:
@@ -6793,27 +6917,28 @@ class PushPipeline:
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream
                                or records.stream == ULS_STREAM else None)
         # A stream's row: per route as well with --route-by-path.
-        row = stream_row(route, records.stream)
+        row = RoutedStream(route, records.stream)
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
         try:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
                                         records.stream)
         except BatchRefused as exc:
             # Logged as any 400 is: by its access line, with this reason.
-            return Outcome(PushResult.REFUSED, stream_row=row, reason=str(exc))
+            return Outcome(PushResult.REFUSED, routed=row, reason=str(exc))
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")
             metrics.storage_failed(str(exc))
-            return Outcome(PushResult.STORAGE_FAILED, stream_row=row, reason=str(exc))
+            return Outcome(PushResult.STORAGE_FAILED, routed=row, reason=str(exc))
         except Exception as exc:  # a bug in storing: nothing acknowledged, DataStream retries
             metrics.count("storage_errors")
             SURPRISES.report("storing a push", exc)
             reason = "unexpected %s while storing (logged)" % type(exc).__name__
             metrics.storage_failed(reason)
-            return Outcome(PushResult.STORAGE_FAILED, stream_row=row, reason=reason)
+            return Outcome(PushResult.STORAGE_FAILED, routed=row, reason=reason)
         if result.path is None:
             metrics.count("dedupe_hits")
             metrics.stream_deduplicated(row)
+            self.answers.count(row, "duplicates")
             return Outcome(PushResult.DUPLICATE, count, row,
                            "duplicate of a batch stored within the dedupe window")
         if result.kept_duplicate:
@@ -7306,8 +7431,8 @@ class Exchange:
         self.reserved = 0
         self.bytes_in = 0
         self.records = 0
-        # The stream's row (status page, metrics) once the records named it.
-        self.stream_row: Optional[str] = None
+        # The push's route and stream (status page, metrics, ledger) once its records named it.
+        self.routed: Optional[RoutedStream] = None
         # Why it ended as it did, for the access log.
         self.note = ""
 
@@ -7636,7 +7761,7 @@ class ConnectionHandler:
 
     def answer_push(self, exchange: Exchange, outcome: Outcome) -> Response:
         """Maps what the pipeline made of a push to its HTTP answer."""
-        exchange.stream_row = outcome.stream_row
+        exchange.routed = outcome.routed
         exchange.note = outcome.reason
         result = outcome.result
         if result is PushResult.STORED:
@@ -7713,7 +7838,8 @@ class ConnectionHandler:
             metrics.count("auth_failures")
         if status >= 400:
             metrics.refused(status.value, exchange.client, shown, exchange.note or status.phrase,
-                            exchange.stream_row)
+                            exchange.routed)
+            self.server.answers.count(exchange.routed, str(status.value))
             # Every refusal is counted, but a client gets one log line a second at most.
             if not self.server.noisy_log.allow(exchange.client):
                 return
@@ -8258,7 +8384,9 @@ class ReceiverServer:
         self.streams = streams
         self.inflight = InflightBudget(settings.max_inflight_bytes)
         self.metrics = Metrics()
-        self.pipeline = PushPipeline(settings, storage, streams, self.metrics)
+        # The ledger's counts of answers that store nothing, until housekeeping saves them.
+        self.answers = LedgerAnswers()
+        self.pipeline = PushPipeline(settings, storage, streams, self.metrics, self.answers)
         self.started = time.time()
         self.noisy_log = RateLimitedLog()
         self.auth_brake = AuthBrake(settings.auth_brake)
@@ -8326,11 +8454,12 @@ class ReceiverServer:
         hour = range(current - HISTORY_MINUTES + 1, current + 1)
         reconciled = read_reconciled(self.storage.layout)
         streams = []
-        for name, stats in sorted(snapshot.streams.items()):
+        for routed, stats in sorted(snapshot.streams.items()):
             per_minute = [stats.minutes.get(minute, [0, 0]) for minute in hour]
             since = now - stats.last_push if stats.last_push else None
-            interval = self.streams.push_interval(stream_of_row(name))
-            streams.append({"stream": name, "last_push": stats.last_push or None,
+            interval = self.streams.push_interval(routed.stream)
+            streams.append({"route": routed.route, "stream": routed.stream,
+                            "label": routed.label(), "last_push": stats.last_push or None,
                             "seconds_since_push": since, "push_interval_seconds": interval,
                             "late": since is not None and since > LATE_AFTER_INTERVALS * interval,
                             "batches_last_hour": sum(batches for batches, _ in per_minute),
@@ -8343,7 +8472,7 @@ class ReceiverServer:
                             "refusals": {str(status): number for status,
                                          number in stats.refusals.items()},
                             "records_total": stats.records,
-                            "reconciled": reconciled.get(stream_of_row(name))})
+                            "reconciled": reconciled.get(routed.stream)})
         gauges = snapshot.gauges
         uptime = now - gauges["start_time_seconds"]
         written = sum(snapshot.written.get(minute, 0) for minute in hour)
@@ -8414,7 +8543,7 @@ class ReceiverServer:
         free, size = self.disk_usage()
         tls = self.certificates.facts if self.certificates is not None else {}
         facts = ServerFacts(free, size, tls.get("not_after"),
-                            lambda row: self.streams.push_interval(stream_of_row(row)),
+                            self.streams.push_interval,
                             read_reconciled(self.storage.layout), self.streams.problems())
         return Metrics.render(self.merged_snapshot(), facts)
 
@@ -8770,7 +8899,7 @@ class PendingCall:
 
 
 class SupervisorClient:
-    """A worker's line to the supervisor: the DedupeWindow all workers share, so a batch re-sent to
+    """A worker's line to the supervisor: the DedupeClaims all workers share, so a batch re-sent to
     another worker is still stored once, and the metrics summed over every worker."""
 
     def __init__(self, sock: socket.socket, deadline: float = SUPERVISOR_DEADLINE) -> None:
@@ -8904,7 +9033,7 @@ class SupervisorClient:
         return ClaimState(answer.state)
 
     def claim_all(self, keys: Sequence[str]) -> List[ClaimTicket]:
-        """DedupeWindow.claim_all(), decided by the supervisor for every worker."""
+        """DedupeClaims.claim_all(), decided by the supervisor for every worker."""
         calls = self._send_calls([functools.partial(Claim, key=key) for key in keys], keys)
         tickets = []
         try:
@@ -8924,11 +9053,11 @@ class SupervisorClient:
         return tickets
 
     def commit_all(self, stored: Sequence[Tuple[str, float]]) -> None:
-        """DedupeWindow.commit_all()."""
+        """DedupeClaims.commit_all()."""
         self.channel.send_all([Commit(key, stored_at) for key, stored_at in stored])
 
     def release_all(self, keys: Sequence[str]) -> None:
-        """DedupeWindow.release_all()."""
+        """DedupeClaims.release_all()."""
         self.channel.send_all([Release(key) for key in keys])
 
     def recovered(self, batches: List[Tuple[float, str]]) -> None:
@@ -9004,7 +9133,7 @@ class Supervisor:
     safe."""
 
     def __init__(self, listeners: Sequence[Sequence[socket.socket]], layout: Layout,
-                 dedupe: DedupeIndex,
+                 dedupe: DedupeMemory,
                  worker_main: Callable[[int, Sequence[socket.socket], socket.socket], int],
                  on_serving: Callable[[], None] = lambda: None) -> None:
         # Each worker's listening sockets (see share_listeners).
@@ -9941,38 +10070,32 @@ def parse_ledger_query(options: argparse.Namespace, now: float) -> LedgerQuery:
     return LedgerQuery(roots, since, until, options.stream, options.json)
 
 
-def fleet_ledger(query: LedgerQuery) -> Dict[LedgerKey, LedgerRow]:
-    """The ledgers of every output folder of the query, added up (one host's or a fleet's)."""
-    ledger: Dict[LedgerKey, LedgerRow] = {}
-    for root in query.roots:
-        add_rows(ledger, read_ledger(root, query.since, query.until))
-    return ledger
-
-
 def run_ledger(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
     """The ledger command: 0, or 2 for bad usage."""
     options = build_reconcile_parser("ledger").parse_args(argv)
     try:
         query = parse_ledger_query(options, time.time())
-        ledger = fleet_ledger(query)
+        ledger = fleet_ledger(query.roots, query.since, query.until)
     except ConfigError as exc:
         sys.stderr.write("dsreceiver.py ledger: error: %s\n" % exc)
         return 2
     rows = sorted((key for key in ledger
-                   if not query.streams or stream_of_row(key[0]) in query.streams),
+                   if not query.streams or key[0].stream in query.streams),
                   key=lambda key: (key[1], key[0]))
     if query.as_json:
         for key in rows:
             out.write(json.dumps(ledger[key].to_wire(key)) + "\n")
         return 0
-    out.write("%-20s  %-16s %10s %8s %12s %10s  %s\n"
-              % ("window", "stream", "records", "batches", "bytes", "duplicates", "refused"))
+    out.write("%-20s  %-12s %-10s %10s %8s %12s %10s  %s\n"
+              % ("window", "route", "stream", "records", "batches", "bytes", "duplicates",
+                 "refused"))
     for key in rows:
         row = ledger[key]
         refused = " ".join("%sx%d" % item for item in sorted(row.refused.items()))
-        out.write("%-20s  %-16s %10d %8d %12d %10d  %s\n"
-                  % (iso_window(key[1]), key[0] or "-", row.records, row.batches,
-                     row.stored_bytes, row.duplicates, refused or "-"))
+        routed = key[0]
+        out.write("%-20s  %-12s %-10s %10d %8d %12d %10d  %s\n"
+                  % (iso_window(key[1]), routed.route or "-", routed.stream or "-", row.records,
+                     row.batches, row.stored_bytes, row.duplicates, refused or "-"))
     return 0
 
 
@@ -10130,8 +10253,8 @@ def reconcile(query: LedgerQuery, deliveries: Dict[Tuple[str, int], Delivery],
     """Every stream's windows of the query, compared; a window either side of the range is read
     too, for the tolerance, and left out of the report."""
     stored: Dict[str, Dict[int, int]] = {}
-    for (row, window), counts in ledger.items():
-        per_window = stored.setdefault(stream_of_row(row), {})
+    for (routed, window), counts in ledger.items():
+        per_window = stored.setdefault(routed.stream, {})
         per_window[window] = per_window.get(window, 0) + counts.records
     # Grouped once by stream, so that the comparison is linear in windows x streams.
     by_stream: Dict[str, Dict[int, Delivery]] = {}
@@ -10160,66 +10283,14 @@ def stream_totals(verdicts: Sequence[WindowVerdict]) -> Dict[str, int]:
             "windows_missing": sum(1 for v in verdicts if v.missing)}
 
 
-def write_atomically(target: Path, data: bytes, mode: Optional[int] = None,
-                     follow_folder: bool = False) -> None:
-    """Replaces `target` with `data` whole, safe whoever runs it (root under sudo included): a new
-    temporary file of a random name in the folder (opened once, not through a link unless
-    `follow_folder`), created exclusively and never through a link, given exactly `mode` (not a
-    planted file's, not less the umask), owned as the folder is when root writes, fsync'd, renamed
-    over `target` (a link there is replaced, not followed), and the folder fsync'd.  Without
-    `mode`, the folder's own less execute bits and others' write: a .dsreceiver folder 0750
-    (--file-mode 0640) gives 0640, 0700 gives 0600."""
-    nofollow = 0 if follow_folder else os.O_NOFOLLOW
-    folder = os.open(str(target.parent), os.O_RDONLY | os.O_DIRECTORY | nofollow
-                     | getattr(os, "O_CLOEXEC", 0))
-    try:
-        facts = os.fstat(folder)
-        mode = facts.st_mode & 0o664 if mode is None else mode
-        temp = ".%s.%d.%s.tmp" % (target.name, os.getpid(),
-                                  binascii.hexlify(os.urandom(8)).decode())
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | getattr(os, "O_CLOEXEC", 0), mode & 0o600, dir_fd=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                if os.geteuid() == 0:
-                    # Root writing into the service's folder: the service must still read it.
-                    os.fchown(handle.fileno(), facts.st_uid, facts.st_gid)
-                os.fchmod(handle.fileno(), mode)
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=folder)  # the error that brought us here is the one told
-            raise
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def save_reconciled(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
-                    query: LedgerQuery) -> None:
-    """Leaves each stream's totals, with when and over what range, where each server's status page
-    and /metrics read them (see read_reconciled); other streams keep their last result.  At most
-    MAX_STREAM_LABELS streams are kept, those with records lost first, then the newest."""
+def save_verdicts(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
+                  query: LedgerQuery) -> None:
+    """Leaves each stream's totals, with when and over what range, in each output folder's
+    reconciled.json (see save_reconciled)."""
     found = {stream: dict(stream_totals(verdicts), at=now, since=query.since, until=query.until)
              for stream, verdicts in report.items()}
     for root in roots:
-        layout = Layout(root)
-        target = layout.reconciled_path
-        try:
-            kept = dict(read_reconciled(layout), **found)
-            ranked = sorted(kept, key=lambda stream: (kept[stream]["missing"]
-                                                      + kept[stream]["failed"] > 0,
-                                                      kept[stream]["at"]), reverse=True)
-            document = {"format": LEDGER_FORMAT,
-                        "streams": {stream: kept[stream] for stream in
-                                    sorted(ranked[:MAX_STREAM_LABELS], key=lambda s: (len(s), s))}}
-            write_atomically(target, json.dumps(document).encode("utf-8") + b"\n")
-        except OSError as exc:
-            log.warning("cannot save the verdicts for the status page in %s: %s", target,
-                        describe_os_error(exc))
+        save_reconciled(Layout(root), found)
 
 
 def print_report(report: Dict[str, List[WindowVerdict]], query: LedgerQuery, out: IO[str]) -> None:
@@ -10274,14 +10345,14 @@ def run_reconcile(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
                               options.section, options.timeout)
         deliveries = fetch_deliveries(client, query.since - LEDGER_WINDOW,
                                       query.until + LEDGER_WINDOW, query.streams)
-        ledger = fleet_ledger(query._replace(since=query.since - LEDGER_WINDOW,
-                                             until=query.until + LEDGER_WINDOW))
+        ledger = fleet_ledger(query.roots, query.since - LEDGER_WINDOW,
+                              query.until + LEDGER_WINDOW)
     except (ConfigError, AkamaiError) as exc:
         sys.stderr.write("dsreceiver.py reconcile: error: %s\n" % exc)
         return 2
     report = reconcile(query, deliveries, ledger)
     complete, line = report_verdict(report)
-    save_reconciled(query.roots, report, now, query)
+    save_verdicts(query.roots, report, now, query)
     if query.as_json:
         out.write(json.dumps({"since": iso_window(query.since), "until": iso_window(query.until),
                               "tolerance_windows": 1, "complete": complete, "verdict": line,
@@ -10718,10 +10789,10 @@ def fit_open_files(settings: Settings) -> FileBudget:
 
 
 def prepare_output(layout: Layout, dedupe_window: float,
-                   clock: Callable[[], float] = time.time) -> Optional[DedupeIndex]:
-    """Start-up, from exec to serving (for the only process, or the supervisor of --workers
-    before it starts them): the only work before the first push, each step bounded by what may
-    need it, never by what the output folder keeps.  Returns the dedupe window (None when it is
+                   clock: Callable[[], float] = time.time) -> Optional[DedupeMemory]:
+    """Start-up's step 3 (see run_server), in the only process or the supervisor of --workers
+    before it starts them: the output folder's work before the first push, each step bounded by
+    what may need it, never by what the folder keeps.  Returns the dedupe window (None when it is
     off); a folder that cannot be used is a ConfigError.
 
     1. The output folders are made, or found usable.
@@ -10735,7 +10806,7 @@ def prepare_output(layout: Layout, dedupe_window: float,
     the background (Housekeeper.queue_earlier_files); a restarted worker recovers its dead
     predecessor's files itself before it serves (run_worker).
     """
-    dedupe = DedupeIndex(dedupe_window, clock) if dedupe_window else None
+    dedupe = DedupeMemory(dedupe_window, clock) if dedupe_window else None
     try:
         layout.create()
         recover_ended_runs(layout)
@@ -10752,7 +10823,7 @@ def prepare_output(layout: Layout, dedupe_window: float,
 def serve_until_stopped(settings: Settings, layout: Layout, listeners: Sequence[socket.socket],
                         certificates: Optional[CertificateSource], authenticator: Authenticator,
                         streams: StreamCatalog, signals: SignalFlags,
-                        dedupe: Optional[DedupeWindow], budget: FileBudget,
+                        dedupe: Optional[DedupeClaims], budget: FileBudget,
                         supervisor: Optional[SupervisorClient] = None,
                         client_connections: Optional[ClientConnections] = None,
                         on_serving: Callable[[], None] = lambda: None,
@@ -10770,10 +10841,10 @@ def serve_until_stopped(settings: Settings, layout: Layout, listeners: Sequence[
     learn: Optional[Callable[[List[Tuple[float, str]]], None]] = None
     if supervisor is not None:
         learn = supervisor.recovered
-    elif isinstance(dedupe, DedupeIndex):
+    elif isinstance(dedupe, DedupeMemory):
         learn = dedupe.load
     housekeeper = Housekeeper(layout, storage, settings.compress_rotated, settings.retention_days,
-                              settings.dedupe_window, take_answers=server.metrics.take_answers,
+                              settings.dedupe_window, take_answers=server.answers.take,
                               tags=tags, learn=learn)
     if supervisor is not None:
         supervisor.start(server.metrics_snapshot)
@@ -10824,38 +10895,50 @@ def run_worker(settings: Settings, index: int, listeners: Sequence[socket.socket
                                supervisor, client_connections)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the receiver until SIGTERM or SIGINT (or the check command); returns the exit code."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": run_check, "ledger": run_ledger, "reconcile": run_reconcile,
-                "sealed": run_sealed, "streams": run_streams}
-    if arguments[:1] and arguments[0] in commands:
-        return commands[arguments[0]](arguments[1:])
+def run_server(settings: Settings) -> int:
+    """Start-up, from exec to the first 200, then serving until stopped; returns the exit code (2:
+    a start-up problem, said in one line).  Each step before serving is bounded by what the
+    settings name or what the last run left open, never by what the output folder keeps:
+
+    1. Credentials, stream definitions and the certificate are read (small files): every push is
+       authenticated, decoded and handshaken with them, so a bad one stops the start, not a push.
+    2. The listening sockets are inherited (systemd's socket unit, an upgrade's older process:
+       inherited_listeners) or bound, the open-file limit shared out (fit_open_files), and
+       privileges dropped: the port may need root, the records must not be root's.
+    3. The output folder (prepare_output): made or found usable; the files of every run that died
+       recovered, only those its journal lists; the dedupe window refilled from the indexes
+       touched within it (milliseconds, whatever the folder's age).
+    4. Serving (serve_until_stopped): alone, this process says `listening on` and accepts; with
+       --workers, the supervisor forks them (run_worker) and says it once every one of them
+       answers.  Only then does housekeeping start, finishing in the background what the dead
+       runs left unfinished (Housekeeper.queue_earlier_files).
+
+    After a worker's death, its replacement (run_worker) recovers its predecessor's files, the
+    only ones that journal lists, and tells the supervisor which batches they hold, which frees
+    the dead worker's dedupe claims; the other workers serve on meanwhile.
+    """
     try:
-        settings = parse_config(arguments)
-    except ConfigError as exc:
-        sys.stderr.write("dsreceiver.py: error: %s\n" % exc)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    tune_allocator()
-    try:
+        # 1. What every push is checked with.
         authenticator = Authenticator.from_settings(settings.credentials, dict(os.environ))
         streams = StreamCatalog(settings.stream_config, settings.records_as_json)
         certificates = None
         if not settings.http:
             cert, key = resolve_certificate(settings)
             certificates = CertificateSource(cert, key, settings.client_ca)
+        # 2. The port, the descriptors, then no more root.
         listeners = (inherited_listeners(os.environ)
                      or bind_listeners(settings.host, settings.port, settings.workers))
         budget = fit_open_files(settings)
         if settings.user:
             drop_privileges(settings.user, settings.group)
+        # 3. The output folder.
         layout = Layout(settings.output_dir, settings.rotate, store_gzip=settings.store_gzip,
                         file_mode=settings.file_mode)
         dedupe = prepare_output(layout, settings.dedupe_window)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    # 4. Serving.
     threading.stack_size(THREAD_STACK_SIZE)
     signals = SignalFlags()
     signals.install()
@@ -10881,7 +10964,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         client_connections = ClientConnections(settings.workers)
         supervisor = Supervisor(share_listeners(listeners, settings.workers), layout,
-                                dedupe or DedupeIndex(0),
+                                dedupe or DedupeMemory(0),
                                 lambda index, own, control: run_worker(
                                     settings, index, own, control, layout, certificates,
                                     authenticator, streams, client_connections, budget), serving)
@@ -10892,6 +10975,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if handover.state is HandoverState.HANDING_OVER:
         return handover.exec_self()
     return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs a command (check, ledger, reconcile, sealed, streams), or the receiver until SIGTERM
+    or SIGINT (run_server); returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    commands = {"check": run_check, "ledger": run_ledger, "reconcile": run_reconcile,
+                "sealed": run_sealed, "streams": run_streams}
+    if arguments[:1] and arguments[0] in commands:
+        return commands[arguments[0]](arguments[1:])
+    try:
+        settings = parse_config(arguments)
+    except ConfigError as exc:
+        sys.stderr.write("dsreceiver.py: error: %s\n" % exc)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    tune_allocator()
+    return run_server(settings)
 
 
 if __name__ == "__main__":

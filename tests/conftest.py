@@ -471,14 +471,16 @@ def run_command(*args: str, env: Optional[Dict[str, str]] = None, timeout: float
 
 
 def ledger_totals(*roots: Path, since: str = "2h", until: str = "0m") -> Dict[str, Dict[str, Any]]:
-    """`dsreceiver.py ledger --json` over these output folders, added up per stream row."""
+    """`dsreceiver.py ledger --json` over these output folders, added up per routed stream (ROUTE/ID, or
+    the ID alone without a route)."""
     folders = [arg for root in roots for arg in ("--output-dir", str(root))]
     done = run_command("ledger", "--json", "--since", since, "--until", until, *folders)
     assert done.returncode == 0, done.stderr
     totals: Dict[str, Dict[str, Any]] = {}
     for line in done.stdout.splitlines():
         row = json.loads(line)
-        total = totals.setdefault(row["stream"], {"records": 0, "batches": 0, "bytes": 0, "duplicates": 0,
+        label = row["route"] + "/" + row["stream"] if row["route"] else row["stream"]
+        total = totals.setdefault(label, {"records": 0, "batches": 0, "bytes": 0, "duplicates": 0,
                                                   "refused": {}})
         for key in ("records", "batches", "bytes", "duplicates"):
             total[key] += row[key]

@@ -74,21 +74,21 @@ def test_concurrent_copies_store_once(server: ServerProcess) -> None:
 
 def test_entries_expire_after_the_window() -> None:
     now = [1764201600.0]
-    index = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
+    index = dsreceiver.DedupeMemory(900, clock=lambda: now[0])
     assert index.claim("k") is dsreceiver.ClaimState.GRANTED
     index.commit("k", now[0])
     assert index.claim("k") is dsreceiver.ClaimState.DUPLICATE
     now[0] += 901
     assert index.claim("k") is dsreceiver.ClaimState.GRANTED
     index.release("k")
-    reloaded = dsreceiver.DedupeIndex(900, clock=lambda: now[0])
+    reloaded = dsreceiver.DedupeMemory(900, clock=lambda: now[0])
     reloaded.load([(now[0] - 901, "k"), (now[0] - 10, "recent")])
     assert reloaded.claim("k") is dsreceiver.ClaimState.GRANTED  # expired entries are not brought back
     assert reloaded.claim("recent") is dsreceiver.ClaimState.DUPLICATE
 
 
 def test_failed_store_releases_the_claim_so_the_retry_is_stored() -> None:
-    index = dsreceiver.DedupeIndex(900)
+    index = dsreceiver.DedupeMemory(900)
     assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
     index.release("batch")  # storage failed: the retry must not be taken for a duplicate
     assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
@@ -235,8 +235,8 @@ def test_the_same_batch_twice_in_one_group_commit_is_stored_once(tmp_path: Path,
     assert data_file.path.read_bytes() == b"first\nblocker\ntwin\n"
 
 
-class WatchedIndex(dsreceiver.DedupeIndex):
-    """A DedupeIndex that tells when a push waits for another request's outcome (DedupeIndex.claim)."""
+class WatchedIndex(dsreceiver.DedupeMemory):
+    """A DedupeMemory that tells when a push waits for another request's outcome (DedupeMemory.claim)."""
 
     def __init__(self, window: float) -> None:
         super().__init__(window)

@@ -356,7 +356,7 @@ def test_sealed_lists_only_finished_files_with_their_ledger_and_refuses_bad_usag
     first_index.unlink()
     with layout.compressed_path(finished[2]).open("ab") as changed:
         changed.write(b"\n")
-    dsreceiver.append_answers(layout, {("61234", 1764201600): {"duplicates": 1}})
+    dsreceiver.append_answers(layout, {(dsreceiver.RoutedStream("", "61234"), 1764201600): {"duplicates": 1}})
     # A folder dsreceiver never made, whose name could mislead a reader of the list.
     odd = layout.root / "odd\nname"
     odd.mkdir()

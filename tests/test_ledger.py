@@ -153,7 +153,7 @@ def test_streams_1_and_2_are_counted_as_themselves_and_format_3_indexes_still_re
         storage.store(dsreceiver.Layout.folder("", stream), dsreceiver.RecordBatch([data], None, len(data), number),
                       stream=stream)
     storage.close()
-    counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
+    counted = {routed.stream: ledger.records for (routed, _), ledger in dsreceiver.read_ledger(output).items()}
     assert counted == {stream: number for number, stream in enumerate(names, 1)}
     assert sorted(folder for _, folder, _ in storage.layout.indexes()) == [
         "source=uls", "stream=1", "stream=2", "stream=61234", "stream=mixed", "stream=unknown"]
@@ -171,7 +171,7 @@ def test_streams_1_and_2_are_counted_as_themselves_and_format_3_indexes_still_re
                                         format_3_codes[entry.stream] if entry.stream in format_3_codes
                                         else int(entry.stream), entry.records, entry.first_event, entry.last_event)
             for entry in entries))
-    counted = {row: ledger.records for (row, _), ledger in dsreceiver.read_ledger(output).items()}
+    counted = {routed.stream: ledger.records for (routed, _), ledger in dsreceiver.read_ledger(output).items()}
     assert counted == {"1": 1, "2": 2, "unknown": 3, "mixed": 4, "61234": 6}
     assert ledger_totals(output)["1"]["records"] == 1
 
@@ -204,24 +204,43 @@ def test_the_ledger_command_reads_a_fleet_and_refuses_what_is_not_an_output_fold
     assert bad_time.returncode == 2 and "--since/--until" in bad_time.stderr and "Traceback" not in bad_time.stderr
 
 
+def test_version_1_ledger_files_with_route_and_stream_in_one_read_apart(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path / "out")
+    layout.create()
+    summary = layout.ledger_dir / "edge" / "stream=61234" / "2025-11-27T15Z.log.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"format": 1, "index": "2025-11-27T15Z.log.idx", "folder": "edge/stream=61234",
+                                   "rows": [{"window": "2025-11-27T15:05:00Z", "stream": "edge/61234", "records": 7}]}))
+    answers = layout.answers_path("2025-11-27")
+    answers.parent.mkdir(parents=True)
+    answers.write_text(json.dumps({"window": "2025-11-27T15:05:00Z", "stream": "61234", "duplicates": 2}) + "\n")
+    ledger = dsreceiver.read_ledger(layout.root)
+    assert ledger == {(dsreceiver.RoutedStream("edge", "61234"), 1764255900): dsreceiver.LedgerRow(records=7),
+                      (dsreceiver.RoutedStream("", "61234"), 1764255900): dsreceiver.LedgerRow(duplicates=2)}
+
+
 def test_answer_counts_are_saved_every_minute_and_at_stop(tmp_path: Path) -> None:
     layout = dsreceiver.Layout(tmp_path / "out", tag=".w2")
     layout.create()
     now = [1764255900.0]  # 2025-11-27T15:05:00Z
-    metrics = dsreceiver.Metrics(clock=lambda: now[0])
-    metrics.stream_stored("61234", 5, 0, None, "192.0.2.1", 100)
-    metrics.stream_deduplicated("61234")
-    metrics.refused(503, "192.0.2.1", "/", "storage failed", "61234")
-    housekeeper = dsreceiver.Housekeeper(layout, take_answers=metrics.take_answers)
+    answers = dsreceiver.LedgerAnswers(clock=lambda: now[0])
+    stream, routed = dsreceiver.RoutedStream("", "61234"), dsreceiver.RoutedStream("edge", "61234")
+    answers.count(stream, "duplicates")
+    answers.count(stream, "503")
+    answers.count(routed, "duplicates")
+    answers.count(None, "401")
+    housekeeper = dsreceiver.Housekeeper(layout, take_answers=answers.take)
     housekeeper.save_answers()
     now[0] += 300
-    metrics.stream_deduplicated("61234")
+    answers.count(stream, "duplicates")
     housekeeper.stop()
     assert [path.name for path in layout.answer_files()] == ["2025-11-27.w2.jsonl"]
     ledger = dsreceiver.read_ledger(layout.root)
-    assert ledger[("61234", 1764255900)] == dsreceiver.LedgerRow(duplicates=1, refused={"503": 1})
-    assert ledger[("61234", 1764256200)] == dsreceiver.LedgerRow(duplicates=1)
-    assert metrics.take_answers() == {}
+    assert ledger[(stream, 1764255900)] == dsreceiver.LedgerRow(duplicates=1, refused={"503": 1})
+    assert ledger[(routed, 1764255900)] == dsreceiver.LedgerRow(duplicates=1)
+    assert ledger[(dsreceiver.NO_STREAM, 1764255900)] == dsreceiver.LedgerRow(refused={"401": 1})
+    assert ledger[(stream, 1764256200)] == dsreceiver.LedgerRow(duplicates=1)
+    assert answers.take() == {}
 
 
 def test_a_folder_named_twice_is_counted_once(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:

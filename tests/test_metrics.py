@@ -14,6 +14,8 @@ import dsreceiver
 from conftest import ServerProcess, read_until_close, scrape, value, wait_until
 from simulator import make_batch
 
+STREAM = dsreceiver.RoutedStream("", "61234")
+
 def test_metrics_count_what_happened(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
     batch = make_batch("metrics", count=25, compress=True)
@@ -107,7 +109,7 @@ def worker_metrics(clock: Clock, stream: str, records: int, uploader: str) -> ds
     metrics = dsreceiver.Metrics(clock)
     metrics.request_done(200, 1000)
     metrics.stored("/ds", records)
-    metrics.stream_stored(stream, records, 0, clock.now - 30, uploader, 5000)
+    metrics.stream_stored(dsreceiver.RoutedStream("", stream), records, 0, clock.now - 30, uploader, 5000)
     return metrics
 
 
@@ -119,13 +121,13 @@ def snapshot_of(metrics: dsreceiver.Metrics, started: float) -> dsreceiver.Metri
 def test_snapshots_survive_the_wire_between_processes() -> None:
     clock = Clock(1_764_200_000.0)
     metrics = worker_metrics(clock, "61234", 40, "192.0.2.1")
-    metrics.refused(503, "192.0.2.9", "/ds", "storage unavailable", "61234")
+    metrics.refused(503, "192.0.2.9", "/ds", "storage unavailable", STREAM)
     metrics.storage_failed("disk full")
     snapshot = snapshot_of(metrics, clock.now - 100)
     travelled = dsreceiver.MetricsSnapshot.from_wire(json.loads(json.dumps(snapshot.to_wire())))
     assert travelled == snapshot
-    assert travelled.streams["61234"].minutes == {int(clock.now // 60): [1, 40]}
-    assert travelled.requests == {200: 1} and travelled.streams["61234"].refusals == {503: 1}
+    assert travelled.streams[STREAM].minutes == {int(clock.now // 60): [1, 40]}
+    assert travelled.requests == {200: 1} and travelled.streams[STREAM].refusals == {503: 1}
 
 
 def test_merge_sums_counts_and_keeps_the_latest_times() -> None:
@@ -140,7 +142,7 @@ def test_merge_sums_counts_and_keeps_the_latest_times() -> None:
     merged = dsreceiver.MetricsSnapshot.merge([first_snapshot, snapshot_of(second, stored_at - 20)])
     assert merged.counters["records_stored"] == 25 and merged.requests == {200: 2}
     assert merged.gauges["open_connections"] == 4 and merged.gauges["start_time_seconds"] == stored_at - 55
-    stats = merged.streams["61234"]
+    stats = merged.streams[STREAM]
     assert (stats.records, stats.batches, stats.last_push) == (25, 2, stored_at)
     assert set(stats.uploaders) == {"192.0.2.1", "192.0.2.2"}
     assert sum(records for _, records in stats.minutes.values()) == 25

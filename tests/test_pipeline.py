@@ -9,8 +9,10 @@ from typing import List, Sequence, Tuple
 import pytest
 
 import dsreceiver
-from dsreceiver import Outcome, PushFacts, PushResult
+from dsreceiver import Outcome, PushFacts, PushResult, RoutedStream
 from simulator import SAMPLE_DEFINITION, json_lines, sample_lines
+
+STREAM = RoutedStream("", "61234")
 
 FACTS = PushFacts("/ds", "192.0.2.7", False)
 
@@ -18,7 +20,7 @@ FACTS = PushFacts("/ds", "192.0.2.7", False)
 class Receiver:
     """A PushPipeline as the server builds it from a command line, over a fresh output folder."""
 
-    def __init__(self, root: Path, *arguments: str, dedupe: dsreceiver.DedupeWindow | None = None) -> None:
+    def __init__(self, root: Path, *arguments: str, dedupe: dsreceiver.DedupeClaims | None = None) -> None:
         self.settings = dsreceiver.parse_config(["--output-dir", str(root), *arguments])
         self.layout = dsreceiver.Layout(root, store_gzip=self.settings.store_gzip)
         prepared = dsreceiver.prepare_output(self.layout, self.settings.dedupe_window)
@@ -52,10 +54,10 @@ def receiver(tmp_path: Path) -> Receiver:
 def test_a_push_is_stored_in_its_stream_folder_and_counted(receiver: Receiver) -> None:
     lines = json_lines("stored", 20)
     outcome = receiver.push(body_of(lines))
-    assert outcome == Outcome(PushResult.STORED, 20, "61234")
+    assert outcome == Outcome(PushResult.STORED, 20, STREAM)
     assert receiver.stored("stream=61234") == lines
     assert receiver.counter("records_stored") == 20 and receiver.counter("batches_stored") == 1
-    stats = receiver.metrics.state.streams["61234"]
+    stats = receiver.metrics.state.streams[STREAM]
     assert (stats.records, stats.batches, set(stats.uploaders)) == (20, 1, {"192.0.2.7"})
 
 
@@ -84,9 +86,9 @@ def test_a_retry_of_a_batch_with_request_ids_is_a_duplicate(receiver: Receiver) 
     body = body_of(json_lines("retried", 30))
     assert receiver.push(body).result is PushResult.STORED
     again = receiver.push(body)
-    assert again == Outcome(PushResult.DUPLICATE, 30, "61234", "duplicate of a batch stored within the dedupe window")
+    assert again == Outcome(PushResult.DUPLICATE, 30, STREAM, "duplicate of a batch stored within the dedupe window")
     assert len(receiver.stored()) == 30
-    assert receiver.counter("dedupe_hits") == 1 and receiver.metrics.state.streams["61234"].dedupe_hits == 1
+    assert receiver.counter("dedupe_hits") == 1 and receiver.metrics.state.streams[STREAM].dedupe_hits == 1
 
 
 def test_an_identical_batch_without_request_ids_is_stored_again_and_vouches_for_nothing(receiver: Receiver) -> None:
@@ -109,14 +111,14 @@ def test_storage_failure_is_retry_later_with_nothing_left_behind(receiver: Recei
     blocked.write_bytes(b"")  # a file where the stream's folder must go: opening a data file fails
     outcome = receiver.push(body_of(json_lines("blocked", 3)))
     assert outcome.result is PushResult.STORAGE_FAILED and "cannot open a data file" in outcome.reason
-    assert outcome.stream_row == "61234"
+    assert outcome.routed == STREAM
     assert receiver.counter("storage_errors") == 1 and receiver.metrics.state.storage_error is not None
     blocked.unlink()
     assert receiver.push(body_of(json_lines("blocked", 3))).result is PushResult.STORED  # the claim was released
 
 
 class GoneSupervisor:
-    """A DedupeWindow whose supervisor process cannot be reached."""
+    """A DedupeClaims whose supervisor process cannot be reached."""
 
     def claim_all(self, keys: Sequence[str]) -> List[dsreceiver.ClaimTicket]:
         raise dsreceiver.SupervisorGone("the supervisor process is gone")
@@ -138,7 +140,7 @@ def test_an_unreachable_supervisor_is_retry_later(tmp_path: Path) -> None:
 def test_folders_follow_route_by_path_and_partition_by(tmp_path: Path) -> None:
     routed = Receiver(tmp_path / "routed", "--route-by-path")
     outcome = routed.push(body_of(json_lines("routed", 2)), PushFacts("/edge/logs", "a", False))
-    assert outcome.stream_row == "edge_logs/61234"
+    assert outcome.routed == RoutedStream("edge_logs", "61234")
     assert len(routed.stored("edge_logs/stream=61234")) == 2
     flat = Receiver(tmp_path / "flat", "--partition-by", "none")
     flat.push(body_of(json_lines("flat", 2)))
@@ -148,7 +150,7 @@ def test_folders_follow_route_by_path_and_partition_by(tmp_path: Path) -> None:
 def test_structured_records_are_stored_as_json_with_a_definition(tmp_path: Path) -> None:
     receiver = Receiver(tmp_path / "out", "--stream-config", str(SAMPLE_DEFINITION), "--records", "json")
     structured, as_json = sample_lines("structured")[:50], sample_lines("json")[:50]
-    assert receiver.push(body_of(structured)) == Outcome(PushResult.STORED, 50, "61234")
+    assert receiver.push(body_of(structured)) == Outcome(PushResult.STORED, 50, STREAM)
     assert receiver.stored("stream=61234") == as_json
 
 

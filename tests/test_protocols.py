@@ -58,8 +58,8 @@ class FailingSync:
         monkeypatch.setattr(os, "fdatasync", fdatasync)
 
 
-class WatchedIndex(dsreceiver.DedupeIndex):
-    """A DedupeIndex that counts the pushes that began waiting for another request's outcome."""
+class WatchedIndex(dsreceiver.DedupeMemory):
+    """A DedupeMemory that counts the pushes that began waiting for another request's outcome."""
 
     def __init__(self, window: float) -> None:
         super().__init__(window)

@@ -69,3 +69,14 @@ def test_long_lines_and_long_sections_are_refused(tmp_path: Path) -> None:
     assert any("section 'First' has" in problem and "(at most %d)" % check_shape.MAX_SECTION_LINES in problem
                for problem in found)
     assert any("line of %d characters" % len(long_line) in problem for problem in found)
+
+
+def test_the_tests_readme_maps_every_section_to_test_files_that_exist() -> None:
+    lines = (ROOT / "dsreceiver.py").read_text().splitlines()
+    titles = [section.title for section in check_shape.sections_of(lines)]
+    rows = [line.split("|")[1:3] for line in (ROOT / "tests" / "README.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| Section", "| ---"))]
+    assert [title.strip() for title, _ in rows] == titles
+    for _, files in rows:
+        named = [name.strip() for name in files.split(",")]
+        assert named and all((ROOT / "tests" / (name + ".py")).is_file() for name in named), files

@@ -202,7 +202,8 @@ def test_healthz_answers_for_every_worker(start_server: Callable[..., ServerProc
 
 def test_a_hundred_streams_render_whole() -> None:
     now = 1795889000.0
-    streams = [{"stream": str(61000 + n), "last_push": now - n, "seconds_since_push": float(n),
+    streams = [{"route": "", "stream": str(61000 + n), "label": str(61000 + n), "last_push": now - n,
+                "seconds_since_push": float(n),
                 "push_interval_seconds": 30.0, "late": n > 90, "batches_last_hour": n, "records_last_hour": 100 * n,
                 "records_per_minute": [n % 7] * 60, "uploaders_last_10_minutes": 3, "event_lag_seconds": 40.0,
                 "dedupe_hits": 0, "refusals": {"503": 1}, "records_total": 100 * n,

@@ -182,12 +182,14 @@ def test_read_only_folder_answers_503_then_recovers(start_server: Callable[..., 
     with server.simulator() as ds:
         assert ds.push(before).status == 200
         # The kernel refuses a read-only remount while files are open for writing: rotate the
-        # current file away as logrotate would, and SIGHUP makes the server close it.
+        # current file away as logrotate would, and SIGHUP makes the server close it; housekeeping
+        # then seals the moved file in the background, writing for a moment ("mount point is busy").
         [current] = server.data_files()
         current.rename(current.with_name(current.name + ".1"))
         server.send_signal(signal.SIGHUP)
         server.wait_for_log("reopened 1 output files that were moved")
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(bind_mounted_dir)], check=True)
+        wait_until(lambda: subprocess.run(["mount", "-o", "remount,bind,ro", str(bind_mounted_dir)],
+                                          capture_output=True).returncode == 0, what="a read-only remount")
         refused = ds.push(make_batch("while-ro", count=10))
         assert refused.status == 503 and int(refused.headers["retry-after"]) > 0
         health = ds.request("GET", path="/healthz")
@@ -244,7 +246,7 @@ def test_a_dead_workers_batches_are_learnt_from_its_journal_and_a_start_reads_se
         tmp_path: Path) -> None:
     layout = dsreceiver.Layout(tmp_path, tag=".w1")
     dsreceiver.prepare_output(layout, 900)
-    storage = dsreceiver.Storage(layout, dedupe=dsreceiver.DedupeIndex(900))
+    storage = dsreceiver.Storage(layout, dedupe=dsreceiver.DedupeMemory(900))
     before = dsreceiver.BatchBuilder(layout.spool_dir, digest=True).feed_whole(b"before the move\n")
     moved = storage.store("", before).path
     assert moved is not None and before.digest is not None

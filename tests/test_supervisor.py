@@ -46,7 +46,7 @@ def supervisor(tmp_path: Path) -> Iterator[dsreceiver.Supervisor]:
     layout = dsreceiver.Layout(tmp_path)
     layout.create()
     listeners = [socket.socket(), socket.socket()]
-    chief = dsreceiver.Supervisor([[listener] for listener in listeners], layout, dsreceiver.DedupeIndex(900),
+    chief = dsreceiver.Supervisor([[listener] for listener in listeners], layout, dsreceiver.DedupeMemory(900),
                                   lambda *args: 0)
     yield chief
     for slot in chief.slots:

@@ -229,8 +229,9 @@ def test_a_route_names_the_folder_and_the_row(start_server: Callable[..., Server
         document = json.loads(eaa.session.request("GET", path="/status.json").body)
     assert folders(server) == ["uls_eaa/source=uls", "uls_sia/source=uls"]
     assert uls_lines(server, "uls_eaa/source=uls") == LINES[:5]
-    rows = {row["stream"]: row for row in document["streams"]}
-    assert rows["uls_eaa/uls"]["records_total"] == 5 and rows["uls_sia/uls"]["records_total"] == 5
+    rows = {(row["route"], row["stream"]): row for row in document["streams"]}
+    assert rows["uls_eaa", "uls"]["records_total"] == 5 and rows["uls_sia", "uls"]["records_total"] == 5
+    assert rows["uls_eaa", "uls"]["label"] == "uls_eaa/uls"
     assert server.stop() == 0
     assert {row: totals["records"] for row, totals in ledger_totals(server.output_dir).items()} == {
         "uls_eaa/uls": 5, "uls_sia/uls": 5}
