@@ -87,11 +87,12 @@ the output folder keeps):
     read          the credentials, stream definitions and certificate
     listen        inherited_listeners (systemd's socket unit, a SIGUSR2 upgrade: see Handover) or
                   bind_listeners; fit_open_files; drop_privileges
-    recover       prepare_output: recover_ended_runs (only the files of runs that died, as their
-                  journals list them: see RUN_PROTOCOL); the dedupe window from indexed_batches
+    recover       prepare_output: Layout.create; recover_ended_runs (only the files of runs that
+                  died, as their journals list them: see RUN_PROTOCOL), or recover_indexed in a
+                  folder an earlier version kept; the dedupe window from indexed_batches
     serve         serve_until_stopped; with --workers, Supervisor forks run_worker (which, after a
-                  worker's death, first recovers its predecessor's files); then Housekeeper
-                  finishes in the background what ended runs left unfinished
+                  worker's death, first recovers its predecessor's files); then each process's
+                  Housekeeper finishes in the background what ended runs left unfinished
 """
 
 from __future__ import annotations
@@ -824,8 +825,6 @@ UPLOADER_WINDOW = 600.0
 MAX_UPLOADERS = 4096
 # The status page's history: records per minute over the last hour, and the last refusals.
 HISTORY_MINUTES = 60
-# The ledger counts by windows of receipt this long (UTC-aligned, as Akamai's upload metrics).
-LEDGER_WINDOW = 300
 MAX_REFUSALS = 20
 # A push that failed this recently keeps /healthz failing even if the probe passes.
 HEALTH_FAILURE_MEMORY = 10.0
@@ -5742,6 +5741,8 @@ def recover_indexed(layout: Layout) -> None:
 # Retention deletes the first three with the data they count (Housekeeper.apply_retention); the
 # shipping listing names the index or summary of each sealed file (Layout.ledger_files_of).
 
+# The ledger counts by windows of receipt this long (UTC-aligned, as Akamai's upload metrics).
+LEDGER_WINDOW = 300
 # Ledger files, version 2: a row's route and stream apart (version 1's "stream" held ROUTE/ID).
 LEDGER_FORMAT = 2
 RECONCILED_FORMAT = 1
@@ -5983,9 +5984,11 @@ def read_ledger(root: Path, since: float = 0, until: float = float("inf")) -> Di
     for summary in layout.summaries():
         try:
             document = json.loads(summary.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError("cannot read the ledger file %s: %s" % (summary, exc)) from None
-        add_rows(ledger, dict(LedgerRow.from_wire(row) for row in document["rows"]))
+            rows = dict(LedgerRow.from_wire(row) for row in document["rows"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError("cannot read the ledger file %s: %s %s"
+                              % (summary, type(exc).__name__, exc)) from None
+        add_rows(ledger, rows)
     for answers in layout.answer_files():
         for number, line in enumerate(answers.read_bytes().splitlines(), 1):
             try:
@@ -6007,10 +6010,20 @@ def fleet_ledger(roots: Sequence[Path], since: float = 0,
     return ledger
 
 
-def save_reconciled(layout: Layout, found: Dict[str, Dict[str, float]]) -> None:
-    """Leaves each stream's reconcile totals (with when and over what range) where the status page
-    and /metrics read them (read_reconciled); other streams keep their last result.  At most
-    MAX_STREAM_LABELS streams are kept, those with records lost first, then the newest."""
+def save_reconciled(roots: Sequence[Path], totals: Dict[str, Dict[str, int]], at: float,
+                    since: float, until: float) -> None:
+    """Leaves each stream's reconcile totals (RECONCILED_KEYS), with when (at) and over what range,
+    in each output folder, where the status page and /metrics read them (read_reconciled); other
+    streams keep their last result.  At most MAX_STREAM_LABELS streams are kept, those with
+    records lost first, then the newest."""
+    found = {stream: dict(counts, at=at, since=since, until=until)
+             for stream, counts in totals.items()}
+    for root in roots:
+        save_reconciled_in(Layout(root), found)
+
+
+def save_reconciled_in(layout: Layout, found: Dict[str, Dict[str, float]]) -> None:
+    """save_reconciled's work in one output folder."""
     target = layout.reconciled_path
     try:
         kept = dict(read_reconciled(layout), **found)
@@ -6354,7 +6367,7 @@ class Housekeeper:
         self.layout = layout
         # The tags of every worker now (see owns).
         self.tags = tags
-        # Where the ledger's answer counts come from (Metrics.take_answers).
+        # Where the ledger's answer counts come from (LedgerAnswers.take).
         self.take_answers = take_answers
         # Where the batches of an adopted run go: the dedupe window.
         self.learn = learn
@@ -6916,37 +6929,38 @@ class PushPipeline:
         route = folder_for_path(facts.path) if self.settings.route_by_path else ""
         folder = Layout.folder(route, records.stream if self.settings.partition_by_stream
                                or records.stream == ULS_STREAM else None)
-        # A stream's row: per route as well with --route-by-path.
-        row = RoutedStream(route, records.stream)
+        # Its row in the metrics, the status page and the ledger: per route too, with
+        # --route-by-path.
+        routed = RoutedStream(route, records.stream)
         pushed_gzip = push.pushed_gzip if records.batch is batch else None
         try:
             result = self.storage.store(folder, records.batch, pushed_gzip, records.is_unique,
                                         records.stream)
         except BatchRefused as exc:
             # Logged as any 400 is: by its access line, with this reason.
-            return Outcome(PushResult.REFUSED, routed=row, reason=str(exc))
+            return Outcome(PushResult.REFUSED, routed=routed, reason=str(exc))
         except (StorageError, SupervisorGone) as exc:
             metrics.count("storage_errors")
             metrics.storage_failed(str(exc))
-            return Outcome(PushResult.STORAGE_FAILED, routed=row, reason=str(exc))
+            return Outcome(PushResult.STORAGE_FAILED, routed=routed, reason=str(exc))
         except Exception as exc:  # a bug in storing: nothing acknowledged, DataStream retries
             metrics.count("storage_errors")
             SURPRISES.report("storing a push", exc)
             reason = "unexpected %s while storing (logged)" % type(exc).__name__
             metrics.storage_failed(reason)
-            return Outcome(PushResult.STORAGE_FAILED, routed=row, reason=reason)
+            return Outcome(PushResult.STORAGE_FAILED, routed=routed, reason=reason)
         if result.path is None:
             metrics.count("dedupe_hits")
-            metrics.stream_deduplicated(row)
-            self.answers.count(row, "duplicates")
-            return Outcome(PushResult.DUPLICATE, count, row,
+            metrics.stream_deduplicated(routed)
+            self.answers.count(routed, "duplicates")
+            return Outcome(PushResult.DUPLICATE, count, routed,
                            "duplicate of a batch stored within the dedupe window")
         if result.kept_duplicate:
             metrics.count("dedupe_ineligible")
         metrics.stored(facts.path, count)
-        metrics.stream_stored(row, count, records.unconverted, records.newest_event,
+        metrics.stream_stored(routed, count, records.unconverted, records.newest_event,
                               facts.client, records.batch.stored_size)
-        return Outcome(PushResult.STORED, count, row)
+        return Outcome(PushResult.STORED, count, routed)
 
     def uls_records(self, batch: RecordBatch, on_growth: Callable[[int], None]) -> StreamRecords:
         """A ULS push's records: one per event of its envelopes, else its body as sent (another
@@ -9962,8 +9976,8 @@ class AkamaiClient:
 # ---------------------------------------------------------------------------
 # Reconciliation
 # ---------------------------------------------------------------------------
-# The commands that answer "did we get everything?": ledger (what was stored, per stream and
-# window), reconcile (that, next to what Akamai says it delivered) and streams pull (the stream
+# The commands that answer "did we get everything?": ledger (what was stored, per route, stream
+# and window), reconcile (that, next to what Akamai says it delivered) and streams pull (the stream
 # definitions --stream-config reads, from Akamai's API).
 
 METRICS_PATHS = ("/datastream-config-api/v3/log/streams/metrics",
@@ -10022,15 +10036,16 @@ def build_reconcile_parser(command: str) -> ArgumentParser:
     """Returns the parser of the ledger or the reconcile command."""
     if command == "ledger":
         parser = ArgumentParser(prog="dsreceiver.py ledger", description="Print what was stored"
-                                " per stream and 5-minute window of receipt: records, batches,"
-                                " bytes, retries answered as already stored, refusals by status.")
+                                " per route, stream and 5-minute window of receipt: records,"
+                                " batches, bytes, retries answered as already stored, refusals"
+                                " by status.")
     else:
         parser = ArgumentParser(prog="dsreceiver.py reconcile", description="Compare, per stream"
-                                " and 5-minute window, the records Akamai says DataStream"
-                                " delivered (its upload metrics) with the records stored here."
-                                " Exit 0: everything delivered is stored; 1: records are missing"
-                                " or DataStream gave up on some; 2: usage, credential or API"
-                                " problem.")
+                                " (its routes added up) and 5-minute window, the records Akamai"
+                                " says DataStream delivered (its upload metrics) with the records"
+                                " stored here.  Exit 0: everything delivered is stored; 1: records"
+                                " are missing or DataStream gave up on some; 2: usage, credential"
+                                " or API problem.")
         add_api_options(parser)
     add_ledger_options(parser, "0m" if command == "ledger" else "%dm" % (RECONCILE_SETTLE // 60))
     return parser
@@ -10283,16 +10298,6 @@ def stream_totals(verdicts: Sequence[WindowVerdict]) -> Dict[str, int]:
             "windows_missing": sum(1 for v in verdicts if v.missing)}
 
 
-def save_verdicts(roots: Sequence[Path], report: Dict[str, List[WindowVerdict]], now: float,
-                  query: LedgerQuery) -> None:
-    """Leaves each stream's totals, with when and over what range, in each output folder's
-    reconciled.json (see save_reconciled)."""
-    found = {stream: dict(stream_totals(verdicts), at=now, since=query.since, until=query.until)
-             for stream, verdicts in report.items()}
-    for root in roots:
-        save_reconciled(Layout(root), found)
-
-
 def print_report(report: Dict[str, List[WindowVerdict]], query: LedgerQuery, out: IO[str]) -> None:
     """The reconcile report as a table per stream, then the verdict lines."""
     out.write("windows of 5 minutes from %s to %s; a push near a window's edge may be counted in"
@@ -10352,7 +10357,9 @@ def run_reconcile(argv: Sequence[str], out: IO[str] = sys.stdout) -> int:
         return 2
     report = reconcile(query, deliveries, ledger)
     complete, line = report_verdict(report)
-    save_verdicts(query.roots, report, now, query)
+    save_reconciled(query.roots, {stream: stream_totals(verdicts)
+                                  for stream, verdicts in report.items()},
+                    now, query.since, query.until)
     if query.as_json:
         out.write(json.dumps({"since": iso_window(query.since), "until": iso_window(query.until),
                               "tolerance_windows": 1, "complete": complete, "verdict": line,
@@ -10906,12 +10913,16 @@ def run_server(settings: Settings) -> int:
        inherited_listeners) or bound, the open-file limit shared out (fit_open_files), and
        privileges dropped: the port may need root, the records must not be root's.
     3. The output folder (prepare_output): made or found usable; the files of every run that died
-       recovered, only those its journal lists; the dedupe window refilled from the indexes
-       touched within it (milliseconds, whatever the folder's age).
-    4. Serving (serve_until_stopped): alone, this process says `listening on` and accepts; with
-       --workers, the supervisor forks them (run_worker) and says it once every one of them
-       answers.  Only then does housekeeping start, finishing in the background what the dead
-       runs left unfinished (Housekeeper.queue_earlier_files).
+       recovered, only those its journal lists (in a folder an earlier version kept, without
+       journals: its unfinished indexed files, recover_indexed); the dedupe window refilled from
+       the indexes touched within it (milliseconds, whatever the folder's age).
+    4. Serving (serve_until_stopped): signal handlers installed, then, alone, this process opens
+       its storage, says `listening on` (to systemd as well: announce_serving) and accepts;
+       connections that came meanwhile waited in the listen backlog.  With --workers, the
+       supervisor forks them (run_worker: each first recovers what a dead predecessor of its tag
+       left, nothing on a first start) and says it once every one of them answers.  Each process
+       starts its housekeeping only once it answers pushes: what the dead runs left unfinished
+       is finished in the background (Housekeeper.queue_earlier_files).
 
     After a worker's death, its replacement (run_worker) recovers its predecessor's files, the
     only ones that journal lists, and tells the supervisor which batches they hold, which frees

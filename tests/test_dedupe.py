@@ -74,13 +74,13 @@ def test_concurrent_copies_store_once(server: ServerProcess) -> None:
 
 def test_entries_expire_after_the_window() -> None:
     now = [1764201600.0]
-    index = dsreceiver.DedupeMemory(900, clock=lambda: now[0])
-    assert index.claim("k") is dsreceiver.ClaimState.GRANTED
-    index.commit("k", now[0])
-    assert index.claim("k") is dsreceiver.ClaimState.DUPLICATE
+    memory = dsreceiver.DedupeMemory(900, clock=lambda: now[0])
+    assert memory.claim("k") is dsreceiver.ClaimState.GRANTED
+    memory.commit("k", now[0])
+    assert memory.claim("k") is dsreceiver.ClaimState.DUPLICATE
     now[0] += 901
-    assert index.claim("k") is dsreceiver.ClaimState.GRANTED
-    index.release("k")
+    assert memory.claim("k") is dsreceiver.ClaimState.GRANTED
+    memory.release("k")
     reloaded = dsreceiver.DedupeMemory(900, clock=lambda: now[0])
     reloaded.load([(now[0] - 901, "k"), (now[0] - 10, "recent")])
     assert reloaded.claim("k") is dsreceiver.ClaimState.GRANTED  # expired entries are not brought back
@@ -88,10 +88,10 @@ def test_entries_expire_after_the_window() -> None:
 
 
 def test_failed_store_releases_the_claim_so_the_retry_is_stored() -> None:
-    index = dsreceiver.DedupeMemory(900)
-    assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
-    index.release("batch")  # storage failed: the retry must not be taken for a duplicate
-    assert index.claim("batch") is dsreceiver.ClaimState.GRANTED
+    memory = dsreceiver.DedupeMemory(900)
+    assert memory.claim("batch") is dsreceiver.ClaimState.GRANTED
+    memory.release("batch")  # storage failed: the retry must not be taken for a duplicate
+    assert memory.claim("batch") is dsreceiver.ClaimState.GRANTED
 
 
 FAIL_FIRST_APPEND = """\
@@ -235,7 +235,7 @@ def test_the_same_batch_twice_in_one_group_commit_is_stored_once(tmp_path: Path,
     assert data_file.path.read_bytes() == b"first\nblocker\ntwin\n"
 
 
-class WatchedIndex(dsreceiver.DedupeMemory):
+class WatchedMemory(dsreceiver.DedupeMemory):
     """A DedupeMemory that tells when a push waits for another request's outcome (DedupeMemory.claim)."""
 
     def __init__(self, window: float) -> None:
@@ -251,21 +251,21 @@ class WatchedIndex(dsreceiver.DedupeMemory):
 def test_a_batch_another_request_is_storing_waits_without_holding_up_its_group(tmp_path: Path, outcome: str) -> None:
     layout = dsreceiver.Layout(tmp_path / "out")
     layout.create()
-    index = WatchedIndex(900)
-    storage = dsreceiver.Storage(layout, dedupe=index)
+    memory = WatchedMemory(900)
+    storage = dsreceiver.Storage(layout, dedupe=memory)
     retry = digest_batch(storage, b"being stored elsewhere")
     key = dsreceiver.dedupe_key("", retry.digest or b"")
-    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED  # another worker's request holds the claim, its commit under way
+    assert memory.try_claim(key) is dsreceiver.ClaimState.GRANTED  # another worker holds the claim, committing
     results: List[dsreceiver.StoreResult] = []
     waiter = threading.Thread(target=lambda: results.append(storage.store("", retry)))
     waiter.start()
-    index.waiting.wait(30)
+    memory.waiting.wait(30)
     # Meanwhile other batches of the same file are committed: nothing waits while holding claims.
     assert storage.store("", digest_batch(storage, b"unrelated")).path is not None
     if outcome == "stored":
-        index.commit(key, time.time())
+        memory.commit(key, time.time())
     else:
-        index.release(key)
+        memory.release(key)
     waiter.join(30)
     storage.close()
     [data_file] = layout.data_files()
@@ -282,13 +282,13 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     """No group holds claims while it waits for another's: two workers' groups could wait on each other."""
     layout = dsreceiver.Layout(tmp_path / "out")
     layout.create()
-    index = WatchedIndex(900)
-    storage = dsreceiver.Storage(layout, dedupe=index)
+    memory = WatchedMemory(900)
+    storage = dsreceiver.Storage(layout, dedupe=memory)
     storage.store("", digest_batch(storage, b"opens the file"))
     [data_file] = storage.files.values()
     held = digest_batch(storage, b"held elsewhere")
     key = dsreceiver.dedupe_key("", held.digest or b"")
-    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED
+    assert memory.try_claim(key) is dsreceiver.ClaimState.GRANTED
     held_sync = HeldSync(monkeypatch)
     results: Dict[bytes, dsreceiver.StoreResult] = {}
     batches = {b"blocker": digest_batch(storage, b"blocker"), b"fresh": digest_batch(storage, b"fresh"),
@@ -301,11 +301,11 @@ def test_a_group_commits_its_other_batches_while_one_of_them_waits(tmp_path: Pat
     threads[b"held"].start()
     wait_until(lambda: len(data_file.queue) == 2, what="fresh and held queued in one group")
     held_sync.release()
-    index.waiting.wait(30)
+    memory.waiting.wait(30)
     wait_until(lambda: b"fresh" in results, what="the fresh batch committed while the held one waits")
     fresh_key = dsreceiver.dedupe_key("", batches[b"fresh"].digest or b"")
-    assert index.try_claim(fresh_key) is dsreceiver.ClaimState.DUPLICATE  # committed
-    index.commit(key, time.time())
+    assert memory.try_claim(fresh_key) is dsreceiver.ClaimState.DUPLICATE  # committed
+    memory.commit(key, time.time())
     for thread in threads.values():
         thread.join(30)
     storage.close()
@@ -317,22 +317,22 @@ def test_a_copy_that_waited_and_a_new_copy_in_one_group_are_stored_once(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     layout = dsreceiver.Layout(tmp_path / "out")
     layout.create()
-    index = WatchedIndex(900)
-    storage = dsreceiver.Storage(layout, dedupe=index)
+    memory = WatchedMemory(900)
+    storage = dsreceiver.Storage(layout, dedupe=memory)
     storage.store("", digest_batch(storage, b"opens the file"))
     [data_file] = storage.files.values()
     copies = [digest_batch(storage, b"sent three times") for _ in range(2)]
     key = dsreceiver.dedupe_key("", copies[0].digest or b"")
-    assert index.try_claim(key) is dsreceiver.ClaimState.GRANTED  # a first copy, being stored by another request
+    assert memory.try_claim(key) is dsreceiver.ClaimState.GRANTED  # a first copy, being stored by another request
     results: List[dsreceiver.StoreResult] = []
     waited = threading.Thread(target=lambda: results.append(storage.store("", copies[0])))
     waited.start()
-    index.waiting.wait(30)
+    memory.waiting.wait(30)
     held_sync = HeldSync(monkeypatch)
     blocker = threading.Thread(target=lambda: storage.store("", digest_batch(storage, b"blocker")))
     blocker.start()
     held_sync.wait_started()
-    index.release(key)  # the first copy failed: the waiting copy now holds the claim, and queues again
+    memory.release(key)  # the first copy failed: the waiting copy now holds the claim, and queues again
     wait_until(lambda: len(data_file.queue) == 1, what="the waiting copy queued again")
     fresh = threading.Thread(target=lambda: results.append(storage.store("", copies[1])))
     fresh.start()

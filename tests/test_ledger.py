@@ -257,3 +257,15 @@ def test_a_folder_named_twice_is_counted_once(start_server: Callable[..., Server
                        str(output) + "/", "--output-dir", str(tmp_path / "alias"))
     assert done.returncode == 0, done.stderr
     assert sum(json.loads(line)["records"] for line in done.stdout.splitlines()) == once
+
+
+def test_a_damaged_ledger_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    layout = dsreceiver.Layout(tmp_path / "out")
+    layout.create()
+    summary = layout.ledger_dir / "stream=61234" / "2025-11-27T15Z.log.json"
+    summary.parent.mkdir(parents=True)
+    for damaged in ('{"format": 2}', '{"format": 2, "rows": [{"window": 5}]}', '{"format": 2, "rows": 7}'):
+        summary.write_text(damaged)
+        done = run_command("ledger", "--output-dir", str(layout.root))
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "cannot read the ledger file" in done.stderr and "Traceback" not in done.stderr

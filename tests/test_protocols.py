@@ -58,7 +58,7 @@ class FailingSync:
         monkeypatch.setattr(os, "fdatasync", fdatasync)
 
 
-class WatchedIndex(dsreceiver.DedupeMemory):
+class WatchedMemory(dsreceiver.DedupeMemory):
     """A DedupeMemory that counts the pushes that began waiting for another request's outcome."""
 
     def __init__(self, window: float) -> None:
@@ -88,8 +88,8 @@ def test_every_transition_of_every_table_is_walked_by_the_code(tmp_path: Path, m
     failing = FailingSync(monkeypatch)
     layout = dsreceiver.Layout(tmp_path / "out")
     dsreceiver.prepare_output(layout, 0)
-    index = WatchedIndex(900)
-    storage = dsreceiver.Storage(layout, dedupe=index)
+    memory = WatchedMemory(900)
+    storage = dsreceiver.Storage(layout, dedupe=memory)
 
     # A new batch: claim granted, written, committed.  The same again: a retry (a duplicate), or, when its records
     # may be genuine, kept and written again.
@@ -116,23 +116,23 @@ def test_every_transition_of_every_table_is_walked_by_the_code(tmp_path: Path, m
     # Another request holds a key: the push waits, then learns the holder committed (a duplicate)...
     held = digest_batch(storage, b"held elsewhere")
     key = dsreceiver.dedupe_key("", held.digest or b"")
-    assert index.try_claim(key) is ClaimState.GRANTED
+    assert memory.try_claim(key) is ClaimState.GRANTED
     results: List[Any] = []
     waiter = in_thread(lambda: storage.store("", held), results)
-    wait_until(lambda: index.waits == 1, what="the push waiting for the holder")
-    index.commit(key, time.time())
+    wait_until(lambda: memory.waits == 1, what="the push waiting for the holder")
+    memory.commit(key, time.time())
     waiter.join(30)
     assert [result.path for result in results] == [None]
 
     # ... or released it: one waiter is granted it, the other waits again, for that one, then finds it stored.
     released = digest_batch(storage, b"released elsewhere")
     key = dsreceiver.dedupe_key("", released.digest or b"")
-    assert index.try_claim(key) is ClaimState.GRANTED
+    assert memory.try_claim(key) is ClaimState.GRANTED
     results = []
     waiters = [in_thread(lambda: storage.store("", digest_batch(storage, b"released elsewhere")), results)
                for _ in range(2)]
-    wait_until(lambda: index.waits == 3, what="both pushes waiting for the holder")
-    index.release(key)
+    wait_until(lambda: memory.waits == 3, what="both pushes waiting for the holder")
+    memory.release(key)
     for thread in waiters:
         thread.join(30)
     assert sorted(result.path is None for result in results) == [False, True]
