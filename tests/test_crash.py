@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import os
 import random
@@ -15,7 +16,7 @@ from typing import Callable, Dict, List, Set, Tuple
 import pytest
 
 import dsreceiver
-from conftest import ServerProcess, open_storage
+from conftest import ServerProcess, open_storage, wait_until
 from simulator import Batch, free_port, make_batch
 
 REQ_ID = re.compile(rb'"reqId":"([^"]+)-(\d{6})"|^4 61234 \d+ (\S+)-(\d{6}) ')
@@ -92,6 +93,109 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(start_server: Calla
     with lock:
         assert len(acknowledged) > 30, "too little traffic to mean anything"
         check_exactly_once(server.stored_lines(), sent, acknowledged)
+
+
+def children_of(pid: int) -> List[int]:
+    """The live child processes of `pid` (a supervisor's workers)."""
+    found: List[int] = []
+    for task in Path("/proc/%d/task" % pid).iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def records_of(path: Path) -> bytes:
+    """A data file's records: gunzipped when it is gzip (--store gzip, --compress-rotated)."""
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["--compress-rotated"], ["--store", "gzip"]], ids=["compress-rotated", "store-gzip"])
+def test_pushers_through_rotations_worker_kills_and_restarts_lose_and_double_nothing(
+        start_server: Callable[..., ServerProcess], variant: List[str]) -> None:
+    """Issue 34's race harness: 8 pushers retrying as DataStream does while the files are moved away as logrotate
+    does (then SIGHUP), workers are SIGKILLed and the server restarts; small files, so that every push races a roll,
+    a finish or a seal."""
+    rng = random.Random(20261206)
+    port = free_port()
+    server = start_server("--port", str(port), "--workers", "2", "--max-file-size", "64K", *variant)
+    sent: Dict[str, Batch] = {}
+    acknowledged: Set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        local = random.Random(number)
+        for index in range(10_000):
+            name = "r%02d-b%04d" % (number, index)
+            batch = make_batch(name, count=local.choice([5, 40, 200]), compress=local.random() < 0.5)
+            with lock:
+                sent[name] = batch
+            while not stop.is_set():
+                try:
+                    with server.simulator(timeout=30) as ds:
+                        if ds.push(batch).status == 200:
+                            with lock:
+                                acknowledged.add(name)
+                            break
+                except (OSError, http.client.HTTPException):
+                    pass
+                stop.wait(0.05)  # DataStream's pause before a retry, not a synchronisation
+            if stop.is_set():
+                return
+
+    def wait_for_more(what: str) -> None:
+        """Waits until a dozen more batches are acknowledged: every event meets pushes under way."""
+        with lock:
+            goal = len(acknowledged) + 12
+
+        def reached() -> bool:
+            with lock:
+                return len(acknowledged) >= goal
+        wait_until(reached, timeout=60, what=what)
+
+    clients = [threading.Thread(target=client, args=(number,)) for number in range(8)]
+    for thread in clients:
+        thread.start()
+    events = {"rotate": 0, "kill a worker": 0, "restart": 0}
+    try:
+        for step in range(18):
+            wait_for_more("pushes stored between events")
+            event = ("rotate", "kill a worker", "rotate", "restart")[step % 4] if step < 4 else \
+                rng.choice(["rotate", "rotate", "kill a worker", "restart"])
+            assert server.process is not None
+            if event == "rotate":
+                current = [path for path in server.data_files() if re.search(r"\.log(\.gz)?$", path.name)
+                           and not path.with_name(path.name + ".1").exists()]
+                for path in rng.sample(current, min(2, len(current))):
+                    try:
+                        path.rename(path.with_name(path.name + ".1"))
+                    except FileNotFoundError:
+                        continue  # finished and gone meanwhile
+                server.send_signal(signal.SIGHUP)
+            elif event == "kill a worker":
+                workers = children_of(server.process.pid)
+                if workers:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+            else:
+                assert server.stop() == 0
+                server.start()
+            events[event] += 1
+        wait_for_more("pushes stored after the last event")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert server.stop() == 0
+    assert all(events.values()), events
+    stored = b"".join(records_of(path) for path in server.data_files())
+    assert not stored or stored.endswith(b"\n")
+    with lock:
+        assert len(acknowledged) > 200, "too little traffic to mean anything"
+        check_exactly_once(stored.split(b"\n")[:-1], sent, acknowledged)
 
 
 class PowerLossDisk:
