@@ -6296,6 +6296,15 @@ def finishing_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
+def same_inode_and_size(path: Path, inode: int, size: int) -> bool:
+    """Whether `path` still names the file `inode`, `size` bytes long (not moved, nor truncated)."""
+    try:
+        status = os.stat(str(path), follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return status.st_ino == inode and status.st_size == size
+
+
 def same_records(plain: Path, compressed: Path) -> bool:
     """Whether a .gz holds exactly a plain file's bytes, read side by side (a damaged .gz does
     not, nor anything that is no regular file: never opened)."""
@@ -6587,34 +6596,82 @@ class Housekeeper:
     def _finish(self, path: Path) -> bool:
         """Finishes one file that no push writes any more: True once it is done (sealed, removed
         empty, or gone), False while another process finishes it."""
-        current = self.layout.compressed_or_plain(path)
-        if current.exists():
-            with finishing_lock(current) as locked:
-                if not locked:
-                    return False  # look again next turn: sealed by then, or its finisher gone
-                if not self.layout.is_sealed(path):
-                    self._finish_locked(path, current)
+        copies: List[Path] = []
+        while True:
+            current = self.layout.compressed_or_plain(path)
+            if not self.layout.is_sealed(path):
+                copy = self._rotated_away(path, current)
+                current = copy or current
+                copies += [copy] if copy else []
+            if current.exists():
+                with finishing_lock(current) as locked:
+                    if not locked:
+                        return False  # look again next turn: sealed by then, or its finisher gone
+                    if not self.layout.is_sealed(path) and not self._finish_locked(path, current):
+                        continue  # logrotate took it while it was compressed: its copy, then
+            break
         self.journal.finished(path)
+        for copy in copies:
+            self.journal.finished(copy)
         return True
 
-    def _finish_locked(self, path: Path, current: Path) -> None:
+    def _rotated_away(self, path: Path, current: Path) -> Optional[Path]:
+        """The copy logrotate made of a closed file before it was finished (moved, or copied then
+        truncated: `current` no longer holds what its index counts), with the index set aside
+        under the copy's name and the copy journalled, so that the copy is finished in its place;
+        None when nothing was rotated, or the file was deleted."""
+        index = self.layout.index_path(path)
+        try:
+            entries = read_index(read_regular(index))
+        except FileNotFoundError:
+            return None  # none kept, or set aside already (the copy is journalled then)
+        end = entries[-1].end if entries else 0
+        if current != path and current.name.endswith(".gz"):
+            return None  # replaced by its --compress-rotated copy, whole
+        try:
+            if current.stat().st_size >= end:
+                return None
+        except FileNotFoundError:
+            pass  # moved away
+        copy = Layout.rotated_copy(path, size=end)
+        if copy is None:
+            return None
+        # Journalled first: a crash before the index is set aside leaves both named, and the
+        # next start sets it aside again.
+        self.journal.opened([copy])
+        os.replace(str(index), str(self.layout.set_aside_index_path(copy)))
+        fsync_directory(index.parent)
+        log.info("%s was rotated to %s before it was finished: that copy is sealed", path,
+                 copy.name)
+        if current == path and current.exists() and not current.stat().st_size:
+            current.unlink()  # copytruncate's empty original: no push writes a finished file
+            fsync_directory(path.parent)
+        return copy
+
+    def _finish_locked(self, path: Path, current: Path) -> bool:
         """Removes an empty file, or gzips (with --compress-rotated) and seals one; `path` is the
-        name the file was created with, `current` the file that holds its records now."""
+        name the file was created with, `current` the file that holds its records now.  False
+        when logrotate moved or truncated it meanwhile: nothing done, its copy is to be finished."""
         if current == path and not path.name.endswith(".gz") \
                 and self.layout.compressed_path(path).exists():
             current = self._settle_copy(path)
         if self._removed_if_empty(current, path):
-            return
+            return True
         if (self.layout.parse(current.name) or DataName("", "", 0, False)).rotated:
-            self.seal(current, self.layout.rotated_index(current))  # logrotate compresses those
-            return
+            if not self.layout.manifest_path(current).exists():
+                self.seal(current, self.layout.rotated_index(current))  # logrotate compresses those
+            return True
         if not self.compress or current.name.endswith(".gz"):
             self.seal(current, self.layout.index_path(path))
-            return
-        compressed, scanned = self._compress(current)
+            return True
+        done = self._compress(current)
+        if done is None:
+            return False
+        compressed, scanned = done
         with finishing_lock(compressed) as locked:
             if locked and not self.layout.manifest_path(compressed).exists():
                 self.seal(compressed, self.layout.index_path(path), scanned=scanned)
+        return True
 
     def _settle_copy(self, plain: Path) -> Path:
         """A .gz beside an unfinished data file is its copy only when it holds exactly its bytes
@@ -6649,9 +6706,10 @@ class Housekeeper:
         log.info("removed %s: it holds no record", current)
         return True
 
-    def _compress(self, path: Path) -> Tuple[Path, Tuple[int, List[float]]]:
+    def _compress(self, path: Path) -> Optional[Tuple[Path, Tuple[int, List[float]]]]:
         """Gzips a finished file: temporary file, fsync, rename, then remove the original; returns
-        the .gz, and what sealing would read back of it, read on the way (see seal_facts)."""
+        the .gz, and what sealing would read back of it, read on the way (see seal_facts); None,
+        leaving no .gz, when logrotate moved or truncated the file meanwhile (its copy counts)."""
         target = self.layout.compressed_path(path)
         temp = self.layout.compression_temp_path(path)
         try:
@@ -6660,8 +6718,10 @@ class Housekeeper:
             index = b""
         plan = seal_plan(read_index(index) if index else None)
         scan = RecordScan(plan.records is None, plan.spans)
+        read = 0
         try:
             with path.open("rb") as source, self.layout.create_file(temp) as raw:
+                inode = os.fstat(source.fileno()).st_ino
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                    compresslevel=ROTATED_GZIP_LEVEL) as compressed:
                     # Pieces of a read back's size: its scan holds the GIL as briefly.
@@ -6671,15 +6731,24 @@ class Housekeeper:
                             raise InterruptedError("stopping")
                         compressed.write(chunk)
                         scan.feed(chunk)
+                        read += len(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())
+            if not same_inode_and_size(path, inode, read):
+                temp.unlink()
+                return None
             os.replace(str(temp), str(target))
         except OSError:
             if temp.exists():
                 temp.unlink()
             raise
         fsync_directory(path.parent)
-        # The .gz is complete and durable: from here on it is the copy that counts.
+        # The .gz is complete and durable: from here on it is the copy that counts, unless
+        # logrotate took the file in the instant since the look above (then its copy does).
+        if not same_inode_and_size(path, inode, read):
+            target.unlink()
+            fsync_directory(path.parent)
+            return None
         path.unlink()
         fsync_directory(path.parent)
         log.info("compressed %s", target)

@@ -43,56 +43,82 @@ def check_exactly_once(stored: List[bytes], sent: Dict[str, Batch], acknowledged
     assert not missing, "acknowledged but not stored: %s" % sorted(missing)[:5]
 
 
+class Pushers:
+    """Clients that push as DataStream does: each batch sent again until it is acknowledged."""
+
+    def __init__(self, server: ServerProcess, count: int, prefix: str, batch: Callable[[random.Random, str], Batch],
+                 chunked: float = 0.0) -> None:
+        self.server, self.prefix, self.batch, self.chunked = server, prefix, batch, chunked
+        self.sent: Dict[str, Batch] = {}
+        self.acknowledged: Set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(number,)) for number in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def client(self, number: int) -> None:
+        local = random.Random(number)
+        for index in range(10_000):
+            name = "%s%02d-b%04d" % (self.prefix, number, index)
+            batch = self.batch(local, name)
+            with self.lock:
+                self.sent[name] = batch
+            while not self.stopping.is_set():
+                try:
+                    with self.server.simulator(timeout=30) as ds:
+                        if ds.push(batch, chunked=local.random() < self.chunked).status == 200:
+                            with self.lock:
+                                self.acknowledged.add(name)
+                            break
+                except (OSError, http.client.HTTPException):
+                    pass
+                self.stopping.wait(0.05)  # DataStream's pause before a retry, not a synchronisation
+            if self.stopping.is_set():
+                return
+
+    def wait_for_more(self, count: int, what: str) -> None:
+        """Waits until `count` more batches are acknowledged."""
+        with self.lock:
+            goal = len(self.acknowledged) + count
+
+        def reached() -> bool:
+            with self.lock:
+                return len(self.acknowledged) >= goal
+        wait_until(reached, timeout=60, what=what)
+
+    def stop(self) -> None:
+        """Stops every client once its current push is answered or fails."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+    def check(self, stored: List[bytes], least: int) -> None:
+        """At least `least` batches acknowledged, and check_exactly_once of what is stored."""
+        with self.lock:
+            assert len(self.acknowledged) > least, "too little traffic to mean anything"
+            check_exactly_once(stored, self.sent, self.acknowledged)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_and_doubles_nothing(start_server: Callable[..., ServerProcess]) -> None:
     rng = random.Random(20261127)
     port = free_port()
     server = start_server("--port", str(port))
-    sent: Dict[str, Batch] = {}
-    acknowledged: Set[str] = set()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(number: int) -> None:
-        local = random.Random(number)
-        for index in range(10_000):
-            size = local.choice([20, 200, 2000, 2000, 12000])
-            batch = make_batch("c%02d-b%04d" % (number, index), count=size, fmt=local.choice(["json", "structured"]),
-                               compress=local.random() < 0.5)
-            with lock:
-                sent["c%02d-b%04d" % (number, index)] = batch
-            # Like DataStream: send again until the batch is acknowledged.
-            while True:
-                if stop.is_set():
-                    return
-                try:
-                    with server.simulator(timeout=30) as ds:
-                        if ds.push(batch, chunked=local.random() < 0.3).status == 200:
-                            with lock:
-                                acknowledged.add("c%02d-b%04d" % (number, index))
-                            break
-                except (OSError, http.client.HTTPException):
-                    pass
-                stop.wait(0.05)
-
-    clients = [threading.Thread(target=client, args=(number,)) for number in range(12)]
-    for thread in clients:
-        thread.start()
+    pushers = Pushers(server, 12, "c", lambda local, name: make_batch(
+        name, count=local.choice([20, 200, 2000, 2000, 12000]), fmt=local.choice(["json", "structured"]),
+        compress=local.random() < 0.5), chunked=0.3)
     try:
         for _ in range(6):
-            stop.wait(rng.uniform(0.5, 2.0))
+            pushers.wait_for_more(rng.randint(4, 8), "pushes stored between kills")
             server.send_signal(signal.SIGKILL)
             server.wait_exit()
             server.start()
-        stop.wait(2.0)
+        pushers.wait_for_more(8, "pushes stored after the last kill")
     finally:
-        stop.set()
-        for thread in clients:
-            thread.join()
+        pushers.stop()
     assert server.stop() == 0
-    with lock:
-        assert len(acknowledged) > 30, "too little traffic to mean anything"
-        check_exactly_once(server.stored_lines(), sent, acknowledged)
+    pushers.check(server.stored_lines(), 30)
 
 
 def children_of(pid: int) -> List[int]:
@@ -122,48 +148,12 @@ def test_pushers_through_rotations_worker_kills_and_restarts_lose_and_double_not
     rng = random.Random(20261206)
     port = free_port()
     server = start_server("--port", str(port), "--workers", "2", "--max-file-size", "64K", *variant)
-    sent: Dict[str, Batch] = {}
-    acknowledged: Set[str] = set()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(number: int) -> None:
-        local = random.Random(number)
-        for index in range(10_000):
-            name = "r%02d-b%04d" % (number, index)
-            batch = make_batch(name, count=local.choice([5, 40, 200]), compress=local.random() < 0.5)
-            with lock:
-                sent[name] = batch
-            while not stop.is_set():
-                try:
-                    with server.simulator(timeout=30) as ds:
-                        if ds.push(batch).status == 200:
-                            with lock:
-                                acknowledged.add(name)
-                            break
-                except (OSError, http.client.HTTPException):
-                    pass
-                stop.wait(0.05)  # DataStream's pause before a retry, not a synchronisation
-            if stop.is_set():
-                return
-
-    def wait_for_more(what: str) -> None:
-        """Waits until a dozen more batches are acknowledged: every event meets pushes under way."""
-        with lock:
-            goal = len(acknowledged) + 12
-
-        def reached() -> bool:
-            with lock:
-                return len(acknowledged) >= goal
-        wait_until(reached, timeout=60, what=what)
-
-    clients = [threading.Thread(target=client, args=(number,)) for number in range(8)]
-    for thread in clients:
-        thread.start()
+    pushers = Pushers(server, 8, "r", lambda local, name: make_batch(
+        name, count=local.choice([5, 40, 200]), compress=local.random() < 0.5))
     events = {"rotate": 0, "kill a worker": 0, "restart": 0}
     try:
         for step in range(18):
-            wait_for_more("pushes stored between events")
+            pushers.wait_for_more(12, "pushes stored between events")
             event = ("rotate", "kill a worker", "rotate", "restart")[step % 4] if step < 4 else \
                 rng.choice(["rotate", "rotate", "kill a worker", "restart"])
             assert server.process is not None
@@ -184,18 +174,14 @@ def test_pushers_through_rotations_worker_kills_and_restarts_lose_and_double_not
                 assert server.stop() == 0
                 server.start()
             events[event] += 1
-        wait_for_more("pushes stored after the last event")
+        pushers.wait_for_more(12, "pushes stored after the last event")
     finally:
-        stop.set()
-        for thread in clients:
-            thread.join()
+        pushers.stop()
     assert server.stop() == 0
     assert all(events.values()), events
     stored = b"".join(records_of(path) for path in server.data_files())
     assert not stored or stored.endswith(b"\n")
-    with lock:
-        assert len(acknowledged) > 200, "too little traffic to mean anything"
-        check_exactly_once(stored.split(b"\n")[:-1], sent, acknowledged)
+    pushers.check(stored.split(b"\n")[:-1], 200)
 
 
 class PowerLossDisk:

@@ -11,7 +11,7 @@ import subprocess
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 
@@ -264,3 +264,78 @@ def test_a_moved_file_is_sealed_and_listed_with_its_index(tmp_path: Path) -> Non
                           ".dsreceiver/batches/stream=61234/" + manifest["index"]]
     rows = dsreceiver.read_ledger(tmp_path)
     assert sum(row.records for row in rows.values()) == 6
+
+
+def logrotate(path: Path, how: str) -> Path:
+    """What logrotate does to a file: moves it to NAME.1, or copies it there and truncates it; returns NAME.1."""
+    copy = path.with_name(path.name + ".1")
+    if how == "move":
+        path.rename(copy)
+    else:
+        shutil.copyfile(str(path), str(copy))
+        os.truncate(str(path), 0)
+    return copy
+
+
+def check_only_the_copy_sealed(root: Path, layout: dsreceiver.Layout, copy: Path, records: int) -> None:
+    """The copy logrotate made is sealed with the original's index and listed, and nothing else holds its records."""
+    manifest = json.loads(dsreceiver.Layout.manifest_path(copy).read_bytes())
+    assert manifest["records"] == records and ".moved-" in manifest["index"]
+    original = copy.with_name(copy.name[:-len(".1")])
+    assert not original.exists() and not dsreceiver.Layout.compressed_path(original).exists()
+    listed = [item.relative_to(root).as_posix() for item in dsreceiver.sealed_listing(layout)]
+    assert listed == ["stream=61234/" + copy.name, "stream=61234/." + copy.name + ".sealed.json",
+                      ".dsreceiver/batches/stream=61234/" + manifest["index"]]
+    assert sum(row.records for row in dsreceiver.read_ledger(root).values()) == records
+    assert not [path for path in root.rglob("*") if path.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("how", ["move", "copytruncate"])
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compress-rotated"])
+def test_a_file_rotated_after_it_closed_and_before_it_was_finished_is_sealed_as_its_copy(
+        tmp_path: Path, how: str, compress: bool) -> None:
+    # logrotate at the hour's end (or a daily run at midnight with --rotate daily) meets the file
+    # just closed: before this, the copy was never sealed, nor shipped.
+    clock = Clock(BEFORE_MIDNIGHT - 1)
+    storage = open_storage(tmp_path, clock=clock)
+    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
+    assert path is not None
+    clock.now += 2
+    storage.retire_stale()  # the hour ended: closed, to be finished
+    copy = logrotate(path, how)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=compress, clock=clock)
+    housekeeper.finish_files()
+    storage.close()
+    check_only_the_copy_sealed(tmp_path, storage.layout, copy, 5)
+
+
+class RotatedWhileCompressing(threading.Event):
+    """A housekeeper's stop flag that, first asked while the compressed copy is being written, does what logrotate
+    would meanwhile: the compression sees the file change under it."""
+
+    def __init__(self, path: Path, how: str) -> None:
+        super().__init__()
+        self.path, self.how = path, how
+        self.copy: Optional[Path] = None
+
+    def is_set(self) -> bool:
+        if self.copy is None and dsreceiver.Layout.compression_temp_path(self.path).exists():
+            self.copy = logrotate(self.path, self.how)
+        return super().is_set()
+
+
+@pytest.mark.parametrize("how", ["move", "copytruncate"])
+def test_a_file_rotated_while_it_is_compressed_is_sealed_as_its_copy_and_never_twice(
+        tmp_path: Path, how: str) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1)
+    storage = open_storage(tmp_path, clock=clock)
+    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
+    assert path is not None
+    clock.now += 2
+    storage.retire_stale()
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=clock)
+    rotated = housekeeper.stopped = RotatedWhileCompressing(path, how)
+    housekeeper.finish_files()
+    storage.close()
+    assert rotated.copy is not None, "the compression never ran"
+    check_only_the_copy_sealed(tmp_path, storage.layout, rotated.copy, 5)
