@@ -5517,6 +5517,25 @@ def vouched_length(index_fd: int, data_size: int) -> Tuple[int, int]:
     return 0, header
 
 
+def rotated_copy_of(layout: Layout, path: Path) -> Tuple[Optional[Path], bool]:
+    """Whether a closed data file no longer holds what its batch index counts (logrotate moved it
+    away, or copied then truncated it; not a --compress-rotated .gz that replaced it), and then
+    the copy logrotate made of it, found by the size its index says (None: deleted, or not to be
+    found).  An index that is missing, empty or not a regular file says nothing."""
+    try:
+        entries = read_index(read_regular(layout.index_path(path)))
+    except (FileNotFoundError, NotRegularFile):
+        return None, False
+    end = entries[-1].end if entries else 0
+    try:
+        if os.stat(str(path), follow_symlinks=False).st_size >= end:
+            return None, False
+    except FileNotFoundError:
+        if not path.name.endswith(".gz") and layout.compressed_path(path).exists():
+            return None, False
+    return Layout.rotated_copy(path, size=end), True
+
+
 def recover_file(layout: Layout, path: Path) -> None:
     """Keeps exactly the batches the index vouches for, moves the rest aside, and syncs what it
     keeps.
@@ -5550,6 +5569,11 @@ def recover_file(layout: Layout, path: Path) -> None:
             return
         if index_fd >= 0:
             keep, length = vouched_length(index_fd, size)
+            if os.fstat(index_fd).st_size > length and rotated_copy_of(layout, path)[0]:
+                # Copied then truncated by logrotate, not torn: the copy takes the index when
+                # the file is finished (see Housekeeper._handed_to_copy).
+                log.info("%s was rotated before it was finished: left for its copy", path)
+                return
             if os.fstat(index_fd).st_size > length:
                 os.ftruncate(index_fd, length)
             if size > keep:
@@ -5700,7 +5724,8 @@ def untaken_files(layout: Layout, run: str, record: RunRecord) -> List[Path]:
     exist, less those a live run journals now (a name deleted or moved since, then reused).  The
     live journals are read after the files were found: a live run journals a file before it
     creates it."""
-    found = [path for path in record.files if path.exists()
+    # A file gone with its index kept was moved away unfinished: its copy is finished instead.
+    found = [path for path in record.files if path.exists() or layout.index_path(path).exists()
              or not path.name.endswith(".gz") and layout.compressed_path(path).exists()]
     busy = live_runs_files(layout, holding=run) if found else set()
     return [path for path in found if path not in busy]
@@ -6595,58 +6620,59 @@ class Housekeeper:
 
     def _finish(self, path: Path) -> bool:
         """Finishes one file that no push writes any more: True once it is done (sealed, removed
-        empty, or gone), False while another process finishes it."""
-        copies: List[Path] = []
-        while True:
-            current = self.layout.compressed_or_plain(path)
-            if not self.layout.is_sealed(path):
-                copy = self._rotated_away(path, current)
-                current = copy or current
-                copies += [copy] if copy else []
-            if current.exists():
-                with finishing_lock(current) as locked:
-                    if not locked:
-                        return False  # look again next turn: sealed by then, or its finisher gone
-                    if not self.layout.is_sealed(path) and not self._finish_locked(path, current):
-                        continue  # logrotate took it while it was compressed: its copy, then
-            break
+        empty, gone, or handed to the copy logrotate made of it), False while another process
+        finishes it, or when logrotate took it while it was compressed (its copy, next turn)."""
+        if not self.layout.is_sealed(path) and self._handed_to_copy(path):
+            self.journal.finished(path)
+            return True
+        current = self.layout.compressed_or_plain(path)
+        if current.exists():
+            with finishing_lock(current) as locked:
+                if not locked:
+                    return False  # look again next turn: sealed by then, or its finisher gone
+                if not self.layout.is_sealed(path) and not self._finish_locked(path, current):
+                    self.wake.set()
+                    return False
         self.journal.finished(path)
-        for copy in copies:
-            self.journal.finished(copy)
         return True
 
-    def _rotated_away(self, path: Path, current: Path) -> Optional[Path]:
-        """The copy logrotate made of a closed file before it was finished (moved, or copied then
-        truncated: `current` no longer holds what its index counts), with the index set aside
-        under the copy's name and the copy journalled, so that the copy is finished in its place;
-        None when nothing was rotated, or the file was deleted."""
-        index = self.layout.index_path(path)
-        try:
-            entries = read_index(read_regular(index))
-        except FileNotFoundError:
-            return None  # none kept, or set aside already (the copy is journalled then)
-        end = entries[-1].end if entries else 0
-        if current != path and current.name.endswith(".gz"):
-            return None  # replaced by its --compress-rotated copy, whole
-        try:
-            if current.stat().st_size >= end:
-                return None
-        except FileNotFoundError:
-            pass  # moved away
-        copy = Layout.rotated_copy(path, size=end)
+    def _handed_to_copy(self, path: Path) -> bool:
+        """When logrotate moved a file, or copied then truncated it, after it was closed and
+        before it was finished: journals the copy, sets the index aside under the copy's name and
+        queues the copy, to be finished in the file's place.  True when `path` is done with so, or
+        is gone with no copy to be found (deleted: a warning); False when it is to be finished
+        itself (a copy is finished with the index of its original that a crash kept from being
+        set aside).  A file shorter than its index says, with no copy, is an OSError: tried
+        again later, never sealed with records it lacks."""
+        name = self.layout.parse(path.name)
+        original = path.with_name(path.name[:-len(name.rotated)]) if name and name.rotated else path
+        copy, short = rotated_copy_of(self.layout, original)
         if copy is None:
-            return None
-        # Journalled first: a crash before the index is set aside leaves both named, and the
-        # next start sets it aside again.
+            if not short or original != path:
+                return False
+            if path.exists():
+                raise OSError("it holds fewer bytes than its batch index counts, and no copy of it"
+                              " was found (logrotate's compress without delaycompress, or damage)")
+            log.warning("%s is gone before it was finished, and no copy of it was found: not"
+                        " sealed", path)
+            return True
+        # Journalled first: a crash before the index is set aside leaves both journalled, and the
+        # copy's own turn sets it aside then (the branch of original != path).
         self.journal.opened([copy])
+        index = self.layout.index_path(original)
         os.replace(str(index), str(self.layout.set_aside_index_path(copy)))
         fsync_directory(index.parent)
-        log.info("%s was rotated to %s before it was finished: that copy is sealed", path,
-                 copy.name)
-        if current == path and current.exists() and not current.stat().st_size:
-            current.unlink()  # copytruncate's empty original: no push writes a finished file
-            fsync_directory(path.parent)
-        return copy
+        log.info("%s was rotated to %s before it was finished: that copy is sealed instead",
+                 original, copy.name)
+        with contextlib.suppress(FileNotFoundError):
+            if not original.stat().st_size:
+                original.unlink()  # copytruncate's empty original: no push writes it any more
+                fsync_directory(original.parent)
+        if copy == path:
+            return False
+        self._queue([copy])
+        self.wake.set()
+        return original == path
 
     def _finish_locked(self, path: Path, current: Path) -> bool:
         """Removes an empty file, or gzips (with --compress-rotated) and seals one; `path` is the
@@ -6744,7 +6770,10 @@ class Housekeeper:
             raise
         fsync_directory(path.parent)
         # The .gz is complete and durable: from here on it is the copy that counts, unless
-        # logrotate took the file in the instant since the look above (then its copy does).
+        # logrotate took the file in the instant since the look above (then its copy does).  A
+        # move between this look and the unlink below still leaves its copy unsealed beside the
+        # sealed .gz (the unlink fails, and the next turn seals the .gz): records kept, not
+        # doubled in what is shipped.
         if not same_inode_and_size(path, inode, read):
             target.unlink()
             fsync_directory(path.parent)

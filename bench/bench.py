@@ -52,7 +52,7 @@ import time
 import types
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -1293,7 +1293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def rate_of(result: Dict[str, object]) -> float:
     """Acknowledged requests a second."""
-    return result["acknowledged"] / result["seconds"]  # type: ignore[operator]
+    return cast(int, result["acknowledged"]) / cast(float, result["seconds"])
 
 
 def median_run(runs: List[Dict[str, object]]) -> Dict[str, object]:
@@ -1329,8 +1329,9 @@ def stored_verdict(result: Dict[str, object], connections: int) -> str:
     in flight, which the server may still have stored and answered."""
     if result["stored_lines"] is None:
         return "n/a"
-    per_batch = result["expected_lines"] // max(1, result["acknowledged"]) if result["acknowledged"] else 1  # type: ignore[operator]
-    extra, remainder = divmod(result["stored_lines"] - result["expected_lines"], per_batch)  # type: ignore[operator]
+    stored, expected, acknowledged = (cast(int, result[key]) for key in ("stored_lines", "expected_lines", "acknowledged"))
+    per_batch = expected // max(1, acknowledged) if acknowledged else 1
+    extra, remainder = divmod(stored - expected, per_batch)
     if extra == 0 and remainder == 0:
         return "exact"
     if remainder == 0 and 0 < extra <= connections:

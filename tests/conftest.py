@@ -227,17 +227,19 @@ class ServerProcess:
         assert not data or data.endswith(b"\n"), "a data file does not end with a complete line"
         return data.split(b"\n")[:-1] if data else []
 
-    def simulator(self, **kwargs: object) -> DataStreamSimulator:
+    def simulator(self, **kwargs: Any) -> DataStreamSimulator:
         """A DataStream simulator pointed at this server."""
         context = self.client_context if self.scheme == "https" else None
-        return DataStreamSimulator("127.0.0.1", self.port, context, **kwargs)  # type: ignore[arg-type]
+        return DataStreamSimulator("127.0.0.1", self.port, context, **kwargs)
 
     def tls_connect(self, context: Optional[ssl.SSLContext] = None, timeout: float = 15.0) -> socket.socket:
         """Opens a raw, verified TLS connection to the server."""
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         if self.scheme == "http":
             return raw
-        return (context or self.client_context).wrap_socket(raw, server_hostname="127.0.0.1")  # type: ignore[union-attr]
+        context = context or self.client_context
+        assert context is not None, "an https server has a client context"
+        return context.wrap_socket(raw, server_hostname="127.0.0.1")
 
     def exchange(self, data: bytes, timeout: float = 15.0) -> bytes:
         """Sends raw bytes on a new connection and returns everything received until the server closes."""
@@ -370,9 +372,9 @@ def batch_of(*lines: bytes) -> dsreceiver.RecordBatch:
 
 
 def open_storage(root: Path, rotate: str = "hourly", clock: Callable[[], float] = time.time,
-                 dedupe_window: float = 0.0, **options: Any) -> dsreceiver.Storage:
+                 dedupe_window: float = 0.0, store_gzip: bool = False, **options: Any) -> dsreceiver.Storage:
     """A Storage over `root` after the start-up steps main() runs: folders, crash recovery, dedupe refill."""
-    layout = dsreceiver.Layout(root, rotate)
+    layout = dsreceiver.Layout(root, rotate, store_gzip=store_gzip)
     dedupe = dsreceiver.prepare_output(layout, dedupe_window, clock)
     return dsreceiver.Storage(layout, dedupe=dedupe, clock=clock, **options)
 

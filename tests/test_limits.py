@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, List
 
 import pytest
+import trustme
 
 from conftest import ServerProcess, push_held_after_continue, read_until_close, scrape, status_of, value, wait_until
 from simulator import make_batch
@@ -189,13 +190,13 @@ def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[...,
             assert ds.push(batch).status == 200
         return time.monotonic() - started
 
-    crowd: List[ssl.SSLSocket] = []
+    crowd: List[socket.socket] = []
     stop = threading.Event()
     try:
         for _ in range(500):
             sock = server.tls_connect(timeout=60)
             sock.sendall(b"POST /ds HTTP/1.1\r\n")
-            crowd.append(sock)  # type: ignore[arg-type]
+            crowd.append(sock)
 
         def keep_trickling() -> None:
             while not stop.wait(0.5):
@@ -219,7 +220,7 @@ def test_crowd_of_slow_clients_does_not_delay_a_push(start_server: Callable[...,
     assert during < 30, "a push took %.1fs with 500 slow clients" % during
 
 
-def kept_alive(server: ServerProcess, count: int) -> List[ssl.SSLSocket]:
+def kept_alive(server: ServerProcess, count: int) -> List[socket.socket]:
     """Opens `count` connections that each made one request and stay open."""
     held = []
     for _ in range(count):
@@ -227,7 +228,7 @@ def kept_alive(server: ServerProcess, count: int) -> List[ssl.SSLSocket]:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         held.append(sock)
-    return held  # type: ignore[return-value]
+    return held
 
 
 def test_connections_beyond_the_limit_are_closed_at_once(start_server: Callable[..., ServerProcess]) -> None:
@@ -286,9 +287,9 @@ def test_weak_ciphers_are_refused(server: ServerProcess) -> None:
     assert "aNULL" in offered and "eNULL" in offered
 
 
-def test_negotiated_tls_1_2_cipher_is_forward_secret_aead(server: ServerProcess, ca: object) -> None:
+def test_negotiated_tls_1_2_cipher_is_forward_secret_aead(server: ServerProcess, ca: trustme.CA) -> None:
     context = ssl.create_default_context()
-    ca.configure_trust(context)  # type: ignore[attr-defined]
+    ca.configure_trust(context)
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("ALL:@SECLEVEL=0")
     with server.tls_connect(context) as sock:

@@ -130,7 +130,8 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: ServerProcess
     with server.simulator() as ds:
         for batch in batches:
             assert ds.push(batch).status == 200
-        sock = ds.connection.sock  # type: ignore[union-attr]
+        assert ds.connection is not None
+        sock = ds.connection.sock
         assert ds.request("GET", path="/healthz").status == 200
         assert ds.connection is not None and ds.connection.sock is sock
     assert server.stored_lines() == expected_lines(batches)

@@ -11,12 +11,12 @@ import subprocess
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 import pytest
 
 import dsreceiver
-from conftest import ROOT, ServerProcess, batch_of, ledger_totals, open_storage, wait_until
+from conftest import ROOT, ServerProcess, batch_of, die, ledger_totals, open_storage, wait_until
 from simulator import make_batch
 
 HOUR = 3600.0
@@ -277,6 +277,24 @@ def logrotate(path: Path, how: str) -> Path:
     return copy
 
 
+def finish_all(housekeeper: dsreceiver.Housekeeper) -> None:
+    """Housekeeping passes until nothing is left to finish (a file handed to its copy takes one more)."""
+    for _ in range(4):
+        housekeeper.finish_files()
+        if not housekeeper.to_finish:
+            return
+    raise AssertionError("still to finish: %s" % housekeeper.to_finish)
+
+
+def closed_file(storage: dsreceiver.Storage, clock: Clock) -> Path:
+    """Stores 5 records, then lets the hour end: the file is closed and waits to be finished."""
+    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
+    assert path is not None
+    clock.now += 2
+    storage.retire_stale()
+    return path
+
+
 def check_only_the_copy_sealed(root: Path, layout: dsreceiver.Layout, copy: Path, records: int) -> None:
     """The copy logrotate made is sealed with the original's index and listed, and nothing else holds its records."""
     manifest = json.loads(dsreceiver.Layout.manifest_path(copy).read_bytes())
@@ -288,30 +306,83 @@ def check_only_the_copy_sealed(root: Path, layout: dsreceiver.Layout, copy: Path
                       ".dsreceiver/batches/stream=61234/" + manifest["index"]]
     assert sum(row.records for row in dsreceiver.read_ledger(root).values()) == records
     assert not [path for path in root.rglob("*") if path.name.endswith(".tmp")]
+    assert not still_journalled(root), "finished, yet journalled as to finish"
+
+
+def still_journalled(root: Path) -> Set[str]:
+    """The files the run journals still name as to finish (+NAME, not struck off by a later -NAME)."""
+    named: Set[str] = set()
+    for journal in (root / STATE / "runs").glob("*.files"):
+        for line in journal.read_text().splitlines():
+            if line.startswith("+"):
+                named.add(line[1:])
+            elif line.startswith("-"):
+                named.discard(line[1:])
+    return named
 
 
 @pytest.mark.parametrize("how", ["move", "copytruncate"])
-@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compress-rotated"])
+@pytest.mark.parametrize("store", ["plain", "compress-rotated", "store-gzip"])
 def test_a_file_rotated_after_it_closed_and_before_it_was_finished_is_sealed_as_its_copy(
-        tmp_path: Path, how: str, compress: bool) -> None:
+        tmp_path: Path, how: str, store: str) -> None:
     # logrotate at the hour's end (or a daily run at midnight with --rotate daily) meets the file
     # just closed: before this, the copy was never sealed, nor shipped.
     clock = Clock(BEFORE_MIDNIGHT - 1)
-    storage = open_storage(tmp_path, clock=clock)
-    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
-    assert path is not None
-    clock.now += 2
-    storage.retire_stale()  # the hour ended: closed, to be finished
-    copy = logrotate(path, how)
-    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=compress, clock=clock)
-    housekeeper.finish_files()
+    storage = open_storage(tmp_path, clock=clock, store_gzip=store == "store-gzip")
+    copy = logrotate(closed_file(storage, clock), how)
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=store == "compress-rotated", clock=clock)
+    finish_all(housekeeper)
     storage.close()
     check_only_the_copy_sealed(tmp_path, storage.layout, copy, 5)
 
 
+@pytest.mark.parametrize("how", ["move", "copytruncate"])
+@pytest.mark.parametrize("end", ["stop", "death", "death with the copy journalled"])
+def test_a_file_rotated_while_the_receiver_was_down_is_sealed_as_its_copy_after_the_restart(
+        tmp_path: Path, how: str, end: str) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1)
+    storage = open_storage(tmp_path, clock=clock)
+    path = closed_file(storage, clock)
+    copy = logrotate(path, how)
+    if end == "stop":
+        storage.close()  # a clean stop with the file still to finish: the next run adopts it
+    else:
+        if end == "death with the copy journalled":
+            storage.journal.opened([copy])  # a death between journalling the copy and setting its index aside
+        die(storage)
+    restarted = open_storage(tmp_path, clock=clock)  # start-up recovery: a copied file is not cut back as torn
+    housekeeper = dsreceiver.Housekeeper(restarted.layout, restarted, clock=clock)
+    housekeeper.queue_earlier_files()
+    finish_all(housekeeper)
+    restarted.close()
+    check_only_the_copy_sealed(tmp_path, restarted.layout, copy, 5)
+
+
+@pytest.mark.parametrize("how", ["move", "copytruncate"])
+def test_a_file_short_of_its_records_with_no_copy_to_be_found_is_never_sealed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    # logrotate's compress without delaycompress: the copy is NAME.1.gz, which is not taken for it.
+    clock = Clock(BEFORE_MIDNIGHT - 1)
+    storage = open_storage(tmp_path, clock=clock)
+    path = closed_file(storage, clock)
+    copy = logrotate(path, how)
+    copy.rename(copy.with_name(copy.name + ".gz"))
+    housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=clock)
+    housekeeper.finish_files()
+    storage.close()
+    assert not dsreceiver.Layout.manifest_path(path).exists() and not list(dsreceiver.sealed_listing(storage.layout))
+    assert not dsreceiver.Layout.compressed_path(path).exists()
+    if how == "move":  # gone: said once, and done with
+        assert "is gone before it was finished, and no copy of it was found: not sealed" in caplog.text
+        assert not housekeeper.to_finish
+    else:  # short of its records: tried again later
+        assert "holds fewer bytes than its batch index counts" in caplog.text and housekeeper.to_finish == [path]
+    assert sum(row.records for row in dsreceiver.read_ledger(tmp_path).values()) == 5
+
+
 class RotatedWhileCompressing(threading.Event):
-    """A housekeeper's stop flag that, first asked while the compressed copy is being written, does what logrotate
-    would meanwhile: the compression sees the file change under it."""
+    """A housekeeper's stop flag that, asked while the compressed copy is being written, does what logrotate would
+    meanwhile: the compression sees the file change under it."""
 
     def __init__(self, path: Path, how: str) -> None:
         super().__init__()
@@ -325,17 +396,25 @@ class RotatedWhileCompressing(threading.Event):
 
 
 @pytest.mark.parametrize("how", ["move", "copytruncate"])
+@pytest.mark.parametrize("when", ["while it is written", "just after its rename"])
 def test_a_file_rotated_while_it_is_compressed_is_sealed_as_its_copy_and_never_twice(
-        tmp_path: Path, how: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, when: str) -> None:
     clock = Clock(BEFORE_MIDNIGHT - 1)
     storage = open_storage(tmp_path, clock=clock)
-    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
-    assert path is not None
-    clock.now += 2
-    storage.retire_stale()
+    path = closed_file(storage, clock)
     housekeeper = dsreceiver.Housekeeper(storage.layout, storage, compress=True, clock=clock)
-    rotated = housekeeper.stopped = RotatedWhileCompressing(path, how)
-    housekeeper.finish_files()
+    rotated = RotatedWhileCompressing(path, how)
+    if when == "while it is written":
+        housekeeper.stopped = rotated
+    else:
+        real_replace = os.replace
+
+        def replace(source: str, target: str) -> None:
+            real_replace(source, target)
+            if rotated.copy is None and target == str(dsreceiver.Layout.compressed_path(path)):
+                rotated.copy = logrotate(path, how)  # the .gz is in place; the original not yet removed
+        monkeypatch.setattr(os, "replace", replace)
+    finish_all(housekeeper)
     storage.close()
     assert rotated.copy is not None, "the compression never ran"
     check_only_the_copy_sealed(tmp_path, storage.layout, rotated.copy, 5)

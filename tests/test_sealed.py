@@ -290,7 +290,8 @@ def test_a_damaged_gz_is_left_unsealed_with_one_line_and_the_others_are_sealed(
     now[0] += 2
     storage.retire_stale()
     assert damaged is not None and whole is not None
-    damaged.write_bytes(damaged.read_bytes()[:-9])  # its gzip trailer cut short
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-8] + bytes(4) + data[-4:])  # its gzip trailer's CRC wrong (one cut short: test_rotation)
     dsreceiver.Housekeeper(layout, storage, clock=lambda: now[0]).finish_files()
     assert not dsreceiver.Layout.manifest_path(damaged).exists()
     assert manifest_of(whole)["last_event"] == 1764201500.0

@@ -158,15 +158,22 @@ def test_an_upgrade_by_sigusr2_refuses_nothing_and_loses_nothing(start_server: C
     stored_exactly_once(server, acknowledged)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_an_upgrade_to_a_file_that_cannot_start_leaves_the_old_one_serving(
-        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: str) -> None:
+def upgraded_to(new_text: str, start_server: Callable[..., ServerProcess], tmp_path: Path,
+                workers: str) -> ServerProcess:
+    """A server run from a copy of dsreceiver.py, the copy then replaced by `new_text` and SIGUSR2 sent."""
     script = tmp_path / "dsreceiver.py"
     script.write_bytes(DSRECEIVER.read_bytes())
     server = start_server("--workers", workers, script=script)
-    assert server.process is not None
-    script.write_text("this is no Python\n")  # a botched copy of the new version
+    script.write_text(new_text)
     server.send_signal(signal.SIGUSR2)
+    return server
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_upgrade_to_a_file_that_cannot_start_leaves_the_old_one_serving(
+        start_server: Callable[..., ServerProcess], tmp_path: Path, workers: str) -> None:
+    server = upgraded_to("this is no Python\n", start_server, tmp_path, workers)  # a botched copy of the new version
+    assert server.process is not None
     server.wait_for_log(r"ERROR upgrade failed: the new \S+dsreceiver\.py exited with 1; still serving with the old"
                         r" one \(pid %d\)" % server.process.pid)
     with server.simulator() as ds:
@@ -207,12 +214,7 @@ SLOW_TO_START = "import time\ntime.sleep(5)\n"
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_stop_during_an_upgrade_stops_both_processes_and_is_never_lost(
         start_server: Callable[..., ServerProcess], tmp_path: Path, workers: str) -> None:
-    script = tmp_path / "dsreceiver.py"
-    script.write_bytes(DSRECEIVER.read_bytes())
-    server = start_server("--workers", workers, script=script)
-    assert server.process is not None
-    script.write_text(SLOW_TO_START + DSRECEIVER.read_text())
-    server.send_signal(signal.SIGUSR2)
+    server = upgraded_to(SLOW_TO_START + DSRECEIVER.read_text(), start_server, tmp_path, workers)
     interim = int(server.wait_for_log(r"started \S+ as pid (\d+); serving until it answers pushes").group(1))
     server.send_signal(signal.SIGUSR2)  # asked again meanwhile: changes nothing
     server.wait_for_log("SIGUSR2: an upgrade is under way already")
