@@ -4222,6 +4222,13 @@ class Layout:
             return None
         return self.root / folder / name if folder else self.root / name
 
+    def counted_file(self, index: Path, folder: str) -> Path:
+        """The data file whose batches a batch index counts: the one it is named after, or, for
+        an index set aside, the file logrotate made (or the one it was set aside for)."""
+        match = self.INDEX_NAME_RE.fullmatch(index.name)
+        name = match.group(1) if match else index.name
+        return self.root / folder / name if folder else self.root / name
+
     def indexes(self) -> Iterator[Tuple[Path, str, DataName]]:
         """Every batch index, set-aside ones included: (index path, folder, name of its data
         file)."""
@@ -4395,8 +4402,9 @@ class RunJournal:
     A file is journalled (and the journal synced) before its first byte, so
     that whatever stops the process, the next start finds every file it may
     have left torn; it is struck off once finished (sealed, removed empty, or
-    moved away by logrotate), without a sync: a line lost in a crash only
-    has a finished file looked at again.  The lock is held through a
+    moved away by logrotate, once the copy is journalled in its place),
+    without a sync: a line lost in a crash only has a finished file looked
+    at again.  The lock is held through a
     read-only descriptor, private to the process (O_CLOEXEC: an upgrade's
     new process does not inherit it), and the journal is opened for each
     append: nothing stays open for writing, so an idle folder can be
@@ -5333,8 +5341,11 @@ class Storage:
         are never appended to, since housekeeping finishes them."""
 
         def taken(sequence: int) -> bool:
+            # An index without its file: the file was moved away unfinished, and its copy is to
+            # take that index when it is finished (see Housekeeper._handed_to_copy).
             plain = self.layout.data_path(folder, period, sequence)
-            return plain.exists() or self.layout.compressed_path(plain).exists()
+            return (plain.exists() or self.layout.compressed_path(plain).exists()
+                    or self.layout.index_path(plain).exists())
 
         sequence = first
         while taken(sequence) or taken(sequence + 1):
@@ -5359,7 +5370,7 @@ class Storage:
         # file behind (a moved file's name may be another file's by now).
         empty = (data_file.life is not FileState.MOVED and data_file.is_empty()
                  and not data_file.moved() and self._remove_empty(data_file))
-        if empty or data_file.life is FileState.MOVED:
+        if empty:
             # Nothing left to finish under this name (the next file may take it).
             self.journal.finished(data_file.path)
         with self.lock:
@@ -5387,6 +5398,9 @@ class Storage:
                     self.moved_closed.notify_all()
                 if moved_to is not None:
                     self.rotated(moved_to)
+                # Struck off once its copy is journalled (a crash between leaves both named),
+                # and before the lock lets a new file of that name be journalled.
+                self.journal.finished(data_file.path)
 
     def _remove_empty(self, data_file: DataFile) -> bool:
         """Removes a closed file that holds no batch, and its index; True when it is gone."""
@@ -5527,6 +5541,8 @@ def rotated_copy_of(layout: Layout, path: Path) -> Tuple[Optional[Path], bool]:
     except (FileNotFoundError, NotRegularFile):
         return None, False
     end = entries[-1].end if entries else 0
+    if not end:
+        return None, False  # nothing counted: a file removed empty, its index not yet
     try:
         if os.stat(str(path), follow_symlinks=False).st_size >= end:
             return None, False
@@ -5561,7 +5577,8 @@ def recover_file(layout: Layout, path: Path) -> None:
         try:
             index_fd = open_regular(layout.index_of(path), os.O_RDWR)
         except FileNotFoundError:
-            if not path.name.endswith(".gz"):
+            name = layout.parse(path.name)  # NAME.log.gz.1 too: cut at a newline, gzip breaks
+            if not path.name.endswith(".gz") and not (name and name.compressed):
                 _repair_torn_tail(layout, data_fd, path, size)
         except NotRegularFile:
             log.warning("the batch index of %s is not a regular file: %s left as it is",
@@ -6638,17 +6655,14 @@ class Housekeeper:
 
     def _handed_to_copy(self, path: Path) -> bool:
         """When logrotate moved a file, or copied then truncated it, after it was closed and
-        before it was finished: journals the copy, sets the index aside under the copy's name and
-        queues the copy, to be finished in the file's place.  True when `path` is done with so, or
-        is gone with no copy to be found (deleted: a warning); False when it is to be finished
-        itself (a copy is finished with the index of its original that a crash kept from being
-        set aside).  A file shorter than its index says, with no copy, is an OSError: tried
-        again later, never sealed with records it lacks."""
-        name = self.layout.parse(path.name)
-        original = path.with_name(path.name[:-len(name.rotated)]) if name and name.rotated else path
-        copy, short = rotated_copy_of(self.layout, original)
+        before it was finished: journals and queues the copy, and sets the index aside under the
+        copy's name, so that the copy is finished in the file's place.  True when `path` is done
+        with so, or is gone with no copy to be found (deleted: a warning).  A file shorter than
+        its index says, with no copy, is an OSError: tried again later, never sealed with
+        records it lacks."""
+        copy, short = rotated_copy_of(self.layout, path)
         if copy is None:
-            if not short or original != path:
+            if not short:
                 return False
             if path.exists():
                 raise OSError("it holds fewer bytes than its batch index counts, and no copy of it"
@@ -6656,23 +6670,21 @@ class Housekeeper:
             log.warning("%s is gone before it was finished, and no copy of it was found: not"
                         " sealed", path)
             return True
-        # Journalled first: a crash before the index is set aside leaves both journalled, and the
-        # copy's own turn sets it aside then (the branch of original != path).
+        # Journalled and queued first: whatever fails or crashes after, the copy is finished (with
+        # the index when it was set aside; another finisher may have done that already).
         self.journal.opened([copy])
-        index = self.layout.index_path(original)
-        os.replace(str(index), str(self.layout.set_aside_index_path(copy)))
-        fsync_directory(index.parent)
-        log.info("%s was rotated to %s before it was finished: that copy is sealed instead",
-                 original, copy.name)
-        with contextlib.suppress(FileNotFoundError):
-            if not original.stat().st_size:
-                original.unlink()  # copytruncate's empty original: no push writes it any more
-                fsync_directory(original.parent)
-        if copy == path:
-            return False
         self._queue([copy])
         self.wake.set()
-        return original == path
+        index = self.layout.index_path(path)
+        os.replace(str(index), str(self.layout.set_aside_index_path(copy)))
+        fsync_directory(index.parent)
+        log.info("%s was rotated to %s before it was finished: that copy is sealed instead", path,
+                 copy.name)
+        with contextlib.suppress(FileNotFoundError):
+            if not path.stat().st_size:
+                path.unlink()  # copytruncate's empty original: no push writes it any more
+                fsync_directory(path.parent)
+        return True
 
     def _finish_locked(self, path: Path, current: Path) -> bool:
         """Removes an empty file, or gzips (with --compress-rotated) and seals one; `path` is the
@@ -6854,13 +6866,16 @@ class Housekeeper:
         cutoff = self.clock() - self.dedupe_window - RETENTION_INTERVAL
         current = self.layout.period_name(self.clock())
         for index, folder, name in list(self.layout.indexes()):
-            data_path = self.layout.data_file_of_index(index, folder)
+            counted = self.layout.counted_file(index, folder)
             try:
                 if name.period == current or index.stat().st_mtime >= cutoff:
                     continue
-                if data_path is not None and not self.layout.is_sealed(data_path) \
-                        and self.layout.compressed_or_plain(data_path).exists():
-                    continue  # its manifest will want the times its batches were received
+                if not self.layout.is_sealed(counted) and (
+                        self.layout.compressed_or_plain(counted).exists()
+                        or rotated_copy_of(self.layout, counted)[0] is not None):
+                    # Its manifest will want the times its batches were received, or its
+                    # copy's will, when logrotate moved it away unfinished.
+                    continue
                 write_summary(self.layout, index, folder)
                 index.unlink()
             except FileNotFoundError:

@@ -264,6 +264,9 @@ def test_a_moved_file_is_sealed_and_listed_with_its_index(tmp_path: Path) -> Non
                           ".dsreceiver/batches/stream=61234/" + manifest["index"]]
     rows = dsreceiver.read_ledger(tmp_path)
     assert sum(row.records for row in rows.values()) == 6
+    # The copy journalled before the moved name is struck off: a crash between leaves both named, never neither.
+    lines = journal_lines(tmp_path)
+    assert lines.index("+stream=61234/" + moved.name) < lines.index("-stream=61234/" + path.name)
 
 
 def logrotate(path: Path, how: str) -> Path:
@@ -295,29 +298,37 @@ def closed_file(storage: dsreceiver.Storage, clock: Clock) -> Path:
     return path
 
 
-def check_only_the_copy_sealed(root: Path, layout: dsreceiver.Layout, copy: Path, records: int) -> None:
-    """The copy logrotate made is sealed with the original's index and listed, and nothing else holds its records."""
+def check_only_the_copy_sealed(root: Path, layout: dsreceiver.Layout, copy: Path, records: int,
+                               stored: Optional[int] = None) -> None:
+    """The copy logrotate made is sealed with the original's index and listed, and nothing else holds its records
+    (the ledger counts `stored` records in all, `records` without another file)."""
     manifest = json.loads(dsreceiver.Layout.manifest_path(copy).read_bytes())
-    assert manifest["records"] == records and ".moved-" in manifest["index"]
+    assert manifest["records"] == records and ".moved-" in manifest["index"] and manifest["first_received"]
     original = copy.with_name(copy.name[:-len(".1")])
     assert not original.exists() and not dsreceiver.Layout.compressed_path(original).exists()
     listed = [item.relative_to(root).as_posix() for item in dsreceiver.sealed_listing(layout)]
     assert listed == ["stream=61234/" + copy.name, "stream=61234/." + copy.name + ".sealed.json",
                       ".dsreceiver/batches/stream=61234/" + manifest["index"]]
-    assert sum(row.records for row in dsreceiver.read_ledger(root).values()) == records
+    assert sum(row.records for row in dsreceiver.read_ledger(root).values()) == (records if stored is None else stored)
     assert not [path for path in root.rglob("*") if path.name.endswith(".tmp")]
-    assert not still_journalled(root), "finished, yet journalled as to finish"
+    if stored is None:
+        assert not still_journalled(root), "finished, yet journalled as to finish"
+
+
+def journal_lines(root: Path) -> List[str]:
+    """The lines of every run journal (+NAME when a file is journalled, -NAME when it is struck off)."""
+    return [line for journal in sorted((root / STATE / "runs").glob("*.files"))
+            for line in journal.read_text().splitlines() if line[:1] in "+-" and line]
 
 
 def still_journalled(root: Path) -> Set[str]:
     """The files the run journals still name as to finish (+NAME, not struck off by a later -NAME)."""
     named: Set[str] = set()
-    for journal in (root / STATE / "runs").glob("*.files"):
-        for line in journal.read_text().splitlines():
-            if line.startswith("+"):
-                named.add(line[1:])
-            elif line.startswith("-"):
-                named.discard(line[1:])
+    for line in journal_lines(root):
+        if line.startswith("+"):
+            named.add(line[1:])
+        else:
+            named.discard(line[1:])
     return named
 
 
@@ -336,12 +347,21 @@ def test_a_file_rotated_after_it_closed_and_before_it_was_finished_is_sealed_as_
     check_only_the_copy_sealed(tmp_path, storage.layout, copy, 5)
 
 
+def listed_as_a_receiver_that_ran_before(storage: dsreceiver.Storage) -> None:
+    """What the first worker of a receiver that ran before has done: its folder listed once, so that a start finds
+    what to finish in the run journals alone."""
+    dsreceiver.Housekeeper(storage.layout, storage).queue_earlier_files()
+    assert storage.layout.listed_mark.exists()
+
+
 @pytest.mark.parametrize("how", ["move", "copytruncate"])
 @pytest.mark.parametrize("end", ["stop", "death", "death with the copy journalled"])
+@pytest.mark.parametrize("store", ["plain", "store-gzip"])
 def test_a_file_rotated_while_the_receiver_was_down_is_sealed_as_its_copy_after_the_restart(
-        tmp_path: Path, how: str, end: str) -> None:
+        tmp_path: Path, how: str, end: str, store: str) -> None:
     clock = Clock(BEFORE_MIDNIGHT - 1)
-    storage = open_storage(tmp_path, clock=clock)
+    storage = open_storage(tmp_path, clock=clock, store_gzip=store == "store-gzip")
+    listed_as_a_receiver_that_ran_before(storage)
     path = closed_file(storage, clock)
     copy = logrotate(path, how)
     if end == "stop":
@@ -350,12 +370,57 @@ def test_a_file_rotated_while_the_receiver_was_down_is_sealed_as_its_copy_after_
         if end == "death with the copy journalled":
             storage.journal.opened([copy])  # a death between journalling the copy and setting its index aside
         die(storage)
-    restarted = open_storage(tmp_path, clock=clock)  # start-up recovery: a copied file is not cut back as torn
+    # Start-up recovery leaves a copied file for its copy, not cut back as torn; a moved one is adopted by its index.
+    restarted = open_storage(tmp_path, clock=clock, store_gzip=store == "store-gzip")
     housekeeper = dsreceiver.Housekeeper(restarted.layout, restarted, clock=clock)
     housekeeper.queue_earlier_files()
     finish_all(housekeeper)
     restarted.close()
     check_only_the_copy_sealed(tmp_path, restarted.layout, copy, 5)
+
+
+def test_an_index_kept_for_a_copy_is_not_pruned_before_the_copy_is_sealed(tmp_path: Path) -> None:
+    # A restart after a stop longer than the dedupe window: every index is past it by then.
+    clock = Clock(BEFORE_MIDNIGHT - 1)
+    storage = open_storage(tmp_path, clock=clock)
+    listed_as_a_receiver_that_ran_before(storage)
+    copy = logrotate(closed_file(storage, clock), "move")
+    storage.close()
+    for index in (tmp_path / STATE / "batches").rglob("*.idx"):
+        os.utime(str(index), (0, 0))
+    restarted = open_storage(tmp_path, clock=clock)
+    housekeeper = dsreceiver.Housekeeper(restarted.layout, restarted, clock=clock)
+    housekeeper.queue_earlier_files()
+    housekeeper.prune_indexes()  # the original's index, its file gone
+    housekeeper.finish_files()  # handed to the copy: the index set aside under its name
+    housekeeper.prune_indexes()  # the index set aside, its copy not sealed yet
+    finish_all(housekeeper)
+    restarted.close()
+    check_only_the_copy_sealed(tmp_path, restarted.layout, copy, 5)
+
+
+@pytest.mark.parametrize("end", ["stop", "death"])
+def test_a_restart_in_the_same_hour_never_takes_the_name_of_a_file_moved_away_unfinished(
+        tmp_path: Path, end: str) -> None:
+    clock = Clock(BEFORE_MIDNIGHT - 1800)
+    storage = open_storage(tmp_path, clock=clock)
+    listed_as_a_receiver_that_ran_before(storage)
+    path = storage.store("stream=61234", batch_of(*[b"kept %d" % n for n in range(5)]), stream="61234").path
+    assert path is not None
+    if end == "stop":
+        storage.close()
+    else:
+        die(storage)
+    copy = logrotate(path, "move")
+    restarted = open_storage(tmp_path, clock=clock)
+    after = restarted.store("stream=61234", batch_of(b"after the restart"), stream="61234").path
+    assert after is not None and after != path
+    housekeeper = dsreceiver.Housekeeper(restarted.layout, restarted, clock=clock)
+    housekeeper.queue_earlier_files()
+    finish_all(housekeeper)
+    restarted.close()
+    check_only_the_copy_sealed(tmp_path, restarted.layout, copy, 5, stored=6)
+    assert after.read_bytes() == b"after the restart\n"
 
 
 @pytest.mark.parametrize("how", ["move", "copytruncate"])
