@@ -5316,19 +5316,19 @@ class Storage:
             sequence = self._next_sequence(folder, period, sequence + 1)
         index_path = self.layout.index_path(path)
         for attempt in range(3):
-            if self.layout.make_folder(index_path.parent):
-                fsync_directory(index_path.parent.parent)
-            if index_path.exists():
-                # The index of a file that was moved away before it could be set aside (a crash
-                # meanwhile).
-                os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
             try:
+                if self.layout.make_folder(index_path.parent):
+                    fsync_directory(index_path.parent.parent)
+                if index_path.exists():
+                    # The index of a file that was moved away before it could be set aside (a
+                    # crash meanwhile).
+                    os.replace(str(index_path), str(self.layout.set_aside_index_path(path)))
                 data_file = DataFile(path, index_path, period, sequence, self.fsync_seconds,
                                      self.layout.file_mode, self.fsync_mode == "always",
                                      self.dedupe, self.rotated)
                 break
             except FileNotFoundError:
-                # Housekeeping removed the index folder, empty, between the two steps.
+                # Housekeeping removed an index folder, or its parent, empty, while it was made.
                 if attempt == 2:
                     raise
         fsync_directory(path.parent)

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -341,3 +341,24 @@ def test_nothing_is_written_through_a_planted_link(start_server: Callable[..., S
     server.wait_for_log(r"stream=61234 is a symbolic link: dsreceiver writes nothing through one")
     assert list(elsewhere.iterdir()) == []
     assert server.stop() == 0
+
+
+def test_a_push_makes_again_the_index_folders_housekeeping_removes_while_it_makes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(tmp_path)
+    index_dir = storage.layout.index_dir
+    real_mkdir = os.mkdir
+    removed: List[Path] = []
+
+    def mkdir(path: Any, mode: int = 0o777, *rest: Any, **named: Any) -> None:
+        folder = Path(path)
+        if not removed and index_dir in folder.parent.parents and not any(folder.parent.iterdir()):
+            # Housekeeping's remove_empty_index_folders, between the parent's mkdir and this one.
+            os.rmdir(str(folder.parent))
+            removed.append(folder.parent)
+        real_mkdir(path, mode, *rest, **named)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    path = storage.store("edge_logs/stream=61234", batch_of(b'{"n":"1"}'), stream="61234").path
+    storage.close()
+    assert removed == [index_dir / "edge_logs"], "the race was not played"
+    assert path is not None and path.read_bytes() == b'{"n":"1"}\n'
