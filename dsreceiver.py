@@ -5537,10 +5537,13 @@ def rotated_copy_of(layout: Layout, path: Path) -> Tuple[Optional[Path], bool]:
     the copy logrotate made of it, found by the size its index says (None: deleted, or not to be
     found).  An index that is missing, empty or not a regular file says nothing."""
     try:
-        entries = read_index(read_regular(layout.index_path(path)))
+        index_fd = open_regular(layout.index_path(path), os.O_RDONLY)
     except (FileNotFoundError, NotRegularFile):
         return None, False
-    end = entries[-1].end if entries else 0
+    try:
+        end = vouched_length(index_fd, sys.maxsize)[0]  # the last entry's end: one entry read
+    finally:
+        os.close(index_fd)
     if not end:
         return None, False  # nothing counted: a file removed empty, its index not yet
     try:
@@ -6680,10 +6683,8 @@ class Housekeeper:
         fsync_directory(index.parent)
         log.info("%s was rotated to %s before it was finished: that copy is sealed instead", path,
                  copy.name)
-        with contextlib.suppress(FileNotFoundError):
-            if not path.stat().st_size:
-                path.unlink()  # copytruncate's empty original: no push writes it any more
-                fsync_directory(path.parent)
+        if path.exists():
+            self._removed_if_empty(path, path)  # copytruncate's original: no push writes it now
         return True
 
     def _finish_locked(self, path: Path, current: Path) -> bool:
